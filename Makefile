@@ -1,0 +1,38 @@
+# One command for each job. Both create .venv on first use, so a fresh clone needs only
+# Python 3.10-3.12 and make.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: setup test test-slow lint demo bench clean
+
+$(STAMP): setup.py pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e ".[dev]"
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+# The default suite: lint plus every test not marked slow (under 15 minutes on 2 cores).
+test: lint
+	$(BIN)/pytest -m "not slow"
+
+# Tests too slow for the default suite (multi-process training, large indexes).
+test-slow: $(STAMP)
+	$(BIN)/pytest -m slow
+
+# The main job: train, export, index and search on the embedded scikit-image photos.
+demo: $(STAMP)
+	$(BIN)/remap demo --out demo_out
+
+bench: $(STAMP)
+	$(BIN)/python -m bench.run_all
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache

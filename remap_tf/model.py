@@ -1,0 +1,180 @@
+"""The REMAP model and its baselines on one code path.
+
+``REMAP(backbone, pooling=...)`` builds, for every pooling, the same graph:
+
+    images (b, h, w, 3) RGB 0-255
+      -> ImagePreprocessing                         (the backbone's own preprocessing)
+      -> backbone taps [(b, h_i, w_i, c_i), ...]     (default: the last two stages)
+      -> per tap: pooling -> (b, c_i), L2-normalised
+      -> concatenate (b, sum c_i) -> Whitening (b, dim) -> L2Normalization (b, dim) float32
+
+with pooling one of ``"remap"`` (region max pooling, learned non-negative region weights),
+``"rmac"`` (the same with every weight fixed at 1), ``"mac"``, ``"spoc"`` and ``"gem"``.
+"""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+
+from remap_tf.backbones import build_backbone, get_spec, tap_model
+from remap_tf.layers import (
+    GeMPooling,
+    ImagePreprocessing,
+    L2Normalization,
+    MACPooling,
+    RegionMaxPooling,
+    RegionWeighting,
+    SPoCPooling,
+    Whitening,
+)
+from remap_tf.regions import relative_regions
+
+POOLINGS = ("remap", "rmac", "mac", "spoc", "gem")
+MIN_IMAGE_SIZE = 64
+WHITENING_LAYER = "whitening"
+DESCRIPTOR_LAYER = "descriptor"
+CONCAT_LAYER = "layer_descriptors"
+
+
+def REMAP(  # the public name the users asked for
+    backbone: str = "resnet50",
+    *,
+    pooling: str = "remap",
+    taps=None,
+    levels: int = 4,
+    grid_shape=(24, 32),
+    dim: int | None = None,
+    weights: str | None = None,
+    input_shape=(None, None, 3),
+    gem_p: float = 3.0,
+    backbone_kwargs: dict | None = None,
+    name: str | None = None,
+) -> keras.Model:
+    """Builds a REMAP (or baseline) global-descriptor model on a keras.applications backbone.
+
+    Args:
+        backbone: a key of `remap_tf.backbones.BACKBONES` (``"resnet50"``, ``"vgg16"``,
+            ``"mobilenet_v2"``, ...).
+        pooling: ``"remap"``, ``"rmac"``, ``"mac"``, ``"spoc"`` or ``"gem"``.
+        taps: backbone layer names to pool, shallow to deep; default the spec's last two
+            stages.
+        levels: R-MAC scales ``L`` (remap/rmac only); 4 gives 40 regions on the default grid.
+        grid_shape: reference feature-map ``(height, width)`` on which the region grid is
+            defined (see `remap_tf.regions`).
+        dim: descriptor size after whitening; None keeps the concatenated size.
+        weights: backbone weights: None, ``"imagenet"`` or a local weights file.
+        input_shape: ``(height, width, 3)``; None sizes (the default) accept any size from
+            64 px up.
+        gem_p: initial GeM exponent (gem only).
+        backbone_kwargs: extra constructor arguments (e.g. ``{"alpha": 0.75}``).
+        name: model name; default ``"{pooling}_{backbone}"``.
+
+    Returns:
+        a ``keras.Model`` mapping ``(batch, height, width, 3)`` RGB 0-255 to L2-normalised
+        float32 descriptors ``(batch, dim)``.
+
+    Example:
+        >>> model = REMAP("mobilenet_v2", input_shape=(128, 128, 3))
+        >>> model(np.zeros((2, 128, 128, 3))).shape
+        TensorShape([2, 1376])
+
+    Reference: Husain & Bober, "REMAP: Multi-layer entropy-guided pooling of dense CNN
+    features for image retrieval", IEEE TIP 2019 (arXiv 1906.06626).
+    """
+    spec = get_spec(backbone)
+    if pooling not in POOLINGS:
+        raise ValueError(f"Unknown pooling {pooling!r}; expected one of {POOLINGS}.")
+    input_shape = _check_input_shape(input_shape)
+    if pooling in ("remap", "rmac"):
+        num_regions = relative_regions(levels, tuple(grid_shape)).shape[0]  # validates both
+
+    images = keras.Input(shape=input_shape, name="images")
+    x = ImagePreprocessing(spec.preprocessing, name="preprocessing")(images)
+    base = build_backbone(
+        backbone, weights=weights, input_shape=input_shape, **(backbone_kwargs or {})
+    )
+    features = tap_model(base, taps or spec.taps, name="backbone")(x)
+    if not isinstance(features, (list, tuple)):
+        features = [features]
+
+    branches = []
+    for i, feature_map in enumerate(features):
+        if pooling in ("remap", "rmac"):
+            regions = RegionMaxPooling(levels, grid_shape, name=f"regions_{i}")(feature_map)
+            vector = RegionWeighting(
+                num_regions, trainable=pooling == "remap", name=f"region_weights_{i}"
+            )(regions)
+        elif pooling == "mac":
+            vector = MACPooling(name=f"mac_{i}")(feature_map)
+        elif pooling == "spoc":
+            vector = SPoCPooling(name=f"spoc_{i}")(feature_map)
+        else:
+            vector = GeMPooling(p=gem_p, name=f"gem_{i}")(feature_map)
+        branches.append(vector)
+
+    if len(branches) > 1:
+        x = keras.layers.Concatenate(name=CONCAT_LAYER)(branches)
+    else:
+        x = L2Normalization(name=CONCAT_LAYER)(branches[0])
+    x = Whitening(dim, name=WHITENING_LAYER)(x)
+    outputs = L2Normalization(name=DESCRIPTOR_LAYER, dtype="float32")(x)
+    return keras.Model(images, outputs, name=name or f"{pooling}_{backbone}")
+
+
+def _check_input_shape(input_shape) -> tuple:
+    shape = tuple(input_shape)
+    if len(shape) != 3 or shape[-1] != 3:
+        raise ValueError(f"`input_shape` must be (height, width, 3), received {input_shape!r}.")
+    for size in shape[:2]:
+        if size is not None and (int(size) != size or size < MIN_IMAGE_SIZE):
+            raise ValueError(
+                f"`input_shape` sizes must be None or >= {MIN_IMAGE_SIZE}, received "
+                f"{input_shape!r}."
+            )
+    return shape
+
+
+def region_weighting_layers(model: keras.Model) -> list[RegionWeighting]:
+    """The `RegionWeighting` layers of ``model``, one per tap, in tap order."""
+    layers = [layer for layer in model.layers if isinstance(layer, RegionWeighting)]
+    return sorted(layers, key=lambda layer: int(layer.name.rsplit("_", 1)[-1]))
+
+
+def get_region_weights(model: keras.Model) -> np.ndarray:
+    """Region weights ``(num_taps, num_regions)`` of a remap or rmac model."""
+    layers = region_weighting_layers(model)
+    if not layers:
+        raise ValueError(f"Model {model.name!r} has no region weights (pooling is not remap).")
+    return np.stack([np.asarray(layer.region_weights.numpy()) for layer in layers])
+
+
+def set_region_weights(model: keras.Model, values) -> None:
+    """Sets the region weights from ``values`` ``(num_taps, num_regions)``, all >= 0."""
+    layers = region_weighting_layers(model)
+    values = np.asarray(values, dtype=np.float32)
+    want = (len(layers), layers[0].num_regions) if layers else None
+    if want is None or values.shape != want:
+        raise ValueError(f"Region weights must have shape {want}, received {values.shape}.")
+    if not np.all(np.isfinite(values)) or np.any(values < 0):
+        raise ValueError("Region weights must be finite and non-negative.")
+    for layer, row in zip(layers, values, strict=True):
+        layer.region_weights.assign(row)
+
+
+def region_model(model: keras.Model) -> keras.Model:
+    """A model from images to the per-tap region vectors ``[(b, regions, c_i), ...]``."""
+    layers = [layer for layer in model.layers if isinstance(layer, RegionMaxPooling)]
+    if not layers:
+        raise ValueError(f"Model {model.name!r} has no region pooling (pooling is not remap).")
+    layers.sort(key=lambda layer: int(layer.name.rsplit("_", 1)[-1]))
+    return keras.Model(model.inputs, [layer.output for layer in layers], name="regions")
+
+
+def pre_whitening_model(model: keras.Model) -> keras.Model:
+    """A model from images to the concatenated layer descriptors fed to the whitening."""
+    return keras.Model(model.inputs, model.get_layer(CONCAT_LAYER).output, name="pre_whitening")
+
+
+def whitening_layer(model: keras.Model) -> Whitening:
+    return model.get_layer(WHITENING_LAYER)

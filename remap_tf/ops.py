@@ -1,0 +1,118 @@
+"""Pure tensor functions behind the pooling layers.
+
+Feature maps are ``(batch, height, width, channels)``; region tensors are
+``(batch, regions, channels)``. Norms, powers and sums of squares are computed in float32
+whatever the input dtype (mixed precision), and the result is cast back to the input dtype.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import tensorflow as tf
+
+from remap_tf.regions import _ROUNDING_SLACK, scale_regions
+
+_NORM_EPSILON = 1e-12  # on the sum of squares, as tf.math.l2_normalize
+
+
+def check_feature_map(features, name: str = "features") -> None:
+    """Raises ValueError unless ``features`` has rank 4 ``(batch, height, width, channels)``."""
+    rank = features.shape.rank
+    if rank is not None and rank != 4:
+        raise ValueError(
+            f"`{name}` must have rank 4 (batch, height, width, channels), received shape "
+            f"{tuple(features.shape)} (rank {rank})."
+        )
+
+
+def l2_normalize(x, axis: int = -1):
+    """L2-normalises ``x`` along ``axis``, computing the norm in float32."""
+    x = tf.convert_to_tensor(x)
+    y = tf.math.l2_normalize(tf.cast(x, tf.float32), axis=axis, epsilon=_NORM_EPSILON)
+    return tf.cast(y, x.dtype)
+
+
+def mac(features):
+    """MAC: global max pooling, ``(batch, h, w, c) -> (batch, c)`` (Tolias et al. 2016)."""
+    check_feature_map(features)
+    return tf.reduce_max(features, axis=[1, 2])
+
+
+def spoc(features):
+    """SPoC: global sum (here mean) pooling, ``(batch, h, w, c) -> (batch, c)``.
+
+    Babenko & Lempitsky, ICCV 2015. The mean differs from the sum by a constant factor per
+    image, which the L2 normalisation that follows removes.
+    """
+    check_feature_map(features)
+    return tf.reduce_mean(features, axis=[1, 2])
+
+
+def gem(features, p, epsilon: float = 1e-6):
+    """GeM: generalised mean pooling ``(mean x^p)^(1/p)`` (Radenović et al., TPAMI 2018).
+
+    ``p = 1`` is average pooling and ``p -> inf`` tends to max pooling. Values are clipped to
+    ``epsilon`` first so the power is defined for post-ReLU zeros.
+    """
+    check_feature_map(features)
+    x = tf.maximum(tf.cast(features, tf.float32), epsilon)
+    p = tf.cast(p, tf.float32)
+    pooled = tf.pow(tf.reduce_mean(tf.pow(x, p), axis=[1, 2]), 1.0 / p)
+    return tf.cast(pooled, features.dtype)
+
+
+def region_bounds(relative: np.ndarray, height, width):
+    """Integer region bounds for a map of (possibly dynamic) size ``height × width``.
+
+    The graph version of `remap_tf.regions.scale_regions`; identical results.
+
+    Returns:
+        int32 tensor ``(regions, 4)`` of ``(top, left, bottom, right)``.
+    """
+    size = tf.cast(tf.stack([height, width, height, width]), tf.float64)
+    scaled = tf.constant(relative, tf.float64) * size
+    start = tf.floor(scaled[:, :2] + _ROUNDING_SLACK)
+    end = tf.math.ceil(scaled[:, 2:] - _ROUNDING_SLACK)
+    start = tf.minimum(start, size[:2] - 1)
+    end = tf.clip_by_value(tf.maximum(end, start + 1), tf.ones_like(size[:2]), size[:2])
+    return tf.cast(tf.concat([start, end], axis=1), tf.int32)
+
+
+def region_max_pool(features, relative: np.ndarray, normalize: bool = True):
+    """Max-pools a feature map inside each region: ``(b, h, w, c) -> (b, regions, c)``.
+
+    Args:
+        features: ``(batch, height, width, channels)`` feature map (height and width may be
+            dynamic).
+        relative: ``(regions, 4)`` relative region grid from
+            `remap_tf.regions.relative_regions`.
+        normalize: L2-normalise each region vector (REMAP and R-MAC do).
+
+    Returns:
+        ``(batch, regions, channels)``, in the dtype of ``features``.
+    """
+    check_feature_map(features)
+    relative = np.asarray(relative, dtype=np.float64)
+    if relative.ndim != 2 or relative.shape[1] != 4:
+        raise ValueError(f"`relative` must have shape (regions, 4), received {relative.shape}.")
+    height, width = features.shape[1], features.shape[2]
+    if height is not None and width is not None:
+        # Static shape: the bounds are Python ints and the slices are static (XLA friendly).
+        bounds = scale_regions(relative, height, width).tolist()
+    else:
+        dyn = tf.shape(features)
+        bounds = region_bounds(relative, dyn[1], dyn[2])
+        bounds = [tf.unstack(row) for row in tf.unstack(bounds, num=len(relative))]
+    pooled = [
+        tf.reduce_max(features[:, top:bottom, left:right, :], axis=[1, 2])
+        for top, left, bottom, right in bounds
+    ]
+    regions = tf.stack(pooled, axis=1)
+    return l2_normalize(regions, axis=-1) if normalize else regions
+
+
+def weighted_region_sum(regions, weights):
+    """``sum_r weights[r] * regions[:, r, :]``: ``(b, regions, c), (regions,) -> (b, c)``."""
+    weights = tf.cast(weights, tf.float32)
+    summed = tf.einsum("brc,r->bc", tf.cast(regions, tf.float32), weights)
+    return tf.cast(summed, regions.dtype)

@@ -1,0 +1,38 @@
+"""remap-tf: REMAP global image descriptors on TensorFlow/Keras 3, with TF Serving and ScaNN."""
+
+from pathlib import Path
+
+from setuptools import setup
+
+setup(
+    name="remap-tf",
+    version="0.1.0",
+    description=(
+        "REMAP (Husain & Bober, TIP 2019) image-retrieval descriptors for Keras 3: "
+        "training, TF Serving export and ScaNN search."
+    ),
+    long_description=Path(__file__).with_name("README.md").read_text(encoding="utf-8"),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10,<3.13",
+    packages=["remap_tf", "training", "export", "serving", "bench"],
+    install_requires=[
+        # scann 1.4.2 is built against exactly TF 2.20; TF 2.21 breaks `import scann`.
+        "tensorflow==2.20.*",
+        "keras>=3.10,<4",
+        "scann==1.4.2",
+        "tensorflow-serving-api==2.20.*",
+        "numpy>=1.26",
+        # Configs are dataclasses overridable from YAML files (issue 3).
+        "pyyaml>=6",
+        # The demo's embedded data set is the photographs that ship inside scikit-image.
+        "scikit-image>=0.22",
+        # Image decoding for tf.data fallback paths (CMYK JPEG, 16-bit PNG) and report images.
+        "pillow>=10",
+    ],
+    extras_require={
+        "dev": ["pytest>=8", "pytest-timeout>=2.3", "ruff>=0.6"],
+        # Benchmark-only competitors for the ANN comparison; never imported by the package.
+        "bench": ["faiss-cpu", "hnswlib"],
+    },
+    entry_points={"console_scripts": ["remap=serving.cli:main"]},
+)
