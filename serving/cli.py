@@ -18,6 +18,7 @@ class CommandError(Exception):
 def build_parser() -> argparse.ArgumentParser:
     from export import cli as export_cli
     from serving import commands as serving_commands
+    from serving import demo as demo_cli
     from training import cli as training_cli
 
     parser = argparse.ArgumentParser(
@@ -28,6 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
     training_cli.add_parsers(subparsers)
     export_cli.add_parsers(subparsers)
     serving_commands.add_parsers(subparsers)
+    demo_cli.add_parsers(subparsers)
     return parser
 
 
