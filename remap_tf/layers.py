@@ -48,8 +48,7 @@ class ImagePreprocessing(keras.layers.Layer):
         self.mode = mode
 
     def call(self, images):
-        ops.check_feature_map(images, "images")
-        x = tf.cast(images, tf.float32)
+        x = tf.cast(ops.check_feature_map(images, "images"), tf.float32)
         if self.mode == "caffe":
             x = x[..., ::-1] - tf.constant(_CAFFE_MEAN_BGR, tf.float32)
         elif self.mode == "tf":

@@ -15,14 +15,18 @@ from remap_tf.regions import _ROUNDING_SLACK, scale_regions
 _NORM_EPSILON = 1e-12  # on the sum of squares, as tf.math.l2_normalize
 
 
-def check_feature_map(features, name: str = "features") -> None:
-    """Raises ValueError unless ``features`` has rank 4 ``(batch, height, width, channels)``."""
-    rank = features.shape.rank
+def check_feature_map(features, name: str = "features"):
+    """Returns ``features`` as a tensor; ValueError unless it is ``(batch, h, w, channels)``."""
+    try:
+        rank = len(features.shape)
+    except (TypeError, ValueError):  # a tf.TensorShape of unknown rank
+        rank = None
     if rank is not None and rank != 4:
         raise ValueError(
             f"`{name}` must have rank 4 (batch, height, width, channels), received shape "
             f"{tuple(features.shape)} (rank {rank})."
         )
+    return tf.convert_to_tensor(features)
 
 
 def l2_normalize(x, axis: int = -1):
@@ -34,7 +38,7 @@ def l2_normalize(x, axis: int = -1):
 
 def mac(features):
     """MAC: global max pooling, ``(batch, h, w, c) -> (batch, c)`` (Tolias et al. 2016)."""
-    check_feature_map(features)
+    features = check_feature_map(features)
     return tf.reduce_max(features, axis=[1, 2])
 
 
@@ -44,7 +48,7 @@ def spoc(features):
     Babenko & Lempitsky, ICCV 2015. The mean differs from the sum by a constant factor per
     image, which the L2 normalisation that follows removes.
     """
-    check_feature_map(features)
+    features = check_feature_map(features)
     return tf.reduce_mean(features, axis=[1, 2])
 
 
@@ -54,7 +58,7 @@ def gem(features, p, epsilon: float = 1e-6):
     ``p = 1`` is average pooling and ``p -> inf`` tends to max pooling. Values are clipped to
     ``epsilon`` first so the power is defined for post-ReLU zeros.
     """
-    check_feature_map(features)
+    features = check_feature_map(features)
     x = tf.maximum(tf.cast(features, tf.float32), epsilon)
     p = tf.cast(p, tf.float32)
     pooled = tf.pow(tf.reduce_mean(tf.pow(x, p), axis=[1, 2]), 1.0 / p)
@@ -91,7 +95,7 @@ def region_max_pool(features, relative: np.ndarray, normalize: bool = True):
     Returns:
         ``(batch, regions, channels)``, in the dtype of ``features``.
     """
-    check_feature_map(features)
+    features = check_feature_map(features)
     relative = np.asarray(relative, dtype=np.float64)
     if relative.ndim != 2 or relative.shape[1] != 4:
         raise ValueError(f"`relative` must have shape (regions, 4), received {relative.shape}.")
@@ -113,6 +117,7 @@ def region_max_pool(features, relative: np.ndarray, normalize: bool = True):
 
 def weighted_region_sum(regions, weights):
     """``sum_r weights[r] * regions[:, r, :]``: ``(b, regions, c), (regions,) -> (b, c)``."""
+    regions = tf.convert_to_tensor(regions)
     weights = tf.cast(weights, tf.float32)
     summed = tf.einsum("brc,r->bc", tf.cast(regions, tf.float32), weights)
     return tf.cast(summed, regions.dtype)

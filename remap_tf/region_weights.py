@@ -30,20 +30,21 @@ def _check_distances(name: str, values) -> np.ndarray:
 
 
 def kl_divergence_per_region(
-    matching, non_matching, bins: int = 64, smoothing: float = 1e-3
+    matching, non_matching, bins: int = 64, smoothing: float = 0.5
 ) -> np.ndarray:
     """KL(matching || non-matching) of per-region distance distributions, one per region.
 
     Both distributions are histograms on the same bins (spanning the pooled range of the two
-    samples, per region). ``smoothing`` (a pseudo-count as a fraction of one sample's mass
-    per bin) keeps empty bins from making the divergence infinite.
+    samples, per region). ``smoothing``, a pseudo-count added to every bin of both
+    histograms, keeps empty bins from making the divergence infinite; its bias vanishes as
+    the samples grow.
 
     Args:
         matching: ``(num_matching_pairs, num_regions)`` distances of matching pairs.
         non_matching: ``(num_non_matching_pairs, num_regions)`` distances of non-matching
             pairs.
         bins: number of shared histogram bins.
-        smoothing: additive smoothing, > 0.
+        smoothing: pseudo-count per bin, > 0.
 
     Returns:
         float64 ``(num_regions,)``, >= 0. For two Gaussians it approaches the closed form
@@ -70,8 +71,8 @@ def kl_divergence_per_region(
             divergences[region] = 0.0
             continue
         edges = np.linspace(low, high, int(bins) + 1)
-        p = np.histogram(pos, edges)[0] / pos.size + smoothing
-        q = np.histogram(neg, edges)[0] / neg.size + smoothing
+        p = np.histogram(pos, edges)[0] + smoothing
+        q = np.histogram(neg, edges)[0] + smoothing
         p, q = p / p.sum(), q / q.sum()
         divergences[region] = float(np.sum(p * np.log(p / q)))
     return divergences
@@ -154,7 +155,7 @@ def init_region_weights(
     max_pairs: int = 2000,
     seed: int = 0,
     bins: int = 64,
-    smoothing: float = 1e-3,
+    smoothing: float = 0.5,
 ) -> np.ndarray:
     """Sets a REMAP model's region weights from KL divergences on a labelled image set.
 
