@@ -5,7 +5,7 @@ to L2-normalised descriptors ``(batch, dim)``; ``rmac_regions(height, width, lev
 R-MAC region grid. This package imports none of ``training``, ``export`` or ``serving``.
 """
 
-from remap_tf.backbones import BACKBONES, build_backbone
+from remap_tf.backbones import BACKBONES, build_backbone, recalibrate_batch_norm
 from remap_tf.layers import (
     GeMPooling,
     ImagePreprocessing,
@@ -50,6 +50,7 @@ __all__ = [
     "learned_whitening",
     "pca_whitening",
     "pre_whitening_model",
+    "recalibrate_batch_norm",
     "region_model",
     "relative_regions",
     "rmac_regions",

@@ -125,3 +125,52 @@ def tap_model(backbone: keras.Model, taps, name: str | None = None) -> keras.Mod
             )
         outputs.append(backbone.get_layer(tap).output)
     return keras.Model(backbone.inputs, outputs, name=name or f"{backbone.name}_taps")
+
+
+def batch_norm_layers(model: keras.Model) -> list:
+    """Every BatchNormalization layer of ``model``, nested models included."""
+    found = []
+    for layer in model.layers:
+        if isinstance(layer, keras.layers.BatchNormalization):
+            found.append(layer)
+        elif isinstance(layer, keras.Model):
+            found.extend(batch_norm_layers(layer))
+    return found
+
+
+def recalibrate_batch_norm(model: keras.Model, images, batch_size: int = 32) -> int:
+    """Sets every BatchNorm's moving mean and variance to the statistics of ``images``.
+
+    A randomly initialised backbone has moving statistics of 0 and 1, which in inference
+    mode let activations shrink layer after layer (a random-init MobileNet's last stage
+    outputs values near 1e-15), so descriptors and KL region weights computed from it are
+    noise. Running the images through the model in training mode, with the BatchNorm
+    momentum set so that the moving statistics become the running average over the batches,
+    makes inference reproduce training-mode normalisation. Use it on random-init models
+    before initialising region weights, and after a short training run; do not use it on
+    ImageNet weights unless the data set is large and representative.
+
+    Args:
+        model: any Keras model.
+        images: ``(num_images, height, width, 3)`` inputs of the model.
+        batch_size: images per forward pass (at least 8 gives usable statistics).
+
+    Returns:
+        the number of BatchNormalization layers recalibrated.
+    """
+    import numpy as np
+
+    layers = batch_norm_layers(model)
+    images = np.asarray(images)
+    if not layers or len(images) == 0:
+        return len(layers)
+    saved = [layer.momentum for layer in layers]
+    try:
+        for step, start in enumerate(range(0, len(images), batch_size), start=1):
+            for layer in layers:
+                layer.momentum = (step - 1) / step  # running mean over the batches so far
+            model(images[start : start + batch_size], training=True)
+    finally:
+        for layer, momentum in zip(layers, saved, strict=True):
+            layer.momentum = momentum
+    return len(layers)
