@@ -1,0 +1,521 @@
+"""Descriptors from an exported REMAP model, over gRPC (TF Serving) or in process.
+
+Both embedders share one interface, so indexing, search and the demo run with or without a
+server::
+
+    embedder = make_embedder("localhost:8500/remap")   # RemapClient: TF Serving over gRPC
+    embedder = make_embedder("models/remap")            # LocalEmbedder: the SavedModel here
+    descriptors = embedder.embed(["a.jpg", b"...png bytes..."])   # (num_images, dim) float32
+    embedder.dim, embedder.metadata()
+
+``embed`` takes encoded images (bytes) or paths for the ``serving_default`` signature, and
+uint8 RGB arrays ``(height, width, 3)`` (or one ``(n, h, w, 3)`` array) for
+``embed_pixels``. Images go in chunks of ``chunk_size``; descriptors are rows, in input order.
+
+Errors (all `ServingError`, which the ``remap`` command prints as one line):
+`ServerUnavailableError` names the address, `ModelNotFoundError` the model,
+`ImageRejectedError` the image's index (and path) with the server's reason.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+from pathlib import Path
+
+import numpy as np
+
+from serving.cli import CommandError
+
+BYTES_SIGNATURE = "serving_default"  # export.saved_model.BYTES_SIGNATURE
+PIXELS_SIGNATURE = "embed_pixels"
+INPUT_KEY = "images"
+OUTPUT_KEY = "descriptors"
+CONFIG_ASSET = "remap.json"
+DEFAULT_MODEL_NAME = "remap"
+_MAX_MESSAGE_BYTES = 256 * 1024 * 1024
+_INDEX_IN_MESSAGE = re.compile(r"images\[(\d+)\]")
+_TARGET = re.compile(
+    r"^(?P<target>(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9.\-]+):\d{1,5})(/(?P<model>\w[\w\-]*))?$"
+)
+
+
+class ServingError(CommandError):
+    """Base class of the embedders' errors."""
+
+
+class ServerUnavailableError(ServingError, ConnectionError):
+    """The server could not be reached, or did not answer within the deadline."""
+
+
+class ModelNotFoundError(ServingError, LookupError):
+    """The server (or folder) has no such model or signature."""
+
+
+class ImageRejectedError(ServingError, ValueError):
+    """An image failed the exported graph's checks or could not be decoded.
+
+    Attributes:
+        index: position of the image in the ``embed`` call's input.
+        reason: the model's message (which check failed).
+    """
+
+    def __init__(self, message: str, index: int, reason: str):
+        super().__init__(message)
+        self.index = index
+        self.reason = reason
+
+
+def clean_tf_message(message: str) -> str:
+    """The useful lines of a TensorFlow error message (no node names or stack notes)."""
+    lines = []
+    for line in str(message).splitlines():
+        line = line.strip()
+        if not line or line.startswith(("Graph execution error", "Detected at node", "<stack")):
+            continue
+        if line.startswith(("[[", "[Op:")):
+            continue
+        lines.append(re.sub(r"\s*\[\[\{\{.*$", "", line))
+    return " ".join(lines) or str(message).strip()
+
+
+def _describe(image) -> str:
+    if isinstance(image, (str, os.PathLike)):
+        return repr(os.fspath(image))
+    if isinstance(image, bytes):
+        return f"{len(image)} bytes"
+    return f"array {getattr(image, 'shape', '?')}"
+
+
+class _Embedder:
+    """The shared ``embed`` loop: input checks, chunking, locating a rejected image."""
+
+    signature: str
+    chunk_size: int
+    _where: str
+
+    def _run(self, batch):  # -> np.ndarray (len(batch), dim)
+        raise NotImplementedError
+
+    @property
+    def dim(self) -> int:
+        raise NotImplementedError
+
+    def _prepare(self, images) -> list:
+        if isinstance(images, (bytes, str, os.PathLike)):
+            images = [images]
+        if self.signature == PIXELS_SIGNATURE:
+            if isinstance(images, np.ndarray) and images.ndim == 4:
+                images = list(images)
+            prepared = []
+            for i, image in enumerate(images):
+                array = np.asarray(image)
+                if array.ndim != 3 or array.shape[-1] != 3 or array.dtype != np.uint8:
+                    raise ValueError(
+                        f"{self.signature} takes uint8 (height, width, 3) RGB arrays; image {i} "
+                        f"is {array.dtype} {array.shape}."
+                    )
+                prepared.append(array)
+            return prepared
+        prepared = []
+        for i, image in enumerate(images):
+            if isinstance(image, (bytes, bytearray)):
+                prepared.append(bytes(image))
+            elif isinstance(image, (str, os.PathLike)):
+                path = Path(image)
+                if not path.is_file():
+                    raise FileNotFoundError(f"Image {i} {str(path)!r} is not a file.")
+                prepared.append(path.read_bytes())
+            else:
+                raise ValueError(
+                    f"{self.signature} takes encoded images (bytes) or paths; image {i} is a "
+                    f"{type(image).__name__} (use signature='{PIXELS_SIGNATURE}' for arrays)."
+                )
+        return prepared
+
+    def embed(self, images) -> np.ndarray:
+        """Descriptors of ``images``, float32 ``(num_images, dim)``, L2-normalised, in order.
+
+        Args:
+            images: for ``serving_default``, a sequence of encoded images (bytes) or paths
+                (one bytes/path is also accepted); for ``embed_pixels``, uint8 RGB arrays
+                ``(h, w, 3)`` or one ``(n, h, w, 3)`` array.
+
+        Raises:
+            ImageRejectedError: an image failed a check (its index and the reason).
+            FileNotFoundError: a path is not a file.
+            ServerUnavailableError, ModelNotFoundError: see `RemapClient`.
+        """
+        originals = [images] if isinstance(images, (bytes, str, os.PathLike)) else images
+        if isinstance(originals, np.ndarray) and originals.ndim == 4:
+            originals = list(originals)
+        originals = list(originals)
+        prepared = self._prepare(originals)
+        rows = []
+        for start in range(0, len(prepared), self.chunk_size):
+            chunk = prepared[start : start + self.chunk_size]
+            for group_start, group in self._groups(chunk):
+                offset = start + group_start
+                try:
+                    rows.append(self._run(group))
+                except _Rejected as rejected:
+                    index, reason = self._locate(group, rejected.reason)
+                    index += offset
+                    # The graph numbers images within the request; name the input's index.
+                    reason = _INDEX_IN_MESSAGE.sub(f"images[{index}]", reason, count=1)
+                    raise ImageRejectedError(
+                        f"Image {index} ({_describe(originals[index])}) was rejected by "
+                        f"{self._where}: {reason}",
+                        index=index,
+                        reason=reason,
+                    ) from None
+        if not rows:
+            return np.zeros((0, self.dim), np.float32)
+        return np.concatenate(rows).astype(np.float32, copy=False)
+
+    def _groups(self, chunk):
+        """Consecutive runs of equal-shaped arrays (embed_pixels needs one shape per call)."""
+        if self.signature != PIXELS_SIGNATURE:
+            return [(0, chunk)]
+        groups, start = [], 0
+        for i in range(1, len(chunk) + 1):
+            if i == len(chunk) or chunk[i].shape != chunk[start].shape:
+                groups.append((start, chunk[start:i]))
+                start = i
+        return groups
+
+    def _locate(self, group, reason: str) -> tuple[int, str]:
+        """(index in group, reason) of the rejected image: from the message, else one by one."""
+        match = _INDEX_IN_MESSAGE.search(reason)
+        if match and int(match.group(1)) < len(group):
+            index = int(match.group(1))
+            return index, reason
+        if len(group) > 1:
+            for i, image in enumerate(group):
+                try:
+                    self._run([image])
+                except _Rejected as rejected:
+                    return i, rejected.reason
+        return 0, reason
+
+
+class _Rejected(Exception):
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+
+def _to_batch(signature: str, group):
+    if signature == PIXELS_SIGNATURE:
+        return np.stack(group)
+    return np.array(group, dtype=object)
+
+
+def _signature_info(inputs, outputs) -> dict:
+    return {"inputs": inputs, "outputs": outputs}
+
+
+def resolve_saved_model(path) -> Path:
+    """A version folder for ``path``: itself if it holds saved_model.pb, else its highest
+    integer version (TF Serving's choice)."""
+    path = Path(path)
+    if (path / "saved_model.pb").is_file():
+        return path
+    if not path.exists():
+        raise FileNotFoundError(f"No such SavedModel folder: {str(path)!r}.")
+    versions = [p for p in path.iterdir() if p.name.isdigit() and (p / "saved_model.pb").is_file()]
+    if not versions:
+        raise FileNotFoundError(
+            f"{str(path)!r} is neither a SavedModel (no saved_model.pb) nor a base folder with "
+            "integer versions (e.g. 1/saved_model.pb); run `remap export` first."
+        )
+    return max(versions, key=lambda p: int(p.name))
+
+
+class LocalEmbedder(_Embedder):
+    """The `RemapClient` interface over an exported SavedModel, in this process.
+
+    Args:
+        path: a base folder (``models/remap``: its highest version is used, as TF Serving
+            does) or a version folder (``models/remap/1``).
+        signature: ``"serving_default"`` (encoded bytes) or ``"embed_pixels"`` (uint8 RGB).
+        chunk_size: images per call.
+
+    Example:
+        >>> embedder = LocalEmbedder("models/remap")
+        >>> embedder.embed(["query.jpg"]).shape
+        (1, 2048)
+    """
+
+    def __init__(self, path, signature: str = BYTES_SIGNATURE, chunk_size: int = 16):
+        import tensorflow as tf
+
+        if int(chunk_size) != chunk_size or chunk_size < 1:
+            raise ValueError(f"`chunk_size` must be a positive integer, received {chunk_size!r}.")
+        self.path = resolve_saved_model(path)
+        self.chunk_size = int(chunk_size)
+        self.signature = signature
+        self._where = f"the SavedModel {str(self.path)!r}"
+        try:
+            self._loaded = tf.saved_model.load(str(self.path))
+        except Exception as error:  # TF raises several types for an unreadable SavedModel.
+            raise ValueError(f"Could not load the SavedModel {str(self.path)!r}: {error}") from None
+        if signature not in self._loaded.signatures:
+            raise ModelNotFoundError(
+                f"Signature {signature!r} is not in {str(self.path)!r}; it has "
+                f"{sorted(self._loaded.signatures)}."
+            )
+        self._function = self._loaded.signatures[signature]
+        self._tf = tf
+        asset = self.path / "assets" / CONFIG_ASSET
+        self.config = json.loads(asset.read_text()) if asset.is_file() else {}
+        self._dim = int(self._function.structured_outputs[OUTPUT_KEY].shape[-1])
+
+    @property
+    def dim(self) -> int:
+        """Descriptor size."""
+        return self._dim
+
+    def _run(self, group) -> np.ndarray:
+        tf = self._tf
+        batch = _to_batch(self.signature, group)
+        try:
+            out = self._function(**{INPUT_KEY: tf.constant(batch)})
+        except tf.errors.InvalidArgumentError as error:
+            raise _Rejected(clean_tf_message(error.message)) from None
+        return out[OUTPUT_KEY].numpy()
+
+    def metadata(self) -> dict:
+        """``{"model", "version", "signatures": {name: {"inputs", "outputs"}}, "descriptor_dim"}``.
+
+        Each input/output is ``{"dtype": "string", "shape": [None]}`` (None: any size).
+        """
+        signatures = {}
+        for name, function in self._loaded.signatures.items():
+            inputs = {
+                spec.name: {"dtype": spec.dtype.name, "shape": spec.shape.as_list()}
+                for spec in function.structured_input_signature[1].values()
+            }
+            outputs = {
+                key: {"dtype": spec.dtype.name, "shape": spec.shape.as_list()}
+                for key, spec in function.structured_outputs.items()
+            }
+            signatures[name] = _signature_info(inputs, outputs)
+        version = int(self.path.name) if self.path.name.isdigit() else None
+        name = self.config.get("model_name", self.path.parent.name)
+        return {
+            "model": name,
+            "version": version,
+            "signatures": signatures,
+            "descriptor_dim": self.dim,
+        }
+
+
+class RemapClient(_Embedder):
+    """Descriptors from a REMAP model served by TensorFlow Serving, over gRPC.
+
+    Every call carries a deadline (``timeout`` seconds). UNAVAILABLE and DEADLINE_EXCEEDED
+    are retried ``retries`` times with exponential back-off (0.1 s, 0.2 s, 0.4 s, ...); other
+    errors are not retried.
+
+    Args:
+        target: ``"host:port"`` of the server's gRPC port (8500 by default in TF Serving).
+        model_name: the served model name (``models.config``'s ``name``).
+        signature: ``"serving_default"`` (encoded bytes) or ``"embed_pixels"`` (uint8 RGB).
+        timeout: deadline of each call, seconds.
+        retries: retries after the first attempt, on UNAVAILABLE / DEADLINE_EXCEEDED only.
+        chunk_size: images per request (keep it at or below the server's max_batch_size).
+        backoff: first retry delay in seconds, doubled at each retry.
+
+    Example:
+        >>> with RemapClient("localhost:8500", "remap") as client:
+        ...     descriptors = client.embed(["query.jpg"])   # (1, dim) float32
+    """
+
+    def __init__(
+        self,
+        target: str,
+        model_name: str,
+        signature: str = BYTES_SIGNATURE,
+        timeout: float = 10.0,
+        retries: int = 3,
+        chunk_size: int = 16,
+        backoff: float = 0.1,
+    ):
+        import grpc
+        from tensorflow_serving.apis import prediction_service_pb2_grpc
+
+        if int(chunk_size) != chunk_size or chunk_size < 1:
+            raise ValueError(f"`chunk_size` must be a positive integer, received {chunk_size!r}.")
+        if not timeout or timeout <= 0:
+            raise ValueError(f"`timeout` must be a positive number of seconds, got {timeout!r}.")
+        if int(retries) != retries or retries < 0:
+            raise ValueError(f"`retries` must be an integer >= 0, received {retries!r}.")
+        self.target = target
+        self.model_name = model_name
+        self.signature = signature
+        self.timeout = float(timeout)
+        self.retries = int(retries)
+        self.chunk_size = int(chunk_size)
+        self.backoff = float(backoff)
+        self._where = f"model {model_name!r} at {target}"
+        self._grpc = grpc
+        self._channel = grpc.insecure_channel(
+            target,
+            options=[
+                ("grpc.max_send_message_length", _MAX_MESSAGE_BYTES),
+                ("grpc.max_receive_message_length", _MAX_MESSAGE_BYTES),
+                # Reconnect soon after a failure, so a retry can reach a restarted server.
+                ("grpc.initial_reconnect_backoff_ms", 100),
+                ("grpc.min_reconnect_backoff_ms", 100),
+                ("grpc.max_reconnect_backoff_ms", 2000),
+            ],
+        )
+        self._stub = prediction_service_pb2_grpc.PredictionServiceStub(self._channel)
+        self._dim = None
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def _call(self, method, request):
+        grpc = self._grpc
+        retryable = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+        for attempt in range(self.retries + 1):
+            try:
+                return method(request, timeout=self.timeout)
+            except grpc.RpcError as error:
+                code, details = error.code(), error.details() or ""
+                if code in retryable and attempt < self.retries:
+                    time.sleep(self.backoff * 2**attempt)
+                    continue
+                attempts = f"{attempt + 1} attempt{'s' if attempt else ''}"
+                if code == grpc.StatusCode.UNAVAILABLE:
+                    raise ServerUnavailableError(
+                        f"TF Serving at {self.target} is unreachable ({attempts}, "
+                        f"{self.timeout:g} s deadline each): {details}"
+                    ) from None
+                if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+                    raise ServerUnavailableError(
+                        f"TF Serving at {self.target} did not answer within {self.timeout:g} s "
+                        f"({attempts})."
+                    ) from None
+                if code == grpc.StatusCode.NOT_FOUND:
+                    raise ModelNotFoundError(
+                        f"Model {self.model_name!r} is not served at {self.target}: {details}"
+                    ) from None
+                if code == grpc.StatusCode.INVALID_ARGUMENT:
+                    if "signature" in details.lower() and "not found" in details.lower():
+                        raise ModelNotFoundError(
+                            f"Signature {self.signature!r} of model {self.model_name!r} at "
+                            f"{self.target}: {details}"
+                        ) from None
+                    raise _Rejected(clean_tf_message(details)) from None
+                raise ServingError(
+                    f"TF Serving at {self.target} answered {code.name} for model "
+                    f"{self.model_name!r}: {details}"
+                ) from None
+        raise AssertionError("unreachable")
+
+    def _run(self, group) -> np.ndarray:
+        import tensorflow as tf
+        from tensorflow_serving.apis import model_pb2, predict_pb2
+
+        request = predict_pb2.PredictRequest(
+            model_spec=model_pb2.ModelSpec(name=self.model_name, signature_name=self.signature),
+            output_filter=[OUTPUT_KEY],
+        )
+        request.inputs[INPUT_KEY].CopyFrom(tf.make_tensor_proto(_to_batch(self.signature, group)))
+        response = self._call(self._stub.Predict, request)
+        if OUTPUT_KEY not in response.outputs:
+            raise ServingError(
+                f"Model {self.model_name!r} at {self.target} returned no {OUTPUT_KEY!r} output "
+                f"(outputs: {sorted(response.outputs)}); is it a REMAP export?"
+            )
+        return tf.make_ndarray(response.outputs[OUTPUT_KEY])
+
+    @property
+    def dim(self) -> int:
+        """Descriptor size (asked from the server once)."""
+        if self._dim is None:
+            self._dim = self.metadata()["descriptor_dim"]
+        return self._dim
+
+    def metadata(self) -> dict:
+        """GetModelMetadata, as ``{"model", "version", "signatures", "descriptor_dim"}``.
+
+        ``signatures`` maps each name to ``{"inputs": {key: {"dtype", "shape"}}, "outputs":
+        ...}`` (shape None: any size), as `LocalEmbedder.metadata`.
+        """
+        import tensorflow as tf
+        from tensorflow_serving.apis import get_model_metadata_pb2, model_pb2
+
+        request = get_model_metadata_pb2.GetModelMetadataRequest(
+            model_spec=model_pb2.ModelSpec(name=self.model_name),
+            metadata_field=["signature_def"],
+        )
+        response = self._call(self._stub.GetModelMetadata, request)
+        signature_map = get_model_metadata_pb2.SignatureDefMap()
+        response.metadata["signature_def"].Unpack(signature_map)
+
+        def describe(infos):
+            return {
+                key: {
+                    "dtype": tf.dtypes.as_dtype(info.dtype).name,
+                    "shape": [None if d.size < 0 else int(d.size) for d in info.tensor_shape.dim],
+                }
+                for key, info in infos.items()
+            }
+
+        signatures = {
+            name: _signature_info(describe(sig.inputs), describe(sig.outputs))
+            for name, sig in signature_map.signature_def.items()
+            if not name.startswith("__")
+        }
+        chosen = signatures.get(self.signature)
+        if chosen is None or OUTPUT_KEY not in chosen["outputs"]:
+            raise ModelNotFoundError(
+                f"Model {self.model_name!r} at {self.target} has no signature {self.signature!r} "
+                f"with a {OUTPUT_KEY!r} output; signatures: {sorted(signatures)}."
+            )
+        return {
+            "model": response.model_spec.name,
+            "version": int(response.model_spec.version.value),
+            "signatures": signatures,
+            "descriptor_dim": chosen["outputs"][OUTPUT_KEY]["shape"][-1],
+        }
+
+
+def make_embedder(model: str, **kwargs):
+    """A `LocalEmbedder` for a SavedModel path, or a `RemapClient` for ``"host:port[/name]"``.
+
+    Args:
+        model: an existing folder (a base dir or a version dir), or ``"host:port"`` /
+            ``"host:port/model_name"`` of TF Serving's gRPC port (model name default
+            ``"remap"``, or ``model_name=`` in ``kwargs``).
+        **kwargs: passed to the embedder (``signature``, ``chunk_size``; for the client also
+            ``timeout``, ``retries``, ``model_name``).
+
+    Example:
+        >>> make_embedder("models/remap").embed(["a.jpg"]).shape
+        (1, 2048)
+    """
+    text = os.fspath(model)
+    if os.path.exists(text):
+        kwargs.pop("model_name", None)
+        return LocalEmbedder(text, **kwargs)
+    match = _TARGET.match(text)
+    if match:
+        name = kwargs.pop("model_name", None) or match.group("model") or DEFAULT_MODEL_NAME
+        return RemapClient(match.group("target"), name, **kwargs)
+    raise FileNotFoundError(
+        f"Model {text!r} is neither an existing SavedModel folder nor a 'host:port[/name]' "
+        "TF Serving address."
+    )
