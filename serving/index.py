@@ -1,0 +1,742 @@
+"""Nearest-neighbour indexes over descriptors: one interface, ScaNN and exact implementations.
+
+``Index`` is the interface (``add``, ``search``, ``delete``, ``save``, ``load``, ``config``),
+as in TensorFlow Similarity's search index. ``ExactIndex`` scores every database row with a
+NumPy dot product and is the yardstick; ``ScannIndex`` wraps ScaNN (Guo et al., "Accelerating
+Large-Scale Inference with Anisotropic Vector Quantization", ICML 2020) and chooses its
+configuration from the collection size, following ScaNN's own guidance: brute force under
+~20k vectors, asymmetric hashing (AH, 2 dimensions per block) with exact re-ordering under
+~100k, and a k-means tree (leaves ~ sqrt(n)) + AH + re-ordering above. Every knob can be
+overridden through ``ScannConfig``.
+
+Descriptors are rows ``(num_vectors, dim)`` of float32, compared by dot product (cosine for
+the L2-normalised REMAP descriptors). Ids are the user's strings.
+
+On-disk format (a directory, written atomically: built aside, then renamed into place)::
+
+    manifest.json   {"format": "remap-index", "format_version": 1, "kind": "scann"|"exact",
+                     "dim": D, "count": N, "files": {relative path: {"sha256", "bytes"}}}
+    config.json     the resolved index configuration
+    ids.json        the N ids, in the order of the vectors
+    descriptors.npy (exact) the (N, D) float32 rows, loaded with allow_pickle=False
+    scann/          (scann) ScaNN's own serialized searcher (protobuf + .npy files)
+
+Nothing is ever unpickled: ScaNN's Python wrapper stores its doc ids with pickle, so this
+module never hands ids to ScaNN (it keeps its own id array and maps ScaNN's integer results
+back) and loads the searcher through ``scann_pybind.ScannNumpy`` directly rather than
+``load_searcher`` (which would unpickle a ``scann_docids.pkl`` found in the directory).
+``load`` checks the manifest and the size and SHA-256 of every file before reading anything
+else, and refuses a truncated, altered or incomplete index with an ``IndexFormatError``.
+
+Example:
+    >>> index = ScannIndex(dim=256)
+    >>> index.add(["a.jpg", "b.jpg"], descriptors)        # (2, 256)
+    >>> ids, scores = index.search(query_descriptors, k=1)  # (num_queries, 1) each
+    >>> index.save("my_index"); same = load_index("my_index")
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import shutil
+import uuid
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import numpy as np
+
+FORMAT = "remap-index"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+
+
+class IndexFormatError(ValueError):
+    """A saved index is missing, truncated, altered or not an index at all."""
+
+
+# ---------------------------------------------------------------------------------------
+# Helpers
+# ---------------------------------------------------------------------------------------
+
+
+def _as_ids(ids: Iterable[str] | str) -> list[str]:
+    if isinstance(ids, str):
+        ids = [ids]
+    ids = list(ids)
+    for i in ids:
+        if not isinstance(i, str):
+            raise ValueError(f"ids must be strings, got {type(i).__name__} {i!r}")
+    if len(set(ids)) != len(ids):
+        seen, dupes = set(), []
+        for i in ids:
+            if i in seen:
+                dupes.append(i)
+            seen.add(i)
+        raise ValueError(f"duplicate ids: {dupes[:5]}")
+    return ids
+
+
+def _as_matrix(descriptors, dim: int | None, name: str) -> np.ndarray:
+    x = np.asarray(descriptors)
+    if x.ndim == 1:
+        x = x[None, :]
+    if x.ndim != 2:
+        raise ValueError(f"{name} must be a (num, dim) matrix of row descriptors, got {x.shape}")
+    if not np.issubdtype(x.dtype, np.number):
+        raise ValueError(f"{name} must be numeric, got dtype {x.dtype}")
+    if dim is not None and x.shape[1] != dim:
+        raise ValueError(f"{name} have dimension {x.shape[1]} but the index has dimension {dim}")
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    if not np.all(np.isfinite(x)):
+        raise ValueError(f"{name} contain NaN or infinite values")
+    return x
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _write_json(path: Path, value) -> None:
+    with open(path, "w", encoding="utf-8") as handle:
+        json.dump(value, handle, indent=1, ensure_ascii=False)
+        handle.write("\n")
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def _read_json(path: Path, what: str):
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise IndexFormatError(f"{path}: {what} is not valid JSON ({error})") from None
+
+
+def _top_k(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Indices and values of the k largest scores per row, best first."""
+    n = scores.shape[1]
+    if k < n:
+        part = np.argpartition(-scores, k - 1, axis=1)[:, :k]
+    else:
+        part = np.broadcast_to(np.arange(n), scores.shape).copy()
+    values = np.take_along_axis(scores, part, axis=1)
+    order = np.argsort(-values, axis=1, kind="stable")
+    return np.take_along_axis(part, order, axis=1), np.take_along_axis(values, order, axis=1)
+
+
+# ---------------------------------------------------------------------------------------
+# Interface
+# ---------------------------------------------------------------------------------------
+
+
+class Index(abc.ABC):
+    """A searchable set of (id, descriptor) pairs, compared by dot product.
+
+    Args:
+        dim: descriptor dimension.
+    """
+
+    kind: str = ""
+
+    def __init__(self, dim: int):
+        if int(dim) <= 0:
+            raise ValueError(f"dim must be a positive integer, got {dim}")
+        self._dim = int(dim)
+        self._ids: list[str] = []
+        self._positions: dict[str, int] = {}
+        self._id_array: np.ndarray | None = None  # ids + [None], cached for searches
+
+    # -- shared ----------------------------------------------------------------------
+
+    @property
+    def dim(self) -> int:
+        return self._dim
+
+    def __len__(self) -> int:
+        return len(self._ids)
+
+    def __contains__(self, item: str) -> bool:
+        return item in self._positions
+
+    @property
+    def ids(self) -> list[str]:
+        """The ids in the order of the stored vectors (a copy)."""
+        return list(self._ids)
+
+    def _check_new_ids(self, ids: list[str], count: int) -> None:
+        if len(ids) != count:
+            raise ValueError(f"{len(ids)} ids for {count} descriptors")
+        present = [i for i in ids if i in self._positions]
+        if present:
+            raise ValueError(f"ids already in the index (delete them first): {present[:5]}")
+
+    def _check_known_ids(self, ids: list[str]) -> None:
+        missing = [i for i in ids if i not in self._positions]
+        if missing:
+            raise KeyError(f"ids not in the index: {missing[:5]}")
+
+    def _check_queries(self, queries, k: int) -> np.ndarray:
+        if int(k) <= 0:
+            raise ValueError(f"k must be a positive integer, got {k}")
+        return _as_matrix(queries, self._dim, "queries")
+
+    def _results(self, rows: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Maps integer rows (-1 = no result) to ids (None) and pads scores with -inf."""
+        if self._id_array is None or len(self._id_array) != len(self._ids) + 1:
+            self._id_array = np.asarray(self._ids + [None], dtype=object)
+        id_array = self._id_array
+        rows = np.where(rows < 0, len(self._ids), rows)
+        scores = np.where(rows == len(self._ids), -np.inf, scores).astype(np.float32)
+        return id_array[rows], scores
+
+    # -- to implement ----------------------------------------------------------------
+
+    @abc.abstractmethod
+    def add(self, ids: Sequence[str], descriptors: np.ndarray) -> None:
+        """Adds ``descriptors`` (num, dim) under the new string ``ids`` (num,)."""
+
+    @abc.abstractmethod
+    def search(self, queries: np.ndarray, k: int = 10) -> tuple[np.ndarray, np.ndarray]:
+        """The k best database ids for each query.
+
+        Args:
+            queries: (num_queries, dim) float descriptors (or one (dim,) vector).
+            k: neighbours per query.
+
+        Returns:
+            ``(ids, scores)``: ids an object array (num_queries, min(k, len)) of id strings,
+            scores float32 of the same shape (dot products), best first. Where fewer results
+            exist, ids are None and scores -inf.
+        """
+
+    @abc.abstractmethod
+    def delete(self, ids: Sequence[str]) -> None:
+        """Removes the given ids (KeyError naming any that are absent)."""
+
+    @property
+    @abc.abstractmethod
+    def config(self) -> dict:
+        """The index configuration as a JSON-serialisable dict."""
+
+    @abc.abstractmethod
+    def _write_payload(self, directory: Path) -> None:
+        """Writes everything but ids.json, config.json and manifest.json."""
+
+    @classmethod
+    @abc.abstractmethod
+    def _from_payload(cls, directory: Path, manifest: dict, ids: list[str], config: dict):
+        """Rebuilds the index from a verified directory."""
+
+    # -- persistence -----------------------------------------------------------------
+
+    def save(self, directory: str | os.PathLike) -> Path:
+        """Writes the index to ``directory`` atomically (built aside, then renamed).
+
+        An existing index at ``directory`` is replaced only once the new one is complete.
+
+        Returns:
+            The directory.
+        """
+        directory = Path(directory)
+        if directory.exists() and not directory.is_dir():
+            raise FileExistsError(f"{directory} exists and is not a directory")
+        is_other = directory.is_dir() and not (directory / MANIFEST).is_file()
+        if is_other and any(directory.iterdir()):
+            raise FileExistsError(
+                f"{directory} is a non-empty directory that is not an index; refusing to replace it"
+            )
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        token = uuid.uuid4().hex[:8]
+        staging = directory.parent / f".{directory.name}.tmp-{token}"
+        staging.mkdir()
+        try:
+            self._write_payload(staging)
+            _write_json(staging / "ids.json", self._ids)
+            _write_json(staging / "config.json", self.config)
+            files = {}
+            for path in sorted(p for p in staging.rglob("*") if p.is_file()):
+                rel = path.relative_to(staging).as_posix()
+                files[rel] = {"sha256": _sha256(path), "bytes": path.stat().st_size}
+            manifest = {
+                "format": FORMAT,
+                "format_version": FORMAT_VERSION,
+                "kind": self.kind,
+                "dim": self._dim,
+                "count": len(self._ids),
+                "files": files,
+            }
+            _write_json(staging / MANIFEST, manifest)
+            if directory.exists():
+                old = directory.parent / f".{directory.name}.old-{token}"
+                os.replace(directory, old)
+                os.replace(staging, directory)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.replace(staging, directory)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        return directory
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike) -> Index:
+        """Loads an index saved by ``save`` after verifying its manifest and checksums.
+
+        Called on ``Index`` it returns whichever kind was saved; called on a subclass it
+        refuses an index of another kind.
+
+        Raises:
+            FileNotFoundError: no such directory or no manifest.
+            IndexFormatError: a file is missing, truncated or altered, or the manifest is
+                not one this version can read.
+        """
+        directory = Path(directory)
+        manifest = verify_index(directory)
+        kind = manifest["kind"]
+        implementations = {sub.kind: sub for sub in (ExactIndex, ScannIndex)}
+        if kind not in implementations:
+            raise IndexFormatError(f"{directory}: unknown index kind {kind!r}")
+        target = implementations[kind]
+        if cls is not Index and cls is not target:
+            raise IndexFormatError(
+                f"{directory} holds a {kind!r} index, not a {cls.kind!r} index; "
+                "use serving.index.load_index to load any kind"
+            )
+        ids = _read_json(directory / "ids.json", "ids.json")
+        if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
+            raise IndexFormatError(f"{directory}/ids.json is not a list of strings")
+        if len(ids) != manifest["count"] or len(set(ids)) != len(ids):
+            raise IndexFormatError(
+                f"{directory}/ids.json holds {len(ids)} ids ({len(set(ids))} distinct) but "
+                f"the manifest says {manifest['count']}"
+            )
+        config = _read_json(directory / "config.json", "config.json")
+        index = target._from_payload(directory, manifest, ids, config)
+        index._ids = ids
+        index._positions = {i: n for n, i in enumerate(ids)}
+        return index
+
+
+def verify_index(directory: str | os.PathLike) -> dict:
+    """Checks a saved index's manifest, and every listed file's size and SHA-256.
+
+    Returns:
+        The manifest dict.
+    """
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise FileNotFoundError(f"no index directory at {directory}")
+    manifest_path = directory / MANIFEST
+    if not manifest_path.is_file():
+        raise FileNotFoundError(f"{directory} is not an index: {MANIFEST} is missing")
+    manifest = _read_json(manifest_path, MANIFEST)
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise IndexFormatError(f"{manifest_path} is not a {FORMAT} manifest")
+    version = manifest.get("format_version")
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise IndexFormatError(
+            f"{manifest_path}: format_version {version!r} is not supported "
+            f"(this version reads up to {FORMAT_VERSION})"
+        )
+    for key, kind in (("kind", str), ("dim", int), ("count", int), ("files", dict)):
+        if not isinstance(manifest.get(key), kind):
+            raise IndexFormatError(f"{manifest_path}: field {key!r} is missing or invalid")
+    for required in ("ids.json", "config.json"):
+        if required not in manifest["files"]:
+            raise IndexFormatError(f"{manifest_path} does not list {required}")
+    root = directory.resolve()
+    for rel, entry in manifest["files"].items():
+        path = (directory / rel).resolve()
+        if root not in path.parents:
+            raise IndexFormatError(f"{manifest_path} lists a path outside the index: {rel!r}")
+        if not isinstance(entry, dict) or "sha256" not in entry or "bytes" not in entry:
+            raise IndexFormatError(f"{manifest_path}: entry for {rel!r} is invalid")
+        if not path.is_file():
+            raise IndexFormatError(f"{directory}: file {rel} is missing (index incomplete)")
+        size = path.stat().st_size
+        if size != entry["bytes"]:
+            raise IndexFormatError(
+                f"{directory}: {rel} has {size} bytes but the manifest says {entry['bytes']} "
+                "(truncated or altered)"
+            )
+        if _sha256(path) != entry["sha256"]:
+            raise IndexFormatError(
+                f"{directory}: {rel} does not match its SHA-256 checksum (altered or corrupt)"
+            )
+    return manifest
+
+
+def load_index(directory: str | os.PathLike) -> Index:
+    """Loads a saved index of any kind (see ``Index.load``)."""
+    return Index.load(directory)
+
+
+# ---------------------------------------------------------------------------------------
+# Exact search
+# ---------------------------------------------------------------------------------------
+
+
+class ExactIndex(Index):
+    """Exhaustive dot-product search in NumPy: exact, the yardstick for approximate indexes.
+
+    Args:
+        dim: descriptor dimension.
+        chunk: queries scored at a time (memory is chunk * len(index) floats).
+    """
+
+    kind = "exact"
+
+    def __init__(self, dim: int, chunk: int = 256):
+        super().__init__(dim)
+        self._chunk = int(chunk)
+        self._vectors = np.zeros((0, self._dim), dtype=np.float32)
+
+    @property
+    def config(self) -> dict:
+        return {"kind": self.kind, "dim": self._dim, "chunk": self._chunk}
+
+    @property
+    def descriptors(self) -> np.ndarray:
+        """(len, dim) float32 rows in the order of ``ids`` (read-only view)."""
+        view = self._vectors.view()
+        view.flags.writeable = False
+        return view
+
+    def add(self, ids, descriptors) -> None:
+        ids = _as_ids(ids)
+        x = _as_matrix(descriptors, self._dim, "descriptors")
+        self._check_new_ids(ids, x.shape[0])
+        start = len(self._ids)
+        self._vectors = np.concatenate([self._vectors, x])
+        self._ids.extend(ids)
+        self._positions.update({i: start + n for n, i in enumerate(ids)})
+        self._id_array = None
+
+    def delete(self, ids) -> None:
+        ids = _as_ids(ids)
+        self._check_known_ids(ids)
+        keep = np.ones(len(self._ids), dtype=bool)
+        keep[[self._positions[i] for i in ids]] = False
+        self._vectors = self._vectors[keep]
+        self._ids = [i for i, kept in zip(self._ids, keep, strict=True) if kept]
+        self._positions = {i: n for n, i in enumerate(self._ids)}
+        self._id_array = None
+
+    def search(self, queries, k: int = 10):
+        q = self._check_queries(queries, k)
+        k = min(int(k), len(self._ids))
+        if k == 0:
+            return np.empty((q.shape[0], 0), dtype=object), np.empty((q.shape[0], 0), np.float32)
+        rows = np.empty((q.shape[0], k), dtype=np.int64)
+        scores = np.empty((q.shape[0], k), dtype=np.float32)
+        for start in range(0, q.shape[0], self._chunk):
+            stop = start + self._chunk
+            rows[start:stop], scores[start:stop] = _top_k(q[start:stop] @ self._vectors.T, k)
+        return self._results(rows, scores)
+
+    def _write_payload(self, directory: Path) -> None:
+        with open(directory / "descriptors.npy", "wb") as handle:
+            np.save(handle, self._vectors, allow_pickle=False)
+
+    @classmethod
+    def _from_payload(cls, directory, manifest, ids, config):
+        if "descriptors.npy" not in manifest["files"]:
+            raise IndexFormatError(f"{directory}/{MANIFEST} does not list descriptors.npy")
+        try:
+            vectors = np.load(directory / "descriptors.npy", allow_pickle=False)
+        except ValueError as error:
+            raise IndexFormatError(f"{directory}/descriptors.npy: {error}") from None
+        if vectors.shape != (manifest["count"], manifest["dim"]) or vectors.dtype != np.float32:
+            raise IndexFormatError(
+                f"{directory}/descriptors.npy has shape {vectors.shape} {vectors.dtype}, "
+                f"expected ({manifest['count']}, {manifest['dim']}) float32"
+            )
+        index = cls(manifest["dim"], chunk=int(config.get("chunk", 256)))
+        index._vectors = vectors
+        return index
+
+
+# ---------------------------------------------------------------------------------------
+# ScaNN
+# ---------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class ScannConfig:
+    """ScaNN settings; None fields are chosen from the collection size at build time.
+
+    Attributes:
+        mode: "auto", "brute_force", "ah" (asymmetric hashing + re-ordering) or "tree_ah"
+            (k-means tree + AH + re-ordering).
+        brute_force_below: "auto" uses brute force under this many vectors.
+        tree_above: "auto" adds the tree from this many vectors on.
+        num_leaves: tree leaves (default ~ sqrt(n)).
+        num_leaves_to_search: leaves searched per query (default ~ num_leaves / 10, >= 1).
+        training_sample_size: vectors sampled to train the tree and AH codebooks
+            (default min(n, 250000)).
+        dimensions_per_block: AH dimensions per 16-centre block (2, ScaNN's advice).
+        anisotropic_quantization_threshold: AH noise-shaping threshold (0.2 for unit vectors).
+        reorder: candidates re-scored exactly after AH (default 250; at least k at search).
+        num_threads: search and training threads (0 = all CPUs).
+        batch_size: queries per parallel search batch.
+    """
+
+    mode: str = "auto"
+    brute_force_below: int = 20_000
+    tree_above: int = 100_000
+    num_leaves: int | None = None
+    num_leaves_to_search: int | None = None
+    training_sample_size: int | None = None
+    dimensions_per_block: int = 2
+    anisotropic_quantization_threshold: float = 0.2
+    reorder: int | None = None
+    num_threads: int = 0
+    batch_size: int = 256
+
+    MODES = ("auto", "brute_force", "ah", "tree_ah")
+
+    def __post_init__(self):
+        if self.mode not in self.MODES:
+            raise ValueError(f"ScannConfig.mode must be one of {self.MODES}, got {self.mode!r}")
+        for name in ("num_leaves", "num_leaves_to_search", "training_sample_size", "reorder"):
+            value = getattr(self, name)
+            if value is not None and int(value) <= 0:
+                raise ValueError(f"ScannConfig.{name} must be positive, got {value}")
+        if self.dimensions_per_block <= 0:
+            raise ValueError(
+                "ScannConfig.dimensions_per_block must be positive, "
+                f"got {self.dimensions_per_block}"
+            )
+        if self.num_threads < 0:
+            raise ValueError(f"ScannConfig.num_threads must be >= 0, got {self.num_threads}")
+
+    def resolved(self, count: int) -> ScannConfig:
+        """A copy with mode and every size-dependent knob fixed for ``count`` vectors."""
+        mode = self.mode
+        if mode == "auto":
+            if count < self.brute_force_below:
+                mode = "brute_force"
+            elif count < self.tree_above:
+                mode = "ah"
+            else:
+                mode = "tree_ah"
+        out = dataclasses.replace(self, mode=mode)
+        if mode in ("ah", "tree_ah"):
+            out.reorder = self.reorder or 250
+            out.training_sample_size = self.training_sample_size or min(count, 250_000)
+        if mode == "tree_ah":
+            leaves = self.num_leaves or max(1, int(round(math.sqrt(count))))
+            # ScaNN trains one partition per leaf; more leaves than vectors cannot work.
+            out.num_leaves = min(leaves, max(1, count))
+            out.num_leaves_to_search = min(
+                out.num_leaves, self.num_leaves_to_search or max(1, out.num_leaves // 10)
+            )
+        return out
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> ScannConfig:
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(values) - names - {"kind", "dim", "built"}
+        if unknown:
+            raise ValueError(f"unknown ScaNN config keys: {sorted(unknown)}")
+        return cls(**{k: v for k, v in values.items() if k in names})
+
+
+class ScannIndex(Index):
+    """ScaNN index configured from the collection size, with updates and safe persistence.
+
+    Vectors added before the first search are buffered and the searcher is built from all
+    of them at once (``build()`` forces it); vectors added or deleted later go through
+    ScaNN's ``upsert`` and ``delete`` (ScaNN >= 1.3) against the trained codebooks, so a
+    collection that grows far beyond its first build should be rebuilt.
+
+    Args:
+        dim: descriptor dimension.
+        config: a ``ScannConfig`` or a dict of its fields (defaults: ``ScannConfig()``).
+        **overrides: ScannConfig fields, e.g. ``mode="tree_ah", num_leaves=2000``.
+    """
+
+    kind = "scann"
+
+    def __init__(self, dim: int, config: ScannConfig | dict | None = None, **overrides):
+        super().__init__(dim)
+        if isinstance(config, dict):
+            config = ScannConfig.from_dict(config)
+        config = config or ScannConfig()
+        self._requested = dataclasses.replace(config, **overrides) if overrides else config
+        self._resolved: ScannConfig | None = None
+        self._searcher = None
+        self._pending: list[np.ndarray] = []
+
+    @property
+    def config(self) -> dict:
+        config = (self._resolved or self._requested).to_dict()
+        config.update(kind=self.kind, dim=self._dim, built=self._searcher is not None)
+        return config
+
+    @property
+    def built(self) -> bool:
+        return self._searcher is not None
+
+    def _threads(self) -> int:
+        return self._requested.num_threads or os.cpu_count() or 1
+
+    def add(self, ids, descriptors) -> None:
+        ids = _as_ids(ids)
+        x = _as_matrix(descriptors, self._dim, "descriptors")
+        self._check_new_ids(ids, x.shape[0])
+        if not ids:
+            return
+        start = len(self._ids)
+        if self._searcher is None:
+            self._pending.append(x)
+        else:
+            rows = self._searcher.searcher.upsert([None] * len(ids), x, 1)
+            expected = list(range(start, start + len(ids)))
+            if list(rows) != expected:  # ScaNN appends; anything else breaks the id mapping
+                raise RuntimeError(f"ScaNN upsert returned rows {list(rows)[:5]}...")
+        self._ids.extend(ids)
+        self._positions.update({i: start + n for n, i in enumerate(ids)})
+        self._id_array = None
+
+    def delete(self, ids) -> None:
+        ids = _as_ids(ids)
+        self._check_known_ids(ids)
+        if self._searcher is None:
+            pending = np.concatenate(self._pending) if self._pending else None
+            keep = np.ones(len(self._ids), dtype=bool)
+            keep[[self._positions[i] for i in ids]] = False
+            self._pending = [pending[keep]] if pending is not None else []
+            self._ids = [i for i, kept in zip(self._ids, keep, strict=True) if kept]
+            self._positions = {i: n for n, i in enumerate(self._ids)}
+            self._id_array = None
+            return
+        # ScaNN deletes a row by moving the last row into its slot, one deletion after the
+        # other (as its own Python wrapper assumes); mirror that in the id list.
+        rows = []
+        for i in ids:
+            row = self._positions.pop(i)
+            rows.append(row)
+            last = self._ids.pop()
+            if last != i:
+                self._ids[row] = last
+                self._positions[last] = row
+        self._id_array = None
+        self._searcher.searcher.delete(rows)
+
+    def build(self) -> None:
+        """Trains and builds the ScaNN searcher from every vector added so far."""
+        from scann.scann_ops.py import scann_ops_pybind
+
+        if not self._ids:
+            raise ValueError("cannot build a ScaNN index with no vectors; add some first")
+        data = np.concatenate(self._pending) if self._pending else None
+        if data is None or data.shape[0] != len(self._ids):
+            raise RuntimeError("the ScaNN index is already built")
+        config = self._requested.resolved(data.shape[0])
+        builder = scann_ops_pybind.builder(data, 10, "dot_product")
+        builder.set_n_training_threads(self._threads())
+        if config.mode == "tree_ah":
+            builder = builder.tree(
+                num_leaves=config.num_leaves,
+                num_leaves_to_search=config.num_leaves_to_search,
+                training_sample_size=config.training_sample_size,
+            )
+        if config.mode == "brute_force":
+            builder = builder.score_brute_force()
+        else:
+            builder = builder.score_ah(
+                config.dimensions_per_block,
+                anisotropic_quantization_threshold=config.anisotropic_quantization_threshold,
+                training_sample_size=config.training_sample_size,
+            ).reorder(config.reorder)
+        self._searcher = builder.build()
+        self._searcher.set_num_threads(self._threads())
+        self._resolved = config
+        self._pending = []
+
+    def search(self, queries, k: int = 10, num_threads: int | None = None):
+        """See ``Index.search``; ``num_threads`` overrides the config (1 = no thread pool)."""
+        q = self._check_queries(queries, k)
+        if not self._ids:
+            return np.empty((q.shape[0], 0), dtype=object), np.empty((q.shape[0], 0), np.float32)
+        if self._searcher is None:
+            self.build()
+        k = min(int(k), len(self._ids))
+        config = self._resolved
+        pre = max(config.reorder, k) if config.reorder else None
+        threads = self._threads() if num_threads is None else int(num_threads)
+        if threads > 1 and q.shape[0] > 1:
+            self._searcher.set_num_threads(threads)
+            rows, scores = self._searcher.search_batched_parallel(
+                q, k, pre, batch_size=config.batch_size
+            )
+        else:
+            rows, scores = self._searcher.search_batched(q, k, pre)
+        rows = np.asarray(rows, dtype=np.int64)
+        scores = np.asarray(scores, dtype=np.float32)
+        if rows.shape[1] < k:  # fewer candidates than k (e.g. few leaves searched)
+            pad = k - rows.shape[1]
+            rows = np.pad(rows, ((0, 0), (0, pad)), constant_values=-1)
+            scores = np.pad(scores, ((0, 0), (0, pad)), constant_values=-np.inf)
+        return self._results(rows, scores)
+
+    def _write_payload(self, directory: Path) -> None:
+        if self._searcher is None:
+            self.build()
+        target = directory / "scann"
+        target.mkdir()
+        # No docids were given to ScaNN, so it writes no scann_docids.pkl; relative asset
+        # paths keep the directory movable.
+        self._searcher.serialize(str(target), relative_path=True)
+        if (target / "scann_docids.pkl").exists():
+            raise RuntimeError("ScaNN wrote a pickle file; refusing to save it")
+
+    @classmethod
+    def _from_payload(cls, directory, manifest, ids, config):
+        from scann.scann_ops.py import scann_ops_pybind
+
+        assets = "scann/scann_assets.pbtxt"
+        if assets not in manifest["files"]:
+            raise IndexFormatError(f"{directory}/{MANIFEST} does not list {assets}")
+        try:
+            requested = ScannConfig.from_dict(config)
+        except (TypeError, ValueError) as error:
+            raise IndexFormatError(f"{directory}/config.json: {error}") from None
+        index = cls(manifest["dim"], requested)
+        index._resolved = requested
+        text = (directory / assets).read_text(encoding="utf-8")
+        try:
+            raw = scann_ops_pybind.scann_pybind.ScannNumpy(str(directory / "scann"), text)
+        except Exception as error:  # ScaNN raises RuntimeError/ValueError from C++
+            raise IndexFormatError(
+                f"{directory}: ScaNN could not load the searcher: {error}"
+            ) from None
+        index._searcher = scann_ops_pybind.ScannSearcher(raw)
+        if index._searcher.size() != manifest["count"]:
+            raise IndexFormatError(
+                f"{directory}: ScaNN holds {index._searcher.size()} vectors but the manifest "
+                f"says {manifest['count']}"
+            )
+        index._searcher.set_num_threads(index._threads())
+        return index
+
+
+def make_index(kind: str, dim: int, **config) -> Index:
+    """An empty index of ``kind`` ("scann" or "exact")."""
+    if kind == "scann":
+        return ScannIndex(dim, **config)
+    if kind == "exact":
+        return ExactIndex(dim, **config)
+    raise ValueError(f"index kind must be 'scann' or 'exact', got {kind!r}")
