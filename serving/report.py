@@ -1,0 +1,244 @@
+"""A portable retrieval report: each query with its top-k results, as HTML and as one PNG.
+
+Relevant results are framed green, irrelevant ones red (grey where relevance is unknown),
+with the AP of each query and the mean over the queries that have one. Thumbnails are
+written to a ``<name>_files/`` folder next to the HTML and referenced by relative paths, so
+the page can be moved or zipped with its folder. Pillow only (no matplotlib).
+
+Example:
+    >>> write_report(
+    ...     "out/report.html",
+    ...     queries=["q/cat.jpg"],
+    ...     results=[["db/cat2.jpg", "db/dog.jpg"]],
+    ...     relevance=[[True, False]],
+    ...     ap=[1.0],
+    ...     title="cats",
+    ... )
+    PosixPath('out/report.html')   # and out/report.png, out/report_files/*.jpg
+"""
+
+from __future__ import annotations
+
+import hashlib
+import html
+import io
+import math
+import os
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageOps
+
+GREEN = (34, 160, 60)
+RED = (210, 40, 40)
+GREY = (150, 150, 150)
+BLUE = (40, 90, 200)
+
+
+def _atomic_write_bytes(path: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _open_thumbnail(source, box, size: int) -> Image.Image:
+    """The image (cropped to ``box`` = (x1, y1, x2, y2) when given) fitted in size x size."""
+    try:
+        if isinstance(source, bytes | bytearray):
+            image = Image.open(io.BytesIO(source))
+        else:
+            image = Image.open(source)
+        image = ImageOps.exif_transpose(image).convert("RGB")
+        if box is not None:
+            x1, y1, x2, y2 = (float(v) for v in box)
+            image = image.crop((int(x1), int(y1), int(math.ceil(x2)), int(math.ceil(y2))))
+        image.thumbnail((size, size))
+        return image
+    except (OSError, ValueError, SyntaxError):
+        image = Image.new("RGB", (size, size), (235, 235, 235))
+        ImageDraw.Draw(image).text((8, size // 2 - 6), "unreadable", fill=(90, 90, 90))
+        return image
+
+
+def _label(item) -> str:
+    if isinstance(item, bytes | bytearray):
+        return f"<{len(item)} bytes>"
+    return str(item)
+
+
+def _frame(image: Image.Image, colour, width: int, size: int) -> Image.Image:
+    """The thumbnail centred on a size x size tile with a coloured frame."""
+    tile = Image.new("RGB", (size + 2 * width, size + 2 * width), colour)
+    inner = Image.new("RGB", (size, size), (255, 255, 255))
+    inner.paste(image, ((size - image.width) // 2, (size - image.height) // 2))
+    tile.paste(inner, (width, width))
+    return tile
+
+
+def _colour(relevant) -> tuple[int, int, int]:
+    if relevant is None:
+        return GREY
+    return GREEN if bool(relevant) else RED
+
+
+def _fmt(value, digits=3) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "n/a"
+    return f"{float(value):.{digits}f}"
+
+
+def write_report(
+    path: str | os.PathLike,
+    queries: Sequence,
+    results: Sequence[Sequence],
+    relevance: Sequence[Sequence[bool | None]] | None = None,
+    ap: Sequence[float | None] | None = None,
+    title: str = "Retrieval results",
+    extra_sections_html: str | None = None,
+    scores: Sequence[Sequence[float]] | None = None,
+    query_boxes: Sequence | None = None,
+    query_names: Sequence[str] | None = None,
+    thumb_size: int = 128,
+    png: bool = True,
+    max_png_queries: int = 50,
+) -> Path:
+    """Writes the HTML report (and a PNG of the same grid) for ranked retrieval results.
+
+    Args:
+        path: the .html file to write; thumbnails go to ``<stem>_files/`` beside it and the
+            PNG to ``<stem>.png``.
+        queries: (num_queries,) query images: paths (str/Path) or encoded bytes.
+        results: per query, the ranked result images (paths or bytes), best first.
+        relevance: per query and result, True (green frame), False (red) or None (grey,
+            unknown). None: all unknown.
+        ap: (num_queries,) average precision per query (None/NaN: not evaluated).
+        title: page title.
+        extra_sections_html: trusted HTML inserted after the summary (e.g. a metrics table).
+        scores: per query and result, the similarity shown under each thumbnail.
+        query_boxes: per query, None or (x1, y1, x2, y2) to crop the query to.
+        query_names: per query, the caption (default: the query path).
+        thumb_size: thumbnail side in pixels.
+        png: also write ``<stem>.png``.
+        max_png_queries: queries drawn in the PNG (the HTML has them all).
+
+    Returns:
+        The path of the HTML file.
+    """
+    path = Path(path)
+    num_queries = len(queries)
+    if len(results) != num_queries:
+        raise ValueError(f"{len(results)} result lists for {num_queries} queries")
+    for name, value in (("relevance", relevance), ("ap", ap), ("scores", scores)):
+        if value is not None and len(value) != num_queries:
+            raise ValueError(f"{name} has {len(value)} entries for {num_queries} queries")
+    if query_boxes is not None and len(query_boxes) != num_queries:
+        raise ValueError(f"query_boxes has {len(query_boxes)} entries for {num_queries} queries")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    files_dir = path.parent / f"{path.stem}_files"
+    files_dir.mkdir(exist_ok=True)
+
+    cache: dict[tuple, tuple[str, Image.Image]] = {}
+
+    def thumbnail(item, box=None) -> tuple[str, Image.Image]:
+        """Writes (once) and returns the thumbnail's relative path and image."""
+        if isinstance(item, bytes | bytearray):
+            key = ("bytes", hashlib.sha1(item).hexdigest(), tuple(box) if box else None)
+        else:
+            key = ("path", str(Path(item).resolve()), tuple(box) if box is not None else None)
+        if key not in cache:
+            image = _open_thumbnail(item, box, thumb_size)
+            name = hashlib.sha1(repr(key).encode()).hexdigest()[:16] + ".jpg"
+            buffer = io.BytesIO()
+            image.save(buffer, format="JPEG", quality=85)
+            _atomic_write_bytes(files_dir / name, buffer.getvalue())
+            cache[key] = (f"{files_dir.name}/{name}", image)
+        return cache[key]
+
+    rows_html = []
+    png_rows = []
+    for qi in range(num_queries):
+        box = query_boxes[qi] if query_boxes is not None else None
+        q_rel, q_image = thumbnail(queries[qi], box)
+        q_name = query_names[qi] if query_names is not None else _label(queries[qi])
+        q_ap = ap[qi] if ap is not None else None
+        cells = [
+            f'<td class="query"><img src="{html.escape(q_rel)}" alt="query"><br>'
+            f"<b>query</b><br><span class=name>{html.escape(q_name)}</span><br>"
+            f"AP {_fmt(q_ap)}</td>"
+        ]
+        tiles = [(q_image, BLUE)]
+        for rank, item in enumerate(results[qi]):
+            rel = relevance[qi][rank] if relevance is not None else None
+            r_rel, r_image = thumbnail(item)
+            colour = _colour(rel)
+            score = f"<br>{_fmt(scores[qi][rank])}" if scores is not None else ""
+            css = "rel" if rel else ("unk" if rel is None else "irr")
+            cells.append(
+                f'<td class="{css}"><img src="{html.escape(r_rel)}" alt="rank {rank + 1}"><br>'
+                f"#{rank + 1}{score}<br><span class=name>{html.escape(_label(item))}</span></td>"
+            )
+            tiles.append((r_image, colour))
+        rows_html.append("<tr>" + "".join(cells) + "</tr>")
+        png_rows.append((q_name, q_ap, tiles))
+
+    valid = [float(a) for a in (ap or []) if a is not None and not math.isnan(float(a))]
+    summary = f"{num_queries} queries"
+    if valid:
+        summary += f"; mAP {np.mean(valid):.4f} over the {len(valid)} with an AP"
+    page = f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>
+<style>
+body {{ font-family: sans-serif; margin: 1em; }}
+table {{ border-collapse: separate; border-spacing: 6px; }}
+td {{ text-align: center; vertical-align: top; font-size: 12px; max-width: {thumb_size + 12}px;
+      word-break: break-all; }}
+img {{ max-width: {thumb_size}px; max-height: {thumb_size}px; border: 4px solid #999; }}
+td.query img {{ border-color: rgb{BLUE}; }}
+td.rel img {{ border-color: rgb{GREEN}; }}
+td.irr img {{ border-color: rgb{RED}; }}
+.name {{ color: #555; }}
+</style></head><body>
+<h1>{html.escape(title)}</h1>
+<p>{html.escape(summary)}. Frames: <span style="color:rgb{GREEN}">green = relevant</span>,
+<span style="color:rgb{RED}">red = not relevant</span>, grey = unknown.</p>
+{extra_sections_html or ""}
+<table>
+{chr(10).join(rows_html)}
+</table>
+</body></html>
+"""
+    _atomic_write_bytes(path, page.encode("utf-8"))
+    if png and png_rows:
+        _write_png(path.with_suffix(".png"), title, summary, png_rows[:max_png_queries], thumb_size)
+    return path
+
+
+def _write_png(path: Path, title: str, summary: str, rows, size: int) -> None:
+    frame = 4
+    tile = size + 2 * frame
+    gap, caption, header = 6, 16, 40
+    columns = max(len(tiles) for _, _, tiles in rows)
+    width = gap + columns * (tile + gap)
+    height = header + len(rows) * (tile + caption + gap) + gap
+    canvas = Image.new("RGB", (max(width, 400), height), (255, 255, 255))
+    draw = ImageDraw.Draw(canvas)
+    draw.text((gap, 6), title, fill=(0, 0, 0))
+    draw.text((gap, 22), summary, fill=(60, 60, 60))
+    y = header
+    for name, q_ap, tiles in rows:
+        draw.text((gap, y), f"{name[-60:]}  AP {_fmt(q_ap)}", fill=(0, 0, 0))
+        for column, (image, colour) in enumerate(tiles):
+            canvas.paste(
+                _frame(image, colour, frame, size), (gap + column * (tile + gap), y + caption)
+            )
+        y += tile + caption + gap
+    buffer = io.BytesIO()
+    canvas.save(buffer, format="PNG")
+    _atomic_write_bytes(path, buffer.getvalue())
