@@ -212,6 +212,18 @@ def _mean_over_valid(losses, valid):
     return tf.math.divide_no_nan(tf.reduce_sum(losses), count)
 
 
+def _per_anchor_values(losses, valid):
+    """Per-anchor values whose mean over the batch is the mean over the valid anchors.
+
+    Keras reduces a loss's per-sample values with ``sum / batch`` (and, under a strategy, divides
+    by the replica count); a scalar would skip that division. Scaling each valid anchor's loss
+    by ``batch / num_valid`` makes the plain mean equal to the mean over valid anchors.
+    """
+    count = tf.reduce_sum(tf.cast(valid, tf.float32))
+    size = tf.cast(tf.size(losses), tf.float32)
+    return losses * tf.math.divide_no_nan(size, count)
+
+
 def triplet_loss(labels, descriptors, margin=0.1, mining="batch_hard"):
     """Triplet loss of a batch with online mining (squared Euclidean distances, float32).
 
@@ -236,8 +248,9 @@ def triplet_loss(labels, descriptors, margin=0.1, mining="batch_hard"):
     return _mean_over_valid(losses, valid)
 
 
-def _cross_replica_loss(labels, descriptors, margin: float, mining: str, context):
-    """This replica's anchors mined against the batch gathered from every replica.
+def _cross_replica_losses(labels, descriptors, margin: float, mining: str, context):
+    """Losses and validity ``(local_batch,)`` of this replica's anchors, mined against the batch
+    gathered from every replica.
 
     ``ReplicaContext.all_gather`` is differentiable: its gradient sums the upstream gradients of
     all replicas and hands each replica its own slice, so after the strategy sums the replicas'
@@ -254,8 +267,7 @@ def _cross_replica_loss(labels, descriptors, margin: float, mining: str, context
     positions = offset + tf.range(size[0])
     distances = pairwise_distances(local, all_descriptors)
     positive, negative = _masks(labels, all_labels, positions)
-    losses, valid = _anchor_losses(distances, positive, negative, margin, mining)
-    return _mean_over_valid(losses, valid)
+    return _anchor_losses(distances, positive, negative, margin, mining)
 
 
 @keras.saving.register_keras_serializable(package=_PACKAGE)
@@ -263,9 +275,12 @@ class TripletLoss(keras.losses.Loss):
     """Triplet loss with online mining, for ``model.compile(loss=TripletLoss())``.
 
     A thin wrapper over `triplet_loss`: ``y_true`` are the class labels ``(batch,)`` or
-    ``(batch, 1)``, ``y_pred`` the L2-normalised descriptors ``(batch, dim)``. The value is the
-    batch loss of `triplet_loss` (a scalar; Keras' reduction leaves it unchanged, and a
-    ``sample_weight`` of shape ``(batch,)`` scales it by the weights' mean).
+    ``(batch, 1)``, ``y_pred`` the L2-normalised descriptors ``(batch, dim)``. With the default
+    reduction the value equals `triplet_loss` (the mean over anchors with a positive and a
+    negative). ``call`` returns one value per anchor, each valid anchor's loss scaled by
+    ``batch / num_valid_anchors`` (invalid anchors 0), so that Keras' ``sum / batch`` reduction,
+    its division by the replica count under a strategy, and per-anchor ``sample_weight`` all
+    apply as for any Keras loss.
 
     Args:
         margin: triplet margin (squared Euclidean distances; 0.1 as in REMAP).
@@ -295,11 +310,13 @@ class TripletLoss(keras.losses.Loss):
         self.cross_replica = bool(cross_replica)
 
     def call(self, y_true, y_pred):
-        if self.cross_replica and tf.distribute.has_strategy():
-            context = tf.distribute.get_replica_context()
-            if context is not None and context.num_replicas_in_sync > 1:
-                return _cross_replica_loss(y_true, y_pred, self.margin, self.mining, context)
-        return triplet_loss(y_true, y_pred, margin=self.margin, mining=self.mining)
+        context = tf.distribute.get_replica_context() if tf.distribute.has_strategy() else None
+        if self.cross_replica and context is not None and context.num_replicas_in_sync > 1:
+            losses, valid = _cross_replica_losses(y_true, y_pred, self.margin, self.mining, context)
+        else:
+            distances, positive, negative = _local_problem(y_true, y_pred)
+            losses, valid = _anchor_losses(distances, positive, negative, self.margin, self.mining)
+        return _per_anchor_values(losses, valid)
 
     def get_config(self):
         return {

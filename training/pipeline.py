@@ -160,8 +160,11 @@ class BadFileLog:
 class BadFileReporter(keras.callbacks.Callback):
     """Reports newly skipped image files at the end of each epoch, once each, by path.
 
-    Each new file is logged as a warning on the ``"remap.training"`` logger and printed;
-    ``logs["bad_files"]`` gets the total count so far (so History and TensorBoard record it).
+    Each new file is printed with ``print_fn`` and logged as a warning on the
+    ``"remap.training"`` logger. When logging is not configured at all (no handler anywhere),
+    the log record is skipped: Python's last-resort handler would print the same line a second
+    time. ``logs["bad_files"]`` gets the total count so far (so History and TensorBoard record
+    it).
 
     Args:
         log: the `BadFileLog` given to the datasets.
@@ -185,7 +188,8 @@ class BadFileReporter(keras.callbacks.Callback):
         entries = self.log.entries
         for path, reason in entries[self._reported :]:
             message = f"Skipped bad image file {path} ({reason}) [{when}]"
-            logger.warning(message)
+            if self.print_fn is None or logger.hasHandlers():
+                logger.warning(message)
             if self.print_fn is not None:
                 self.print_fn(message)
         self._reported = len(entries)
