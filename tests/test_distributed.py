@@ -1,0 +1,231 @@
+"""model.fit under MirroredStrategy (2 logical CPUs) and MultiWorkerMirroredStrategy (2 worker
+processes on 127.0.0.1), against a single-device run on the same data.
+
+The model is a tiny REMAP (MobileNetV2 alpha 0.35, 64 px) with a frozen backbone, so that
+BatchNorm runs in inference mode: per-replica batch statistics would otherwise make a
+2-replica run differ from a single-device one by design. With cross-replica mining, each
+replica's anchors are mined against the global batch, so the loss of every step is the
+single-device loss of the same global batch, and the summed gradients are the same too.
+
+This file is also the worker program: ``python tests/test_distributed.py --mode ...``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+HERE = Path(__file__).resolve()
+PER_REPLICA_CLASSES, IMAGES_PER_CLASS, REPLICAS = 2, 2, 2
+STEPS, EPOCHS, SIZE = 3, 2, 64
+
+
+def _config(out_dir):
+    from training.config import TrainConfig
+
+    config = TrainConfig.from_dict(
+        {
+            "model": {
+                "backbone": "mobilenet_v2",
+                "backbone_kwargs": {"alpha": 0.35},
+                "levels": 2,
+                "dim": 16,
+                "freeze_backbone": True,
+            },
+            "data": {
+                "image_size": SIZE,
+                "classes_per_batch": PER_REPLICA_CLASSES,
+                "images_per_class": IMAGES_PER_CLASS,
+            },
+            "optimizer": {"name": "sgd", "learning_rate": 0.5, "clipnorm": None},
+            "loss": {"mining": "batch_hard", "cross_replica": True, "margin": 0.3},
+            "epochs": EPOCHS,
+            "steps_per_epoch": STEPS,
+            "out_dir": str(out_dir),
+            "verbose": 2,
+        }
+    )
+    return config
+
+
+def _dataset():
+    """Fixed global batches of 8 images (4 classes × 2, classes contiguous), repeated."""
+    import tensorflow as tf
+
+    rng = np.random.default_rng(7)
+    global_batch = PER_REPLICA_CLASSES * IMAGES_PER_CLASS * REPLICAS
+    count = global_batch * STEPS
+    images = rng.uniform(0, 255, size=(count, SIZE, SIZE, 3)).astype("float32")
+    labels = np.repeat(np.arange(count // IMAGES_PER_CLASS), IMAGES_PER_CLASS).astype("int32")
+    return tf.data.Dataset.from_tensor_slices((images, labels)).batch(global_batch).repeat()
+
+
+def _run(strategy, out_dir, init_weights, result_path):
+    from training.fit import build_model, fit_model
+
+    config = _config(out_dir)
+    with strategy.scope():
+        model = build_model(config)
+    model.load_weights(init_weights)
+    history = fit_model(model, _dataset(), config)
+    np.savez(f"{result_path}.npz", *[np.asarray(w) for w in model.get_weights()])
+    Path(f"{result_path}.json").write_text(json.dumps({"loss": history.history["loss"]}))
+
+
+def _worker_main(argv=None):
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--mode", choices=("local", "worker"), required=True)
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args(argv)
+    out = Path(args.out)
+    if args.mode == "local":
+        import tensorflow as tf
+
+        cpu = tf.config.list_physical_devices("CPU")[0]
+        tf.config.set_logical_device_configuration(
+            cpu, [tf.config.LogicalDeviceConfiguration()] * REPLICAS
+        )
+        from training.fit import build_model
+        from training.strategies import make_strategy
+
+        model = build_model(_config(out))
+        model.save_weights(out / "init.weights.h5")
+        _run(make_strategy("one_device", ["/cpu:0"]), out, out / "init.weights.h5", out / "one")
+        mirrored = make_strategy("mirrored", ["/cpu:0", "/cpu:1"])
+        assert mirrored.num_replicas_in_sync == REPLICAS
+        _run(mirrored, out, out / "init.weights.h5", out / "mirrored")
+    else:
+        from training.strategies import make_strategy
+
+        strategy = make_strategy("multi_worker")
+        assert strategy.num_replicas_in_sync == REPLICAS, strategy.num_replicas_in_sync
+        index = json.loads(os.environ["TF_CONFIG"])["task"]["index"]
+        _run(strategy, out, out / "init.weights.h5", out / f"worker{index}")
+
+
+def _free_ports(count):
+    sockets = [socket.socket() for _ in range(count)]
+    for s in sockets:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
+
+
+def _env(**extra):
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", CUDA_VISIBLE_DEVICES="", **extra)
+    env["PYTHONPATH"] = os.pathsep.join([str(HERE.parent.parent), env.get("PYTHONPATH", "")])
+    return env
+
+
+def _run_workers(out, extra_env=None, timeout=240):
+    ports = _free_ports(REPLICAS)
+    cluster = {"worker": [f"127.0.0.1:{p}" for p in ports]}
+    procs = []
+    for index in range(REPLICAS):
+        tf_config = json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}})
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, str(HERE), "--mode", "worker", "--out", str(out)],
+                env=_env(TF_CONFIG=tf_config, **(extra_env or {})),
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+        )
+    outputs = []
+    try:
+        for proc in procs:
+            outputs.append(proc.communicate(timeout=timeout)[0])
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    return [p.returncode for p in procs], outputs
+
+
+@pytest.fixture(scope="module")
+def local_runs(tmp_path_factory):
+    """One-device and mirrored runs (one subprocess: logical devices are process-wide)."""
+    out = tmp_path_factory.mktemp("distributed")
+    done = subprocess.run(
+        [sys.executable, str(HERE), "--mode", "local", "--out", str(out)],
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return out
+
+
+def _load(out, name):
+    losses = json.loads((out / f"{name}.json").read_text())["loss"]
+    with np.load(out / f"{name}.npz") as data:
+        weights = [data[key] for key in sorted(data.files, key=lambda k: int(k.split("_")[1]))]
+    return np.asarray(losses), weights
+
+
+def test_mirrored_fit_matches_one_device(local_runs):
+    one_loss, one_weights = _load(local_runs, "one")
+    mirrored_loss, mirrored_weights = _load(local_runs, "mirrored")
+    assert len(one_loss) == EPOCHS and np.all(np.isfinite(one_loss))
+    np.testing.assert_allclose(mirrored_loss, one_loss, rtol=2e-3, atol=1e-5)
+    for a, b in zip(mirrored_weights, one_weights, strict=True):
+        np.testing.assert_allclose(a, b, rtol=2e-3, atol=2e-5)
+    # Training moved the weights (the comparison is not between two untouched models).
+    assert any(
+        not np.allclose(a, b) for a, b in zip(one_weights, _initial_weights(local_runs), strict=True)
+    )
+
+
+def _initial_weights(out):
+    import keras
+
+    from training.fit import build_model
+
+    keras.config.set_dtype_policy("float32")
+    model = build_model(_config(out))
+    model.load_weights(out / "init.weights.h5")
+    return [np.asarray(w) for w in model.get_weights()]
+
+
+def test_multi_worker_fit_two_processes(local_runs):
+    """Headline fix (keras-team/keras#20585): 2 MWMS workers run fit, agree, match one device."""
+    codes, outputs = _run_workers(local_runs)
+    assert codes == [0, 0], "\n---\n".join(o[-3000:] for o in outputs)
+    one_loss, one_weights = _load(local_runs, "one")
+    (loss0, weights0), (loss1, weights1) = _load(local_runs, "worker0"), _load(local_runs, "worker1")
+    np.testing.assert_array_equal(loss0, loss1)
+    for a, b in zip(weights0, weights1, strict=True):
+        np.testing.assert_array_equal(a, b)
+    np.testing.assert_allclose(loss0, one_loss, rtol=2e-3, atol=1e-5)
+    for a, b in zip(weights0, one_weights, strict=True):
+        np.testing.assert_allclose(a, b, rtol=2e-3, atol=2e-5)
+
+
+def test_multi_worker_fails_without_the_keras_patch(tmp_path, local_runs):
+    """The same run with training/keras_compat.py disabled shows Keras' original error."""
+    from training import keras_compat
+
+    if not keras_compat.is_affected():
+        pytest.skip("this Keras version does not have keras-team/keras#20585")
+    shutil.copyfile(local_runs / "init.weights.h5", tmp_path / "init.weights.h5")
+    codes, outputs = _run_workers(tmp_path, {keras_compat.DISABLE_ENV: "1"}, timeout=120)
+    assert codes != [0, 0]
+    assert any("Attempt to convert a value (PerReplica" in output for output in outputs), outputs
+
+
+if __name__ == "__main__":
+    _worker_main()

@@ -1,0 +1,352 @@
+"""The training configuration: one typed dataclass, loaded from YAML, overridden by flags.
+
+``TrainConfig`` holds every knob of `training.fit.train`, in sections (``model``, ``data``,
+``optimizer``, ``loss``, ``init``) plus run-level fields. The resolution order is:
+defaults < YAML file (``--config``) < command-line flags; `TrainConfig.validate` then checks
+everything once and raises ``ValueError`` naming the field and the value received. The
+resolved config is written (atomically) as ``config.yaml`` next to every checkpoint and next
+to ``model.keras``.
+
+Batch sizes are **per replica**: one replica's batch is ``data.classes_per_batch`` classes ×
+``data.images_per_class`` images; the global batch is that times the number of replicas.
+
+Example:
+    >>> config = load_config("my.yaml", overrides={"epochs": 3, "model.backbone": "vgg16"})
+    >>> config.global_batch_size(num_replicas=2)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tempfile
+import typing
+from pathlib import Path
+
+BACKBONE_CHOICES = None  # filled lazily from remap_tf.backbones (imports Keras)
+POOLINGS = ("remap", "rmac", "mac", "spoc", "gem")
+OPTIMIZERS = ("sgd", "adam", "adamw")
+MINING = ("batch_hard", "semi_hard", "batch_all")
+WHITENING_INIT = ("learned", "pca", "none")
+STRATEGIES = ("default", "one_device", "mirrored", "multi_worker", "tpu")
+
+
+@dataclasses.dataclass
+class ModelConfig:
+    """The REMAP model (arguments of `remap_tf.model.REMAP`)."""
+
+    backbone: str = "mobilenet_v2"
+    weights: str | None = None  # None (random), "imagenet" or a local weights file
+    pooling: str = "remap"
+    taps: list[str] | None = None  # default: the backbone's last two stages
+    levels: int = 4
+    grid_shape: list[int] = dataclasses.field(default_factory=lambda: [24, 32])
+    dim: int | None = None  # whitened descriptor size; None keeps the concatenated size
+    backbone_kwargs: dict = dataclasses.field(default_factory=dict)  # e.g. {"alpha": 0.35}
+    freeze_backbone: bool = False  # train only region weights and whitening
+
+
+@dataclasses.dataclass
+class DataConfig:
+    """Training and validation data (see `training.data.load_manifest`)."""
+
+    train: str = ""  # folder of class folders, `path,label` CSV, or GLDv2 train_clean.csv
+    validation: str | None = None  # same formats; None: no validation mAP
+    image_size: int = 224  # images are resized to image_size × image_size
+    classes_per_batch: int = 8  # P, per replica
+    images_per_class: int = 2  # K, per replica
+    augment: bool = True
+    validation_batch_size: int = 16
+    validation_max_images: int = 2000
+
+
+@dataclasses.dataclass
+class OptimizerConfig:
+    """Optimiser and learning-rate schedule (linear warm-up, then cosine decay)."""
+
+    name: str = "adam"
+    learning_rate: float = 1e-4  # peak, reached at the end of warm-up
+    momentum: float = 0.9  # sgd only
+    weight_decay: float = 0.0  # adamw (decoupled) or sgd/adam (Keras' weight_decay)
+    warmup_steps: int = 0
+    cosine_decay: bool = True  # decay to min_learning_rate_ratio × peak at the last step
+    min_learning_rate_ratio: float = 0.0
+    clipnorm: float | None = 1.0  # per-variable gradient norm clipping; None: off
+
+
+@dataclasses.dataclass
+class LossConfig:
+    """Triplet loss (`remap_tf.losses.TripletLoss`) and mining."""
+
+    margin: float = 0.1
+    mining: str = "batch_hard"
+    cross_replica: bool = False  # mine over the global batch (all replicas)
+    offline_mining: bool = False  # the paper's per-epoch hard-negative mining
+    offline_pool_size: int = 512  # images embedded per epoch for offline mining
+
+
+@dataclasses.dataclass
+class InitConfig:
+    """Initialisation before fitting, on a sample of the training set."""
+
+    region_weights: bool = True  # KL divergence per region (remap pooling only)
+    whitening: str = "learned"  # "learned" (matching pairs), "pca" or "none"
+    num_images: int = 256  # training images embedded for the initialisation
+    max_pairs: int = 2000
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """Every knob of a training run. See the module docstring for resolution and batches."""
+
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    optimizer: OptimizerConfig = dataclasses.field(default_factory=OptimizerConfig)
+    loss: LossConfig = dataclasses.field(default_factory=LossConfig)
+    init: InitConfig = dataclasses.field(default_factory=InitConfig)
+    epochs: int = 10
+    steps_per_epoch: int = 100
+    strategy: str = "default"
+    devices: list[str] | None = None  # for one_device / mirrored
+    tpu: str | None = None  # TPUClusterResolver address
+    mixed_precision: bool = False  # "mixed_float16" (GPU) policy
+    jit_compile: bool = False  # XLA
+    seed: int = 0
+    out_dir: str = "remap_train"
+    backup_every_steps: int | None = None  # BackupAndRestore save_freq; None: every epoch
+    time_limit: float | None = None  # seconds of training before stopping cleanly
+    tensorboard: bool = True
+    verbose: int = 1  # Keras progbar: 0 silent, 1 bar, 2 one line per epoch
+
+    def per_replica_batch_size(self) -> int:
+        return self.data.classes_per_batch * self.data.images_per_class
+
+    def global_batch_size(self, num_replicas: int = 1) -> int:
+        return self.per_replica_batch_size() * int(num_replicas)
+
+    def total_steps(self) -> int:
+        return self.epochs * self.steps_per_epoch
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict | None) -> TrainConfig:
+        """Builds a config from a nested mapping; ValueError on unknown keys."""
+        return _from_dict(cls, values or {}, "")
+
+    def replace(self, overrides: dict | None) -> TrainConfig:
+        """A copy with ``overrides`` applied: ``{"epochs": 3, "model.backbone": "vgg16"}``."""
+        values = self.to_dict()
+        for key, value in (overrides or {}).items():
+            if value is None and key not in _NULLABLE:
+                continue  # an unset flag
+            parts = key.split(".")
+            target = values
+            for part in parts[:-1]:
+                if not isinstance(target.get(part), dict):
+                    raise ValueError(f"Unknown config field {key!r}.")
+                target = target[part]
+            if parts[-1] not in target:
+                raise ValueError(f"Unknown config field {key!r}.")
+            target[parts[-1]] = value
+        return TrainConfig.from_dict(values)
+
+    def validate(self) -> TrainConfig:
+        """Checks every field once; ValueError naming the field and the value received."""
+        m, d, o, lo, i = self.model, self.data, self.optimizer, self.loss, self.init
+        from remap_tf.backbones import BACKBONES
+
+        _choice("model.backbone", m.backbone, tuple(sorted(BACKBONES)))
+        _choice("model.pooling", m.pooling, POOLINGS)
+        _positive_int("model.levels", m.levels)
+        if len(m.grid_shape) != 2 or any(int(v) != v or v < 1 for v in m.grid_shape):
+            raise ValueError(f"model.grid_shape must be two positive ints, got {m.grid_shape!r}")
+        if m.dim is not None:
+            _positive_int("model.dim", m.dim)
+        if m.weights not in (None, "imagenet") and not os.path.isfile(str(m.weights)):
+            raise ValueError(
+                f"model.weights must be null, 'imagenet' or an existing file, got {m.weights!r}"
+            )
+        if not d.train:
+            raise ValueError("data.train is empty: give a class folder or a manifest (--data).")
+        if not os.path.exists(d.train):
+            raise ValueError(f"data.train {d.train!r} does not exist.")
+        if d.validation is not None and not os.path.exists(d.validation):
+            raise ValueError(f"data.validation {d.validation!r} does not exist.")
+        if not isinstance(d.image_size, int) or d.image_size < 64:
+            raise ValueError(f"data.image_size must be an int >= 64, got {d.image_size!r}")
+        _positive_int("data.classes_per_batch", d.classes_per_batch, minimum=2)
+        _positive_int("data.images_per_class", d.images_per_class, minimum=2)
+        _positive_int("data.validation_batch_size", d.validation_batch_size)
+        _positive_int("data.validation_max_images", d.validation_max_images, minimum=2)
+        _choice("optimizer.name", o.name, OPTIMIZERS)
+        _positive_float("optimizer.learning_rate", o.learning_rate)
+        _range("optimizer.momentum", o.momentum, 0.0, 1.0)
+        _range("optimizer.weight_decay", o.weight_decay, 0.0, 1.0)
+        _positive_int("optimizer.warmup_steps", o.warmup_steps, minimum=0)
+        _range("optimizer.min_learning_rate_ratio", o.min_learning_rate_ratio, 0.0, 1.0)
+        if o.clipnorm is not None:
+            _positive_float("optimizer.clipnorm", o.clipnorm)
+        _positive_float("loss.margin", lo.margin)
+        _choice("loss.mining", lo.mining, MINING)
+        _positive_int("loss.offline_pool_size", lo.offline_pool_size, minimum=2)
+        _choice("init.whitening", i.whitening, WHITENING_INIT)
+        _positive_int("init.num_images", i.num_images, minimum=0)
+        _positive_int("init.max_pairs", i.max_pairs)
+        _positive_int("epochs", self.epochs)
+        _positive_int("steps_per_epoch", self.steps_per_epoch)
+        if o.warmup_steps >= self.total_steps() and o.warmup_steps > 0:
+            raise ValueError(
+                f"optimizer.warmup_steps ({o.warmup_steps}) must be below epochs × "
+                f"steps_per_epoch ({self.total_steps()})."
+            )
+        _choice("strategy", self.strategy, STRATEGIES)
+        if self.devices is not None and self.strategy not in ("one_device", "mirrored"):
+            raise ValueError(f"devices only applies to one_device/mirrored, not {self.strategy!r}")
+        _positive_int("seed", self.seed, minimum=0)
+        if not self.out_dir:
+            raise ValueError("out_dir is empty.")
+        if self.backup_every_steps is not None:
+            _positive_int("backup_every_steps", self.backup_every_steps)
+        if self.time_limit is not None:
+            _positive_float("time_limit", self.time_limit)
+        _choice("verbose", self.verbose, (0, 1, 2))
+        return self
+
+    def to_yaml(self) -> str:
+        import yaml
+
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def save(self, path) -> Path:
+        """Writes the config as YAML to ``path`` atomically (temporary file, then rename)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(path, self.to_yaml())
+        return path
+
+
+_NULLABLE = {
+    "model.weights",
+    "model.taps",
+    "model.dim",
+    "data.validation",
+    "optimizer.clipnorm",
+    "devices",
+    "tpu",
+    "backup_every_steps",
+    "time_limit",
+}
+
+
+def load_config(path=None, overrides: dict | None = None) -> TrainConfig:
+    """Defaults, then the YAML file at ``path`` (if any), then ``overrides``; validated.
+
+    Args:
+        path: a YAML file with any subset of the fields (nested sections), or None.
+        overrides: ``{"dotted.field": value}``; None values are skipped except for
+            fields that may be null. Command-line flags arrive here.
+
+    Returns:
+        the validated `TrainConfig`.
+    """
+    config = TrainConfig()
+    if path is not None:
+        config = TrainConfig.from_dict(read_yaml(path))
+    return config.replace(overrides).validate()
+
+
+def read_yaml(path) -> dict:
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"Config file {str(path)!r} does not exist.")
+    try:
+        values = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as error:
+        raise ValueError(f"Config file {str(path)!r} is not valid YAML: {error}") from error
+    if values is None:
+        return {}
+    if not isinstance(values, dict):
+        raise ValueError(f"Config file {str(path)!r} must hold a mapping, not {type(values)}.")
+    return values
+
+
+def atomic_write_text(path, text: str) -> None:
+    """Writes ``text`` to ``path`` via a temporary file in the same folder and a rename."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _from_dict(cls, values, prefix: str):
+    if not isinstance(values, dict):
+        raise ValueError(f"Config section {prefix.rstrip('.') or '<root>'!r} must be a mapping.")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    unknown = sorted(set(values) - set(fields))
+    if unknown:
+        raise ValueError(
+            f"Unknown config field(s) {[prefix + k for k in unknown]}; known: "
+            f"{[prefix + k for k in fields]}."
+        )
+    kwargs = {}
+    for name, value in values.items():
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            kwargs[name] = _from_dict(hint, value, f"{prefix}{name}.")
+        else:
+            kwargs[name] = _coerce(prefix + name, hint, value)
+    return cls(**kwargs)
+
+
+def _coerce(name: str, hint, value):
+    """Checks ``value`` against the annotation; converts int -> float and tuple -> list."""
+    args = typing.get_args(hint)
+    nullable = type(None) in args
+    base = [a for a in args if a is not type(None)] if args else [hint]
+    if value is None:
+        if nullable:
+            return None
+        raise ValueError(f"{name} must not be null.")
+    target = typing.get_origin(base[0]) or base[0]
+    if target is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if target is list and isinstance(value, tuple):
+        value = list(value)
+    if target is bool and not isinstance(value, bool):
+        raise ValueError(f"{name} must be true or false, got {value!r}")
+    if target is int and (isinstance(value, bool) or not isinstance(value, int)):
+        raise ValueError(f"{name} must be an integer, got {value!r}")
+    if not isinstance(value, target):
+        raise ValueError(f"{name} must be a {target.__name__}, got {value!r}")
+    return value
+
+
+def _choice(name, value, choices):
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}")
+
+
+def _positive_int(name, value, minimum: int = 1):
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+
+
+def _positive_float(name, value):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise ValueError(f"{name} must be a number > 0, got {value!r}")
+
+
+def _range(name, value, low, high):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
+        raise ValueError(f"{name} must be in [{low}, {high}], got {value!r}")

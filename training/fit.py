@@ -1,0 +1,416 @@
+"""Training REMAP with ``model.fit``: the library function behind `remap train`.
+
+`train(config)` runs the whole job: strategy, data, model (inside ``strategy.scope()``),
+KL-divergence region weights and learned whitening on a sample of the training set, compile
+with the triplet loss, callbacks, ``model.fit``, and the final ``model.keras``. `fit_model`
+is the lower-level piece for a model that already exists (the demo uses it).
+
+Output folder (``config.out_dir``)::
+
+    model.keras            the trained model (safe_mode=True loadable), written atomically
+    config.yaml            the resolved TrainConfig
+    checkpoints/           epoch_NNN.weights.h5 after every epoch, and config.yaml
+    backup/                BackupAndRestore state (resume after a kill); removed at the end
+    logs/                  TensorBoard: loss, learning_rate, val_map
+
+Reference: Husain & Bober, "REMAP: Multi-layer entropy-guided pooling of dense CNN features
+for image retrieval", IEEE TIP 2019 (triplet loss, KL-initialised region weights, learned
+whitening trained end to end).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+from training.config import TrainConfig
+
+MODEL_FILE = "model.keras"
+CONFIG_FILE = "config.yaml"
+
+
+@dataclasses.dataclass
+class TrainResult:
+    """What `train` produced.
+
+    Attributes:
+        model_path: ``out_dir/model.keras``.
+        config_path: ``out_dir/config.yaml``.
+        history: ``History.history`` of this run (``loss``, ``learning_rate``, ``val_map``).
+        initial_epoch: the epoch this run started at (> 0 when resumed from a backup).
+        epochs_run: epochs completed in this run.
+        initial_val_map: validation mAP before fitting (after initialisation), or None.
+        val_map: validation mAP after the last epoch, or None.
+        stopped_early: True if the time limit stopped training.
+        num_replicas: replicas in sync.
+        seconds: wall-clock seconds of the run.
+        bad_files: paths skipped as unreadable.
+    """
+
+    model_path: Path
+    config_path: Path
+    history: dict
+    initial_epoch: int
+    epochs_run: int
+    initial_val_map: float | None
+    val_map: float | None
+    stopped_early: bool
+    num_replicas: int
+    seconds: float
+    bad_files: list
+
+
+def build_model(config: TrainConfig):
+    """The REMAP model of ``config.model`` at ``config.data.image_size``; build it in scope."""
+    from remap_tf.model import REMAP
+
+    m = config.model
+    size = config.data.image_size
+    model = REMAP(
+        m.backbone,
+        pooling=m.pooling,
+        taps=m.taps,
+        levels=m.levels,
+        grid_shape=tuple(m.grid_shape),
+        dim=m.dim,
+        weights=m.weights,
+        input_shape=(size, size, 3),
+        backbone_kwargs=dict(m.backbone_kwargs) or None,
+    )
+    if m.freeze_backbone:
+        # Frozen BatchNorm layers also run in inference mode (Keras 3 semantics).
+        model.get_layer("backbone").trainable = False
+    return model
+
+
+def make_learning_rate(config: TrainConfig):
+    """Linear warm-up to ``learning_rate`` over ``warmup_steps``, then cosine decay.
+
+    Decays to ``min_learning_rate_ratio × learning_rate`` at step ``epochs ×
+    steps_per_epoch``; without ``cosine_decay`` the rate stays at its peak after warm-up.
+    """
+    import keras
+
+    o = config.optimizer
+    total = config.total_steps()
+    warmup = o.warmup_steps
+    alpha = o.min_learning_rate_ratio if o.cosine_decay else 1.0
+    if warmup:
+        return keras.optimizers.schedules.CosineDecay(
+            initial_learning_rate=0.0,
+            decay_steps=max(total - warmup, 1),
+            alpha=alpha,
+            warmup_target=o.learning_rate,
+            warmup_steps=warmup,
+        )
+    return keras.optimizers.schedules.CosineDecay(
+        initial_learning_rate=o.learning_rate, decay_steps=total, alpha=alpha
+    )
+
+
+def make_optimizer(config: TrainConfig):
+    """SGD with momentum, Adam or AdamW with the schedule and ``clipnorm`` of ``config``."""
+    import keras
+
+    o = config.optimizer
+    common = {"learning_rate": make_learning_rate(config), "clipnorm": o.clipnorm}
+    if o.name == "sgd":
+        return keras.optimizers.SGD(
+            momentum=o.momentum, weight_decay=o.weight_decay or None, **common
+        )
+    if o.name == "adam":
+        return keras.optimizers.Adam(weight_decay=o.weight_decay or None, **common)
+    return keras.optimizers.AdamW(weight_decay=o.weight_decay, **common)
+
+
+def compile_model(model, config: TrainConfig) -> None:
+    """Compiles ``model`` with `remap_tf.losses.TripletLoss` and `make_optimizer`.
+
+    Call inside the strategy's scope (the optimizer's variables are created there). Also
+    applies `training.keras_compat` (Keras fixes for multi-replica ``fit``).
+    """
+    from remap_tf.losses import TripletLoss
+    from training import keras_compat
+
+    keras_compat.apply()
+
+    lo = config.loss
+    model.compile(
+        optimizer=make_optimizer(config),
+        loss=TripletLoss(margin=lo.margin, mining=lo.mining, cross_replica=lo.cross_replica),
+        jit_compile=config.jit_compile,
+    )
+
+
+def fit_model(
+    model,
+    train_ds,
+    config: TrainConfig,
+    callbacks=(),
+    val=None,
+    initial_epoch: int = 0,
+    compile: bool = True,
+):
+    """Fits an already-built REMAP model on a dataset of ``(images, labels)`` batches.
+
+    Args:
+        model: a REMAP ``keras.Model`` (built inside the strategy scope if one is used).
+        train_ds: infinite ``tf.data.Dataset`` of ``(float32 (B, S, S, 3) 0-255,
+            int32 (B,))`` class-balanced batches (`training.pipeline.make_train_dataset`).
+        config: epochs, steps_per_epoch, optimiser, loss and time limit come from it.
+        callbacks: extra Keras callbacks, run after the evaluation callback.
+        val: validation data for `training.callbacks.RetrievalEvaluation` (arrays
+            ``(images, labels)`` or a dataset of batches), or None.
+        initial_epoch: as ``model.fit``.
+        compile: compile with `compile_model` first (False: keep the model's own compile).
+
+    Returns:
+        the ``keras.callbacks.History``; the evaluation and time-limit callbacks are
+        reachable as ``history.retrieval`` and ``history.time_limit`` (or None).
+    """
+    from training.callbacks import RetrievalEvaluation, TimeLimit
+
+    if compile:
+        strategy = getattr(model, "distribute_strategy", None)
+        with strategy.scope() if strategy is not None else contextlib.nullcontext():
+            compile_model(model, config)
+    evaluation = None
+    own = []
+    if val is not None:
+        evaluation = RetrievalEvaluation(
+            val, batch_size=config.data.validation_batch_size, verbose=config.verbose
+        )
+        own.append(evaluation)
+    limit = TimeLimit(config.time_limit) if config.time_limit else None
+    if limit is not None:
+        own.append(limit)
+    history = model.fit(
+        train_ds,
+        epochs=config.epochs,
+        steps_per_epoch=config.steps_per_epoch,
+        initial_epoch=initial_epoch,
+        callbacks=own + list(callbacks),
+        verbose=config.verbose,
+    )
+    history.retrieval = evaluation
+    history.time_limit = limit
+    return history
+
+
+def initialise(model, images, labels, config: TrainConfig) -> dict:
+    """KL-divergence region weights, then whitening, from a labelled image sample.
+
+    Args:
+        model: a REMAP model.
+        images: ``(num_images, S, S, 3)`` RGB 0-255, several images per class.
+        labels: ``(num_images,)``.
+        config: ``config.init`` says what to initialise.
+
+    Returns:
+        ``{"region_weights": (taps, regions) or None, "whitening": method or None}``.
+    """
+    from remap_tf.region_weights import init_region_weights
+    from remap_tf.whitening import init_whitening
+
+    done = {"region_weights": None, "whitening": None}
+    if config.init.region_weights and config.model.pooling == "remap":
+        done["region_weights"] = init_region_weights(
+            model,
+            images,
+            labels,
+            batch_size=config.data.validation_batch_size,
+            max_pairs=config.init.max_pairs,
+            seed=config.seed,
+        )
+    if config.init.whitening != "none":
+        init_whitening(
+            model,
+            images,
+            labels,
+            method=config.init.whitening,
+            batch_size=config.data.validation_batch_size,
+        )
+        done["whitening"] = config.init.whitening
+    return done
+
+
+def train(config: TrainConfig) -> TrainResult:
+    """Trains a REMAP model as ``config`` says and writes ``out_dir`` (see module doc).
+
+    Resumes automatically: if ``out_dir/backup`` holds a `BackupAndRestore` state from a
+    killed run, training continues from it (initialisation is skipped).
+
+    Args:
+        config: a validated `TrainConfig`.
+
+    Returns:
+        a `TrainResult`.
+
+    Raises:
+        ValueError / FileNotFoundError: bad data or configuration, with a one-line message.
+    """
+    import keras
+    import numpy as np
+    import tensorflow as tf
+
+    from training import callbacks as cb
+    from training import pipeline, strategies
+    from training.data import load_manifest
+
+    start = time.monotonic()
+    config.validate()
+    if config.time_limit and config.strategy == "multi_worker":
+        raise ValueError(
+            "time_limit cannot be used with strategy multi_worker (workers would stop at "
+            "different steps)."
+        )
+    out = Path(config.out_dir)
+    keras.utils.set_random_seed(config.seed)
+    strategy = strategies.make_strategy(config.strategy, devices=config.devices, tpu=config.tpu)
+    replicas = strategy.num_replicas_in_sync
+    chief = strategies.is_chief(strategy)
+    task_id = getattr(getattr(strategy, "cluster_resolver", None), "task_id", 0) or 0
+
+    manifest = load_manifest(config.data.train).drop_small_classes(2)
+    if manifest.num_classes < 2 or len(manifest) == 0:
+        raise ValueError(f"data.train {config.data.train!r} needs at least two classes.")
+    present = int(np.count_nonzero(manifest.class_counts()))
+    global_classes = config.data.classes_per_batch * replicas
+    if present < global_classes:
+        raise ValueError(
+            f"data.train {config.data.train!r} has {present} classes with >= 2 images, fewer "
+            f"than classes_per_batch × replicas = {global_classes}."
+        )
+    bad_files = pipeline.BadFileLog()
+    train_ds = pipeline.make_train_dataset(
+        manifest,
+        image_size=config.data.image_size,
+        classes_per_batch=global_classes,
+        images_per_class=config.data.images_per_class,
+        augment=config.data.augment,
+        seed=config.seed,
+        bad_files=bad_files,
+    )
+    options = tf.data.Options()
+    # Every worker draws its own random P×K batches; sharding files would break the
+    # class balance.
+    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
+    train_ds = train_ds.with_options(options)
+    val = None
+    if config.data.validation:
+        val_manifest = load_manifest(config.data.validation)
+        if len(val_manifest) > config.data.validation_max_images:
+            rng = np.random.default_rng(config.seed)
+            keep = rng.choice(len(val_manifest), config.data.validation_max_images, False)
+            val_manifest = val_manifest.subset(np.sort(keep))
+        val = pipeline.make_eval_dataset(
+            val_manifest,
+            image_size=config.data.image_size,
+            batch_size=config.data.validation_batch_size,
+            bad_files=bad_files,
+        )
+
+    previous_policy = keras.config.dtype_policy()
+    if config.mixed_precision:
+        keras.mixed_precision.set_global_policy("mixed_float16")
+    try:
+        with strategy.scope():
+            model = build_model(config)
+        backup_dir = out / "backup" if chief else out / "backup" / f"worker_{task_id}"
+        resumed = cb.backup_epoch(backup_dir)
+        if resumed is None and config.init.num_images > 0:
+            images, labels = _init_sample(manifest, config, bad_files)
+            initialise(model, images, labels, config)
+        with strategy.scope():
+            compile_model(model, config)
+        callbacks = [pipeline.BadFileReporter(bad_files)]
+        scratch = None
+        if not chief:
+            scratch = tempfile.mkdtemp(prefix="remap_worker_")
+        callbacks.append(
+            cb.AtomicBackupAndRestore(
+                str(backup_dir),
+                config=config,
+                save_freq=config.backup_every_steps or "epoch",
+            )
+        )
+        callbacks.append(
+            cb.AtomicModelCheckpoint(
+                str(
+                    (out if chief else Path(scratch))
+                    / "checkpoints"
+                    / "epoch_{epoch:03d}.weights.h5"
+                ),
+                config=config,
+                save_weights_only=True,
+            )
+        )
+        if config.tensorboard:
+            log_dir = out / "logs" if chief else Path(scratch) / "logs"
+            callbacks.append(
+                keras.callbacks.TensorBoard(str(log_dir), write_graph=False, profile_batch=0)
+            )
+        history = fit_model(model, train_ds, config, callbacks=callbacks, val=val, compile=False)
+        model_path = out / MODEL_FILE
+        config_path = out / CONFIG_FILE
+        if chief:
+            save_model(model, model_path)
+            config.save(config_path)
+        if scratch:
+            shutil.rmtree(scratch, ignore_errors=True)
+    finally:
+        keras.config.set_dtype_policy(previous_policy)
+
+    epochs_seen = history.epoch
+    evaluation = history.retrieval
+    return TrainResult(
+        model_path=model_path,
+        config_path=config_path,
+        history=dict(history.history),
+        initial_epoch=int(epochs_seen[0]) if epochs_seen else config.epochs,
+        epochs_run=len(epochs_seen),
+        initial_val_map=evaluation.initial_map if evaluation else None,
+        val_map=evaluation.history[-1][1] if evaluation and evaluation.history else None,
+        stopped_early=bool(history.time_limit and history.time_limit.stopped),
+        num_replicas=replicas,
+        seconds=time.monotonic() - start,
+        bad_files=list(getattr(bad_files, "paths", []) or []),
+    )
+
+
+def save_model(model, path) -> Path:
+    """Saves ``model`` as a ``.keras`` file atomically (temporary file, then rename)."""
+    from training.callbacks import _atomic_save
+
+    path = Path(path)
+    _atomic_save(lambda tmp: model.save(tmp), os.fspath(path))
+    return path
+
+
+def _init_sample(manifest, config: TrainConfig, bad_files):
+    """``config.init.num_images`` un-augmented training images, P×K class-balanced."""
+    import numpy as np
+
+    from training import pipeline
+
+    per_batch = config.data.classes_per_batch * config.data.images_per_class
+    batches = max(1, -(-config.init.num_images // per_batch))
+    dataset = pipeline.make_train_dataset(
+        manifest,
+        image_size=config.data.image_size,
+        classes_per_batch=config.data.classes_per_batch,
+        images_per_class=config.data.images_per_class,
+        augment=False,
+        seed=config.seed + 1,
+        bad_files=bad_files,
+    )
+    images, labels = [], []
+    for batch_images, batch_labels in dataset.take(batches):
+        images.append(np.asarray(batch_images))
+        labels.append(np.asarray(batch_labels))
+    return np.concatenate(images), np.concatenate(labels)
