@@ -17,6 +17,7 @@ On-disk format (a directory, written atomically: built aside, then renamed into 
     manifest.json   {"format": "remap-index", "format_version": 1, "kind": "scann"|"exact",
                      "dim": D, "count": N, "files": {relative path: {"sha256", "bytes"}}}
     config.json     the resolved index configuration
+    metadata.json   free-form JSON from ``Index.metadata`` (e.g. the image root, the model)
     ids.json        the N ids, in the order of the vectors
     descriptors.npy (exact) the (N, D) float32 rows, loaded with allow_pickle=False
     scann/          (scann) ScaNN's own serialized searcher (protobuf + .npy files)
@@ -153,6 +154,8 @@ class Index(abc.ABC):
         self._ids: list[str] = []
         self._positions: dict[str, int] = {}
         self._id_array: np.ndarray | None = None  # ids + [None], cached for searches
+        # Free-form JSON saved with the index (e.g. the image root and the model it came from).
+        self.metadata: dict = {}
 
     # -- shared ----------------------------------------------------------------------
 
@@ -261,6 +264,7 @@ class Index(abc.ABC):
             self._write_payload(staging)
             _write_json(staging / "ids.json", self._ids)
             _write_json(staging / "config.json", self.config)
+            _write_json(staging / "metadata.json", self.metadata)
             files = {}
             for path in sorted(p for p in staging.rglob("*") if p.is_file()):
                 rel = path.relative_to(staging).as_posix()
@@ -320,6 +324,8 @@ class Index(abc.ABC):
             )
         config = _read_json(directory / "config.json", "config.json")
         index = target._from_payload(directory, manifest, ids, config)
+        if "metadata.json" in manifest["files"]:
+            index.metadata = _read_json(directory / "metadata.json", "metadata.json")
         index._ids = ids
         index._positions = {i: n for n, i in enumerate(ids)}
         return index
