@@ -487,7 +487,7 @@ class ScannConfig:
         num_leaves: tree leaves (default ~ sqrt(n)).
         num_leaves_to_search: leaves searched per query (default ~ num_leaves / 10, >= 1).
         training_sample_size: vectors sampled to train the tree and AH codebooks
-            (default min(n, 250000)).
+            (default min(n, 100000), ScaNN's own default).
         dimensions_per_block: AH dimensions per 16-centre block (2, ScaNN's advice).
         anisotropic_quantization_threshold: AH noise-shaping threshold (0.2 for unit vectors).
         reorder: candidates re-scored exactly after AH (default 250; at least k at search).
@@ -537,7 +537,7 @@ class ScannConfig:
         out = dataclasses.replace(self, mode=mode)
         if mode in ("ah", "tree_ah"):
             out.reorder = self.reorder or 250
-            out.training_sample_size = self.training_sample_size or min(count, 250_000)
+            out.training_sample_size = self.training_sample_size or min(count, 100_000)
         if mode == "tree_ah":
             leaves = self.num_leaves or max(1, int(round(math.sqrt(count))))
             # ScaNN trains one partition per leaf; more leaves than vectors cannot work.
@@ -672,8 +672,21 @@ class ScannIndex(Index):
         self._resolved = config
         self._pending = []
 
-    def search(self, queries, k: int = 10, num_threads: int | None = None):
-        """See ``Index.search``; ``num_threads`` overrides the config (1 = no thread pool)."""
+    def search(
+        self,
+        queries,
+        k: int = 10,
+        num_threads: int | None = None,
+        leaves_to_search: int | None = None,
+        reorder: int | None = None,
+    ):
+        """See ``Index.search``; the keyword arguments override the config for this call.
+
+        Args:
+            num_threads: search threads (1 = no thread pool).
+            leaves_to_search: tree leaves searched per query (tree_ah only).
+            reorder: candidates re-scored exactly (AH modes only; at least k).
+        """
         q = self._check_queries(queries, k)
         if not self._ids:
             return np.empty((q.shape[0], 0), dtype=object), np.empty((q.shape[0], 0), np.float32)
@@ -681,15 +694,17 @@ class ScannIndex(Index):
             self.build()
         k = min(int(k), len(self._ids))
         config = self._resolved
-        pre = max(config.reorder, k) if config.reorder else None
+        reorder = reorder or config.reorder
+        pre = max(reorder, k) if reorder and config.mode != "brute_force" else None
+        leaves = leaves_to_search if config.mode == "tree_ah" else None
         threads = self._threads() if num_threads is None else int(num_threads)
         if threads > 1 and q.shape[0] > 1:
             self._searcher.set_num_threads(threads)
             rows, scores = self._searcher.search_batched_parallel(
-                q, k, pre, batch_size=config.batch_size
+                q, k, pre, leaves, batch_size=config.batch_size
             )
         else:
-            rows, scores = self._searcher.search_batched(q, k, pre)
+            rows, scores = self._searcher.search_batched(q, k, pre, leaves)
         rows = np.asarray(rows, dtype=np.int64)
         scores = np.asarray(scores, dtype=np.float32)
         if rows.shape[1] < k:  # fewer candidates than k (e.g. few leaves searched)
