@@ -217,16 +217,21 @@ def image_header_shape(data, index):
 
 
 def check_pixels(height, width, index, max_pixels: int):
-    """An assert op: ``0 < height * width <= max_pixels``, else INVALID_ARGUMENT."""
+    """An assert op: ``0 < height * width <= max_pixels``, else INVALID_ARGUMENT.
+
+    ``index`` (a scalar int tensor) names the image in the message; None names the whole
+    batch (``embed_pixels``, where all images share one size).
+    """
     height = tf.cast(height, tf.int64)
     width = tf.cast(width, tf.int64)
     ok = tf.logical_and(
         tf.logical_and(height > 0, width > 0), height * width <= tf.constant(max_pixels, tf.int64)
     )
+    what, values = ("images[{}] is", [index]) if index is not None else ("images are", [])
     message = tf.strings.format(
-        CHECK_PREFIX + " (pixel limit): images[{}] is {}x{} pixels; this export accepts "
-        "1 to " + str(max_pixels) + " pixels.",
-        (index, width, height),
+        f"{CHECK_PREFIX} (pixel limit): {what} {{}}x{{}} pixels; this export accepts 1 to "
+        f"{max_pixels} pixels.",
+        (*values, width, height),
     )
     return tf.debugging.Assert(ok, [message])
 
@@ -315,7 +320,7 @@ def _endpoints(model: keras.Model, options: ExportOptions):
             return tf.zeros((0, dim), tf.float32)
 
         def nonempty():
-            check = check_pixels(shape[1], shape[2], "*", options.max_pixels)
+            check = check_pixels(shape[1], shape[2], None, options.max_pixels)
             with tf.control_dependencies([check]):
                 return tf.reshape(embed(images), (-1, dim))
 
@@ -328,6 +333,27 @@ def _endpoints(model: keras.Model, options: ExportOptions):
             tf.TensorSpec((None, None, None, 3), tf.uint8, name=INPUT_KEY),
         ),
     }
+
+
+def _save(model: keras.Model, options: ExportOptions, path: Path) -> None:
+    """Writes the SavedModel: one traced ``tf.function`` per signature.
+
+    A plain ``tf.Module`` holding the model's TF variables, rather than
+    ``keras.export.ExportArchive``: the archive traces every endpoint twice (once to find
+    the variables, once in ``tf.saved_model.save``), which made an export 1.5-2x slower
+    for the same SavedModel. Autograph is off: the endpoints use explicit ``tf.cond``,
+    ``tf.case`` and ``tf.map_fn``.
+    """
+    module = tf.Module()
+    # Keras 3 variables wrap tf.Variables; tracking those makes them the SavedModel's
+    # variables, captured by the traced functions.
+    module.model_variables = [variable.value for variable in model.variables]
+    signatures = {}
+    for name, (fn, spec) in _endpoints(model, options).items():
+        function = tf.function(fn, input_signature=[spec], autograph=False)
+        setattr(module, name, function)
+        signatures[name] = function.get_concrete_function()
+    tf.saved_model.save(module, str(path), signatures=signatures)
 
 
 def next_version(base_dir) -> int:
@@ -450,12 +476,8 @@ def export_model(
             "keras_version": keras.__version__,
             "exported_at": datetime.datetime.now(datetime.timezone.utc).isoformat(),
         }
-        archive = keras.export.ExportArchive()
-        archive.track(model)
-        for signature, (fn, spec) in _endpoints(model, options).items():
-            archive.add_endpoint(signature, tf.function(fn), input_signature=[spec])
         saved = staging / "saved_model"
-        archive.write_out(str(saved), verbose=False)
+        _save(model, options, saved)
         # assets/ is where SavedModel keeps files that travel with the model (TF Serving
         # copies the whole folder); clients read the descriptor size from it.
         (saved / "assets").mkdir(exist_ok=True)
