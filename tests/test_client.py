@@ -1,0 +1,237 @@
+"""The embedders: RemapClient over gRPC against a stand-in TF Serving, LocalEmbedder in process,
+make_embedder; errors name the address, the model or the image."""
+
+from __future__ import annotations
+
+import time
+
+import grpc
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+from tensorflow_serving.apis import model_pb2, predict_pb2, prediction_service_pb2_grpc
+
+import remap_tf
+from export import saved_model as sm
+from serving import cli
+from serving.client import (
+    ImageRejectedError,
+    LocalEmbedder,
+    ModelNotFoundError,
+    RemapClient,
+    ServerUnavailableError,
+    ServingError,
+    make_embedder,
+)
+from tests.fake_tf_serving import FakeTFServing
+from tests.test_export import encode, sample_images, smooth_image
+
+MODEL_NAME = "remap"
+
+
+@pytest.fixture(scope="module")
+def base_dir(tmp_path_factory):
+    keras.utils.set_random_seed(3)
+    model = remap_tf.REMAP("mobilenet", backbone_kwargs={"alpha": 0.25})
+    calibration = np.stack([smooth_image(96, 96, 200 + i) for i in range(16)]).astype("float32")
+    remap_tf.recalibrate_batch_norm(model, calibration, batch_size=16)
+    base = tmp_path_factory.mktemp("served") / MODEL_NAME
+    sm.export_model(model, base, image_size=96)
+    return base
+
+
+@pytest.fixture(scope="module")
+def server(base_dir):
+    with FakeTFServing(base_dir, MODEL_NAME) as fake:
+        yield fake
+
+
+@pytest.fixture(scope="module")
+def local(base_dir):
+    return LocalEmbedder(base_dir, chunk_size=4)
+
+
+@pytest.fixture()
+def client(server):
+    server.predictions.delay_s = 0.0
+    with RemapClient(server.target, MODEL_NAME, chunk_size=3, timeout=20.0) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    """Seven inputs: bytes of four formats, and paths."""
+    folder = tmp_path_factory.mktemp("images")
+    encoded = sample_images()
+    paths = []
+    for i, data in enumerate(encoded[:3]):
+        path = folder / f"photo_{i}.img"
+        path.write_bytes(data)
+        paths.append(path)
+    return [paths[0], encoded[1], str(paths[2]), *encoded[3:], encoded[0]]
+
+
+def test_grpc_descriptors_equal_in_process_ones(client, local, images):
+    over_grpc = client.embed(images)  # chunks of 3: 3 requests
+    in_process = local.embed(images)  # chunks of 4
+    assert over_grpc.shape == (len(images), local.dim) and over_grpc.dtype == np.float32
+    np.testing.assert_allclose(over_grpc, in_process, atol=1e-5)
+    np.testing.assert_allclose(over_grpc[0], over_grpc[-1], atol=1e-5)  # same image, path/bytes
+    assert np.abs(over_grpc[0] - over_grpc[1]).max() > 1e-3  # different images differ
+
+
+def test_embed_pixels_over_grpc_with_mixed_sizes(server, local, base_dir):
+    pixels = [smooth_image(80, 120, 1), smooth_image(80, 120, 2), smooth_image(100, 70, 3)]
+    with RemapClient(server.target, MODEL_NAME, signature="embed_pixels") as c:
+        over_grpc = c.embed(pixels)  # two requests: one per image size
+    by_bytes = local.embed([encode(p, "PNG") for p in pixels])  # lossless: same pixels
+    np.testing.assert_allclose(over_grpc, by_bytes, atol=1e-5)
+    in_process = LocalEmbedder(base_dir, signature="embed_pixels").embed(np.stack(pixels[:2]))
+    np.testing.assert_allclose(in_process, over_grpc[:2], atol=1e-5)
+
+
+def test_metadata_names_signatures_and_descriptor_size(client, local):
+    remote = client.metadata()
+    assert remote["model"] == MODEL_NAME and remote["version"] == 1
+    assert remote["descriptor_dim"] == local.dim == client.dim
+    assert sorted(remote["signatures"]) == ["embed_pixels", "serving_default"]
+    assert remote["signatures"]["serving_default"]["inputs"] == {
+        "images": {"dtype": "string", "shape": [None]}
+    }
+    assert remote["signatures"]["embed_pixels"]["outputs"] == {
+        "descriptors": {"dtype": "float32", "shape": [None, local.dim]}
+    }
+    assert remote["signatures"] == local.metadata()["signatures"]
+
+
+def test_empty_input_gives_zero_rows(client, local):
+    assert client.embed([]).shape == (0, local.dim)
+    assert local.embed([]).shape == (0, local.dim)
+
+
+def test_bad_bytes_come_back_as_invalid_argument_with_the_message(server, images):
+    """The raw gRPC status, as a non-Python client would see it."""
+    request = predict_pb2.PredictRequest(model_spec=model_pb2.ModelSpec(name=MODEL_NAME))
+    request.inputs["images"].CopyFrom(
+        tf.make_tensor_proto(np.array([images[1], b"GIF89a-but-not-really"], dtype=object))
+    )
+    with grpc.insecure_channel(server.target) as channel:
+        stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
+        with pytest.raises(grpc.RpcError) as error:
+            stub.Predict(request, timeout=20)
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "remap input check failed" in error.value.details()
+
+
+@pytest.mark.parametrize("embedder", ["client", "local"])
+def test_a_rejected_image_is_named_by_its_index(request, server, embedder, images):
+    embed = request.getfixturevalue(embedder)
+    calls = server.predictions.calls
+    batch = [*images[:4], b"not an image at all", images[5]]
+    with pytest.raises(ImageRejectedError) as error:
+        embed.embed(batch)
+    assert error.value.index == 4
+    assert "Image 4 (19 bytes)" in str(error.value)
+    assert "not an image" in error.value.reason and "images[4]" in error.value.reason
+    if embedder == "client":  # chunk 1 OK, chunk 2 rejected once: no retry, no fallback
+        assert server.predictions.calls - calls == 2
+
+    truncated = sample_images()[0][:80]  # a PNG header, then nothing: the decoder fails
+    with pytest.raises(ImageRejectedError) as error:
+        embed.embed([images[0], images[1], truncated, images[3]])
+    assert error.value.index == 2  # found by retrying the chunk one image at a time
+    assert "PNG" in error.value.reason
+
+
+def test_unknown_model_names_the_model_and_address(server):
+    with (
+        RemapClient(server.target, "no_such_model", retries=0) as c,
+        pytest.raises(ModelNotFoundError) as error,
+    ):
+        c.embed([b"x"])
+    assert "'no_such_model'" in str(error.value) and server.target in str(error.value)
+    with (
+        RemapClient(server.target, MODEL_NAME, signature="nope") as c,
+        pytest.raises(ModelNotFoundError, match="nope"),
+    ):
+        c.embed([sample_images()[0]])
+
+
+def test_a_stopped_server_gives_a_clear_error_within_the_deadline(base_dir, images):
+    fake = FakeTFServing(base_dir, MODEL_NAME).start()
+    target = fake.target
+    with RemapClient(target, MODEL_NAME, timeout=2.0, retries=3, backoff=0.1) as c:
+        assert c.embed(images[:1]).shape[0] == 1
+        fake.stop()
+        start = time.monotonic()
+        with pytest.raises(ServerUnavailableError) as error:
+            c.embed(images[:1])
+        elapsed = time.monotonic() - start
+    assert target in str(error.value) and "4 attempts" in str(error.value)
+    # Three back-offs (0.1 + 0.2 + 0.4 s) were waited, and no more than the four deadlines.
+    assert 0.7 <= elapsed < 4 * 2.0 + 0.7
+
+
+def test_deadline_exceeded_is_retried_then_reported(server, images):
+    server.predictions.delay_s = 1.0
+    calls = server.predictions.calls
+    with RemapClient(server.target, MODEL_NAME, timeout=0.2, retries=1, backoff=0.05) as c:
+        start = time.monotonic()
+        with pytest.raises(ServerUnavailableError, match=r"did not answer within 0.2 s"):
+            c.embed(images[:1])
+        elapsed = time.monotonic() - start
+    server.predictions.delay_s = 0.0
+    assert elapsed < 2.0
+    assert server.predictions.calls - calls == 2  # first attempt + one retry
+
+
+def test_an_unreachable_address_is_named():
+    with (
+        socket_port() as port,
+        RemapClient(f"127.0.0.1:{port}", MODEL_NAME, timeout=1.0, retries=1, backoff=0.01) as c,
+        pytest.raises(ServerUnavailableError, match=f"127.0.0.1:{port} is unreachable"),
+    ):
+        c.metadata()
+
+
+class socket_port:
+    """A free local port, reserved (bound, not listening) while in use."""
+
+    def __enter__(self):
+        import socket
+
+        self._socket = socket.socket()
+        self._socket.bind(("127.0.0.1", 0))
+        return self._socket.getsockname()[1]
+
+    def __exit__(self, *exc):
+        self._socket.close()
+
+
+def test_make_embedder_picks_the_implementation(server, base_dir, local):
+    by_path = make_embedder(str(base_dir / "1"), chunk_size=2)
+    assert isinstance(by_path, LocalEmbedder) and by_path.chunk_size == 2
+    assert local.path == base_dir / "1"  # a base folder resolves to its highest version
+    remote = make_embedder(f"{server.target}/{MODEL_NAME}", timeout=5.0)
+    assert isinstance(remote, RemapClient) and remote.model_name == MODEL_NAME
+    assert remote.dim == local.dim
+    assert make_embedder(server.target).model_name == "remap"
+    with pytest.raises(FileNotFoundError, match="neither an existing SavedModel folder"):
+        make_embedder("no/such/folder")
+
+
+def test_bad_input_to_embed(local, tmp_path):
+    with pytest.raises(FileNotFoundError, match="Image 1 .*missing.jpg"):
+        local.embed([sample_images()[0], tmp_path / "missing.jpg"])
+    with pytest.raises(ValueError, match="embed_pixels"):
+        local.embed([np.zeros((8, 8, 3), np.uint8)])
+    with pytest.raises(FileNotFoundError, match="run `remap export` first"):
+        LocalEmbedder(tmp_path)
+    with pytest.raises(ModelNotFoundError, match="'nope'"):
+        LocalEmbedder(local.path, signature="nope")
+
+
+def test_serving_errors_print_as_one_line():
+    assert issubclass(ServingError, cli.CommandError)
+    assert issubclass(ImageRejectedError, ValueError)
