@@ -526,7 +526,9 @@ def load_dataset(path, format: str = "auto", images=None) -> RetrievalDataset:
         return load_revisited(path, images)
     if format == "oxford":
         if images is None:
-            raise ValueError("the Oxford/Paris text format needs the image folder (images=...)")
+            raise ValueError(
+                "the Oxford/Paris text format needs the image folder (--images / images=...)"
+            )
         return load_oxford_paris(path, images)
     if format == "holidays":
         return load_holidays(path)
