@@ -1,0 +1,345 @@
+"""Figures for the demo report, as standalone SVG files (no matplotlib, no TensorFlow).
+
+Two figures:
+
+* `training_curve_svg`: the triplet loss against the training step for several runs.
+* `region_weights_svg`: REMAP's region weights drawn over the R-MAC region grid (Tolias,
+  Sicre & Jégou, ICLR 2016; 40 regions on the default 24×32 reference map), one small panel
+  per scale and one row per (layer, state). Regions of one scale overlap by about 40%, so a
+  panel draws each region as a tile at its grid position (row, column of its centre) rather
+  than as its true overlapping square, and prints the weight in it; the caption gives the
+  true region side.
+
+SVG keeps the text sharp at any zoom and is plain text, so figures are reproducible byte for
+byte. `write_svg` writes atomically.
+"""
+
+from __future__ import annotations
+
+import html
+import math
+import os
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+
+# A perceptually ordered blue-green-yellow ramp (anchors of matplotlib's viridis, public
+# domain), interpolated linearly.
+_RAMP = np.array(
+    [
+        [68, 1, 84],
+        [59, 82, 139],
+        [33, 145, 140],
+        [94, 201, 98],
+        [253, 231, 37],
+    ],
+    dtype=np.float64,
+)
+# Line colours for up to 8 runs (Okabe & Ito's colour-blind-safe palette).
+PALETTE = ("#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9", "#000000", "#F0E442")
+_FONT = "font-family='DejaVu Sans, Arial, sans-serif'"
+
+
+def ramp_colour(value: float) -> str:
+    """The ramp colour of ``value`` in [0, 1] (clipped) as ``#rrggbb``."""
+    x = float(np.clip(value, 0.0, 1.0)) * (len(_RAMP) - 1)
+    i = min(int(x), len(_RAMP) - 2)
+    rgb = _RAMP[i] + (x - i) * (_RAMP[i + 1] - _RAMP[i])
+    return "#" + "".join(f"{int(round(c)):02x}" for c in rgb)
+
+
+def _text_colour(value: float) -> str:
+    return "#000000" if value > 0.55 else "#ffffff"
+
+
+def _nice_ticks(low: float, high: float, count: int = 5) -> list[float]:
+    if not high > low:
+        return [low]
+    step = (high - low) / max(count - 1, 1)
+    magnitude = 10 ** math.floor(math.log10(step))
+    step = min((m * magnitude for m in (1, 2, 2.5, 5, 10) if m * magnitude >= step), default=step)
+    start = math.ceil(low / step) * step
+    ticks = []
+    value = start
+    while value <= high + 1e-9 * step:
+        ticks.append(round(value, 10))
+        value += step
+    return ticks
+
+
+def _fmt_tick(value: float) -> str:
+    if value == 0:
+        return "0"
+    if abs(value) >= 1000 or abs(value) < 0.01:
+        return f"{value:.0e}"
+    return f"{value:g}"
+
+
+def training_curve_svg(
+    curves: Mapping[str, tuple[Sequence[float], Sequence[float]]],
+    title: str = "Training loss",
+    x_label: str = "training step",
+    y_label: str = "triplet loss",
+    width: int = 640,
+    height: int = 320,
+) -> str:
+    """An SVG line chart of one curve per run.
+
+    Args:
+        curves: run name -> ``(steps, values)``, two sequences of equal length.
+        title, x_label, y_label: captions.
+        width, height: size in pixels.
+
+    Returns:
+        the SVG document as a string.
+
+    Raises:
+        ValueError: no curve, or a curve whose steps and values differ in length.
+    """
+    if not curves:
+        raise ValueError("`curves` is empty: nothing to plot.")
+    series = []
+    for name, (steps, values) in curves.items():
+        steps = np.asarray(steps, dtype=np.float64).reshape(-1)
+        values = np.asarray(values, dtype=np.float64).reshape(-1)
+        if steps.shape != values.shape:
+            raise ValueError(f"Curve {name!r} has {steps.size} steps but {values.size} values.")
+        keep = np.isfinite(steps) & np.isfinite(values)
+        series.append((str(name), steps[keep], values[keep]))
+    all_x = np.concatenate([s for _, s, _ in series] + [np.zeros(1)])
+    all_y = np.concatenate([v for _, _, v in series] + [np.zeros(1)])
+    x_max = float(all_x.max()) or 1.0
+    y_max = float(all_y.max()) * 1.05 or 1.0
+    left, right, top, bottom = 64, 150, 36, 48
+    plot_w, plot_h = width - left - right, height - top - bottom
+
+    def sx(x):
+        return left + plot_w * x / x_max
+
+    def sy(y):
+        return top + plot_h * (1 - y / y_max)
+
+    parts = [
+        f"<svg xmlns='http://www.w3.org/2000/svg' width='{width}' height='{height}' "
+        f"viewBox='0 0 {width} {height}' {_FONT} font-size='12'>",
+        f"<rect width='{width}' height='{height}' fill='white'/>",
+        f"<text x='{left}' y='22' font-size='15' font-weight='bold'>{html.escape(title)}</text>",
+    ]
+    for tick in _nice_ticks(0.0, y_max):
+        y = sy(tick)
+        parts.append(
+            f"<line x1='{left}' y1='{y:.1f}' x2='{left + plot_w}' y2='{y:.1f}' stroke='#e5e5e5'/>"
+        )
+        parts.append(
+            f"<text x='{left - 6}' y='{y + 4:.1f}' text-anchor='end'>{_fmt_tick(tick)}</text>"
+        )
+    for tick in _nice_ticks(0.0, x_max):
+        x = sx(tick)
+        parts.append(
+            f"<line x1='{x:.1f}' y1='{top + plot_h}' x2='{x:.1f}' y2='{top + plot_h + 4}' "
+            "stroke='#333'/>"
+        )
+        parts.append(
+            f"<text x='{x:.1f}' y='{top + plot_h + 17}' text-anchor='middle'>"
+            f"{_fmt_tick(tick)}</text>"
+        )
+    parts.append(
+        f"<rect x='{left}' y='{top}' width='{plot_w}' height='{plot_h}' fill='none' stroke='#333'/>"
+    )
+    parts.append(
+        f"<text x='{left + plot_w / 2:.1f}' y='{height - 8}' text-anchor='middle'>"
+        f"{html.escape(x_label)}</text>"
+    )
+    parts.append(
+        f"<text transform='translate(16 {top + plot_h / 2:.1f}) rotate(-90)' "
+        f"text-anchor='middle'>{html.escape(y_label)}</text>"
+    )
+    for i, (name, steps, values) in enumerate(series):
+        colour = PALETTE[i % len(PALETTE)]
+        if steps.size:
+            points = " ".join(
+                f"{sx(x):.1f},{sy(y):.1f}" for x, y in zip(steps, values, strict=True)
+            )
+            parts.append(
+                f"<polyline points='{points}' fill='none' stroke='{colour}' stroke-width='2'/>"
+            )
+            if steps.size == 1:
+                parts.append(
+                    f"<circle cx='{sx(steps[0]):.1f}' cy='{sy(values[0]):.1f}' r='3' "
+                    f"fill='{colour}'/>"
+                )
+        y = top + 10 + 20 * i
+        x = left + plot_w + 14
+        parts.append(
+            f"<line x1='{x}' y1='{y}' x2='{x + 22}' y2='{y}' stroke='{colour}' stroke-width='3'/>"
+        )
+        parts.append(f"<text x='{x + 28}' y='{y + 4}'>{html.escape(name)}</text>")
+    parts.append("</svg>")
+    return "\n".join(parts) + "\n"
+
+
+def region_layout(regions: np.ndarray) -> list[dict]:
+    """Groups R-MAC regions by scale and gives each its tile position in the scale's grid.
+
+    Args:
+        regions: ``(num_regions, 4)`` ``(top, left, bottom, right)`` in any unit (cells of
+            `remap_tf.regions.rmac_regions`, or fractions), ordered by scale then top then
+            left, as `rmac_regions` returns them; every region of one scale has the same side.
+
+    Returns:
+        one dict per scale, in order: ``{"indices": [region indices], "rows": r, "cols": c,
+        "positions": [(row, col), ...], "side": (height, width) of its regions}``.
+    """
+    regions = np.asarray(regions, dtype=np.float64)
+    if regions.ndim != 2 or regions.shape[1] != 4 or len(regions) == 0:
+        raise ValueError(f"`regions` must be (num_regions, 4), received {regions.shape}.")
+    sides = np.round(regions[:, 2:] - regions[:, :2], 9)
+    scales: list[list[int]] = []
+    for i in range(len(regions)):
+        if scales and np.array_equal(sides[i], sides[scales[-1][0]]):
+            scales[-1].append(i)
+        else:
+            scales.append([i])
+    layout = []
+    for indices in scales:
+        tops = sorted(set(np.round(regions[indices, 0], 9)))
+        lefts = sorted(set(np.round(regions[indices, 1], 9)))
+        positions = [
+            (tops.index(round(regions[i, 0], 9)), lefts.index(round(regions[i, 1], 9)))
+            for i in indices
+        ]
+        layout.append(
+            {
+                "indices": indices,
+                "rows": len(tops),
+                "cols": len(lefts),
+                "positions": positions,
+                "side": tuple(float(v) for v in sides[indices[0]]),
+            }
+        )
+    return layout
+
+
+def region_weights_svg(
+    rows: Sequence[tuple[str, np.ndarray]],
+    regions: np.ndarray,
+    grid_shape: tuple[int, int] = (24, 32),
+    title: str = "Region weights",
+    panel_width: int = 150,
+) -> str:
+    """An SVG heatmap of region weights: one row per entry, one panel per scale.
+
+    Each row is normalised on its own (colour = weight / the row's maximum) and the weights
+    are printed, so rows with different scales stay readable and comparable in shape.
+
+    Args:
+        rows: ``(label, weights (num_regions,))`` per row, e.g. ``("layer 1\nlearned", w)``;
+            a newline in a label starts a second line.
+        regions: ``(num_regions, 4)`` region boxes in cells of the reference map
+            (`remap_tf.regions.rmac_regions(*grid_shape, levels)`).
+        grid_shape: the reference map ``(height, width)`` the regions are drawn on.
+        title: the figure title.
+        panel_width: width of one scale's panel in pixels.
+
+    Returns:
+        the SVG document as a string.
+    """
+    layout = region_layout(regions)
+    count = len(np.asarray(regions))
+    if not rows:
+        raise ValueError("`rows` is empty: nothing to draw.")
+    checked = []
+    for label, weights in rows:
+        weights = np.asarray(weights, dtype=np.float64).reshape(-1)
+        if weights.shape != (count,):
+            raise ValueError(f"Row {label!r} has {weights.size} weights for {count} regions.")
+        checked.append((str(label), weights))
+    gh, gw = grid_shape
+    panel_h = panel_width * gh / gw
+    label_w, gap, head, caption = 170, 14, 44, 34
+    width = int(label_w + len(layout) * (panel_width + gap) + gap)
+    row_h = panel_h + caption
+    below = head + (len(checked) - 1) * row_h + panel_h  # bottom of the last row
+    height = int(below + 60)
+    parts = [
+        f"<svg xmlns='http://www.w3.org/2000/svg' width='{width}' height='{height}' "
+        f"viewBox='0 0 {width} {height}' {_FONT} font-size='11'>",
+        f"<rect width='{width}' height='{height}' fill='white'/>",
+        f"<text x='8' y='20' font-size='15' font-weight='bold'>{html.escape(title)}</text>",
+    ]
+    for s, scale in enumerate(layout):
+        x0 = label_w + s * (panel_width + gap)
+        side_h, side_w = scale["side"]
+        parts.append(
+            f"<text x='{x0 + panel_width / 2:.1f}' y='{head - 8}' text-anchor='middle' "
+            f"font-weight='bold'>scale {s + 1}: {len(scale['indices'])} regions</text>"
+        )
+        parts.append(
+            f"<text x='{x0 + panel_width / 2:.1f}' y='{below + 16:.1f}' text-anchor='middle' "
+            f"fill='#555'>side {side_w / gw:.0%} of width</text>"
+        )
+    for r, (label, weights) in enumerate(checked):
+        y0 = head + r * row_h
+        peak = float(weights.max()) if weights.size and weights.max() > 0 else 1.0
+        lines = label.split("\n")
+        first = y0 + panel_h / 2 - 7 * (len(lines) - 1)
+        for n, line in enumerate(lines):
+            parts.append(
+                f"<text x='8' y='{first + 14 * n:.1f}' font-weight='bold'>"
+                f"{html.escape(line)}</text>"
+            )
+        parts.append(
+            f"<text x='8' y='{first + 14 * len(lines) + 2:.1f}' fill='#555'>"
+            f"min {weights.min():.2f} · max {weights.max():.2f}</text>"
+        )
+        for s, scale in enumerate(layout):
+            x0 = label_w + s * (panel_width + gap)
+            tile_w, tile_h = panel_width / scale["cols"], panel_h / scale["rows"]
+            for index, (row, col) in zip(scale["indices"], scale["positions"], strict=True):
+                value = weights[index] / peak
+                x, y = x0 + col * tile_w, y0 + row * tile_h
+                parts.append(
+                    f"<rect x='{x:.1f}' y='{y:.1f}' width='{tile_w:.1f}' height='{tile_h:.1f}' "
+                    f"fill='{ramp_colour(value)}' stroke='white' stroke-width='1'>"
+                    f"<title>region {index}: weight {weights[index]:.3f}</title></rect>"
+                )
+                if tile_w >= 24:
+                    parts.append(
+                        f"<text x='{x + tile_w / 2:.1f}' y='{y + tile_h / 2 + 4:.1f}' "
+                        f"text-anchor='middle' fill='{_text_colour(value)}'>"
+                        f"{weights[index]:.2f}</text>"
+                    )
+            parts.append(
+                f"<rect x='{x0}' y='{y0}' width='{panel_width}' height='{panel_h:.1f}' "
+                "fill='none' stroke='#333'/>"
+            )
+    # Colour bar: 0 .. row maximum.
+    bar_y, bar_x, bar_w = height - 12, label_w, min(240, width - label_w - 8)
+    for i in range(24):
+        parts.append(
+            f"<rect x='{bar_x + i * bar_w / 24:.1f}' y='{bar_y - 8}' "
+            f"width='{bar_w / 24 + 0.5:.1f}' height='8' fill='{ramp_colour(i / 23)}'/>"
+        )
+    parts.append(
+        f"<text x='{bar_x - 6}' y='{bar_y}' text-anchor='end' fill='#555'>0</text>"
+        f"<text x='{bar_x + bar_w + 6}' y='{bar_y}' fill='#555'>row maximum</text>"
+    )
+    parts.append("</svg>")
+    return "\n".join(parts) + "\n"
+
+
+def write_svg(path, svg: str) -> Path:
+    """Writes ``svg`` to ``path`` atomically (temporary file, then rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(svg)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
