@@ -186,7 +186,8 @@ def test_mirrored_fit_matches_one_device(local_runs):
         np.testing.assert_allclose(a, b, rtol=2e-3, atol=2e-5)
     # Training moved the weights (the comparison is not between two untouched models).
     assert any(
-        not np.allclose(a, b) for a, b in zip(one_weights, _initial_weights(local_runs), strict=True)
+        not np.allclose(a, b)
+        for a, b in zip(one_weights, _initial_weights(local_runs), strict=True)
     )
 
 
@@ -206,7 +207,10 @@ def test_multi_worker_fit_two_processes(local_runs):
     codes, outputs = _run_workers(local_runs)
     assert codes == [0, 0], "\n---\n".join(o[-3000:] for o in outputs)
     one_loss, one_weights = _load(local_runs, "one")
-    (loss0, weights0), (loss1, weights1) = _load(local_runs, "worker0"), _load(local_runs, "worker1")
+    (loss0, weights0), (loss1, weights1) = (
+        _load(local_runs, "worker0"),
+        _load(local_runs, "worker1"),
+    )
     np.testing.assert_array_equal(loss0, loss1)
     for a, b in zip(weights0, weights1, strict=True):
         np.testing.assert_array_equal(a, b)

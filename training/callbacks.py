@@ -37,14 +37,28 @@ class RetrievalEvaluation(keras.callbacks.Callback):
         at_train_begin: also evaluate before the first step (``initial_map``: the mAP of
             the model as it enters training), printed and kept on the callback.
         verbose: print one line per evaluation.
+        before_evaluate: optional callable run before each evaluation (e.g. a BatchNorm
+            recalibration, `remap_tf.recalibrate_batch_norm`, for random-init backbones).
+
+    Rows with a negative label (bad files, see `training.pipeline.make_eval_dataset`) are
+    left out.
 
     Attributes:
         initial_map: mAP before training (None if ``at_train_begin`` is False).
         history: list of ``(epoch, mAP)``, epochs counted from 1.
     """
 
-    def __init__(self, data, every: int = 1, batch_size: int = 16, at_train_begin=True, verbose=1):
+    def __init__(
+        self,
+        data,
+        every: int = 1,
+        batch_size: int = 16,
+        at_train_begin: bool = True,
+        verbose: int = 1,
+        before_evaluate=None,
+    ):
         super().__init__()
+        self.before_evaluate = before_evaluate
         if every < 1:
             raise ValueError(f"`every` must be >= 1, received {every!r}.")
         if isinstance(data, tf.data.Dataset):
@@ -53,9 +67,9 @@ class RetrievalEvaluation(keras.callbacks.Callback):
             images, labels = data
             images = np.asarray(images)
             labels = np.asarray(labels)
-            if images.ndim != 4 or len(images) != len(labels) or len(images) < 2:
+            if images.ndim < 2 or len(images) != len(labels) or len(images) < 2:
                 raise ValueError(
-                    "RetrievalEvaluation needs images (N, h, w, 3) and labels (N,) with N >= 2, "
+                    "RetrievalEvaluation needs inputs (N, ...) and labels (N,) with N >= 2, "
                     f"received {images.shape} and {labels.shape}."
                 )
             self._dataset = tf.data.Dataset.from_tensor_slices((images, labels)).batch(batch_size)
@@ -70,6 +84,8 @@ class RetrievalEvaluation(keras.callbacks.Callback):
         """mAP of the current model on the validation set."""
         from remap_tf.evaluation import label_map
 
+        if self.before_evaluate is not None:
+            self.before_evaluate()
         if self._embed is None:
             model = self.model
 
@@ -82,9 +98,12 @@ class RetrievalEvaluation(keras.callbacks.Callback):
         for images, batch_labels in self._dataset:
             descriptors.append(np.asarray(self._embed(tf.cast(images, tf.float32)), np.float32))
             labels.append(np.asarray(batch_labels))
-        if not descriptors:
-            raise ValueError("The validation set is empty.")
-        return float(label_map(np.concatenate(descriptors), np.concatenate(labels)))
+        descriptors = np.concatenate(descriptors) if descriptors else np.zeros((0, 1))
+        labels = np.concatenate(labels) if labels else np.zeros((0,), np.int32)
+        keep = labels >= 0
+        if keep.sum() < 2:
+            raise ValueError("The validation set has fewer than two readable images.")
+        return float(label_map(descriptors[keep], labels[keep]))
 
     def on_train_begin(self, logs=None):
         if self.at_train_begin:

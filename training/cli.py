@@ -1,7 +1,155 @@
-"""Subcommands of `remap` from this package (see serving/cli.py)."""
+"""Subcommands of `remap` from this package (see serving/cli.py): ``remap train``.
+
+The parser only declares flags (no TensorFlow import); the handler resolves a
+`training.config.TrainConfig` (defaults < ``--config`` YAML < flags < ``--set``) and calls
+`training.fit.train` with it.
+"""
 
 from __future__ import annotations
+
+import argparse
+
+# flag dest -> config field (None values mean "flag not given").
+_FLAG_FIELDS = {
+    "data": "data.train",
+    "validation": "data.validation",
+    "out": "out_dir",
+    "backbone": "model.backbone",
+    "weights": "model.weights",
+    "pooling": "model.pooling",
+    "dim": "model.dim",
+    "epochs": "epochs",
+    "steps_per_epoch": "steps_per_epoch",
+    "images_per_class": "data.images_per_class",
+    "image_size": "data.image_size",
+    "strategy": "strategy",
+    "optimizer": "optimizer.name",
+    "learning_rate": "optimizer.learning_rate",
+    "warmup_steps": "optimizer.warmup_steps",
+    "margin": "loss.margin",
+    "mining": "loss.mining",
+    "seed": "seed",
+    "time_limit": "time_limit",
+    "verbose": "verbose",
+}
+_SWITCHES = {
+    "cross_replica": "loss.cross_replica",
+    "offline_mining": "loss.offline_mining",
+    "mixed_precision": "mixed_precision",
+    "jit_compile": "jit_compile",
+    "freeze_backbone": "model.freeze_backbone",
+}
 
 
 def add_parsers(subparsers) -> None:
     """Registers this package's subcommands on the `remap` parser."""
+    parser = subparsers.add_parser(
+        "train",
+        help="fine-tune a REMAP model with triplet loss (model.fit, any tf.distribute strategy)",
+        description=(
+            "Fine-tunes a REMAP model on labelled images and writes OUT/model.keras and "
+            "OUT/config.yaml. Batch sizes are per replica: the global batch is --batch-size "
+            "times the number of replicas. Re-running the same command after a kill resumes "
+            "from OUT/backup."
+        ),
+    )
+    parser.add_argument(
+        "--data",
+        help="training images: a folder of class folders, a path,label CSV, or GLDv2 "
+        "train_clean.csv",
+    )
+    parser.add_argument("--out", help="output folder (default remap_train)")
+    parser.add_argument("--config", help="YAML file with any TrainConfig fields")
+    parser.add_argument("--validation", help="validation images (same formats) for val_map")
+    parser.add_argument("--backbone", help="e.g. resnet50, mobilenet_v2, vgg16")
+    parser.add_argument("--weights", help="backbone weights: imagenet or a local file")
+    parser.add_argument("--pooling", help="remap (default), rmac, mac, spoc, gem")
+    parser.add_argument("--dim", type=int, help="descriptor size after whitening")
+    parser.add_argument("--epochs", type=int)
+    parser.add_argument("--steps-per-epoch", type=int)
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        help="images per replica per step (= classes × --images-per-class); global batch = "
+        "this × replicas",
+    )
+    parser.add_argument("--images-per-class", type=int, help="K images per class in a batch")
+    parser.add_argument("--image-size", type=int, help="square training image side, pixels")
+    parser.add_argument(
+        "--strategy", help="default, one_device, mirrored, multi_worker (TF_CONFIG), tpu"
+    )
+    parser.add_argument("--devices", help="comma-separated devices for one_device/mirrored")
+    parser.add_argument("--optimizer", help="sgd, adam or adamw")
+    parser.add_argument("--learning-rate", type=float)
+    parser.add_argument("--warmup-steps", type=int)
+    parser.add_argument("--margin", type=float, help="triplet margin")
+    parser.add_argument("--mining", help="batch_hard, semi_hard or batch_all")
+    parser.add_argument("--seed", type=int)
+    parser.add_argument("--time-limit", type=float, help="stop cleanly after this many seconds")
+    parser.add_argument("--verbose", type=int, choices=(0, 1, 2), help="Keras progbar mode")
+    for flag in _SWITCHES:
+        parser.add_argument(
+            "--" + flag.replace("_", "-"), action="store_true", default=None, dest=flag
+        )
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="any other config field, e.g. --set optimizer.clipnorm=5 (value parsed as YAML)",
+    )
+    parser.set_defaults(func=run_train)
+
+
+def resolve_config(args: argparse.Namespace):
+    """The validated `TrainConfig` of the parsed flags."""
+    import yaml
+
+    from training.config import TrainConfig, read_yaml
+
+    base = TrainConfig.from_dict(read_yaml(args.config)) if args.config else TrainConfig()
+    overrides = {field: getattr(args, dest) for dest, field in _FLAG_FIELDS.items()}
+    overrides = {key: value for key, value in overrides.items() if value is not None}
+    for dest, field in _SWITCHES.items():
+        if getattr(args, dest):
+            overrides[field] = True
+    if args.devices:
+        overrides["devices"] = [d.strip() for d in args.devices.split(",") if d.strip()]
+    for item in args.set:
+        key, sep, text = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--set expects FIELD=VALUE, received {item!r}.")
+        try:
+            overrides[key.strip()] = yaml.safe_load(text)
+        except yaml.YAMLError as error:
+            raise ValueError(f"--set {item!r}: value is not valid YAML ({error}).") from error
+    config = base.replace(overrides)
+    if args.batch_size is not None:
+        per_class = config.data.images_per_class
+        if args.batch_size < 2 * per_class or args.batch_size % per_class:
+            raise ValueError(
+                f"--batch-size {args.batch_size} must be a multiple of images_per_class "
+                f"({per_class}) covering at least 2 classes."
+            )
+        config = config.replace({"data.classes_per_batch": args.batch_size // per_class})
+    if not config.data.train:
+        raise ValueError("--data is required (or data.train in --config).")
+    return config.validate()
+
+
+def run_train(args: argparse.Namespace) -> int:
+    config = resolve_config(args)
+    from training.fit import train
+
+    result = train(config)
+    print(
+        f"Trained {result.epochs_run} epoch(s) from epoch {result.initial_epoch} on "
+        f"{result.num_replicas} replica(s) in {result.seconds:.0f} s"
+        + (" (stopped by the time limit)" if result.stopped_early else "")
+    )
+    if result.initial_val_map is not None and result.val_map is not None:
+        print(f"Validation mAP: {result.initial_val_map:.4f} -> {result.val_map:.4f}")
+    if result.bad_files:
+        print(f"{len(result.bad_files)} bad image file(s) skipped (listed above).")
+    print(f"Model: {result.model_path}\nConfig: {result.config_path}")
+    return 0

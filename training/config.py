@@ -20,10 +20,10 @@ from __future__ import annotations
 import dataclasses
 import os
 import tempfile
+import types
 import typing
 from pathlib import Path
 
-BACKBONE_CHOICES = None  # filled lazily from remap_tf.backbones (imports Keras)
 POOLINGS = ("remap", "rmac", "mac", "spoc", "gem")
 OPTIMIZERS = ("sgd", "adam", "adamw")
 MINING = ("batch_hard", "semi_hard", "batch_all")
@@ -44,6 +44,9 @@ class ModelConfig:
     dim: int | None = None  # whitened descriptor size; None keeps the concatenated size
     backbone_kwargs: dict = dataclasses.field(default_factory=dict)  # e.g. {"alpha": 0.35}
     freeze_backbone: bool = False  # train only region weights and whitening
+    # BatchNorm layers not trained and run in inference mode (their statistics stay fixed);
+    # helps random-init backbones on small data (see serving/demo.py).
+    freeze_batch_norm: bool = False
 
 
 @dataclasses.dataclass
@@ -82,7 +85,9 @@ class LossConfig:
     mining: str = "batch_hard"
     cross_replica: bool = False  # mine over the global batch (all replicas)
     offline_mining: bool = False  # the paper's per-epoch hard-negative mining
-    offline_pool_size: int = 512  # images embedded per epoch for offline mining
+    offline_pool_size: int = 512  # images embedded per epoch as negative candidates
+    offline_num_anchors: int = 256  # tuples mined per epoch
+    offline_num_negatives: int = 5  # hard negatives per tuple
 
 
 @dataclasses.dataclass
@@ -93,6 +98,9 @@ class InitConfig:
     whitening: str = "learned"  # "learned" (matching pairs), "pca" or "none"
     num_images: int = 256  # training images embedded for the initialisation
     max_pairs: int = 2000
+    # Set BatchNorm moving statistics from the init sample before initialising, before each
+    # evaluation and after fitting (remap_tf.recalibrate_batch_norm). Not with multi_worker.
+    recalibrate_batch_norm: bool = False
 
 
 @dataclasses.dataclass
@@ -155,9 +163,6 @@ class TrainConfig:
     def validate(self) -> TrainConfig:
         """Checks every field once; ValueError naming the field and the value received."""
         m, d, o, lo, i = self.model, self.data, self.optimizer, self.loss, self.init
-        from remap_tf.backbones import BACKBONES
-
-        _choice("model.backbone", m.backbone, tuple(sorted(BACKBONES)))
         _choice("model.pooling", m.pooling, POOLINGS)
         _positive_int("model.levels", m.levels)
         if len(m.grid_shape) != 2 or any(int(v) != v or v < 1 for v in m.grid_shape):
@@ -191,6 +196,8 @@ class TrainConfig:
         _positive_float("loss.margin", lo.margin)
         _choice("loss.mining", lo.mining, MINING)
         _positive_int("loss.offline_pool_size", lo.offline_pool_size, minimum=2)
+        _positive_int("loss.offline_num_anchors", lo.offline_num_anchors)
+        _positive_int("loss.offline_num_negatives", lo.offline_num_negatives)
         _choice("init.whitening", i.whitening, WHITENING_INIT)
         _positive_int("init.num_images", i.num_images, minimum=0)
         _positive_int("init.max_pairs", i.max_pairs)
@@ -212,6 +219,15 @@ class TrainConfig:
         if self.time_limit is not None:
             _positive_float("time_limit", self.time_limit)
         _choice("verbose", self.verbose, (0, 1, 2))
+        # Last: the backbone table imports Keras, so cheaper mistakes are reported at once.
+        from remap_tf.backbones import BACKBONES
+
+        _choice("model.backbone", m.backbone, tuple(sorted(BACKBONES)))
+        if self.time_limit is not None and self.strategy == "multi_worker":
+            raise ValueError(
+                "time_limit cannot be used with strategy 'multi_worker': workers would stop at "
+                "different steps and wait for each other forever."
+            )
         return self
 
     def to_yaml(self) -> str:
@@ -311,9 +327,11 @@ def _from_dict(cls, values, prefix: str):
 
 def _coerce(name: str, hint, value):
     """Checks ``value`` against the annotation; converts int -> float and tuple -> list."""
-    args = typing.get_args(hint)
+    origin = typing.get_origin(hint)
+    is_union = origin is typing.Union or origin is types.UnionType
+    args = typing.get_args(hint) if is_union else (hint,)
     nullable = type(None) in args
-    base = [a for a in args if a is not type(None)] if args else [hint]
+    base = [a for a in args if a is not type(None)]
     if value is None:
         if nullable:
             return None

@@ -50,6 +50,7 @@ class TrainResult:
         num_replicas: replicas in sync.
         seconds: wall-clock seconds of the run.
         bad_files: paths skipped as unreadable.
+        model: the trained model (as saved to ``model_path``).
     """
 
     model_path: Path
@@ -63,6 +64,7 @@ class TrainResult:
     num_replicas: int
     seconds: float
     bad_files: list
+    model: object = dataclasses.field(default=None, repr=False)
 
 
 def build_model(config: TrainConfig):
@@ -85,6 +87,11 @@ def build_model(config: TrainConfig):
     if m.freeze_backbone:
         # Frozen BatchNorm layers also run in inference mode (Keras 3 semantics).
         model.get_layer("backbone").trainable = False
+    elif m.freeze_batch_norm:
+        from remap_tf.backbones import batch_norm_layers
+
+        for layer in batch_norm_layers(model):
+            layer.trainable = False
     return model
 
 
@@ -155,6 +162,7 @@ def fit_model(
     val=None,
     initial_epoch: int = 0,
     compile: bool = True,
+    before_evaluate=None,
 ):
     """Fits an already-built REMAP model on a dataset of ``(images, labels)`` batches.
 
@@ -168,6 +176,7 @@ def fit_model(
             ``(images, labels)`` or a dataset of batches), or None.
         initial_epoch: as ``model.fit``.
         compile: compile with `compile_model` first (False: keep the model's own compile).
+        before_evaluate: passed to `RetrievalEvaluation` (e.g. a BatchNorm recalibration).
 
     Returns:
         the ``keras.callbacks.History``; the evaluation and time-limit callbacks are
@@ -183,7 +192,10 @@ def fit_model(
     own = []
     if val is not None:
         evaluation = RetrievalEvaluation(
-            val, batch_size=config.data.validation_batch_size, verbose=config.verbose
+            val,
+            batch_size=config.data.validation_batch_size,
+            verbose=config.verbose,
+            before_evaluate=before_evaluate,
         )
         own.append(evaluation)
     limit = TimeLimit(config.time_limit) if config.time_limit else None
@@ -242,11 +254,18 @@ def initialise(model, images, labels, config: TrainConfig) -> dict:
 def train(config: TrainConfig) -> TrainResult:
     """Trains a REMAP model as ``config`` says and writes ``out_dir`` (see module doc).
 
+    Steps: strategy; training manifest and class-balanced P×K dataset (P =
+    ``classes_per_batch × replicas`` per global batch, so each replica gets its own
+    ``classes_per_batch`` classes); model inside ``strategy.scope()``; BatchNorm
+    recalibration (random-init backbones), KL region weights and whitening on
+    ``init.num_images`` training images; compile; ``model.fit`` with the callbacks; BatchNorm
+    recalibration again; ``model.keras`` and ``config.yaml``.
+
     Resumes automatically: if ``out_dir/backup`` holds a `BackupAndRestore` state from a
     killed run, training continues from it (initialisation is skipped).
 
     Args:
-        config: a validated `TrainConfig`.
+        config: a `TrainConfig` (validated here).
 
     Returns:
         a `TrainResult`.
@@ -258,27 +277,22 @@ def train(config: TrainConfig) -> TrainResult:
     import numpy as np
     import tensorflow as tf
 
+    from remap_tf.backbones import recalibrate_batch_norm
     from training import callbacks as cb
     from training import pipeline, strategies
     from training.data import load_manifest
 
     start = time.monotonic()
     config.validate()
-    if config.time_limit and config.strategy == "multi_worker":
-        raise ValueError(
-            "time_limit cannot be used with strategy multi_worker (workers would stop at "
-            "different steps)."
-        )
     out = Path(config.out_dir)
     keras.utils.set_random_seed(config.seed)
     strategy = strategies.make_strategy(config.strategy, devices=config.devices, tpu=config.tpu)
     replicas = strategy.num_replicas_in_sync
     chief = strategies.is_chief(strategy)
+    multi_worker = config.strategy == "multi_worker"
     task_id = getattr(getattr(strategy, "cluster_resolver", None), "task_id", 0) or 0
 
     manifest = load_manifest(config.data.train).drop_small_classes(2)
-    if manifest.num_classes < 2 or len(manifest) == 0:
-        raise ValueError(f"data.train {config.data.train!r} needs at least two classes.")
     present = int(np.count_nonzero(manifest.class_counts()))
     global_classes = config.data.classes_per_batch * replicas
     if present < global_classes:
@@ -287,20 +301,6 @@ def train(config: TrainConfig) -> TrainResult:
             f"than classes_per_batch × replicas = {global_classes}."
         )
     bad_files = pipeline.BadFileLog()
-    train_ds = pipeline.make_train_dataset(
-        manifest,
-        image_size=config.data.image_size,
-        classes_per_batch=global_classes,
-        images_per_class=config.data.images_per_class,
-        augment=config.data.augment,
-        seed=config.seed,
-        bad_files=bad_files,
-    )
-    options = tf.data.Options()
-    # Every worker draws its own random P×K batches; sharding files would break the
-    # class balance.
-    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
-    train_ds = train_ds.with_options(options)
     val = None
     if config.data.validation:
         val_manifest = load_manifest(config.data.validation)
@@ -318,68 +318,122 @@ def train(config: TrainConfig) -> TrainResult:
     previous_policy = keras.config.dtype_policy()
     if config.mixed_precision:
         keras.mixed_precision.set_global_policy("mixed_float16")
+    scratch = None if chief else Path(tempfile.mkdtemp(prefix="remap_worker_"))
     try:
         with strategy.scope():
             model = build_model(config)
         backup_dir = out / "backup" if chief else out / "backup" / f"worker_{task_id}"
-        resumed = cb.backup_epoch(backup_dir)
-        if resumed is None and config.init.num_images > 0:
-            images, labels = _init_sample(manifest, config, bad_files)
-            initialise(model, images, labels, config)
+        resuming = cb.backup_epoch(backup_dir) is not None
+        recalibrate = config.init.recalibrate_batch_norm and not multi_worker
+        sample = None
+        if config.init.num_images > 0 and (recalibrate or not resuming):
+            sample = _init_sample(manifest, config, bad_files)
+        if recalibrate and sample is not None:
+            recalibrate_batch_norm(model, sample[0], batch_size=config.data.validation_batch_size)
+        if not resuming and sample is not None:
+            initialise(model, sample[0], sample[1], config)
         with strategy.scope():
             compile_model(model, config)
+
         callbacks = [pipeline.BadFileReporter(bad_files)]
-        scratch = None
-        if not chief:
-            scratch = tempfile.mkdtemp(prefix="remap_worker_")
+        if config.loss.offline_mining:
+            from training.mining import OfflineHardNegativeMining
+
+            miner = OfflineHardNegativeMining(
+                manifest,
+                image_size=config.data.image_size,
+                tuples_per_batch=global_classes,
+                num_negatives=config.loss.offline_num_negatives,
+                num_anchors=config.loss.offline_num_anchors,
+                pool_size=config.loss.offline_pool_size,
+                embed_batch_size=config.data.validation_batch_size,
+                augment=config.data.augment,
+                seed=config.seed,
+                bad_files=bad_files,
+            )
+            miner.mine(model, epoch=cb.backup_epoch(backup_dir) or 0)
+            train_ds = miner.dataset()
+            callbacks.append(miner)
+        else:
+            train_ds = pipeline.make_train_dataset(
+                manifest,
+                image_size=config.data.image_size,
+                classes_per_batch=global_classes,
+                images_per_class=config.data.images_per_class,
+                augment=config.data.augment,
+                seed=config.seed,
+                bad_files=bad_files,
+            )
+        options = tf.data.Options()
+        # Each worker keeps its own slice of every global batch (DATA sharding); sharding
+        # by file would break the class balance of the P×K batches.
+        options.experimental_distribute.auto_shard_policy = (
+            tf.data.experimental.AutoShardPolicy.DATA
+        )
+        train_ds = train_ds.with_options(options)
+
+        write_dir = out if chief else scratch
         callbacks.append(
             cb.AtomicBackupAndRestore(
-                str(backup_dir),
-                config=config,
-                save_freq=config.backup_every_steps or "epoch",
+                str(backup_dir), config=config, save_freq=config.backup_every_steps or "epoch"
             )
         )
         callbacks.append(
             cb.AtomicModelCheckpoint(
-                str(
-                    (out if chief else Path(scratch))
-                    / "checkpoints"
-                    / "epoch_{epoch:03d}.weights.h5"
-                ),
+                str(write_dir / "checkpoints" / "epoch_{epoch:03d}.weights.h5"),
                 config=config,
                 save_weights_only=True,
             )
         )
         if config.tensorboard:
-            log_dir = out / "logs" if chief else Path(scratch) / "logs"
             callbacks.append(
-                keras.callbacks.TensorBoard(str(log_dir), write_graph=False, profile_batch=0)
+                keras.callbacks.TensorBoard(
+                    str(write_dir / "logs"), write_graph=False, profile_batch=0
+                )
             )
-        history = fit_model(model, train_ds, config, callbacks=callbacks, val=val, compile=False)
+        before_evaluate = None
+        if recalibrate and sample is not None:
+
+            def before_evaluate():
+                recalibrate_batch_norm(
+                    model, sample[0], batch_size=config.data.validation_batch_size
+                )
+
+        history = fit_model(
+            model,
+            train_ds,
+            config,
+            callbacks=callbacks,
+            val=val,
+            compile=False,
+            before_evaluate=before_evaluate,
+        )
+        if before_evaluate is not None:
+            before_evaluate()
         model_path = out / MODEL_FILE
         config_path = out / CONFIG_FILE
         if chief:
             save_model(model, model_path)
             config.save(config_path)
-        if scratch:
-            shutil.rmtree(scratch, ignore_errors=True)
     finally:
         keras.config.set_dtype_policy(previous_policy)
+        if scratch is not None:
+            shutil.rmtree(scratch, ignore_errors=True)
 
-    epochs_seen = history.epoch
     evaluation = history.retrieval
     return TrainResult(
         model_path=model_path,
         config_path=config_path,
         history=dict(history.history),
-        initial_epoch=int(epochs_seen[0]) if epochs_seen else config.epochs,
-        epochs_run=len(epochs_seen),
+        initial_epoch=int(history.epoch[0]) if history.epoch else config.epochs,
+        epochs_run=len(history.epoch),
         initial_val_map=evaluation.initial_map if evaluation else None,
         val_map=evaluation.history[-1][1] if evaluation and evaluation.history else None,
         stopped_early=bool(history.time_limit and history.time_limit.stopped),
         num_replicas=replicas,
         seconds=time.monotonic() - start,
-        bad_files=list(getattr(bad_files, "paths", []) or []),
+        bad_files=bad_files.paths,
+        model=model,
     )
 
 

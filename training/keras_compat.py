@@ -1,4 +1,4 @@
-"""Fixes Keras 3's ``model.fit`` under tf.distribute: MultiWorkerMirroredStrategy, scalar losses.
+"""Makes ``model.fit`` work under ``tf.distribute.MultiWorkerMirroredStrategy`` in Keras 3.
 
 keras-team/keras#20585: on every Keras 3 release checked (3.0 up to 3.15.1, the newest this
 project was tested with) ``model.fit`` under MultiWorkerMirroredStrategy (MWMS) with more
@@ -18,21 +18,9 @@ than one worker fails twice in ``keras/src/backend/tensorflow/trainer.py``:
    (``tf.reduce_mean(local_results, axis=0)`` on the stacked results); the cross-worker
    equivalent is ``strategy.reduce("MEAN", v, axis=None)``.
 
-A third defect, in ``keras/src/losses/loss.py``, bites any loss whose ``call`` returns the
-batch loss as a scalar, as `remap_tf.losses.TripletLoss` does (batch-hard mining averages
-over the anchors that have a positive and a negative, not over the batch):
-
-3. ``reduce_values`` returns a scalar unchanged, skipping ``scale_loss_for_distribution``
-   (division by the number of replicas), while ``TensorFlowTrainer.train_step`` always
-   unscales the loss it logs and the strategy sums the replicas' gradients. With N > 1
-   replicas (MirroredStrategy or MWMS) the logged loss and every gradient come out N times
-   too large. The fix scales scalar losses too, exactly as Keras scales the non-scalar
-   ones (a no-op outside a multi-replica context).
-
-`apply()` fixes all three, only where needed: the new ``_maybe_symbolic_build`` takes the first
+`apply()` fixes both, only where needed: the new ``_maybe_symbolic_build`` takes the first
 local replica's tensors (shapes and dtypes are all a symbolic build needs) and the new
-``reduce_per_replica`` uses ``axis=None`` for the mean, and ``reduce_values`` scales scalar
-losses for distribution; in every other case (no strategy,
+``reduce_per_replica`` uses ``axis=None`` for the mean; in every other case (no strategy,
 MirroredStrategy, one worker, other reductions) they call the original Keras code. The patch
 is applied once (idempotent), only on affected Keras versions, and can be switched off with
 the environment variable ``REMAP_TF_DISABLE_KERAS_PATCH=1`` (the test uses this to show the
@@ -100,17 +88,13 @@ def apply() -> bool:
         if _originals:
             return True
         from keras.src.backend.tensorflow import trainer as tf_trainer
-        from keras.src.losses import loss as loss_module
 
-        _originals["reduce_values"] = loss_module.reduce_values
         _originals["reduce_per_replica"] = tf_trainer.reduce_per_replica
         _originals["_maybe_symbolic_build"] = tf_trainer.TensorFlowTrainer._maybe_symbolic_build
         # `_make_function` looks `reduce_per_replica` up in the module at trace time, so
         # replacing the module attribute reaches every train/test/predict step.
         tf_trainer.reduce_per_replica = _reduce_per_replica
         tf_trainer.TensorFlowTrainer._maybe_symbolic_build = _maybe_symbolic_build
-        # `reduce_weighted_values` looks `reduce_values` up in the module at call time.
-        loss_module.reduce_values = _reduce_values
     return True
 
 
@@ -132,20 +116,6 @@ def _reduce_per_replica(values, strategy, reduction):
         # Same as the single-worker branch, mean over replicas, but across workers.
         return tree.map_structure(lambda v: strategy.reduce("MEAN", v, axis=None), values)
     return _originals["reduce_per_replica"](values, strategy, reduction)
-
-
-_MEAN_REDUCTIONS = ("sum_over_batch_size", "mean", "mean_with_sample_weight")
-
-
-def _reduce_values(values, sample_weight=None, reduction="sum_over_batch_size"):
-    """Keras' ``reduce_values`` that also scales an already-scalar loss for distribution."""
-    from keras.src.losses import loss as loss_module
-
-    loss = _originals["reduce_values"](values, sample_weight, reduction)
-    if reduction in _MEAN_REDUCTIONS and tuple(values.shape) == ():
-        # Non-scalar values are scaled inside the original; scalars returned as-is.
-        loss = loss_module.scale_loss_for_distribution(loss)
-    return loss
 
 
 def _maybe_symbolic_build(self, iterator=None, data_batch=None):

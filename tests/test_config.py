@@ -1,0 +1,126 @@
+"""TrainConfig: defaults < YAML < flags, one validation with named errors, atomic YAML round trip;
+the `remap train` flag resolution; the Keras-version gate of training.keras_compat."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+import yaml
+
+from training import keras_compat
+from training.cli import add_parsers, resolve_config
+from training.config import TrainConfig, load_config
+
+
+@pytest.fixture
+def data_dir(tmp_path):
+    folder = tmp_path / "images"
+    folder.mkdir()
+    return folder
+
+
+def _parse(argv):
+    parser = argparse.ArgumentParser()
+    add_parsers(parser.add_subparsers(dest="command"))
+    return parser.parse_args(["train", *argv])
+
+
+def test_yaml_then_overrides_then_validation(tmp_path, data_dir):
+    path = tmp_path / "c.yaml"
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "model": {"backbone": "vgg16", "dim": 64},
+                "optimizer": {"name": "sgd", "learning_rate": 1},  # int accepted as float
+                "epochs": 5,
+                "data": {"train": str(data_dir)},
+            }
+        )
+    )
+    config = load_config(path, overrides={"epochs": 7, "model.pooling": "gem", "seed": None})
+    assert config.model.backbone == "vgg16" and config.model.dim == 64
+    assert config.optimizer.learning_rate == 1.0 and isinstance(
+        config.optimizer.learning_rate, float
+    )
+    assert config.epochs == 7 and config.model.pooling == "gem"
+    assert config.seed == 0  # a None override (unset flag) keeps the value
+    assert config.global_batch_size(num_replicas=4) == 4 * config.per_replica_batch_size()
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"model.backbone": "resnet5"}, "model.backbone"),
+        ({"optimizer.name": "lamb"}, "optimizer.name"),
+        ({"loss.mining": "hardest"}, "loss.mining"),
+        ({"strategy": "horovod"}, "strategy"),
+        ({"data.image_size": 32}, "data.image_size"),
+        ({"data.images_per_class": 1}, "data.images_per_class"),
+        ({"optimizer.learning_rate": -1.0}, "optimizer.learning_rate"),
+        ({"optimizer.warmup_steps": 10_000}, "optimizer.warmup_steps"),
+        ({"epochs": "3"}, "epochs"),
+        ({"time_limit": 5.0, "strategy": "multi_worker"}, "time_limit"),
+        ({"data.train": "/does/not/exist"}, "/does/not/exist"),
+    ],
+)
+def test_bad_values_name_the_field_and_value(data_dir, overrides, message):
+    with pytest.raises(ValueError, match="(?s)" + message.replace(".", r"\.")):
+        load_config(overrides={"data.train": str(data_dir), **overrides})
+
+
+def test_unknown_fields_are_rejected(tmp_path, data_dir):
+    with pytest.raises(ValueError, match="Unknown config field"):
+        load_config(overrides={"data.train": str(data_dir), "optimiser.name": "sgd"})
+    path = tmp_path / "c.yaml"
+    path.write_text("model:\n  backbon: vgg16\n")
+    with pytest.raises(ValueError, match=r"model\.backbon"):
+        load_config(path)
+    with pytest.raises(FileNotFoundError, match="missing.yaml"):
+        load_config(tmp_path / "missing.yaml")
+
+
+def test_saved_yaml_round_trips_atomically(tmp_path, data_dir):
+    config = load_config(overrides={"data.train": str(data_dir), "model.taps": ["a", "b"]})
+    path = config.save(tmp_path / "out" / "config.yaml")
+    assert [p.name for p in path.parent.iterdir()] == ["config.yaml"]  # no temporary left
+    assert TrainConfig.from_dict(yaml.safe_load(path.read_text())) == config
+
+
+def test_cli_flags_override_the_config_file(tmp_path, data_dir):
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({"epochs": 4, "data": {"images_per_class": 4}}))
+    args = _parse(
+        [
+            "--data", str(data_dir), "--config", str(path), "--batch-size", "16",
+            "--backbone", "resnet50", "--mixed-precision", "--set", "optimizer.clipnorm=null",
+        ]
+    )  # fmt: skip
+    config = resolve_config(args)
+    assert config.epochs == 4 and config.model.backbone == "resnet50"
+    assert (config.data.classes_per_batch, config.data.images_per_class) == (4, 4)
+    assert config.mixed_precision is True and config.optimizer.clipnorm is None
+    with pytest.raises(ValueError, match="--batch-size 10"):
+        resolve_config(
+            _parse(["--data", str(data_dir), "--config", str(path), "--batch-size", "10"])
+        )
+    with pytest.raises(ValueError, match="--data is required"):
+        resolve_config(_parse([]))
+
+
+def test_keras_compat_version_gate():
+    assert keras_compat.is_affected("3.15.1")
+    assert keras_compat.is_affected("3.6.0")
+    assert not keras_compat.is_affected("2.15.0")
+    assert not keras_compat.is_affected("4.0.0")
+
+
+def test_keras_compat_apply_is_idempotent(monkeypatch):
+    from keras.src.backend.tensorflow import trainer
+
+    monkeypatch.delenv(keras_compat.DISABLE_ENV, raising=False)
+    assert keras_compat.apply() is True
+    patched = trainer.reduce_per_replica
+    assert keras_compat.apply() is True
+    assert trainer.reduce_per_replica is patched is keras_compat._reduce_per_replica
+    assert trainer.TensorFlowTrainer._maybe_symbolic_build is keras_compat._maybe_symbolic_build
