@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import logging
+import os
 import struct
+import subprocess
+import sys
 import threading
 import zlib
 
@@ -301,3 +304,40 @@ def test_training_runs_through_bad_and_odd_files_and_reports_them(tmp_path, caps
     np.testing.assert_allclose(images[cmyk, 16, 4], RED, atol=16)
     np.testing.assert_allclose(images[cmyk, 16, 28], GREEN, atol=16)
     assert set(odd) <= {p.rsplit("/", 1)[-1] for p in manifest.paths}
+
+
+_EXIT_SCRIPT = """
+import sys
+from training.data import load_manifest
+from training.pipeline import make_train_dataset
+if sys.argv[2] == "ungated":  # to check that this test fails without the exit gate
+    import atexit
+    from training import pipeline
+    atexit.unregister(pipeline._EXIT_GATE.close)
+dataset = make_train_dataset(load_manifest(sys.argv[1]), 64, 2, 2)
+iterator = iter(dataset)
+next(iterator)
+print("first batch", flush=True)
+raise RuntimeError("user code failed while the iterator is still alive")
+"""
+
+
+def test_process_exits_while_prefetch_threads_are_decoding(tmp_path):
+    """A live iterator at exit (here held by an exception's traceback) must not hang the
+    interpreter while its threads are inside the Python decoder (big JPEGs keep them there)."""
+    gradient = np.linspace(0, 255, 2400, dtype=np.uint8)
+    big = np.stack(np.broadcast_arrays(gradient[None, :], gradient[:1800, None], np.uint8(128)), -1)
+    for c in range(2):
+        (tmp_path / f"c{c}").mkdir()
+        for i in range(3):
+            Image.fromarray(np.ascontiguousarray(big)).save(tmp_path / f"c{c}" / f"{i}.jpg")
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "CUDA_VISIBLE_DEVICES": ""}
+    run = subprocess.run(
+        [sys.executable, "-c", _EXIT_SCRIPT, str(tmp_path), "gated"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+    assert "first batch" in run.stdout, run.stderr[-2000:]
+    assert run.returncode == 1 and "still alive" in run.stderr

@@ -35,6 +35,7 @@ from training.pipeline import (
     _check_manifest,
     _check_size,
     _check_square,
+    _gated,
     _images_from_indices,
     _resolve_log,
     make_eval_dataset,
@@ -329,7 +330,12 @@ class OfflineHardNegativeMining(keras.callbacks.Callback):
         batch = self.tuples_per_batch * self.tuple_width
 
         def indices(step):
-            values = tf.numpy_function(self._next_indices, [step], tf.int64, stateful=True)
+            values = tf.numpy_function(
+                _gated(self._next_indices, lambda: np.zeros(batch, np.int64)),
+                [step],
+                tf.int64,
+                stateful=True,
+            )
             values.set_shape([batch])
             return values
 

@@ -24,9 +24,11 @@ images of each), as in Hermans et al., "In defense of the triplet loss" (2017).
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import threading
+import time
 
 import keras
 import numpy as np
@@ -203,6 +205,66 @@ class BadFileReporter(keras.callbacks.Callback):
         self._report_new("end of training")
 
 
+class _ExitGate:
+    """Lets interpreter exit proceed while tf.data threads are still calling into Python.
+
+    A live iterator over these datasets at exit (a global, or one held by the traceback of
+    an exception or Ctrl-C) would hang the process: its prefetch threads call the Python
+    decoder, and during finalisation a thread that needs the GIL blocks forever while the main
+    thread waits for it. At exit (`atexit`, while Python still runs normally) the gate closes:
+    calls in flight finish, later calls return at once with a placeholder, and the prefetch
+    buffers fill up so the threads go idle before finalisation starts.
+    """
+
+    def __init__(self):
+        self._condition = threading.Condition()
+        self._active = 0
+        self._last_call = 0.0
+        self.closed = False
+
+    def enter(self) -> bool:
+        with self._condition:
+            self._last_call = time.monotonic()
+            if self.closed:
+                return False
+            self._active += 1
+            return True
+
+    def leave(self) -> None:
+        with self._condition:
+            self._active -= 1
+            self._last_call = time.monotonic()
+            self._condition.notify_all()
+
+    def close(self, quiet: float = 0.5, timeout: float = 10.0) -> None:
+        deadline = time.monotonic() + timeout
+        with self._condition:
+            self.closed = True
+            while time.monotonic() < deadline:
+                idle = time.monotonic() - self._last_call
+                if self._active == 0 and idle >= quiet:
+                    return
+                self._condition.wait(timeout=max(quiet - idle, 0.05))
+
+
+_EXIT_GATE = _ExitGate()
+atexit.register(_EXIT_GATE.close)
+
+
+def _gated(function, placeholder):
+    """``function`` behind `_EXIT_GATE`; after exit starts it returns ``placeholder()``."""
+
+    def call(*args):
+        if not _EXIT_GATE.enter():
+            return placeholder()
+        try:
+            return function(*args)
+        finally:
+            _EXIT_GATE.leave()
+
+    return call
+
+
 class _Loader:
     """Python side of the decode step: decodes ``manifest.paths[index]``, recording failures.
 
@@ -253,9 +315,17 @@ class _Loader:
         return image, np.int32(label), np.bool_(True)
 
 
+def _exit_placeholder():
+    # "ok" so that filters downstream stop pulling and the buffers fill (see _ExitGate).
+    return np.zeros((1, 1, 3), np.uint8), np.int32(0), np.bool_(True)
+
+
 def _decode_op(loader: _Loader, index, position):
     image, label, ok = tf.numpy_function(
-        loader, [index, position], [tf.uint8, tf.int32, tf.bool], stateful=False
+        _gated(loader, _exit_placeholder),
+        [index, position],
+        [tf.uint8, tf.int32, tf.bool],
+        stateful=False,
     )
     image.set_shape([None, None, 3])
     label.set_shape([])
