@@ -803,9 +803,12 @@ min) from the same initial weights.</p>
 one region at its place in the image (regions of a scale overlap by about 40%).</p>
 <div class=figure><img src="figures/region_weights.svg" alt="region weight heatmaps"></div>
 <h2>Queries and their top {config.top_k} results (trained REMAP, ScaNN)</h2>
-<p class=note>The first view of each test photo, searched through the exported SavedModel
-({html.escape(state["embedder"])}) and the ScaNN index; the number under each result is its
-cosine similarity to the query.</p>
+<p class=note>The first view of each test photo, embedded through
+{html.escape(state["embedder"])} and searched in the ScaNN index. Under each result: its rank,
+its cosine similarity to the query and its file. The AP under a query is that query's over the
+whole database; the mAP in the line at the top of the page averages only the
+{len(views.test_photos)} queries shown here, while the table above averages every test view
+as a query.</p>
 """
 
 

@@ -227,12 +227,12 @@ def region_weights_svg(
     regions: np.ndarray,
     grid_shape: tuple[int, int] = (24, 32),
     title: str = "Region weights",
-    panel_width: int = 150,
+    panel_width: int = 180,
 ) -> str:
     """An SVG heatmap of region weights: one row per entry, one panel per scale.
 
-    Each row is normalised on its own (colour = weight / the row's maximum) and the weights
-    are printed, so rows with different scales stay readable and comparable in shape.
+    Colours share one scale from 0 to the largest weight of all rows, so rows (e.g. before
+    and after training) compare directly; each weight is also printed in its tile.
 
     Args:
         rows: ``(label, weights (num_regions,))`` per row, e.g. ``("layer 1\nlearned", w)``;
@@ -256,6 +256,8 @@ def region_weights_svg(
         if weights.shape != (count,):
             raise ValueError(f"Row {label!r} has {weights.size} weights for {count} regions.")
         checked.append((str(label), weights))
+    peak = max(float(w.max()) for _, w in checked)
+    peak = peak if peak > 0 else 1.0
     gh, gw = grid_shape
     panel_h = panel_width * gh / gw
     label_w, gap, head, caption = 170, 14, 44, 34
@@ -282,7 +284,6 @@ def region_weights_svg(
         )
     for r, (label, weights) in enumerate(checked):
         y0 = head + r * row_h
-        peak = float(weights.max()) if weights.size and weights.max() > 0 else 1.0
         lines = label.split("\n")
         first = y0 + panel_h / 2 - 7 * (len(lines) - 1)
         for n, line in enumerate(lines):
@@ -315,7 +316,7 @@ def region_weights_svg(
                 f"<rect x='{x0}' y='{y0}' width='{panel_width}' height='{panel_h:.1f}' "
                 "fill='none' stroke='#333'/>"
             )
-    # Colour bar: 0 .. row maximum.
+    # Colour bar: 0 .. the largest weight.
     bar_y, bar_x, bar_w = height - 12, label_w, min(240, width - label_w - 8)
     for i in range(24):
         parts.append(
@@ -324,7 +325,7 @@ def region_weights_svg(
         )
     parts.append(
         f"<text x='{bar_x - 6}' y='{bar_y}' text-anchor='end' fill='#555'>0</text>"
-        f"<text x='{bar_x + bar_w + 6}' y='{bar_y}' fill='#555'>row maximum</text>"
+        f"<text x='{bar_x + bar_w + 6}' y='{bar_y}' fill='#555'>{peak:.2f}</text>"
     )
     parts.append("</svg>")
     return "\n".join(parts) + "\n"
