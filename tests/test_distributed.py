@@ -1,7 +1,7 @@
 """model.fit under MirroredStrategy (2 logical CPUs) and MultiWorkerMirroredStrategy (2 worker
 processes on 127.0.0.1), against a single-device run on the same data.
 
-The model is a tiny REMAP (MobileNetV2 alpha 0.35, 64 px) with a frozen backbone, so that
+The model is a tiny REMAP (MobileNet alpha 0.25, 64 px) with a frozen backbone, so that
 BatchNorm runs in inference mode: per-replica batch statistics would otherwise make a
 2-replica run differ from a single-device one by design. With cross-replica mining, each
 replica's anchors are mined against the global batch, so the loss of every step is the
@@ -35,8 +35,8 @@ def _config(out_dir):
     config = TrainConfig.from_dict(
         {
             "model": {
-                "backbone": "mobilenet_v2",
-                "backbone_kwargs": {"alpha": 0.35},
+                "backbone": "mobilenet",
+                "backbone_kwargs": {"alpha": 0.25},
                 "levels": 2,
                 "dim": 16,
                 "freeze_backbone": True,
@@ -87,9 +87,11 @@ def _worker_main(argv=None):
     parser.add_argument("--out", required=True)
     args = parser.parse_args(argv)
     out = Path(args.out)
-    if args.mode == "local":
-        import tensorflow as tf
+    import tensorflow as tf
 
+    # Test speed only: grappler's graph rewrites cost more than these few steps save.
+    tf.config.optimizer.set_experimental_options({"disable_meta_optimizer": True})
+    if args.mode == "local":
         cpu = tf.config.list_physical_devices("CPU")[0]
         tf.config.set_logical_device_configuration(
             cpu, [tf.config.LogicalDeviceConfiguration()] * REPLICAS
@@ -233,3 +235,52 @@ def test_multi_worker_fails_without_the_keras_patch(tmp_path, local_runs):
 
 if __name__ == "__main__":
     _worker_main()
+
+
+@pytest.mark.slow
+def test_remap_train_multi_worker_end_to_end(tmp_path):
+    """`remap train --strategy multi_worker` with 2 workers: the chief writes model.keras and
+    config.yaml, the other worker writes nothing but its own (removed) backup."""
+    from training.photoset import make_photo_views
+
+    photos = make_photo_views(tmp_path / "photos", seed=2, views_per_photo=3, image_size=(64, 64))
+    out = tmp_path / "run"
+    ports = _free_ports(REPLICAS)
+    cluster = {"worker": [f"127.0.0.1:{p}" for p in ports]}
+    command = [
+        sys.executable, "-m", "serving.cli", "train", "--data", str(photos.train_csv),
+        "--out", str(out), "--strategy", "multi_worker", "--backbone", "mobilenet",
+        "--set", "model.backbone_kwargs={alpha: 0.25}", "--set", "model.levels=1",
+        "--set", "init.num_images=8", "--epochs", "2", "--steps-per-epoch", "2",
+        "--batch-size", "4", "--image-size", "64", "--verbose", "2",
+    ]  # fmt: skip
+    procs = [
+        subprocess.Popen(
+            command,
+            env=_env(
+                TF_CONFIG=json.dumps(
+                    {"cluster": cluster, "task": {"type": "worker", "index": index}}
+                )
+            ),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for index in range(REPLICAS)
+    ]
+    try:
+        outputs = [proc.communicate(timeout=600)[0] for proc in procs]
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    assert [p.returncode for p in procs] == [0, 0], "\n---\n".join(o[-3000:] for o in outputs)
+    assert all("on 2 replica(s)" in output for output in outputs)
+    assert (out / "model.keras").is_file() and (out / "config.yaml").is_file()
+    assert sorted(p.name for p in out.iterdir()) == [
+        "checkpoints",
+        "config.yaml",
+        "logs",
+        "model.keras",
+    ]

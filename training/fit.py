@@ -11,6 +11,7 @@ Output folder (``config.out_dir``)::
     config.yaml            the resolved TrainConfig
     checkpoints/           epoch_NNN.weights.h5 after every epoch, and config.yaml
     backup/                BackupAndRestore state (resume after a kill); removed at the end
+                           (other MultiWorker workers: backup_worker_N/)
     logs/                  TensorBoard: loss, learning_rate, val_map
 
 Reference: Husain & Bober, "REMAP: Multi-layer entropy-guided pooling of dense CNN features
@@ -285,8 +286,9 @@ def train(config: TrainConfig) -> TrainResult:
     start = time.monotonic()
     config.validate()
     out = Path(config.out_dir)
-    keras.utils.set_random_seed(config.seed)
+    # The strategy first: MultiWorkerMirroredStrategy must come before TF's context starts.
     strategy = strategies.make_strategy(config.strategy, devices=config.devices, tpu=config.tpu)
+    keras.utils.set_random_seed(config.seed)
     replicas = strategy.num_replicas_in_sync
     chief = strategies.is_chief(strategy)
     multi_worker = config.strategy == "multi_worker"
@@ -322,7 +324,8 @@ def train(config: TrainConfig) -> TrainResult:
     try:
         with strategy.scope():
             model = build_model(config)
-        backup_dir = out / "backup" if chief else out / "backup" / f"worker_{task_id}"
+        # Every worker keeps its own copy (the chief's is the one users see).
+        backup_dir = out / "backup" if chief else out / f"backup_worker_{task_id}"
         resuming = cb.backup_epoch(backup_dir) is not None
         recalibrate = config.init.recalibrate_batch_norm and not multi_worker
         sample = None
