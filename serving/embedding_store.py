@@ -268,7 +268,7 @@ def embed_collection(
             _atomic_save(npy, lambda h, rows=rows: np.save(h, rows, allow_pickle=False))
             _write_json(meta, {"images": done, "skipped": skipped})
         seen += len(chunk)
-        if bar is not None:
+        if bar is not None and loaded is not None:
             bar.update(seen)
         all_images.extend(done)
         all_rows.append(rows)
