@@ -207,6 +207,20 @@ def test_balanced_indices_cycle_small_classes_and_check_class_count():
         balanced_batch_indices(labels, 4, 2)
 
 
+def test_a_class_whose_files_are_all_bad_never_stalls_the_stream(tmp_path):
+    _solid_manifest(tmp_path, [RED, GREEN])
+    (tmp_path / "z_broken").mkdir()
+    for name in ("a.jpg", "b.png"):
+        (tmp_path / "z_broken" / name).write_text("not an image")
+    manifest = load_manifest(tmp_path)
+    log = BadFileLog()
+    dataset = make_train_dataset(manifest, 16, 2, 2, bad_files=log)
+    for images, labels in dataset.take(4).as_numpy_iterator():
+        assert images.shape == (4, 16, 16, 3)
+        assert 2 not in labels  # the broken class never reaches a batch
+    assert sorted(log.paths) == sorted(str(tmp_path / "z_broken" / n) for n in ("a.jpg", "b.png"))
+
+
 def test_square_modes_crop_the_centre_or_pad_with_black(tmp_path):
     image = np.zeros((32, 64, 3), np.uint8)
     image[:, :32] = RED

@@ -165,8 +165,9 @@ class OfflineHardNegativeMining(keras.callbacks.Callback):
     class labels, cycling through the shuffled tuples.
 
     The dataset prefetches a few batches ahead, so the first batches of an epoch may still come
-    from the previous epoch's tuples. Cost per epoch: one forward pass over up to
-    ``num_anchors + pool_size`` images.
+    from the previous epoch's tuples. Under a distribution strategy ``model.fit`` draws one batch
+    before any callback runs: call `mine` once before ``fit`` there. Cost per epoch: one forward
+    pass over up to ``num_anchors + pool_size`` images.
 
     Args:
         manifest: a `training.data.Manifest`.
@@ -315,8 +316,10 @@ class OfflineHardNegativeMining(keras.callbacks.Callback):
             tuples = self._tuples
         if tuples is None:
             raise ValueError(
-                "No tuples mined yet: pass the OfflineHardNegativeMining callback to model.fit "
-                "(or call .mine(model)) before iterating its dataset."
+                "No tuples mined yet: call OfflineHardNegativeMining.mine(model) before "
+                "iterating its dataset (model.fit under a distribution strategy draws a batch "
+                "before any callback runs), and pass the callback to model.fit to re-mine at "
+                "every epoch."
             )
         rows = (int(step) * self.tuples_per_batch + np.arange(self.tuples_per_batch)) % len(tuples)
         return tuples[rows].reshape(-1).astype(np.int64)

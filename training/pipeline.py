@@ -188,12 +188,15 @@ class BadFileReporter(keras.callbacks.Callback):
 
     def _report_new(self, when: str) -> None:
         entries = self.log.entries
+        # Keras' progress bar (verbose=1) leaves its line open until after this callback.
+        newline = "\n" if (self.params or {}).get("verbose") == 1 else ""
         for path, reason in entries[self._reported :]:
             message = f"Skipped bad image file {path} ({reason}) [{when}]"
             if self.print_fn is None or logger.hasHandlers():
                 logger.warning(message)
             if self.print_fn is not None:
-                self.print_fn(message)
+                self.print_fn(newline + message)
+                newline = ""
         self._reported = len(entries)
 
     def on_epoch_end(self, epoch, logs=None):
