@@ -194,6 +194,23 @@ def test_train_batches_are_class_balanced_static_and_seeded(tmp_path):
         np.testing.assert_allclose(image, np.broadcast_to(colours[label], image.shape), atol=1e-3)
 
 
+def test_shards_split_the_same_global_batches(tmp_path):
+    manifest = _solid_manifest(tmp_path, [(30 * c, 0, 0) for c in range(6)], per_class=2)
+    whole = list(make_train_dataset(manifest, 8, 4, 2, seed=1).take(3).as_numpy_iterator())
+    parts = [
+        list(make_train_dataset(manifest, 8, 4, 2, seed=1, shard=(2, i)).take(3)) for i in range(2)
+    ]
+    for step, (_, labels) in enumerate(whole):
+        first, second = parts[0][step][1].numpy(), parts[1][step][1].numpy()
+        assert first.shape == (4,)
+        np.testing.assert_array_equal(np.concatenate([first, second]), labels)
+        assert not set(first) & set(second)  # P = 4 over 2 shards: whole classes each
+    with pytest.raises(ValueError, match="divisible"):
+        make_train_dataset(manifest, 8, 3, 3, shard=(2, 0))
+    with pytest.raises(ValueError, match="shard"):
+        make_train_dataset(manifest, 8, 4, 2, shard=(2, 2))
+
+
 def test_balanced_indices_cycle_small_classes_and_check_class_count():
     labels = np.array([0, 1, 1, 1, 1, 2, 2])
     batches = list(balanced_batch_indices(labels, 3, 3, seed=0).take(3).as_numpy_iterator())

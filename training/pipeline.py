@@ -489,6 +489,19 @@ class _LoggingBadFileLog(BadFileLog):
         return new
 
 
+def _check_shard(shard, batch: int) -> tuple[int, int]:
+    try:
+        num_shards, index = (int(v) for v in shard)
+    except (TypeError, ValueError):
+        raise ValueError(f"`shard` must be (num_shards, index), received {shard!r}.") from None
+    if num_shards < 1 or not 0 <= index < num_shards or batch % num_shards:
+        raise ValueError(
+            f"`shard` {shard!r} needs 0 <= index < num_shards and the batch of {batch} images "
+            "divisible by num_shards."
+        )
+    return num_shards, index
+
+
 def make_train_dataset(
     manifest: Manifest,
     image_size: int = 224,
@@ -498,6 +511,7 @@ def make_train_dataset(
     seed: int = 0,
     bad_files: BadFileLog | None = None,
     square: str = "crop",
+    shard: tuple[int, int] | None = None,
 ) -> tf.data.Dataset:
     """An infinite dataset of class-balanced ``P x K`` training batches.
 
@@ -515,11 +529,18 @@ def make_train_dataset(
         seed: seed of the class sampling and of the augmentation.
         bad_files: a `BadFileLog` to record skipped files in; None logs each as found.
         square: ``"crop"`` or ``"pad"``.
+        shard: ``(num_shards, index)``: keep only slice ``index`` of every global ``P x K``
+            batch, for one input pipeline per worker (``(ctx.num_input_pipelines,
+            ctx.input_pipeline_id)`` of a ``tf.distribute.InputContext``). All shards draw the
+            same global batches (same ``seed``) and decode only their own images; with ``P``
+            divisible by ``num_shards`` each shard holds whole classes. ``P * K`` must be
+            divisible by ``num_shards``.
 
     Returns:
-        a ``tf.data.Dataset`` of ``(images, labels)``: float32 ``(P*K, S, S, 3)`` RGB 0-255 and
-        int32 ``(P*K,)`` labels (indices into ``manifest.class_names``); repeats forever, so
-        give ``model.fit`` a ``steps_per_epoch``.
+        a ``tf.data.Dataset`` of ``(images, labels)``: float32 ``(B, S, S, 3)`` RGB 0-255 and
+        int32 ``(B,)`` labels (indices into ``manifest.class_names``), ``B = P * K`` (divided by
+        ``num_shards`` with ``shard``); repeats forever, so give ``model.fit`` a
+        ``steps_per_epoch``.
 
     Example:
         >>> dataset = make_train_dataset(load_manifest("photos/"), image_size=224)
@@ -534,10 +555,15 @@ def make_train_dataset(
     if len(manifest) == 0:
         raise ValueError("No class has two or more images: triplet training needs positives.")
     indices = balanced_batch_indices(manifest.labels, p, k, seed)
+    batch = p * k
+    if shard is not None:
+        num_shards, index = _check_shard(shard, batch)
+        batch //= num_shards
+        indices = indices.map(lambda row: row[index * batch : (index + 1) * batch])
     return _images_from_indices(
         indices,
         manifest,
-        batch=p * k,
+        batch=batch,
         image_size=image_size,
         augment=bool(augment),
         seed=int(seed),
