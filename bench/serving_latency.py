@@ -21,6 +21,7 @@ Model: REMAP on MobileNetV2 (random weights: speed does not depend on them), exp
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import tempfile
 import time
@@ -85,6 +86,7 @@ def run(repeats_1: int = 30, repeats_16: int = 8) -> str:
     from serving.client import LocalEmbedder, RemapClient
     from tests.fake_tf_serving import FakeTFServing
 
+    load_before = os.getloadavg()[0]
     model = REMAP(BACKBONE)
     dim = model.output_shape[-1]
     workdir = Path(tempfile.mkdtemp(prefix="remap-serving-bench-"))
@@ -120,8 +122,11 @@ def run(repeats_1: int = 30, repeats_16: int = 8) -> str:
                     repeats,
                 )
                 rows.append((batch, repeats, sig, ker, remote, inproc))
+            # An empty request: the transport and serving overhead alone, no model compute.
+            remote0, inproc0 = _paired(lambda: client._run([]), lambda: local._run([]), repeats_1)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
+    load_after = os.getloadavg()[0]
 
     lines = [
         "## Serving: exported signature and gRPC round trip",
@@ -129,7 +134,8 @@ def run(repeats_1: int = 30, repeats_16: int = 8) -> str:
         f"Command: `python -m bench.serving_latency --repeats-1 {repeats_1} "
         f"--repeats-16 {repeats_16}`",
         f"Machine: {machine_line()}; TensorFlow {tf.__version__}, Keras {keras.__version__}, "
-        "CPU only.",
+        f"CPU only. 1-minute load average {load_before:.1f} before, {load_after:.1f} after "
+        "(the machine is shared; latencies scale with load, the paired ratios less so).",
         f"Model: REMAP on {BACKBONE} (random weights; speed does not depend on them), "
         f"descriptor size {dim}, export size {IMAGE_SIZE} px long side; inputs "
         f"{SOURCE_HW[1]}x{SOURCE_HW[0]} JPEGs (resized to 512x384). Export took "
@@ -164,12 +170,20 @@ def run(repeats_1: int = 30, repeats_16: int = 8) -> str:
             f"| {batch} | {repeats} | {r50:.1f} / {r99:.1f} | {i50:.1f} / {i99:.1f} | "
             f"{r50 / i50:.2f} | {r50 - i50:+.1f} |"
         )
+    (r50, r99), (i50, i99) = _percentiles(remote0), _percentiles(inproc0)
+    lines.append(
+        f"| 0 (empty request: overhead only) | {repeats_1} | {r50:.2f} / {r99:.2f} | "
+        f"{i50:.2f} / {i99:.2f} | {r50 / i50:.2f} | {r50 - i50:+.2f} |"
+    )
+    sig_1 = _percentiles(rows[0][2])[0]
+    sig_16 = _percentiles(rows[1][2])[0]
     lines += [
         "",
-        "p99 from this few calls is close to the maximum. Batch 16 through the exported "
-        "signature costs about 16 single images: `tf.map_fn` runs the model per image so "
-        "that images of any size share a request and a descriptor never depends on the "
-        "rest of the batch; the Keras side runs one batched call on equal-sized pixels.",
+        f"p99 from {repeats_16} calls (batch 16) is close to the maximum. Batch 16 through the "
+        f"exported signature took {sig_16 / sig_1:.1f}x its batch-1 time: `tf.map_fn` runs the "
+        "model once per image (4 in parallel), so that images of any size share a request "
+        "and a descriptor never depends on the rest of the batch; the Keras side runs one "
+        "batched call on equal-sized pixels.",
     ]
     return "\n".join(lines)
 

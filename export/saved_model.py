@@ -356,6 +356,32 @@ def _save(model: keras.Model, options: ExportOptions, path: Path) -> None:
     tf.saved_model.save(module, str(path), signatures=signatures)
 
 
+def _verify(saved_model_dir: Path, dim: int) -> None:
+    """Loads the SavedModel as a server would and answers every warm-up request."""
+    from export import warmup
+    from serving.client import clean_tf_message
+
+    loaded = tf.saved_model.load(str(saved_model_dir))
+    records = warmup.read_warmup_requests(saved_model_dir / "assets.extra" / WARMUP_FILE)
+    for i, record in enumerate(records):
+        request = record.predict_log.request
+        inputs = {key: tf.constant(tf.make_ndarray(t)) for key, t in request.inputs.items()}
+        try:
+            out = loaded.signatures[request.model_spec.signature_name](**inputs)[OUTPUT_KEY]
+        except tf.errors.InvalidArgumentError as error:
+            raise ValueError(
+                f"Warm-up request {i} ({request.model_spec.signature_name}) fails on the "
+                f"exported model, so TF Serving would refuse to load it: "
+                f"{clean_tf_message(error.message)}"
+            ) from None
+        want = (inputs[INPUT_KEY].shape[0], dim)
+        if tuple(out.shape) != want or not np.all(np.isfinite(out.numpy())):
+            raise ValueError(
+                f"Exported model answered warm-up request {i} with shape {tuple(out.shape)} "
+                f"(finite: {bool(np.all(np.isfinite(out.numpy())))}); expected {want}, finite."
+            )
+
+
 def next_version(base_dir) -> int:
     """The next free integer version in ``base_dir`` (1 when empty or absent)."""
     base = Path(base_dir)
@@ -392,6 +418,7 @@ def export_model(
     config=None,
     warmup_images=None,
     model_name: str | None = None,
+    verify: bool = True,
     _before_rename=None,
 ) -> Path:
     """Exports ``model`` to ``base_dir/<version>/`` for TensorFlow Serving.
@@ -410,6 +437,8 @@ def export_model(
         warmup_images: encoded images (bytes) or paths for the warm-up requests; default
             synthetic JPEG and PNG images.
         model_name: the name TF Serving serves it under; default ``base_dir``'s name.
+        verify: before the version appears, load the written SavedModel and replay its
+            warm-up requests (TF Serving refuses a version whose warm-up fails).
 
     Returns:
         the version folder, e.g. ``Path("models/remap/1")``.
@@ -489,9 +518,16 @@ def export_model(
             images=warmup_images,
             image_size=options.image_size,
         )
+        if verify:
+            _verify(saved, dim)
         if _before_rename is not None:  # a test hook: fail here to check nothing is left
             _before_rename(saved)
-        os.rename(saved, final)
+        try:
+            os.rename(saved, final)
+        except OSError as error:  # another export took this version number meanwhile
+            raise FileExistsError(
+                f"Could not create version {version} at {str(final)!r}: {error}"
+            ) from None
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     server_files.write_server_files(base, model_name=name)

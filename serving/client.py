@@ -208,9 +208,16 @@ class _Rejected(Exception):
 
 
 def _to_batch(signature: str, group):
+    """The request tensor: uint8 (n, h, w, 3) for embed_pixels, else bytes (n,)."""
     if signature == PIXELS_SIGNATURE:
-        return np.stack(group)
+        return np.stack(group) if group else np.zeros((0, 1, 1, 3), np.uint8)
     return np.array(group, dtype=object)
+
+
+def _tf_dtype(signature: str):
+    import tensorflow as tf
+
+    return tf.uint8 if signature == PIXELS_SIGNATURE else tf.string
 
 
 def _signature_info(inputs, outputs) -> dict:
@@ -232,6 +239,21 @@ def resolve_saved_model(path) -> Path:
             "integer versions (e.g. 1/saved_model.pb); run `remap export` first."
         )
     return max(versions, key=lambda p: int(p.name))
+
+
+def _signature_names(path: Path):
+    """Signature names from saved_model.pb, without loading the model (None if unreadable)."""
+    from tensorflow.core.protobuf import saved_model_pb2
+
+    proto = saved_model_pb2.SavedModel()
+    try:
+        proto.ParseFromString((path / "saved_model.pb").read_bytes())
+    except Exception:  # left to tf.saved_model.load, which gives the full reason
+        return None
+    names = set()
+    for graph in proto.meta_graphs:
+        names.update(name for name in graph.signature_def if not name.startswith("__"))
+    return names
 
 
 class LocalEmbedder(_Embedder):
@@ -258,6 +280,11 @@ class LocalEmbedder(_Embedder):
         self.chunk_size = int(chunk_size)
         self.signature = signature
         self._where = f"the SavedModel {str(self.path)!r}"
+        names = _signature_names(self.path)
+        if names is not None and signature not in names:  # before the (slow) load
+            raise ModelNotFoundError(
+                f"Signature {signature!r} is not in {str(self.path)!r}; it has {sorted(names)}."
+            )
         try:
             self._loaded = tf.saved_model.load(str(self.path))
         except Exception as error:  # TF raises several types for an unreadable SavedModel.
@@ -282,7 +309,7 @@ class LocalEmbedder(_Embedder):
         tf = self._tf
         batch = _to_batch(self.signature, group)
         try:
-            out = self._function(**{INPUT_KEY: tf.constant(batch)})
+            out = self._function(**{INPUT_KEY: tf.constant(batch, _tf_dtype(self.signature))})
         except tf.errors.InvalidArgumentError as error:
             raise _Rejected(clean_tf_message(error.message)) from None
         return out[OUTPUT_KEY].numpy()
@@ -432,7 +459,10 @@ class RemapClient(_Embedder):
             model_spec=model_pb2.ModelSpec(name=self.model_name, signature_name=self.signature),
             output_filter=[OUTPUT_KEY],
         )
-        request.inputs[INPUT_KEY].CopyFrom(tf.make_tensor_proto(_to_batch(self.signature, group)))
+        batch = _to_batch(self.signature, group)
+        request.inputs[INPUT_KEY].CopyFrom(
+            tf.make_tensor_proto(batch, dtype=_tf_dtype(self.signature))
+        )
         response = self._call(self._stub.Predict, request)
         if OUTPUT_KEY not in response.outputs:
             raise ServingError(

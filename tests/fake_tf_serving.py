@@ -142,8 +142,9 @@ class FakeTFServing:
         ...     RemapClient(server.target, "remap").embed([...])
     """
 
-    def __init__(self, base_dir, model_name: str, workers: int = 4):
-        self.servable = _Servable(model_name, base_dir)
+    def __init__(self, base_dir, model_name: str, workers: int = 4, servable=None):
+        # ``servable``: another FakeTFServing's, to skip loading the SavedModel again.
+        self.servable = servable or _Servable(model_name, base_dir)
         self.predictions = FakePredictionService(self.servable)
         self._server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=workers),

@@ -6,14 +6,11 @@ from __future__ import annotations
 import time
 
 import grpc
-import keras
 import numpy as np
 import pytest
 import tensorflow as tf
 from tensorflow_serving.apis import model_pb2, predict_pb2, prediction_service_pb2_grpc
 
-import remap_tf
-from export import saved_model as sm
 from serving import cli
 from serving.client import (
     ImageRejectedError,
@@ -25,20 +22,16 @@ from serving.client import (
     make_embedder,
 )
 from tests.fake_tf_serving import FakeTFServing
-from tests.test_export import encode, sample_images, smooth_image
+from tests.test_export import encode, sample_images, shared_export, smooth_image
 
 MODEL_NAME = "remap"
 
 
 @pytest.fixture(scope="module")
 def base_dir(tmp_path_factory):
-    keras.utils.set_random_seed(3)
-    model = remap_tf.REMAP("mobilenet", backbone_kwargs={"alpha": 0.25})
-    calibration = np.stack([smooth_image(96, 96, 200 + i) for i in range(16)]).astype("float32")
-    remap_tf.recalibrate_batch_norm(model, calibration, batch_size=16)
-    base = tmp_path_factory.mktemp("served") / MODEL_NAME
-    sm.export_model(model, base, image_size=96)
-    return base
+    """The base folder of tests/test_export.py's shared export: TF Serving and LocalEmbedder
+    use its highest version, 2 (multi-scale, 150x150 pixel limit)."""
+    return shared_export(tmp_path_factory)[1][0]
 
 
 @pytest.fixture(scope="module")
@@ -87,13 +80,15 @@ def test_embed_pixels_over_grpc_with_mixed_sizes(server, local, base_dir):
         over_grpc = c.embed(pixels)  # two requests: one per image size
     by_bytes = local.embed([encode(p, "PNG") for p in pixels])  # lossless: same pixels
     np.testing.assert_allclose(over_grpc, by_bytes, atol=1e-5)
-    in_process = LocalEmbedder(base_dir, signature="embed_pixels").embed(np.stack(pixels[:2]))
-    np.testing.assert_allclose(in_process, over_grpc[:2], atol=1e-5)
+    # make_embedder on a version folder: a LocalEmbedder over embed_pixels, one array in.
+    in_process = make_embedder(str(base_dir / "2"), signature="embed_pixels", chunk_size=1)
+    assert isinstance(in_process, LocalEmbedder) and in_process.chunk_size == 1
+    np.testing.assert_allclose(in_process.embed(np.stack(pixels[:2])), over_grpc[:2], atol=1e-5)
 
 
 def test_metadata_names_signatures_and_descriptor_size(client, local):
     remote = client.metadata()
-    assert remote["model"] == MODEL_NAME and remote["version"] == 1
+    assert remote["model"] == MODEL_NAME and remote["version"] == 2
     assert remote["descriptor_dim"] == local.dim == client.dim
     assert sorted(remote["signatures"]) == ["embed_pixels", "serving_default"]
     assert remote["signatures"]["serving_default"]["inputs"] == {
@@ -158,11 +153,11 @@ def test_unknown_model_names_the_model_and_address(server):
         c.embed([sample_images()[0]])
 
 
-def test_a_stopped_server_gives_a_clear_error_within_the_deadline(base_dir, images):
-    fake = FakeTFServing(base_dir, MODEL_NAME).start()
+def test_a_stopped_server_gives_a_clear_error_within_the_deadline(server, base_dir, images):
+    fake = FakeTFServing(base_dir, MODEL_NAME, servable=server.servable).start()
     target = fake.target
     with RemapClient(target, MODEL_NAME, timeout=2.0, retries=3, backoff=0.1) as c:
-        assert c.embed(images[:1]).shape[0] == 1
+        assert c.metadata()["model"] == MODEL_NAME  # reachable (a cheap call: no model run)
         fake.stop()
         start = time.monotonic()
         with pytest.raises(ServerUnavailableError) as error:
@@ -210,9 +205,8 @@ class socket_port:
 
 
 def test_make_embedder_picks_the_implementation(server, base_dir, local):
-    by_path = make_embedder(str(base_dir / "1"), chunk_size=2)
-    assert isinstance(by_path, LocalEmbedder) and by_path.chunk_size == 2
-    assert local.path == base_dir / "1"  # a base folder resolves to its highest version
+    # (make_embedder on a path is exercised in test_embed_pixels_over_grpc_with_mixed_sizes.)
+    assert local.path == base_dir / "2"  # a base folder resolves to its highest version
     remote = make_embedder(f"{server.target}/{MODEL_NAME}", timeout=5.0)
     assert isinstance(remote, RemapClient) and remote.model_name == MODEL_NAME
     assert remote.dim == local.dim

@@ -71,26 +71,40 @@ def decoded(data):
     return tf.io.decode_image(data, channels=3, expand_animations=False).numpy()
 
 
-@pytest.fixture(scope="module")
-def model():
-    keras.utils.set_random_seed(7)
-    m = remap_tf.REMAP("mobilenet", backbone_kwargs={"alpha": 0.25})
-    # Random-init MobileNet taps vanish (~1e-12) without BatchNorm statistics; calibrate so
-    # descriptors carry the image (otherwise every comparison below would be vacuous).
-    calibration = np.stack([smooth_image(96, 96, 100 + i) for i in range(16)]).astype("float32")
-    remap_tf.recalibrate_batch_norm(m, calibration, batch_size=16)
-    return m
+_SHARED = {}
+
+
+def shared_export(tmp_path_factory):
+    """A tiny calibrated REMAP model and two exports of it into one base folder (version 1
+    single-scale; version 2 multi-scale with a small pixel limit), made once per session
+    and shared with tests/test_client.py: exporting costs seconds of tracing."""
+    if not _SHARED:
+        keras.utils.set_random_seed(7)
+        model = remap_tf.REMAP("mobilenet", backbone_kwargs={"alpha": 0.25})
+        # Random-init MobileNet taps vanish (~1e-12) without BatchNorm statistics; calibrate
+        # so descriptors carry the image (otherwise the comparisons would be vacuous).
+        calibration = np.stack([smooth_image(96, 96, 100 + i) for i in range(16)])
+        remap_tf.recalibrate_batch_norm(model, calibration.astype("float32"), batch_size=16)
+        base = tmp_path_factory.mktemp("models") / "remap"
+        # verify=False: the warm-up replay is tested on its own below; skipping it here
+        # saves two SavedModel loads.
+        v1 = sm.export_model(
+            model, base, image_size=IMAGE_SIZE, config={"backbone": "mobilenet"}, verify=False
+        )
+        v2 = sm.export_model(model, base, image_size=IMAGE_SIZE, scales=SCALES,
+                             max_pixels=SMALL_MAX_PIXELS, verify=False)  # fmt: skip
+        _SHARED.update(model=model, exported=(base, v1, v2))
+    return _SHARED["model"], _SHARED["exported"]
 
 
 @pytest.fixture(scope="module")
-def exported(model, tmp_path_factory):
-    """Two exports into one base folder: version 1 single-scale, version 2 multi-scale with a
-    small pixel limit."""
-    base = tmp_path_factory.mktemp("models") / "remap"
-    v1 = sm.export_model(model, base, image_size=IMAGE_SIZE, config={"backbone": "mobilenet"})
-    v2 = sm.export_model(model, base, image_size=IMAGE_SIZE, scales=SCALES,
-                         max_pixels=SMALL_MAX_PIXELS)  # fmt: skip
-    return base, v1, v2
+def model(tmp_path_factory):
+    return shared_export(tmp_path_factory)[0]
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    return shared_export(tmp_path_factory)[1]
 
 
 @pytest.fixture(scope="module")
@@ -337,6 +351,15 @@ def test_failure_mid_export_leaves_no_partial_version(tmp_path):
         sm.export_model(model, base, image_size=64, _before_rename=fail)
     assert sorted(p.name for p in base.iterdir()) == before  # no 2/, no hidden temp folder
     assert sm.next_version(base) == 2
+
+
+def test_a_warmup_the_model_would_refuse_fails_the_export(tmp_path):
+    """TF Serving refuses a version whose warm-up fails: the export checks it first."""
+    big = encode(smooth_image(100, 100, 1), "PNG")
+    with pytest.raises(ValueError, match=r"Warm-up request 0 .*pixel limit"):
+        sm.export_model(tiny_functional_model(), tmp_path / "remap", image_size=64,
+                        max_pixels=64 * 64, warmup_images=[big])  # fmt: skip
+    assert [p.name for p in (tmp_path / "remap").iterdir()] == []
 
 
 def test_an_existing_version_is_never_overwritten(tmp_path):
