@@ -265,3 +265,42 @@ def test_save_is_atomic_and_refuses_to_clobber_other_directories(tmp_path):
     with pytest.raises(FileExistsError, match="not an index"):
         index.save(other)
     assert (other / "cat.jpg").exists()
+
+
+def test_many_random_updates_match_exact_search(tmp_path):
+    """Interleaved adds and deletes (batches, the last row, middle rows) on a brute-force
+    ScaNN index leave it answering exactly as an ExactIndex given the same operations."""
+    rng = np.random.default_rng(7)
+    pool = clustered_unit_vectors(900, 16, 12, seed=8)
+    scann, exact = ScannIndex(16), ExactIndex(16)
+    names = [f"v{i}" for i in range(len(pool))]
+    live, next_row = [], 0
+    for step in range(30):
+        if step == 0 or not live or rng.random() < 0.55:
+            count = int(rng.integers(1, 40))
+            new = names[next_row : next_row + count]
+            vectors = pool[next_row : next_row + count]
+            next_row += count
+            for index in (scann, exact):
+                index.add(new, vectors)
+            live += new
+        else:
+            gone = list(
+                rng.choice(live, size=min(len(live), int(rng.integers(1, 15))), replace=False)
+            )
+            if live[-1] not in gone:
+                gone.append(live[-1])
+            for index in (scann, exact):
+                index.delete(gone)
+            live = [i for i in live if i not in set(gone)]
+        if step == 3:
+            scann.build()
+    queries = clustered_unit_vectors(25, 16, 12, seed=9)
+    assert sorted(scann.ids) == sorted(exact.ids) == sorted(live)
+    got, got_scores = scann.search(queries, k=5)
+    want, want_scores = exact.search(queries, k=5)
+    np.testing.assert_allclose(got_scores, want_scores, atol=1e-5)
+    np.testing.assert_array_equal(got, want)
+    scann.save(tmp_path / "index")
+    again, _ = load_index(tmp_path / "index").search(queries, k=5)
+    np.testing.assert_array_equal(again, want)
