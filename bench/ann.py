@@ -388,7 +388,9 @@ def summarise(n, rows, threads_list) -> tuple[str, list[str]]:
     return "\n".join(lines), verdicts
 
 
-def run(sizes, threads_list, num_queries, nq_flat, write: bool, hnsw_max: int) -> str:
+def run(
+    sizes, threads_list, num_queries, nq_flat, write: bool, hnsw_max: int, spread: float = 0.5
+) -> str:
     from bench.report import machine_line
 
     started = time.perf_counter()
@@ -396,8 +398,8 @@ def run(sizes, threads_list, num_queries, nq_flat, write: bool, hnsw_max: int) -
     for n in sizes:
         t0 = time.perf_counter()
         clusters = max(100, n // 100)
-        database = clustered_unit_vectors(n, DIM, clusters, seed=1, centres_seed=0)
-        queries = clustered_unit_vectors(num_queries, DIM, clusters, seed=2, centres_seed=0)
+        database = clustered_unit_vectors(n, DIM, clusters, 1, spread, centres_seed=0)
+        queries = clustered_unit_vectors(num_queries, DIM, clusters, 2, spread, centres_seed=0)
         truth = exact_search(database, queries, K, max(threads_list))
         print(f"[{n}] data + ground truth in {time.perf_counter() - t0:.1f}s", flush=True)
         rows = []
@@ -452,7 +454,7 @@ def run(sizes, threads_list, num_queries, nq_flat, write: bool, hnsw_max: int) -
             "run, so absolute queries/s are noisy: each figure is the fastest of at least two "
             "timed passes over all queries (>= 1 s in total), methods measured in turn.",
             "",
-            f"Data: clustered unit vectors ({DIM}-d; n/100 Gaussian clusters, noise 0.5 per "
+            f"Data: clustered unit vectors ({DIM}-d; n/100 Gaussian clusters, noise {spread} per "
             f"dimension, then L2-normalised), {num_queries} fresh queries from the same clusters "
             f"({nq_flat} for the two exhaustive methods), dot product, k = {K}; recall@10 "
             "against exact NumPy search. Builds use all threads. 'index MB per 1M vectors' is "
@@ -487,6 +489,9 @@ def main(argv=None) -> int:
         help="build the HNSW indexes (faiss, hnswlib) only up to this many vectors",
     )
     parser.add_argument("--flat-queries", type=int, default=200)
+    parser.add_argument(
+        "--spread", type=float, default=0.5, help="cluster noise per dimension (harder: 1.0)"
+    )
     parser.add_argument("--no-write", action="store_true", help="print only")
     args = parser.parse_args(argv)
     run(
@@ -496,6 +501,7 @@ def main(argv=None) -> int:
         args.flat_queries,
         write=not args.no_write,
         hnsw_max=args.hnsw_max,
+        spread=args.spread,
     )
     return 0
 
