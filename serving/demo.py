@@ -246,7 +246,8 @@ def add_parsers(subparsers) -> None:
 
 def _command(args) -> int:
     # TensorFlow's C++ start-up notices (oneDNN, CUDA probing) are noise in a demo's output.
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    # Level 3 also hides the "failed call to cuInit" error every CPU-only machine prints.
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     config = DemoConfig(
         out_dir=args.out,
         seed=args.seed,
@@ -290,7 +291,11 @@ class _Data:
     train_labels: object  # int32 (num_train,)
 
 
-def run_demo(config: DemoConfig, log: Callable[[str], None] = print) -> DemoResult:
+def _print(line: str) -> None:
+    print(line, flush=True)  # shown at once even when stdout is a pipe (CI logs, tee)
+
+
+def run_demo(config: DemoConfig, log: Callable[[str], None] = _print) -> DemoResult:
     """Runs the demo end to end (see the module docstring) and writes ``config.out_dir``.
 
     Args:
@@ -305,6 +310,9 @@ def run_demo(config: DemoConfig, log: Callable[[str], None] = print) -> DemoResu
     """
     config.validate()
     status = _Status(log)
+    if config.serving:
+        _check_server(config.serving)
+        status("serving", f"TF Serving answers at {config.serving}")
     out = Path(config.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     data = _make_data(config, out, status)
@@ -601,12 +609,34 @@ def _export_and_embed(model, config: DemoConfig, out: Path, database: list, stat
     return descriptors
 
 
+def _check_server(target: str) -> None:
+    """Fails fast, before any training, when no TF Serving answers at ``target``.
+
+    Raises:
+        serving.client.ServerUnavailableError: nothing answers (one-line CLI error).
+    """
+    from serving.client import ModelNotFoundError, make_embedder
+
+    client = make_embedder(target, model_name="remap", timeout=5.0, retries=1)
+    try:
+        client.metadata()
+    except ModelNotFoundError:
+        pass  # the server is up; the model appears once the demo has exported it
+    finally:
+        client.close()
+
+
 def _wait_for_version(client, version: int, target: str, timeout: float = 120.0) -> None:
     """Waits until TF Serving serves ``version`` (it polls the base path for new versions)."""
+    from serving.client import ModelNotFoundError
+
     deadline = time.monotonic() + timeout
     served = None
     while time.monotonic() < deadline:
-        served = client.metadata().get("version")
+        try:
+            served = client.metadata().get("version")
+        except ModelNotFoundError:
+            served = None
         if served is not None and int(served) >= version:
             return
         time.sleep(2.0)

@@ -231,8 +231,9 @@ def region_weights_svg(
 ) -> str:
     """An SVG heatmap of region weights: one row per entry, one panel per scale.
 
-    Colours share one scale from 0 to the largest weight of all rows, so rows (e.g. before
-    and after training) compare directly; each weight is also printed in its tile.
+    Colours share one scale, from the smallest to the largest weight of all rows, so rows
+    (e.g. before and after training) compare directly and the small spread of weights that
+    average 1 stays visible; each weight is also printed in its tile.
 
     Args:
         rows: ``(label, weights (num_regions,))`` per row, e.g. ``("layer 1\nlearned", w)``;
@@ -256,8 +257,9 @@ def region_weights_svg(
         if weights.shape != (count,):
             raise ValueError(f"Row {label!r} has {weights.size} weights for {count} regions.")
         checked.append((str(label), weights))
-    peak = max(float(w.max()) for _, w in checked)
-    peak = peak if peak > 0 else 1.0
+    low = min(float(w.min()) for _, w in checked)
+    high = max(float(w.max()) for _, w in checked)
+    spread = high - low if high > low else 1.0
     gh, gw = grid_shape
     panel_h = panel_width * gh / gw
     label_w, gap, head, caption = 170, 14, 44, 34
@@ -299,7 +301,7 @@ def region_weights_svg(
             x0 = label_w + s * (panel_width + gap)
             tile_w, tile_h = panel_width / scale["cols"], panel_h / scale["rows"]
             for index, (row, col) in zip(scale["indices"], scale["positions"], strict=True):
-                value = weights[index] / peak
+                value = (weights[index] - low) / spread
                 x, y = x0 + col * tile_w, y0 + row * tile_h
                 parts.append(
                     f"<rect x='{x:.1f}' y='{y:.1f}' width='{tile_w:.1f}' height='{tile_h:.1f}' "
@@ -316,7 +318,7 @@ def region_weights_svg(
                 f"<rect x='{x0}' y='{y0}' width='{panel_width}' height='{panel_h:.1f}' "
                 "fill='none' stroke='#333'/>"
             )
-    # Colour bar: 0 .. the largest weight.
+    # Colour bar: the smallest .. the largest weight.
     bar_y, bar_x, bar_w = height - 12, label_w, min(240, width - label_w - 8)
     for i in range(24):
         parts.append(
@@ -324,8 +326,8 @@ def region_weights_svg(
             f"width='{bar_w / 24 + 0.5:.1f}' height='8' fill='{ramp_colour(i / 23)}'/>"
         )
     parts.append(
-        f"<text x='{bar_x - 6}' y='{bar_y}' text-anchor='end' fill='#555'>0</text>"
-        f"<text x='{bar_x + bar_w + 6}' y='{bar_y}' fill='#555'>{peak:.2f}</text>"
+        f"<text x='{bar_x - 6}' y='{bar_y}' text-anchor='end' fill='#555'>{low:.2f}</text>"
+        f"<text x='{bar_x + bar_w + 6}' y='{bar_y}' fill='#555'>{high:.2f}</text>"
     )
     parts.append("</svg>")
     return "\n".join(parts) + "\n"
