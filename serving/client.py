@@ -99,6 +99,15 @@ class _Embedder:
     def _run(self, batch):  # -> np.ndarray (len(batch), dim)
         raise NotImplementedError
 
+    def close(self) -> None:
+        """Releases the connection (nothing to release in process)."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
     @property
     def dim(self) -> int:
         raise NotImplementedError
@@ -404,13 +413,8 @@ class RemapClient(_Embedder):
         self._dim = None
 
     def close(self) -> None:
+        """Closes the gRPC channel."""
         self._channel.close()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
 
     def _call(self, method, request):
         grpc = self._grpc
