@@ -14,6 +14,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+import yaml
 from google.protobuf import text_format
 from PIL import Image
 from tensorflow_serving.config import model_server_config_pb2
@@ -268,9 +269,12 @@ def test_config_asset_and_server_files(model, exported):
     batching = (base / server_files.BATCHING_FILE).read_text()
     assert "pad_variable_length_inputs: false" in batching
     assert "max_batch_size { value: 32 }" in batching
-    compose = (base / server_files.COMPOSE_FILE).read_text()
-    assert "tensorflow/serving" in compose
-    assert "--model_config_file=/models/remap/models.config" in compose
+    compose = yaml.safe_load((base / server_files.COMPOSE_FILE).read_text())
+    service = compose["services"]["remap"]
+    assert "tensorflow/serving" in service["image"]
+    assert service["volumes"] == ["./:/models/remap:ro"]
+    assert "--model_config_file=/models/remap/models.config" in service["command"]
+    assert "--batching_parameters_file=/models/remap/batching_parameters.txt" in service["command"]
 
 
 def test_server_files_are_never_overwritten(tmp_path):
