@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -83,7 +82,7 @@ def _run(strategy, out_dir, init_weights, result_path):
 
 def _worker_main(argv=None):
     parser = argparse.ArgumentParser()
-    parser.add_argument("--mode", choices=("local", "worker"), required=True)
+    parser.add_argument("--mode", choices=("local", "worker", "bare"), required=True)
     parser.add_argument("--out", required=True)
     args = parser.parse_args(argv)
     out = Path(args.out)
@@ -105,6 +104,19 @@ def _worker_main(argv=None):
         mirrored = make_strategy("mirrored", ["/cpu:0", "/cpu:1"])
         assert mirrored.num_replicas_in_sync == REPLICAS
         _run(mirrored, out, out / "init.weights.h5", out / "mirrored")
+    elif args.mode == "bare":
+        # The smallest fit under MWMS: enough to hit keras-team/keras#20585.
+        import keras
+
+        from training.strategies import make_strategy
+
+        strategy = make_strategy("multi_worker")
+        with strategy.scope():
+            model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+            model.compile("sgd", "mse")
+        data = tf.data.Dataset.from_tensors((np.ones((4, 2), "float32"), np.ones((4, 1))))
+        model.fit(data.repeat(), epochs=1, steps_per_epoch=2, verbose=0)
+        print("fit finished", flush=True)
     else:
         from training.strategies import make_strategy
 
@@ -130,7 +142,7 @@ def _env(**extra):
     return env
 
 
-def _run_workers(out, extra_env=None, timeout=240):
+def _run_workers(out, extra_env=None, timeout=240, mode="worker"):
     ports = _free_ports(REPLICAS)
     cluster = {"worker": [f"127.0.0.1:{p}" for p in ports]}
     procs = []
@@ -138,7 +150,7 @@ def _run_workers(out, extra_env=None, timeout=240):
         tf_config = json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}})
         procs.append(
             subprocess.Popen(
-                [sys.executable, str(HERE), "--mode", "worker", "--out", str(out)],
+                [sys.executable, str(HERE), "--mode", mode, "--out", str(out)],
                 env=_env(TF_CONFIG=tf_config, **(extra_env or {})),
                 stdout=subprocess.PIPE,
                 stderr=subprocess.STDOUT,
@@ -221,16 +233,18 @@ def test_multi_worker_fit_two_processes(local_runs):
         np.testing.assert_allclose(a, b, rtol=2e-3, atol=2e-5)
 
 
-def test_multi_worker_fails_without_the_keras_patch(tmp_path, local_runs):
+def test_multi_worker_fails_without_the_keras_patch(tmp_path):
     """The same run with training/keras_compat.py disabled shows Keras' original error."""
     from training import keras_compat
 
     if not keras_compat.is_affected():
         pytest.skip("this Keras version does not have keras-team/keras#20585")
-    shutil.copyfile(local_runs / "init.weights.h5", tmp_path / "init.weights.h5")
-    codes, outputs = _run_workers(tmp_path, {keras_compat.DISABLE_ENV: "1"}, timeout=120)
+    codes, outputs = _run_workers(
+        tmp_path, {keras_compat.DISABLE_ENV: "1"}, timeout=120, mode="bare"
+    )
     assert codes != [0, 0]
     assert any("Attempt to convert a value (PerReplica" in output for output in outputs), outputs
+    # (With the fix, test_multi_worker_fit_two_processes runs fit to the end.)
 
 
 if __name__ == "__main__":

@@ -140,8 +140,8 @@ def test_fit_model_on_a_tiny_remap(tmp_path):
 
     config = TrainConfig.from_dict(
         {
-            "model": {"backbone": "mobilenet_v2", "backbone_kwargs": {"alpha": 0.35},
-                      "levels": 1, "dim": 8},
+            "model": {"backbone": "mobilenet", "backbone_kwargs": {"alpha": 0.25},
+                      "levels": 1, "dim": 8, "freeze_backbone": True},
             "data": {"image_size": 64, "classes_per_batch": 2, "images_per_class": 2},
             "epochs": 1, "steps_per_epoch": 2, "verbose": 0, "out_dir": str(tmp_path),
         }
