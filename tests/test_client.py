@@ -9,7 +9,13 @@ import grpc
 import numpy as np
 import pytest
 import tensorflow as tf
-from tensorflow_serving.apis import model_pb2, predict_pb2, prediction_service_pb2_grpc
+from tensorflow_serving.apis import (
+    get_model_status_pb2,
+    model_pb2,
+    model_service_pb2_grpc,
+    predict_pb2,
+    prediction_service_pb2_grpc,
+)
 
 from serving import cli
 from serving.client import (
@@ -98,6 +104,19 @@ def test_metadata_names_signatures_and_descriptor_size(client, local):
         "descriptors": {"dtype": "float32", "shape": [None, local.dim]}
     }
     assert remote["signatures"] == local.metadata()["signatures"]
+
+
+def test_stand_in_model_service_reports_the_served_version(server):
+    request = get_model_status_pb2.GetModelStatusRequest(
+        model_spec=model_pb2.ModelSpec(name=MODEL_NAME)
+    )
+    with grpc.insecure_channel(server.target) as channel:
+        status = model_service_pb2_grpc.ModelServiceStub(channel).GetModelStatus(
+            request, timeout=20
+        )
+    (version,) = status.model_version_status
+    assert version.version == 2
+    assert version.state == get_model_status_pb2.ModelVersionStatus.AVAILABLE
 
 
 def test_empty_input_gives_zero_rows(client, local):
