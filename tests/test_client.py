@@ -196,8 +196,10 @@ def test_deadline_exceeded_is_retried_then_reported(server, images):
             c.embed(images[:1])
         elapsed = time.monotonic() - start
     server.predictions.delay_s = 0.0
-    assert elapsed < 2.0
-    assert server.predictions.calls - calls == 2  # first attempt + one retry
+    # Two deadlines and one back-off were waited (0.2 + 0.05 + 0.2 s): the call was retried
+    # once, then reported. (The server may not have received the retry under heavy load.)
+    assert 0.45 <= elapsed < 3.0
+    assert 1 <= server.predictions.calls - calls <= 2
 
 
 def test_an_unreachable_address_is_named():
