@@ -335,10 +335,11 @@ def train(config: TrainConfig) -> TrainResult:
             recalibrate_batch_norm(model, sample[0], batch_size=config.data.validation_batch_size)
         if not resuming and sample is not None:
             initialise(model, sample[0], sample[1], config)
+            _check_descriptors(model, sample[0][: config.data.validation_batch_size], config)
         with strategy.scope():
             compile_model(model, config)
 
-        callbacks = [pipeline.BadFileReporter(bad_files)]
+        callbacks = [pipeline.BadFileReporter(bad_files), keras.callbacks.TerminateOnNaN()]
         if config.loss.offline_mining:
             from training.mining import OfflineHardNegativeMining
 
@@ -447,6 +448,24 @@ def save_model(model, path) -> Path:
     path = Path(path)
     _atomic_save(lambda tmp: model.save(tmp), os.fspath(path))
     return path
+
+
+def _check_descriptors(model, images, config: TrainConfig) -> None:
+    """ValueError if the initialised model's descriptors are not finite (nothing to train)."""
+    import numpy as np
+
+    descriptors = np.asarray(model(images, training=False), dtype=np.float32)
+    if not np.all(np.isfinite(descriptors)):
+        hint = ""
+        if config.mixed_precision and config.model.weights is None:
+            hint = (
+                " A random-initialised backbone's features underflow float16: use "
+                "model.weights, init.recalibrate_batch_norm, or turn mixed_precision off."
+            )
+        raise ValueError(
+            "The model's descriptors are not finite after the region-weight and whitening "
+            f"initialisation, so training cannot start.{hint}"
+        )
 
 
 def _init_sample(manifest, config: TrainConfig, bad_files):
