@@ -124,3 +124,29 @@ def test_keras_compat_apply_is_idempotent(monkeypatch):
     assert keras_compat.apply() is True
     assert trainer.reduce_per_replica is patched is keras_compat._reduce_per_replica
     assert trainer.TensorFlowTrainer._maybe_symbolic_build is keras_compat._maybe_symbolic_build
+
+
+def test_strategies_by_name_and_tf_config_checks():
+    import json
+
+    import tensorflow as tf
+
+    from training.strategies import check_tf_config, is_chief, make_strategy
+
+    assert make_strategy("default") is tf.distribute.get_strategy()
+    assert make_strategy("one_device", ["/cpu:0"]).num_replicas_in_sync == 1
+    assert is_chief(make_strategy("default"))
+    with pytest.raises(ValueError, match="horovod"):
+        make_strategy("horovod")
+    with pytest.raises(ValueError, match="devices"):
+        make_strategy("default", devices=["/cpu:0"])
+    assert check_tf_config(None) == {}
+    good = {
+        "cluster": {"worker": ["127.0.0.1:1", "127.0.0.1:2"]},
+        "task": {"type": "worker", "index": 1},
+    }
+    assert check_tf_config(json.dumps(good)) == good
+    with pytest.raises(ValueError, match="not valid JSON"):
+        check_tf_config("{cluster")
+    with pytest.raises(ValueError, match="not in the cluster"):
+        check_tf_config(json.dumps({**good, "task": {"type": "worker", "index": 2}}))
