@@ -18,6 +18,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import os
 import tempfile
 import types
@@ -153,10 +154,10 @@ class TrainConfig:
             target = values
             for part in parts[:-1]:
                 if not isinstance(target.get(part), dict):
-                    raise ValueError(f"Unknown config field {key!r}.")
+                    raise ValueError(f"Unknown config field {key!r}.{_hint(part, target)}")
                 target = target[part]
             if parts[-1] not in target:
-                raise ValueError(f"Unknown config field {key!r}.")
+                raise ValueError(f"Unknown config field {key!r}.{_hint(parts[-1], target)}")
             target[parts[-1]] = value
         return TrainConfig.from_dict(values)
 
@@ -256,6 +257,11 @@ _NULLABLE = {
 }
 
 
+def _hint(name: str, known) -> str:
+    close = difflib.get_close_matches(name, list(known), n=1)
+    return f" Did you mean {close[0]!r}?" if close else f" Known here: {sorted(known)}."
+
+
 def load_config(path=None, overrides: dict | None = None) -> TrainConfig:
     """Defaults, then the YAML file at ``path`` (if any), then ``overrides``; validated.
 
@@ -282,7 +288,12 @@ def read_yaml(path) -> dict:
     try:
         values = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as error:
-        raise ValueError(f"Config file {str(path)!r} is not valid YAML: {error}") from error
+        mark = getattr(error, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(error, "problem", None) or type(error).__name__
+        raise ValueError(
+            f"Config file {str(path)!r} is not valid YAML: {problem}{where}."
+        ) from error
     if values is None:
         return {}
     if not isinstance(values, dict):
