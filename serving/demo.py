@@ -313,6 +313,11 @@ def _print(line: str) -> None:
 def run_demo(config: DemoConfig, log: Callable[[str], None] = _print) -> DemoResult:
     """Runs the demo end to end (see the module docstring) and writes ``config.out_dir``.
 
+    Each model is built after ``keras.backend.clear_session()`` and
+    ``keras.utils.set_random_seed(config.seed)``, so that all start from the same backbone
+    weights; models the caller built before are not affected, but Keras' layer-name counters
+    restart.
+
     Args:
         config: a `DemoConfig`.
         log: receives one line per step, and the final table.
