@@ -133,6 +133,7 @@ def run(args) -> dict:
         epochs=1,
         steps_per_epoch=args.warmup + args.rounds * args.steps,
         callbacks=[timer],
+        shuffle=False,
         verbose=0,
     )
     fit_trace = timer.trace

@@ -207,6 +207,7 @@ def fit_model(
         epochs=config.epochs,
         steps_per_epoch=config.steps_per_epoch,
         initial_epoch=initial_epoch,
+        shuffle=False,  # the P×K sampler already shuffles; Keras would only warn
         callbacks=own + list(callbacks),
         verbose=config.verbose,
     )
