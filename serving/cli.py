@@ -8,6 +8,7 @@ library function with explicit keyword arguments.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 
@@ -34,6 +35,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    # TensorFlow's C++ start-up chatter (oneDNN notes, missing CUDA drivers on a CPU machine)
+    # is noise for a command-line user; errors still surface as Python exceptions. An
+    # explicit TF_CPP_MIN_LOG_LEVEL in the environment wins.
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
