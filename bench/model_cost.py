@@ -135,8 +135,8 @@ def run(backbone: str, height: int, width: int, batches, repeats: int) -> str:
     lines.insert(
         4,
         f"Load average (1 min) on the {os.cpu_count()} cores: {load_before:.1f} at the start, "
-        f"{load_after:.1f} at the end; above {os.cpu_count()} other processes were competing "
-        "and single timings are noisy, which is why the ratio is taken per paired run.",
+        f"{load_after:.1f} at the end (above {os.cpu_count()}, other processes competed for "
+        "the cores; the overhead is taken per paired run so that load hits both sides alike).",
     )
     worst = max(r["overhead"] for r in rows)
     verdict = "meets" if worst < 0.10 else "misses"
