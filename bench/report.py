@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import platform
 import re
-import tempfile
 import time
 from pathlib import Path
 
@@ -41,7 +40,6 @@ def write_section(name: str, body: str, path: Path = BENCHMARKS_MD) -> None:
         text = pattern.sub(lambda _: block, text)
     else:
         text = text.rstrip() + "\n\n" + block + "\n"
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".benchmarks.", suffix=".md")
-    with os.fdopen(fd, "w", encoding="utf-8") as handle:
-        handle.write(text)
-    os.replace(tmp, path)
+    from remap_tf.io import atomic_write_text  # lazy: importing remap_tf loads TensorFlow
+
+    atomic_write_text(path, text)

@@ -17,9 +17,7 @@ Docker daemon (see docs/serving.md).
 
 from __future__ import annotations
 
-import os
 import re
-import tempfile
 from pathlib import Path
 
 MODELS_CONFIG = "models.config"
@@ -104,10 +102,9 @@ services:
 def _write_if_absent(path: Path, text: str) -> bool:
     if path.exists():
         return False
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w", encoding="utf-8") as handle:
-        handle.write(text)
-    os.replace(tmp, path)
+    from remap_tf.io import atomic_write_text  # lazy: importing remap_tf loads TensorFlow
+
+    atomic_write_text(path, text)
     return True
 
 

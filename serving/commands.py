@@ -12,7 +12,6 @@ without TensorFlow Serving.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import sys
@@ -32,17 +31,9 @@ def _embedder(model: str):
 
 
 def _write_json_atomic(path, value) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            json.dump(value, handle, indent=2)
-            handle.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    from remap_tf.io import atomic_write_json  # lazy: importing remap_tf loads TensorFlow
+
+    atomic_write_json(path, value)
 
 
 # ---------------------------------------------------------------------------------------

@@ -47,7 +47,6 @@ import html
 import json
 import os
 import sys
-import tempfile
 import time
 import warnings
 from collections.abc import Callable
@@ -902,16 +901,9 @@ def _working_directory(path: Path):
 
 
 def _write_text(path: Path, text: str) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text if text.endswith("\n") else text + "\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    from remap_tf.io import atomic_write_text  # lazy: importing remap_tf loads TensorFlow
+
+    return atomic_write_text(path, text if text.endswith("\n") else text + "\n")
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import html
 import math
-import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -335,14 +333,6 @@ def region_weights_svg(
 
 def write_svg(path, svg: str) -> Path:
     """Writes ``svg`` to ``path`` atomically (temporary file, then rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(svg)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    from remap_tf.io import atomic_write_text  # lazy: importing remap_tf loads TensorFlow
+
+    return atomic_write_text(path, svg)

@@ -24,7 +24,6 @@ import html
 import io
 import math
 import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -38,14 +37,9 @@ BLUE = (40, 90, 200)
 
 
 def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    from remap_tf.io import atomic_write_bytes  # lazy: importing remap_tf loads TensorFlow
+
+    atomic_write_bytes(path, data)
 
 
 def _open_thumbnail(source, box, size: int) -> Image.Image:

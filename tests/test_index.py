@@ -241,7 +241,7 @@ def test_auto_config_follows_scann_guidance():
     assert resolved.mode == "ah" and resolved.reorder >= 100
     resolved = config.resolved(1_000_000)
     assert resolved.mode == "tree_ah" and resolved.num_leaves == 1000
-    assert 1 <= resolved.num_leaves_to_search <= resolved.num_leaves
+    assert resolved.num_leaves_to_search == 100  # a tenth of the leaves
     override = ScannConfig(mode="tree_ah", num_leaves=50, reorder=500).resolved(10_000)
     assert (override.mode, override.num_leaves, override.reorder) == ("tree_ah", 50, 500)
     with pytest.raises(ValueError, match="mode"):

@@ -20,7 +20,6 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import os
-import tempfile
 import types
 import typing
 from pathlib import Path
@@ -303,16 +302,9 @@ def read_yaml(path) -> dict:
 
 def atomic_write_text(path, text: str) -> None:
     """Writes ``text`` to ``path`` via a temporary file in the same folder and a rename."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    from remap_tf.io import atomic_write_text as write  # lazy: remap_tf loads TensorFlow
+
+    write(path, text)
 
 
 def _from_dict(cls, values, prefix: str):

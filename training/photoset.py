@@ -38,7 +38,6 @@ import io
 import json
 import math
 import os
-import tempfile
 import zlib
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -378,15 +377,9 @@ def _write_if_changed(path: Path, data: bytes) -> None:
     """Writes ``data`` atomically (temporary file, then rename) unless already identical."""
     if path.is_file() and path.read_bytes() == data:
         return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    from remap_tf.io import atomic_write_bytes  # lazy: importing remap_tf loads TensorFlow
+
+    atomic_write_bytes(path, data)
 
 
 def _remove_leftovers(root: Path, keep: set[Path]) -> None:
