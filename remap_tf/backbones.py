@@ -1,67 +1,20 @@
 """keras.applications backbones with named multi-layer taps and in-graph preprocessing.
 
-Each backbone is described once, in `BACKBONES`: which ``keras.applications`` constructor
-builds it, which layers REMAP taps by default (the last two stages, the paper's "layer 1+2"),
-and how raw RGB 0-255 is preprocessed for it. To add a backbone, add one `BackboneSpec`.
+Each backbone is described once, in `remap_tf.specs.BACKBONES`: which ``keras.applications``
+constructor builds it, which layers REMAP taps by default (the last two stages, the paper's
+"layer 1+2"), and how raw RGB 0-255 is preprocessed for it. This module builds them.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import difflib
 import os
 
 import keras
+import numpy as np
 
-
-@dataclasses.dataclass(frozen=True)
-class BackboneSpec:
-    """How to build one backbone.
-
-    Attributes:
-        constructor: name of the function in ``keras.applications``.
-        taps: default layer names to tap, shallow to deep (the last two stages).
-        preprocessing: an `remap_tf.layers.ImagePreprocessing` mode.
-        constructor_kwargs: fixed extra arguments for the constructor.
-    """
-
-    constructor: str
-    taps: tuple[str, ...]
-    preprocessing: str
-    constructor_kwargs: tuple[tuple[str, object], ...] = ()
-
-
-BACKBONES: dict[str, BackboneSpec] = {
-    "vgg16": BackboneSpec("VGG16", ("block4_conv3", "block5_conv3"), "caffe"),
-    "vgg19": BackboneSpec("VGG19", ("block4_conv4", "block5_conv4"), "caffe"),
-    "resnet50": BackboneSpec("ResNet50", ("conv4_block6_out", "conv5_block3_out"), "caffe"),
-    "resnet101": BackboneSpec("ResNet101", ("conv4_block23_out", "conv5_block3_out"), "caffe"),
-    "resnet152": BackboneSpec("ResNet152", ("conv4_block36_out", "conv5_block3_out"), "caffe"),
-    "mobilenet": BackboneSpec("MobileNet", ("conv_pw_11_relu", "conv_pw_13_relu"), "tf"),
-    "mobilenet_v2": BackboneSpec("MobileNetV2", ("block_12_add", "out_relu"), "tf"),
-    # EfficientNetV2 rescales 0-255 input itself (include_preprocessing=True).
-    "efficientnet_v2_b0": BackboneSpec(
-        "EfficientNetV2B0",
-        ("block5e_add", "top_activation"),
-        "none",
-        (("include_preprocessing", True),),
-    ),
-    "efficientnet_v2_s": BackboneSpec(
-        "EfficientNetV2S",
-        ("block5i_add", "top_activation"),
-        "none",
-        (("include_preprocessing", True),),
-    ),
-}
-
-
-def get_spec(name: str) -> BackboneSpec:
-    """The `BackboneSpec` of ``name``; ValueError listing the known names otherwise."""
-    if name not in BACKBONES:
-        close = difflib.get_close_matches(str(name), BACKBONES, n=1)
-        hint = f" Did you mean {close[0]!r}?" if close else ""
-        raise ValueError(f"Unknown backbone {name!r}; expected one of {sorted(BACKBONES)}.{hint}")
-    return BACKBONES[name]
+from remap_tf.errors import InvalidInputError
+from remap_tf.specs import get_spec
 
 
 def build_backbone(
@@ -87,7 +40,7 @@ def build_backbone(
     if weights not in (None, "imagenet"):
         local_file = os.fspath(weights)
         if not os.path.isfile(local_file):
-            raise ValueError(
+            raise InvalidInputError(
                 f"`weights` must be None, 'imagenet' or an existing weights file; "
                 f"received {weights!r}, which is not a file."
             )
@@ -103,7 +56,7 @@ def build_backbone(
         try:
             model.load_weights(local_file)
         except Exception as error:  # Keras raises several types for a mismatched file.
-            raise ValueError(
+            raise InvalidInputError(
                 f"Could not load backbone weights {local_file!r} into {name!r} "
                 f"({spec.constructor} with {arguments or 'default arguments'}): {error}"
             ) from error
@@ -114,13 +67,13 @@ def tap_model(backbone: keras.Model, taps, name: str | None = None) -> keras.Mod
     """A model returning the outputs of the ``taps`` layers of ``backbone``, in order."""
     taps = tuple(taps)
     if not taps:
-        raise ValueError("`taps` must name at least one layer, received an empty list.")
+        raise InvalidInputError("`taps` must name at least one layer, received an empty list.")
     names = [layer.name for layer in backbone.layers]
     outputs = []
     for tap in taps:
         if tap not in names:
             close = difflib.get_close_matches(str(tap), names, n=3)
-            raise ValueError(
+            raise InvalidInputError(
                 f"Unknown tap layer {tap!r} in backbone {backbone.name!r}; close names: {close}."
             )
         outputs.append(backbone.get_layer(tap).output)
@@ -158,8 +111,6 @@ def recalibrate_batch_norm(model: keras.Model, images, batch_size: int = 32) -> 
     Returns:
         the number of BatchNormalization layers recalibrated.
     """
-    import numpy as np
-
     layers = batch_norm_layers(model)
     images = np.asarray(images)
     if not layers or len(images) == 0:

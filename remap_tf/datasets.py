@@ -37,6 +37,7 @@ from pathlib import Path
 import numpy as np
 
 from remap_tf import evaluation
+from remap_tf.errors import BadPathError, InvalidInputError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 FORMATS = ("revisited", "oxford", "holidays", "ukbench", "folders", "groups")
@@ -85,7 +86,7 @@ class RetrievalDataset:
 
     def _check(self, protocol: str) -> str:
         if protocol not in self.protocols:
-            raise ValueError(f"{self.name} has protocols {self.protocols}, not {protocol!r}")
+            raise InvalidInputError(f"{self.name} has protocols {self.protocols}, not {protocol!r}")
         return protocol
 
     def evaluate(
@@ -114,7 +115,7 @@ def _images_in(directory: Path) -> list[Path]:
 def _require_dir(path, what: str) -> Path:
     path = Path(path)
     if not path.is_dir():
-        raise FileNotFoundError(f"{what} {path} is not a directory")
+        raise BadPathError(f"{what} {path} is not a directory")
     return path
 
 
@@ -154,7 +155,7 @@ def query_image(query: Query) -> str | bytes:
         left, top = max(0, int(np.floor(x1))), max(0, int(np.floor(y1)))
         right, bottom = min(image.width, int(np.ceil(x2))), min(image.height, int(np.ceil(y2)))
         if right <= left or bottom <= top:
-            raise ValueError(
+            raise InvalidInputError(
                 f"query {query.name}: box {query.box} is empty inside the "
                 f"{image.width}x{image.height} image {query.path}"
             )
@@ -216,7 +217,9 @@ def _load_ground_truth_pickle(path: Path):
             # latin1 reads NumPy arrays pickled by Python 2 as the original files were.
             return _GroundTruthUnpickler(handle, encoding="latin1").load()
         except (pickle.UnpicklingError, EOFError, AttributeError, ValueError) as error:
-            raise ValueError(f"{path} is not a revisited ground-truth pickle: {error}") from None
+            raise InvalidInputError(
+                f"{path} is not a revisited ground-truth pickle: {error}"
+            ) from None
 
 
 def load_revisited(pkl_path, image_dir=None, extension: str = ".jpg") -> RetrievalDataset:
@@ -234,13 +237,13 @@ def load_revisited(pkl_path, image_dir=None, extension: str = ".jpg") -> Retriev
     """
     pkl_path = Path(pkl_path)
     if not pkl_path.is_file():
-        raise FileNotFoundError(f"no revisited ground-truth file at {pkl_path}")
+        raise BadPathError(f"no revisited ground-truth file at {pkl_path}")
     image_dir = Path(image_dir) if image_dir is not None else pkl_path.parent / "jpg"
     gnd = _load_ground_truth_pickle(pkl_path)
     if not isinstance(gnd, dict) or not {"imlist", "qimlist", "gnd"} <= set(gnd):
-        raise ValueError(f"{pkl_path} lacks the 'imlist', 'qimlist' and 'gnd' entries")
+        raise InvalidInputError(f"{pkl_path} lacks the 'imlist', 'qimlist' and 'gnd' entries")
     if len(gnd["gnd"]) != len(gnd["qimlist"]):
-        raise ValueError(
+        raise InvalidInputError(
             f"{pkl_path}: {len(gnd['gnd'])} ground-truth entries for {len(gnd['qimlist'])} queries"
         )
     database = [str(image_dir / f"{name}{extension}") for name in gnd["imlist"]]
@@ -279,7 +282,7 @@ def load_revisited(pkl_path, image_dir=None, extension: str = ".jpg") -> Retriev
 
 def _read_names(path: Path) -> list[str]:
     if not path.is_file():
-        raise FileNotFoundError(f"ground-truth file {path} is missing")
+        raise BadPathError(f"ground-truth file {path} is missing")
     return [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
@@ -304,10 +307,10 @@ def load_oxford_paris(gt_dir, image_dir, name: str | None = None) -> RetrievalDa
     image_dir = _require_dir(image_dir, "image folder")
     query_files = sorted(gt_dir.glob("*_query.txt"))
     if not query_files:
-        raise FileNotFoundError(f"no *_query.txt files in {gt_dir}")
+        raise BadPathError(f"no *_query.txt files in {gt_dir}")
     images = _images_in(image_dir)
     if not images:
-        raise FileNotFoundError(f"no images in {image_dir}")
+        raise BadPathError(f"no images in {image_dir}")
     index = {p.stem: i for i, p in enumerate(images)}
     database = [str(p) for p in images]
     queries, missing = [], set()
@@ -316,16 +319,18 @@ def load_oxford_paris(gt_dir, image_dir, name: str | None = None) -> RetrievalDa
         lines = _read_names(query_file)
         fields = lines[0].split() if lines else []
         if len(fields) != 5:
-            raise ValueError(
+            raise InvalidInputError(
                 f"{query_file}: expected '<image> x1 y1 x2 y2', got {lines[:1] or 'an empty file'}"
             )
         image_name = fields[0].removeprefix("oxc1_")
         try:
             box = tuple(float(v) for v in fields[1:])
         except ValueError:
-            raise ValueError(f"{query_file}: the box {fields[1:]} is not four numbers") from None
+            raise InvalidInputError(
+                f"{query_file}: the box {fields[1:]} is not four numbers"
+            ) from None
         if image_name not in index:
-            raise FileNotFoundError(
+            raise BadPathError(
                 f"{query_file}: query image {image_name} is not in the image folder {image_dir}"
             )
 
@@ -367,7 +372,7 @@ def load_holidays(image_dir) -> RetrievalDataset:
     image_dir = _require_dir(image_dir, "Holidays image folder")
     images = [p for p in _images_in(image_dir) if p.stem.isdigit()]
     if not images:
-        raise FileNotFoundError(f"no Holidays images (<digits>.jpg) in {image_dir}")
+        raise BadPathError(f"no Holidays images (<digits>.jpg) in {image_dir}")
     images.sort(key=lambda p: int(p.stem))
     database = [str(p) for p in images]
     groups: dict[int, list[int]] = {}
@@ -390,7 +395,7 @@ def load_ukbench(image_dir) -> RetrievalDataset:
     pattern = re.compile(r"ukbench(\d+)$", re.IGNORECASE)
     images = [p for p in _images_in(image_dir) if pattern.search(p.stem)]
     if not images:
-        raise FileNotFoundError(f"no UKBench images (ukbench<n>.jpg) in {image_dir}")
+        raise BadPathError(f"no UKBench images (ukbench<n>.jpg) in {image_dir}")
     images.sort(key=lambda p: int(pattern.search(p.stem).group(1)))
     database = [str(p) for p in images]
     groups: dict[int, list[int]] = {}
@@ -421,7 +426,7 @@ def load_folders(root) -> RetrievalDataset:
             database.extend(str(p) for p in images)
     distractors = [str(p) for p in _images_in(root)]
     if not groups:
-        raise FileNotFoundError(f"no class folders with images in {root}")
+        raise BadPathError(f"no class folders with images in {root}")
     database.extend(distractors)
     return RetrievalDataset(
         name=root.name,
@@ -441,13 +446,13 @@ def load_groups_json(path) -> RetrievalDataset:
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"no groups JSON file at {path}")
+        raise BadPathError(f"no groups JSON file at {path}")
     try:
         spec = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise ValueError(f"{path} is not valid JSON: {error}") from None
+        raise InvalidInputError(f"{path} is not valid JSON: {error}") from None
     if not isinstance(spec, dict) or not isinstance(spec.get("groups"), list):
-        raise ValueError(f"{path}: expected an object with a 'groups' list")
+        raise InvalidInputError(f"{path}: expected an object with a 'groups' list")
     base = path.parent
     database: list[str] = []
     seen: dict[str, int] = {}
@@ -455,30 +460,30 @@ def load_groups_json(path) -> RetrievalDataset:
 
     def add(rel, where: str) -> int:
         if not isinstance(rel, str) or not rel:
-            raise ValueError(f"{path}: {where}: image paths must be non-empty strings, got {rel!r}")
+            raise InvalidInputError(
+                f"{path}: {where}: image paths must be non-empty strings, got {rel!r}"
+            )
         full = os.path.normpath(base / rel)
         if full in seen:
-            raise ValueError(f"{path}: {where}: image {rel} is listed twice")
+            raise InvalidInputError(f"{path}: {where}: image {rel} is listed twice")
         seen[full] = len(database)
         database.append(full)
         return seen[full]
 
     for g, group in enumerate(spec["groups"]):
         if not isinstance(group, dict) or not isinstance(group.get("images"), list):
-            raise ValueError(f"{path}: groups[{g}] needs an 'images' list")
+            raise InvalidInputError(f"{path}: groups[{g}] needs an 'images' list")
         name = str(group.get("name", g))
         groups.append([add(rel, f"groups[{g}] ({name})") for rel in group["images"]])
         names.append(name)
     distractors = spec.get("distractors", [])
     if not isinstance(distractors, list):
-        raise ValueError(f"{path}: 'distractors' must be a list of paths")
+        raise InvalidInputError(f"{path}: 'distractors' must be a list of paths")
     for rel in distractors:
         add(rel, "distractors")
     absent = [p for p in database if not os.path.isfile(p)]
     if absent:
-        raise FileNotFoundError(
-            f"{path}: {len(absent)} listed image(s) do not exist, e.g. {absent[:3]}"
-        )
+        raise BadPathError(f"{path}: {len(absent)} listed image(s) do not exist, e.g. {absent[:3]}")
     return RetrievalDataset(
         name=path.stem,
         database=database,
@@ -495,9 +500,9 @@ def detect_format(path) -> str:
             return "revisited"
         if path.suffix == ".json":
             return "groups"
-        raise ValueError(f"cannot tell the dataset format of {path}: expected .pkl or .json")
+        raise InvalidInputError(f"cannot tell the dataset format of {path}: expected .pkl or .json")
     if not path.is_dir():
-        raise FileNotFoundError(f"no dataset at {path}")
+        raise BadPathError(f"no dataset at {path}")
     if any(path.glob("*_query.txt")):
         return "oxford"
     images = _images_in(path)
@@ -507,7 +512,9 @@ def detect_format(path) -> str:
         return "ukbench"
     if any(p.is_dir() for p in path.iterdir()):
         return "folders"
-    raise ValueError(f"cannot tell the dataset format of {path}; pass one of {FORMATS} explicitly")
+    raise InvalidInputError(
+        f"cannot tell the dataset format of {path}; pass one of {FORMATS} explicitly"
+    )
 
 
 def load_dataset(path, format: str = "auto", images=None) -> RetrievalDataset:
@@ -526,7 +533,7 @@ def load_dataset(path, format: str = "auto", images=None) -> RetrievalDataset:
         return load_revisited(path, images)
     if format == "oxford":
         if images is None:
-            raise ValueError(
+            raise InvalidInputError(
                 "the Oxford/Paris text format needs the image folder (--images / images=...)"
             )
         return load_oxford_paris(path, images)
@@ -538,4 +545,4 @@ def load_dataset(path, format: str = "auto", images=None) -> RetrievalDataset:
         return load_folders(path)
     if format == "groups":
         return load_groups_json(path)
-    raise ValueError(f"dataset format must be 'auto' or one of {FORMATS}, got {format!r}")
+    raise InvalidInputError(f"dataset format must be 'auto' or one of {FORMATS}, got {format!r}")

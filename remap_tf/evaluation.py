@@ -26,6 +26,8 @@ from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
 
+from remap_tf.errors import InvalidInputError
+
 DEFAULT_KAPPAS = (1, 5, 10)
 REVISITED_PROTOCOLS = ("easy", "medium", "hard")
 
@@ -146,7 +148,7 @@ def precision_at_k(
 def _as_rows(array: np.ndarray, name: str) -> np.ndarray:
     array = np.asarray(array, dtype=np.float32)
     if array.ndim != 2:
-        raise ValueError(
+        raise InvalidInputError(
             f"{name} must be a (num, dim) matrix of row descriptors, got {array.shape}"
         )
     return array
@@ -172,7 +174,7 @@ def rank_database(
     queries = _as_rows(query_descriptors, "query_descriptors")
     database = _as_rows(database_descriptors, "database_descriptors")
     if queries.shape[1] != database.shape[1]:
-        raise ValueError(
+        raise InvalidInputError(
             f"query_descriptors have dim {queries.shape[1]} but database_descriptors have "
             f"dim {database.shape[1]}"
         )
@@ -211,7 +213,7 @@ def mean_average_precision(
     """
     num_queries = len(positives)
     if len(rankings) != num_queries:
-        raise ValueError(f"{len(rankings)} rankings for {num_queries} queries' ground truth")
+        raise InvalidInputError(f"{len(rankings)} rankings for {num_queries} queries' ground truth")
     if junk is None:
         junk = [()] * num_queries
     aps = np.full(num_queries, np.nan)
@@ -256,7 +258,7 @@ def revisited_groundtruth(
         return easy + hard, junk
     if protocol == "hard":
         return hard, junk + easy
-    raise ValueError(f"protocol must be one of {REVISITED_PROTOCOLS}, got {protocol!r}")
+    raise InvalidInputError(f"protocol must be one of {REVISITED_PROTOCOLS}, got {protocol!r}")
 
 
 def revisited_map(
@@ -316,7 +318,9 @@ def label_map(
     labels = np.asarray(labels)
     n = x.shape[0]
     if labels.shape != (n,):
-        raise ValueError(f"labels must have shape ({n},) to match descriptors, got {labels.shape}")
+        raise InvalidInputError(
+            f"labels must have shape ({n},) to match descriptors, got {labels.shape}"
+        )
     _, codes = np.unique(labels, return_inverse=True)
     codes = codes.reshape(-1)
     counts = np.bincount(codes)
@@ -386,7 +390,7 @@ def alpha_query_expansion(
     q = _as_rows(query_descriptors, "query_descriptors")
     db = _as_rows(database_descriptors, "database_descriptors")
     if k < 0:
-        raise ValueError(f"k must be >= 0, got {k}")
+        raise InvalidInputError(f"k must be >= 0, got {k}")
     k = min(int(k), db.shape[0])
     if k == 0:
         return q.copy()

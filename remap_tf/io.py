@@ -1,44 +1,128 @@
 """Atomic file writes: a reader sees the old file or the new one, never half of either.
 
-Every module that writes a result file (configs, reports, figures, manifests, benchmark
-sections) goes through these, so a crash or Ctrl-C never leaves a truncated file behind.
+Every file the project writes (configs, reports, figures, manifests, index files, embedding
+shards, Keras checkpoints, benchmark sections) goes through `atomic_write` or `atomic_save`,
+so a crash, a kill or Ctrl-C never leaves a truncated file behind:
+
+- `atomic_write(path, write)`: ``write(handle)`` fills a temporary file beside ``path``;
+  `atomic_write_bytes`, `atomic_write_text` and `atomic_write_json` are built on it;
+- `atomic_save(path, save)`: for writers that want a file name (``model.save``,
+  ``np.save``): ``save(temporary_name)`` writes it.
+
+The temporary file is created with mode ``0o666`` minus the process umask, as ``open()``
+would, so results are readable by others under the usual umask 022 (0644), not 0600.
+Standard library only: importing this module does not import TensorFlow.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import tempfile
+import secrets
+from collections.abc import Callable
 from pathlib import Path
+from typing import BinaryIO
+
+__all__ = [
+    "atomic_save",
+    "atomic_write",
+    "atomic_write_bytes",
+    "atomic_write_json",
+    "atomic_write_text",
+    "fsync_directory",
+]
 
 
-def atomic_write_bytes(path, data: bytes) -> Path:
-    """Writes ``data`` to ``path`` via a temporary file in the same folder, then a rename.
+def _temporary_name(path: Path, suffix: str = ".tmp") -> Path:
+    return path.parent / f".{path.name}.{secrets.token_hex(4)}{suffix}"
 
-    The parent folder is created if missing. On any failure the temporary file is removed
-    and ``path`` is left as it was.
+
+def fsync_directory(directory) -> None:
+    """Flushes a folder's entries (a rename into it) to disk; a no-op where unsupported."""
+    try:
+        fd = os.open(os.fspath(directory), os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path, write: Callable[[BinaryIO], object], fsync: bool = True) -> Path:
+    """Writes ``path`` through ``write(handle)`` on a temporary file, then renames it.
+
+    The parent folder is created if missing. On any failure (an exception in ``write``, a
+    full disk, KeyboardInterrupt) the temporary file is removed and ``path`` is left as it
+    was.
+
+    Args:
+        path: the file to write.
+        write: called with a binary file handle open for writing.
+        fsync: flush the data and the rename to disk before returning (durable after a
+            power loss, not just after a crash of this process).
 
     Returns:
         ``path`` as a `Path`.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = _temporary_name(path)
+    # O_EXCL: never write through a file (or link) someone else put at the temporary name.
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
         with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
+            write(handle)
+            if fsync:
+                handle.flush()
+                os.fsync(handle.fileno())
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
+    if fsync:
+        fsync_directory(path.parent)
     return path
 
 
-def atomic_write_text(path, text: str) -> Path:
+def atomic_save(path, save: Callable[[str], object]) -> Path:
+    """Calls ``save(temporary_name)`` beside ``path``, then renames the result to ``path``.
+
+    For writers that open the file themselves (``model.save``, ``model.save_weights``,
+    ``np.save``). The temporary name ends like ``path`` (``.keras``, ``.weights.h5``, ``.npy``)
+    so the writer recognises the format; it does not exist when ``save`` is called.
+
+    Returns:
+        ``path`` as a `Path`.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    name = path.name
+    suffix = ".weights.h5" if name.endswith(".weights.h5") else path.suffix
+    tmp = _temporary_name(path, suffix=suffix)
+    try:
+        save(os.fspath(tmp))
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_directory(path.parent)
+    return path
+
+
+def atomic_write_bytes(path, data: bytes, fsync: bool = True) -> Path:
+    """`atomic_write` of ``data``."""
+    return atomic_write(path, lambda handle: handle.write(data), fsync=fsync)
+
+
+def atomic_write_text(path, text: str, fsync: bool = True) -> Path:
     """`atomic_write_bytes` of ``text`` encoded as UTF-8."""
-    return atomic_write_bytes(path, text.encode("utf-8"))
+    return atomic_write_bytes(path, text.encode("utf-8"), fsync=fsync)
 
 
-def atomic_write_json(path, value, indent: int = 2) -> Path:
-    """`atomic_write_text` of ``value`` as JSON with a final newline."""
-    return atomic_write_text(path, json.dumps(value, indent=indent) + "\n")
+def atomic_write_json(path, value, indent: int | None = 2, fsync: bool = True) -> Path:
+    """`atomic_write_text` of ``value`` as JSON (UTF-8, non-ASCII kept) with a final newline."""
+    text = json.dumps(value, indent=indent, ensure_ascii=False) + "\n"
+    return atomic_write_text(path, text, fsync=fsync)

@@ -12,7 +12,8 @@ import numpy as np
 import tensorflow as tf
 
 from remap_tf import ops
-from remap_tf.regions import num_regions, relative_regions
+from remap_tf.errors import InvalidInputError
+from remap_tf.regions import relative_regions
 
 _PACKAGE = "remap_tf"
 
@@ -42,7 +43,7 @@ class ImagePreprocessing(keras.layers.Layer):
     def __init__(self, mode: str = "caffe", **kwargs):
         super().__init__(**kwargs)
         if mode not in PREPROCESSING_MODES:
-            raise ValueError(
+            raise InvalidInputError(
                 f"Unknown preprocessing mode {mode!r}; expected one of {PREPROCESSING_MODES}."
             )
         self.mode = mode
@@ -142,13 +143,15 @@ class RegionWeighting(keras.layers.Layer):
     def __init__(self, num_regions: int, normalize: bool = True, **kwargs):
         super().__init__(**kwargs)
         if isinstance(num_regions, bool) or int(num_regions) != num_regions or num_regions < 1:
-            raise ValueError(f"`num_regions` must be a positive integer, received {num_regions!r}")
+            raise InvalidInputError(
+                f"`num_regions` must be a positive integer, received {num_regions!r}"
+            )
         self.num_regions = int(num_regions)
         self.normalize = normalize
 
     def build(self, input_shape):
         if input_shape[1] is not None and input_shape[1] != self.num_regions:
-            raise ValueError(
+            raise InvalidInputError(
                 f"{self.name} expects {self.num_regions} regions, received input shape "
                 f"{tuple(input_shape)}."
             )
@@ -219,7 +222,7 @@ class GeMPooling(keras.layers.Layer):
     def __init__(self, p: float = 3.0, trainable_p: bool = True, epsilon: float = 1e-6, **kwargs):
         super().__init__(**kwargs)
         if not p > 0:
-            raise ValueError(f"GeM exponent `p` must be > 0, received {p!r}.")
+            raise InvalidInputError(f"GeM exponent `p` must be > 0, received {p!r}.")
         self.p = float(p)
         self.trainable_p = trainable_p
         self.epsilon = epsilon
@@ -291,13 +294,17 @@ class Whitening(keras.layers.Layer):
     def __init__(self, units: int | None = None, **kwargs):
         super().__init__(**kwargs)
         if units is not None and (int(units) != units or units < 1):
-            raise ValueError(f"`units` must be a positive integer or None, received {units!r}")
+            raise InvalidInputError(
+                f"`units` must be a positive integer or None, received {units!r}"
+            )
         self.units = None if units is None else int(units)
 
     def build(self, input_shape):
         input_dim = input_shape[-1]
         if input_dim is None:
-            raise ValueError(f"{self.name} needs a known last dimension, received {input_shape}")
+            raise InvalidInputError(
+                f"{self.name} needs a known last dimension, received {input_shape}"
+            )
         units = self.units or input_dim
         self.kernel = self.add_weight(
             name="kernel",
@@ -318,7 +325,7 @@ class Whitening(keras.layers.Layer):
         bias = np.asarray(bias, dtype=np.float32)
         want = tuple(self.kernel.shape)
         if kernel.shape != want or bias.shape != (want[1],):
-            raise ValueError(
+            raise InvalidInputError(
                 f"{self.name}: expected kernel {want} and bias ({want[1]},), received "
                 f"{kernel.shape} and {bias.shape}."
             )
@@ -330,8 +337,3 @@ class Whitening(keras.layers.Layer):
 
     def get_config(self):
         return {**super().get_config(), "units": self.units}
-
-
-def region_count(levels: int, grid_shape=(24, 32)) -> int:
-    """Number of regions a `RegionMaxPooling` with these arguments produces."""
-    return num_regions(levels, tuple(grid_shape))

@@ -28,23 +28,23 @@ from __future__ import annotations
 import keras
 import tensorflow as tf
 
-MININGS = ("batch_hard", "semi_hard", "batch_all")
+from remap_tf.errors import InvalidInputError
+from remap_tf.specs import MININGS, check_choice
+
 _PACKAGE = "remap_tf"
 
 
 def _check_mining(mining) -> str:
-    if mining not in MININGS:
-        raise ValueError(f"Unknown triplet mining {mining!r}; expected one of {MININGS}.")
-    return mining
+    return check_choice("triplet mining", mining, MININGS)
 
 
 def _check_margin(margin) -> float:
     try:
         value = float(margin)
     except (TypeError, ValueError):
-        raise ValueError(f"`margin` must be a number >= 0, received {margin!r}.") from None
+        raise InvalidInputError(f"`margin` must be a number >= 0, received {margin!r}.") from None
     if not value >= 0.0:  # also rejects NaN
-        raise ValueError(f"`margin` must be a number >= 0, received {margin!r}.")
+        raise InvalidInputError(f"`margin` must be a number >= 0, received {margin!r}.")
     return value
 
 

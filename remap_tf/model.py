@@ -17,7 +17,9 @@ from __future__ import annotations
 import keras
 import numpy as np
 
-from remap_tf.backbones import build_backbone, get_spec, tap_model
+from remap_tf.backbones import build_backbone, tap_model
+from remap_tf.contract import MIN_IMAGE_SIZE
+from remap_tf.errors import InvalidInputError
 from remap_tf.layers import (
     GeMPooling,
     ImagePreprocessing,
@@ -29,9 +31,8 @@ from remap_tf.layers import (
     Whitening,
 )
 from remap_tf.regions import relative_regions
+from remap_tf.specs import POOLINGS, check_choice, get_spec
 
-POOLINGS = ("remap", "rmac", "mac", "spoc", "gem")
-MIN_IMAGE_SIZE = 64
 WHITENING_LAYER = "whitening"
 DESCRIPTOR_LAYER = "descriptor"
 CONCAT_LAYER = "layer_descriptors"
@@ -54,7 +55,7 @@ def REMAP(  # the public name the users asked for
     """Builds a REMAP (or baseline) global-descriptor model on a keras.applications backbone.
 
     Args:
-        backbone: a key of `remap_tf.backbones.BACKBONES` (``"resnet50"``, ``"vgg16"``,
+        backbone: a key of `remap_tf.specs.BACKBONES` (``"resnet50"``, ``"vgg16"``,
             ``"mobilenet_v2"``, ...).
         pooling: ``"remap"``, ``"rmac"``, ``"mac"``, ``"spoc"`` or ``"gem"``.
         taps: backbone layer names to pool, shallow to deep; default the spec's last two
@@ -83,11 +84,10 @@ def REMAP(  # the public name the users asked for
     features for image retrieval", IEEE TIP 2019 (arXiv 1906.06626).
     """
     spec = get_spec(backbone)
-    if pooling not in POOLINGS:
-        raise ValueError(f"Unknown pooling {pooling!r}; expected one of {POOLINGS}.")
+    check_choice("pooling", pooling, POOLINGS)
     input_shape = _check_input_shape(input_shape)
     if pooling in ("remap", "rmac"):
-        num_regions = relative_regions(levels, tuple(grid_shape)).shape[0]  # validates both
+        relative_regions(levels, tuple(grid_shape))  # validates both before building anything
 
     images = keras.Input(shape=input_shape, name="images")
     x = ImagePreprocessing(spec.preprocessing, name="preprocessing")(images)
@@ -98,21 +98,10 @@ def REMAP(  # the public name the users asked for
     if not isinstance(features, (list, tuple)):
         features = [features]
 
-    branches = []
-    for i, feature_map in enumerate(features):
-        if pooling in ("remap", "rmac"):
-            regions = RegionMaxPooling(levels, grid_shape, name=f"regions_{i}")(feature_map)
-            vector = RegionWeighting(
-                num_regions, trainable=pooling == "remap", name=f"region_weights_{i}"
-            )(regions)
-        elif pooling == "mac":
-            vector = MACPooling(name=f"mac_{i}")(feature_map)
-        elif pooling == "spoc":
-            vector = SPoCPooling(name=f"spoc_{i}")(feature_map)
-        else:
-            vector = GeMPooling(p=gem_p, name=f"gem_{i}")(feature_map)
-        branches.append(vector)
-
+    branches = [
+        _pool(feature_map, i, pooling, levels=levels, grid_shape=grid_shape, gem_p=gem_p)
+        for i, feature_map in enumerate(features)
+    ]
     if len(branches) > 1:
         x = keras.layers.Concatenate(name=CONCAT_LAYER)(branches)
     else:
@@ -122,13 +111,31 @@ def REMAP(  # the public name the users asked for
     return keras.Model(images, outputs, name=name or f"{pooling}_{backbone}")
 
 
+def _pool(feature_map, i: int, pooling: str, *, levels, grid_shape, gem_p):
+    """Tap ``i``'s branch: ``(batch, h, w, c)`` -> L2-normalised ``(batch, c)``."""
+    if pooling in ("remap", "rmac"):
+        regions = RegionMaxPooling(levels, grid_shape, name=f"regions_{i}")(feature_map)
+        num_regions = relative_regions(levels, tuple(grid_shape)).shape[0]
+        weighting = RegionWeighting(
+            num_regions, trainable=pooling == "remap", name=f"region_weights_{i}"
+        )
+        return weighting(regions)
+    if pooling == "mac":
+        return MACPooling(name=f"mac_{i}")(feature_map)
+    if pooling == "spoc":
+        return SPoCPooling(name=f"spoc_{i}")(feature_map)
+    return GeMPooling(p=gem_p, name=f"gem_{i}")(feature_map)
+
+
 def _check_input_shape(input_shape) -> tuple:
     shape = tuple(input_shape)
     if len(shape) != 3 or shape[-1] != 3:
-        raise ValueError(f"`input_shape` must be (height, width, 3), received {input_shape!r}.")
+        raise InvalidInputError(
+            f"`input_shape` must be (height, width, 3), received {input_shape!r}."
+        )
     for size in shape[:2]:
         if size is not None and (int(size) != size or size < MIN_IMAGE_SIZE):
-            raise ValueError(
+            raise InvalidInputError(
                 f"`input_shape` sizes must be None or >= {MIN_IMAGE_SIZE}, received "
                 f"{input_shape!r}."
             )
@@ -145,7 +152,9 @@ def get_region_weights(model: keras.Model) -> np.ndarray:
     """Region weights ``(num_taps, num_regions)`` of a remap or rmac model."""
     layers = region_weighting_layers(model)
     if not layers:
-        raise ValueError(f"Model {model.name!r} has no region weights (pooling is not remap).")
+        raise InvalidInputError(
+            f"Model {model.name!r} has no region weights (pooling is not remap)."
+        )
     return np.stack([np.asarray(layer.region_weights.numpy()) for layer in layers])
 
 
@@ -155,9 +164,9 @@ def set_region_weights(model: keras.Model, values) -> None:
     values = np.asarray(values, dtype=np.float32)
     want = (len(layers), layers[0].num_regions) if layers else None
     if want is None or values.shape != want:
-        raise ValueError(f"Region weights must have shape {want}, received {values.shape}.")
+        raise InvalidInputError(f"Region weights must have shape {want}, received {values.shape}.")
     if not np.all(np.isfinite(values)) or np.any(values < 0):
-        raise ValueError("Region weights must be finite and non-negative.")
+        raise InvalidInputError("Region weights must be finite and non-negative.")
     for layer, row in zip(layers, values, strict=True):
         layer.region_weights.assign(row)
 
@@ -166,7 +175,9 @@ def region_model(model: keras.Model) -> keras.Model:
     """A model from images to the per-tap region vectors ``[(b, regions, c_i), ...]``."""
     layers = [layer for layer in model.layers if isinstance(layer, RegionMaxPooling)]
     if not layers:
-        raise ValueError(f"Model {model.name!r} has no region pooling (pooling is not remap).")
+        raise InvalidInputError(
+            f"Model {model.name!r} has no region pooling (pooling is not remap)."
+        )
     layers.sort(key=lambda layer: int(layer.name.rsplit("_", 1)[-1]))
     return keras.Model(model.inputs, [layer.output for layer in layers], name="regions")
 

@@ -10,7 +10,8 @@ from __future__ import annotations
 import numpy as np
 import tensorflow as tf
 
-from remap_tf.regions import _ROUNDING_SLACK, scale_regions
+from remap_tf.errors import InvalidInputError
+from remap_tf.regions import ROUNDING_SLACK, scale_regions
 
 _NORM_EPSILON = 1e-12  # on the sum of squares, as tf.math.l2_normalize
 
@@ -22,7 +23,7 @@ def check_feature_map(features, name: str = "features"):
     except (TypeError, ValueError):  # a tf.TensorShape of unknown rank
         rank = None
     if rank is not None and rank != 4:
-        raise ValueError(
+        raise InvalidInputError(
             f"`{name}` must have rank 4 (batch, height, width, channels), received shape "
             f"{tuple(features.shape)} (rank {rank})."
         )
@@ -75,8 +76,8 @@ def region_bounds(relative: np.ndarray, height, width):
     """
     size = tf.cast(tf.stack([height, width, height, width]), tf.float64)
     scaled = tf.constant(relative, tf.float64) * size
-    start = tf.floor(scaled[:, :2] + _ROUNDING_SLACK)
-    end = tf.math.ceil(scaled[:, 2:] - _ROUNDING_SLACK)
+    start = tf.floor(scaled[:, :2] + ROUNDING_SLACK)
+    end = tf.math.ceil(scaled[:, 2:] - ROUNDING_SLACK)
     start = tf.minimum(start, size[:2] - 1)
     end = tf.clip_by_value(tf.maximum(end, start + 1), tf.ones_like(size[:2]), size[:2])
     return tf.cast(tf.concat([start, end], axis=1), tf.int32)
@@ -98,7 +99,9 @@ def region_max_pool(features, relative: np.ndarray, normalize: bool = True):
     features = check_feature_map(features)
     relative = np.asarray(relative, dtype=np.float64)
     if relative.ndim != 2 or relative.shape[1] != 4:
-        raise ValueError(f"`relative` must have shape (regions, 4), received {relative.shape}.")
+        raise InvalidInputError(
+            f"`relative` must have shape (regions, 4), received {relative.shape}."
+        )
     height, width = features.shape[1], features.shape[2]
     if height is not None and width is not None:
         # Static shape: the bounds are Python ints and the slices are static (XLA friendly).

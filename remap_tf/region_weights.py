@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import numpy as np
 
+from remap_tf.errors import InvalidInputError
 from remap_tf.model import region_model, region_weighting_layers, set_region_weights
+from remap_tf.pairs import sample_pairs
 
 
 def _check_distances(name: str, values) -> np.ndarray:
@@ -20,12 +22,12 @@ def _check_distances(name: str, values) -> np.ndarray:
     if values.ndim == 1:
         values = values[:, None]
     if values.ndim != 2 or values.shape[0] < 2:
-        raise ValueError(
+        raise InvalidInputError(
             f"`{name}` must be (num_pairs, num_regions) with at least 2 pairs, received "
             f"shape {values.shape}."
         )
     if not np.all(np.isfinite(values)):
-        raise ValueError(f"`{name}` contains NaN or infinite distances.")
+        raise InvalidInputError(f"`{name}` contains NaN or infinite distances.")
     return values
 
 
@@ -53,14 +55,14 @@ def kl_divergence_per_region(
     matching = _check_distances("matching", matching)
     non_matching = _check_distances("non_matching", non_matching)
     if matching.shape[1] != non_matching.shape[1]:
-        raise ValueError(
+        raise InvalidInputError(
             f"`matching` and `non_matching` must have the same number of regions, received "
             f"{matching.shape[1]} and {non_matching.shape[1]}."
         )
     if int(bins) != bins or bins < 2:
-        raise ValueError(f"`bins` must be an integer >= 2, received {bins!r}.")
+        raise InvalidInputError(f"`bins` must be an integer >= 2, received {bins!r}.")
     if not smoothing > 0:
-        raise ValueError(f"`smoothing` must be > 0, received {smoothing!r}.")
+        raise InvalidInputError(f"`smoothing` must be > 0, received {smoothing!r}.")
 
     divergences = np.empty(matching.shape[1])
     for region in range(matching.shape[1]):
@@ -76,38 +78,6 @@ def kl_divergence_per_region(
         p, q = p / p.sum(), q / q.sum()
         divergences[region] = float(np.sum(p * np.log(p / q)))
     return divergences
-
-
-def sample_pairs(labels, max_pairs: int = 2000, seed: int = 0):
-    """Matching and non-matching index pairs from class labels.
-
-    Args:
-        labels: ``(num_images,)`` class labels.
-        max_pairs: cap on each kind of pair (sampled without replacement, seeded).
-        seed: random seed.
-
-    Returns:
-        ``(matching (P, 2), non_matching (Q, 2))`` int arrays of image indices, ``i < j``.
-    """
-    labels = np.asarray(labels).reshape(-1)
-    i, j = np.triu_indices(labels.size, k=1)
-    same = labels[i] == labels[j]
-    rng = np.random.default_rng(seed)
-
-    def pick(mask):
-        pairs = np.stack([i[mask], j[mask]], axis=1)
-        if len(pairs) > max_pairs:
-            pairs = pairs[np.sort(rng.choice(len(pairs), max_pairs, replace=False))]
-        return pairs
-
-    matching, non_matching = pick(same), pick(~same)
-    if len(matching) < 2 or len(non_matching) < 2:
-        raise ValueError(
-            f"Need at least 2 matching and 2 non-matching pairs, got {len(matching)} and "
-            f"{len(non_matching)} from {labels.size} images of {np.unique(labels).size} "
-            "classes; give several images per class and at least two classes."
-        )
-    return matching, non_matching
 
 
 def region_pair_distances(
@@ -129,9 +99,9 @@ def region_pair_distances(
     images = np.asarray(images)
     labels = np.asarray(labels).reshape(-1)
     if images.ndim != 4 or images.shape[-1] != 3:
-        raise ValueError(f"`images` must be (num_images, h, w, 3), received {images.shape}.")
+        raise InvalidInputError(f"`images` must be (num_images, h, w, 3), received {images.shape}.")
     if len(images) != len(labels):
-        raise ValueError(f"{len(images)} images but {len(labels)} labels.")
+        raise InvalidInputError(f"{len(images)} images but {len(labels)} labels.")
     matching, non_matching = sample_pairs(labels, max_pairs=max_pairs, seed=seed)
     outputs = region_model(model).predict(images, batch_size=batch_size, verbose=0)
     if not isinstance(outputs, (list, tuple)):
@@ -174,7 +144,7 @@ def init_region_weights(
         the weights set, ``(num_layers, num_regions)``.
     """
     if not region_weighting_layers(model):
-        raise ValueError(f"Model {model.name!r} has no learnable region weights.")
+        raise InvalidInputError(f"Model {model.name!r} has no learnable region weights.")
     weights = []
     for matching, non_matching in region_pair_distances(
         model, images, labels, batch_size=batch_size, max_pairs=max_pairs, seed=seed

@@ -21,6 +21,8 @@ import math
 
 import numpy as np
 
+from remap_tf.errors import InvalidInputError
+
 # Candidate region counts along the long side of the map at the coarsest scale, minus one
 # (R-MAC tries 2..7 regions and keeps the count whose overlap is closest to 40%).
 _STEPS = np.arange(2, 8, dtype=np.float64)
@@ -29,7 +31,7 @@ _TARGET_OVERLAP = 0.4
 
 def _check_positive_int(name: str, value) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ValueError(f"`{name}` must be an integer >= 1, received {value!r}.")
+        raise InvalidInputError(f"`{name}` must be an integer >= 1, received {value!r}.")
     return int(value)
 
 
@@ -99,7 +101,7 @@ def relative_regions(levels: int = 4, grid_shape: tuple[int, int] = (24, 32)) ->
         float64 array ``(num_regions, 4)`` of ``(top, left, bottom, right)`` in [0, 1].
     """
     if len(grid_shape) != 2:
-        raise ValueError(f"`grid_shape` must be (height, width), received {grid_shape!r}.")
+        raise InvalidInputError(f"`grid_shape` must be (height, width), received {grid_shape!r}.")
     h, w = (_check_positive_int("grid_shape", v) for v in grid_shape)
     regions = rmac_regions(h, w, levels).astype(np.float64)
     return regions / np.array([h, w, h, w], dtype=np.float64)
@@ -107,7 +109,7 @@ def relative_regions(levels: int = 4, grid_shape: tuple[int, int] = (24, 32)) ->
 
 # Absorbs float error in fraction * size (8/24 * 24 = 7.9999...), so that the reference shape
 # maps back onto exactly the integer grid it came from.
-_ROUNDING_SLACK = 1e-6
+ROUNDING_SLACK = 1e-6
 
 
 def scale_regions(relative: np.ndarray, height: int, width: int) -> np.ndarray:
@@ -124,8 +126,8 @@ def scale_regions(relative: np.ndarray, height: int, width: int) -> np.ndarray:
     width = _check_positive_int("width", width)
     size = np.array([height, width, height, width], dtype=np.float64)
     scaled = np.asarray(relative, dtype=np.float64) * size
-    start = np.floor(scaled[:, :2] + _ROUNDING_SLACK)
-    end = np.ceil(scaled[:, 2:] - _ROUNDING_SLACK)
+    start = np.floor(scaled[:, :2] + ROUNDING_SLACK)
+    end = np.ceil(scaled[:, 2:] - ROUNDING_SLACK)
     start = np.minimum(start, size[:2] - 1)
     end = np.clip(np.maximum(end, start + 1), 1, size[:2])
     return np.concatenate([start, end], axis=1).astype(np.int32)

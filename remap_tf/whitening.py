@@ -9,18 +9,20 @@ from __future__ import annotations
 
 import numpy as np
 
+from remap_tf.errors import InvalidInputError
 from remap_tf.model import pre_whitening_model, whitening_layer
+from remap_tf.pairs import matching_pairs
 
 
 def _check_descriptors(descriptors) -> np.ndarray:
     x = np.asarray(descriptors, dtype=np.float64)
     if x.ndim != 2 or x.shape[0] < 2:
-        raise ValueError(
+        raise InvalidInputError(
             f"`descriptors` must be (num_images, dim) with at least 2 rows, received "
             f"shape {x.shape}."
         )
     if not np.all(np.isfinite(x)):
-        raise ValueError("`descriptors` contains NaN or infinite values.")
+        raise InvalidInputError("`descriptors` contains NaN or infinite values.")
     return x
 
 
@@ -28,7 +30,7 @@ def _check_dim(dim, input_dim: int) -> int:
     if dim is None:
         return input_dim
     if int(dim) != dim or not 1 <= dim <= input_dim:
-        raise ValueError(f"`dim` must be in [1, {input_dim}] or None, received {dim!r}.")
+        raise InvalidInputError(f"`dim` must be in [1, {input_dim}] or None, received {dim!r}.")
     return int(dim)
 
 
@@ -36,7 +38,7 @@ def _regularise(matrix: np.ndarray, shrinkage: float) -> np.ndarray:
     """Adds ``shrinkage`` × (mean eigenvalue) to the diagonal, so rank-deficient estimates
     (fewer samples than dimensions) stay invertible without blowing up the noise."""
     if shrinkage < 0:
-        raise ValueError(f"`shrinkage` must be >= 0, received {shrinkage!r}.")
+        raise InvalidInputError(f"`shrinkage` must be >= 0, received {shrinkage!r}.")
     scale = np.trace(matrix) / matrix.shape[0]
     return matrix + (shrinkage * scale + 1e-12) * np.eye(matrix.shape[0])
 
@@ -74,18 +76,6 @@ def pca_whitening(descriptors, dim: int | None = None, shrinkage: float = 0.1):
     return _as_dense(projection, mean, dim)
 
 
-def matching_pairs(labels, max_pairs: int = 20000, seed: int = 0) -> np.ndarray:
-    """All (or ``max_pairs`` sampled) index pairs ``i < j`` with equal labels, ``(P, 2)``."""
-    labels = np.asarray(labels).reshape(-1)
-    i, j = np.triu_indices(labels.size, k=1)
-    keep = labels[i] == labels[j]
-    pairs = np.stack([i[keep], j[keep]], axis=1)
-    if len(pairs) > max_pairs:
-        rng = np.random.default_rng(seed)
-        pairs = pairs[np.sort(rng.choice(len(pairs), max_pairs, replace=False))]
-    return pairs
-
-
 def learned_whitening(
     descriptors, labels=None, dim: int | None = None, pairs=None, shrinkage: float = 0.1
 ):
@@ -111,19 +101,19 @@ def learned_whitening(
     dim = _check_dim(dim, x.shape[1])
     if pairs is None:
         if labels is None:
-            raise ValueError("learned_whitening needs `labels` or `pairs`.")
+            raise InvalidInputError("learned_whitening needs `labels` or `pairs`.")
         labels = np.asarray(labels).reshape(-1)
         if labels.size != x.shape[0]:
-            raise ValueError(f"{x.shape[0]} descriptors but {labels.size} labels.")
+            raise InvalidInputError(f"{x.shape[0]} descriptors but {labels.size} labels.")
         pairs = matching_pairs(labels)
     pairs = np.asarray(pairs, dtype=np.int64)
     if pairs.ndim != 2 or pairs.shape[1] != 2 or len(pairs) == 0:
-        raise ValueError(
+        raise InvalidInputError(
             f"Need at least one matching pair as (P, 2) indices, received shape {pairs.shape}; "
             "give several images per class."
         )
     if pairs.min() < 0 or pairs.max() >= x.shape[0]:
-        raise ValueError(f"`pairs` indices must be in [0, {x.shape[0]}).")
+        raise InvalidInputError(f"`pairs` indices must be in [0, {x.shape[0]}).")
 
     mean = x.mean(axis=0)
     differences = x[pairs[:, 0]] - x[pairs[:, 1]]
@@ -163,7 +153,9 @@ def init_whitening(
         ``(kernel, bias)`` that were set.
     """
     if method not in ("learned", "pca"):
-        raise ValueError(f"Unknown whitening method {method!r}; expected 'learned' or 'pca'.")
+        raise InvalidInputError(
+            f"Unknown whitening method {method!r}; expected 'learned' or 'pca'."
+        )
     layer = whitening_layer(model)
     descriptors = pre_whitening_model(model).predict(
         np.asarray(images), batch_size=batch_size, verbose=0

@@ -1,0 +1,232 @@
+"""The contract the packages share: what an export looks like from the outside.
+
+`remap_tf.export` writes it, `remap_tf.serving` reads it, the ``remap`` command names it, and
+TF Serving serves it; each fact is stated once, here:
+
+- signature names and tensor keys of the exported SavedModel;
+- image size limits;
+- the ``remap.json`` asset (its schema, `export_metadata` and `read_export_metadata`);
+- the version-folder layout TF Serving expects (`version_dirs`, `latest_version_dir`,
+  `next_version`, `resolve_saved_model`).
+
+Standard library only: importing this module does not import TensorFlow.
+
+Layout of an export base folder (``models/remap``)::
+
+    1/saved_model.pb, 1/variables/          a version TF Serving loads (highest wins)
+    1/assets/remap.json                     `export_metadata`: descriptor size, sizes, config
+    1/assets.extra/tf_serving_warmup_requests
+    2/ ...
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+from remap_tf.errors import BadPathError, FileFormatError, InvalidInputError
+
+# --- the SavedModel's signatures ------------------------------------------------------------
+BYTES_SIGNATURE = "serving_default"  # tf.string (batch,) encoded JPEG/PNG/GIF/BMP
+PIXELS_SIGNATURE = "embed_pixels"  # uint8 (batch, height, width, 3) RGB
+SIGNATURES = (BYTES_SIGNATURE, PIXELS_SIGNATURE)
+INPUT_KEY = "images"
+OUTPUT_KEY = "descriptors"  # float32 (batch, dim), L2-normalised
+# Prefix of the INVALID_ARGUMENT messages of the graph's input checks.
+CHECK_PREFIX = "remap input check failed"
+DEFAULT_MODEL_NAME = "remap"
+SAVED_MODEL_FILE = "saved_model.pb"
+CONFIG_ASSET = "remap.json"  # in <version>/assets/
+WARMUP_FILE = "tf_serving_warmup_requests"  # in <version>/assets.extra/
+
+# --- image sizes ----------------------------------------------------------------------------
+# The smallest side every backbone accepts (five stride-2 stages leave a 2x2 map).
+MIN_IMAGE_SIZE = 64
+# Long side images are resized to by an export unless told otherwise.
+DEFAULT_IMAGE_SIZE = 512
+# 50 megapixels: larger than any camera photo users send for retrieval, far below a
+# decompression bomb (a 65535 x 65535 PNG is 4.3 gigapixels, 12.9 GB decoded).
+DEFAULT_MAX_PIXELS = 50_000_000
+
+# --- remap.json -----------------------------------------------------------------------------
+EXPORT_FORMAT_VERSION = 1
+_REQUIRED_METADATA = {
+    "format_version": int,
+    "model_name": str,
+    "descriptor_dim": int,
+    "image_size": int,
+    "scales": list,
+    "max_pixels": int,
+}
+# A TF Serving model name that is also a docker-compose service name.
+_MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
+
+
+def check_model_name(model_name: str) -> str:
+    """``model_name`` if usable as a TF Serving model name and a docker-compose service name."""
+    if not isinstance(model_name, str) or not _MODEL_NAME.fullmatch(model_name):
+        raise InvalidInputError(
+            f"Model name {model_name!r} must use letters, digits, '-' and '_' only "
+            "(it is a TF Serving model name and a docker-compose service name)."
+        )
+    return model_name
+
+
+def export_metadata(
+    *,
+    model_name: str,
+    keras_model_name: str,
+    descriptor_dim: int,
+    image_size: int,
+    scales,
+    max_pixels: int,
+    fixed_size=None,
+    config=None,
+    versions: dict | None = None,
+    exported_at: str | None = None,
+) -> dict:
+    """The ``remap.json`` asset of an export: what a client needs to know about the model.
+
+    Args:
+        model_name: the name TF Serving serves it under.
+        keras_model_name: the Keras model's ``name``.
+        descriptor_dim: size of the ``descriptors`` output.
+        image_size: long side, in pixels, images are resized to (aspect kept).
+        scales: factors of ``image_size`` at which images are embedded.
+        max_pixels: the largest ``height * width`` the graph accepts.
+        fixed_size: ``(height, width)`` when the model's input size is fixed, else None.
+        config: the resolved training or demo configuration (JSON-compatible), or None.
+        versions: library versions, e.g. ``{"tensorflow": "2.20.0", "keras": "3.15.1"}``.
+        exported_at: ISO 8601 time of the export.
+
+    Returns:
+        a JSON-compatible dict (`read_export_metadata` reads it back).
+    """
+    io_doc = f"float32 (batch, {descriptor_dim}) L2-normalised"
+    return {
+        "format_version": EXPORT_FORMAT_VERSION,
+        "model_name": check_model_name(model_name),
+        "keras_model_name": keras_model_name,
+        "descriptor_dim": int(descriptor_dim),
+        "signatures": {
+            BYTES_SIGNATURE: {
+                "inputs": {INPUT_KEY: "string (batch,) encoded JPEG/PNG/GIF/BMP"},
+                "outputs": {OUTPUT_KEY: io_doc},
+            },
+            PIXELS_SIGNATURE: {
+                "inputs": {INPUT_KEY: "uint8 (batch, height, width, 3) RGB"},
+                "outputs": {OUTPUT_KEY: io_doc},
+            },
+        },
+        "image_size": int(image_size),
+        "fixed_size": None if fixed_size is None else [int(v) for v in fixed_size],
+        "scales": [float(s) for s in scales],
+        "max_pixels": int(max_pixels),
+        "config": config,
+        **{f"{name}_version": value for name, value in (versions or {}).items()},
+        "exported_at": exported_at,
+    }
+
+
+def read_export_metadata(saved_model_dir) -> dict:
+    """Reads and checks ``<saved_model_dir>/assets/remap.json``.
+
+    Returns:
+        the metadata dict, or ``{}`` when the export has no ``remap.json`` (a SavedModel not
+        written by this project).
+
+    Raises:
+        FileFormatError: the file is not valid JSON, or lacks a required field, or is of a
+            newer format version than this code reads.
+    """
+    path = Path(saved_model_dir) / "assets" / CONFIG_ASSET
+    if not path.is_file():
+        return {}
+    try:
+        metadata = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise FileFormatError(f"{path} is not valid JSON ({error}).") from None
+    if not isinstance(metadata, dict):
+        raise FileFormatError(f"{path} holds a {type(metadata).__name__}, not an object.")
+    for key, kind in _REQUIRED_METADATA.items():
+        if not isinstance(metadata.get(key), kind) or isinstance(metadata.get(key), bool):
+            raise FileFormatError(f"{path}: field {key!r} is missing or not a {kind.__name__}.")
+    if metadata["format_version"] > EXPORT_FORMAT_VERSION:
+        raise FileFormatError(
+            f"{path} has format_version {metadata['format_version']}; this version of remap-tf "
+            f"reads up to {EXPORT_FORMAT_VERSION}."
+        )
+    return metadata
+
+
+# --- version folders ------------------------------------------------------------------------
+
+
+def version_dirs(base_dir) -> list[Path]:
+    """The integer version folders of an export base folder, lowest first.
+
+    A folder counts when its name is an integer and it holds ``saved_model.pb``; the staging
+    folders an export writes aside (``.export-*``) never do.
+    """
+    base = Path(base_dir)
+    if not base.is_dir():
+        return []
+    found = [p for p in base.iterdir() if p.name.isdigit() and (p / SAVED_MODEL_FILE).is_file()]
+    return sorted(found, key=lambda p: int(p.name))
+
+
+def next_version(base_dir) -> int:
+    """The next free integer version in ``base_dir`` (1 when it is empty or absent).
+
+    Every integer-named entry counts, complete or not, so a new export never reuses a name.
+    """
+    base = Path(base_dir)
+    taken = [int(p.name) for p in base.iterdir() if p.name.isdigit()] if base.is_dir() else []
+    return max(taken, default=0) + 1
+
+
+def latest_version_dir(base_dir) -> Path:
+    """The highest version folder of ``base_dir``: the one TF Serving serves.
+
+    Raises:
+        BadPathError: ``base_dir`` is not a folder or holds no version.
+    """
+    base = Path(base_dir)
+    if not base.is_dir():
+        raise BadPathError(f"{str(base)!r} is not a folder.")
+    versions = version_dirs(base)
+    if not versions:
+        raise BadPathError(
+            f"{str(base)!r} holds no version folder (e.g. 1/{SAVED_MODEL_FILE}); run "
+            "`remap export` first."
+        )
+    return versions[-1]
+
+
+def is_saved_model(path) -> bool:
+    """True if ``path`` is a SavedModel folder (it holds ``saved_model.pb``)."""
+    return (Path(path) / SAVED_MODEL_FILE).is_file()
+
+
+def resolve_saved_model(path) -> Path:
+    """The SavedModel folder for ``path``: itself if it is one, else its highest version.
+
+    Raises:
+        BadPathError: ``path`` does not exist, is a file (a ``.keras`` model, say), or is a
+            folder with neither ``saved_model.pb`` nor integer versions.
+    """
+    path = Path(path)
+    if is_saved_model(path):
+        return path
+    if not path.exists():
+        raise BadPathError(f"No such SavedModel folder: {str(path)!r}.")
+    if not path.is_dir():
+        hint = " (a Keras model: export it with `remap export` first)" if path.suffix else ""
+        raise BadPathError(f"{str(path)!r} is a file, not an exported model folder{hint}.")
+    if not version_dirs(path):
+        raise BadPathError(
+            f"{str(path)!r} is neither a SavedModel (no {SAVED_MODEL_FILE}) nor a base folder "
+            f"with integer versions (e.g. 1/{SAVED_MODEL_FILE}); run `remap export` first."
+        )
+    return version_dirs(path)[-1]
