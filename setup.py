@@ -14,7 +14,23 @@ setup(
     long_description=Path(__file__).with_name("README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     python_requires=">=3.10,<3.13",
-    packages=["remap_tf", "training", "export", "serving", "bench"],
+    # One import name: the four folders install as remap_tf (the core), remap_tf.training,
+    # remap_tf.export and remap_tf.serving; remap_cli is the top layer (the `remap` command
+    # and the demo). bench/ and tests/ are not installed. See docs/architecture.md.
+    packages=[
+        "remap_tf",
+        "remap_tf.training",
+        "remap_tf.export",
+        "remap_tf.serving",
+        "remap_cli",
+        "remap_cli.commands",
+        "remap_cli.demo",
+    ],
+    package_dir={
+        "remap_tf.training": "training",
+        "remap_tf.export": "export",
+        "remap_tf.serving": "serving",
+    },
     install_requires=[
         # scann 1.4.2 is built against exactly TF 2.20; TF 2.21 breaks `import scann`.
         "tensorflow==2.20.*",
@@ -22,6 +38,9 @@ setup(
         "scann==1.4.2",
         "tensorflow-serving-api==2.20.*",
         "numpy>=1.26",
+        # `import remap_tf` registers the project's Keras objects when Keras is imported
+        # (wrapt.when_imported); wrapt is already a dependency of TensorFlow.
+        "wrapt>=1.14",
         # Configs are dataclasses overridable from YAML files (issue 3).
         "pyyaml>=6",
         # The demo's embedded data set is the photographs that ship inside scikit-image.
@@ -34,5 +53,5 @@ setup(
         # Benchmark-only competitors for the ANN comparison; never imported by the package.
         "bench": ["faiss-cpu", "hnswlib"],
     },
-    entry_points={"console_scripts": ["remap=serving.cli:main"]},
+    entry_points={"console_scripts": ["remap=remap_cli.main:main"]},
 )

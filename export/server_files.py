@@ -17,8 +17,10 @@ Docker daemon (see docs/serving.md).
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
+
+from remap_tf.contract import check_model_name
+from remap_tf.io import atomic_write_text
 
 MODELS_CONFIG = "models.config"
 BATCHING_FILE = "batching_parameters.txt"
@@ -102,20 +104,8 @@ services:
 def _write_if_absent(path: Path, text: str) -> bool:
     if path.exists():
         return False
-    from remap_tf.io import atomic_write_text  # lazy: importing remap_tf loads TensorFlow
-
     atomic_write_text(path, text)
     return True
-
-
-def check_model_name(model_name: str) -> str:
-    """Returns ``model_name`` if usable as a TF Serving and docker-compose name; else ValueError."""
-    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_-]*", model_name or ""):
-        raise ValueError(
-            f"Model name {model_name!r} must use letters, digits, '-' and '_' only "
-            "(it is a TF Serving model name and a docker-compose service name)."
-        )
-    return model_name
 
 
 def write_server_files(base_dir, model_name: str) -> list[Path]:

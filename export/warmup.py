@@ -15,7 +15,8 @@ import numpy as np
 import tensorflow as tf
 from tensorflow_serving.apis import model_pb2, predict_pb2, prediction_log_pb2
 
-from export.saved_model import BYTES_SIGNATURE, INPUT_KEY, PIXELS_SIGNATURE
+from remap_tf.contract import BYTES_SIGNATURE, INPUT_KEY, PIXELS_SIGNATURE
+from remap_tf.errors import BadPathError, InvalidInputError
 
 MAX_RECORDS = 1000  # TF Serving reads at most this many
 
@@ -49,9 +50,11 @@ def _read(image) -> bytes:
     if isinstance(image, (str, os.PathLike)):
         path = Path(image)
         if not path.is_file():
-            raise FileNotFoundError(f"Warm-up image {str(path)!r} is not a file.")
+            raise BadPathError(f"Warm-up image {str(path)!r} is not a file.")
         return path.read_bytes()
-    raise ValueError(f"Warm-up images must be bytes or paths, received {type(image).__name__}.")
+    raise InvalidInputError(
+        f"Warm-up images must be bytes or paths, received {type(image).__name__}."
+    )
 
 
 def _record(model_name: str, signature: str, tensor) -> prediction_log_pb2.PredictionLog:
@@ -78,7 +81,7 @@ def warmup_records(model_name: str, images=None, image_size: int = 512):
     """
     encoded = [_read(image) for image in (images or default_images(image_size))]
     if not encoded:
-        raise ValueError("`warmup_images` must hold at least one image.")
+        raise InvalidInputError("`warmup_images` must hold at least one image.")
     pixels = tf.io.decode_image(encoded[0], channels=3, expand_animations=False).numpy()
     records = [
         _record(model_name, BYTES_SIGNATURE, np.array(encoded[:1], dtype=object)),

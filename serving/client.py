@@ -12,73 +12,55 @@ server::
 uint8 RGB arrays ``(height, width, 3)`` (or one ``(n, h, w, 3)`` array) for
 ``embed_pixels``. Images go in chunks of ``chunk_size``; descriptors are rows, in input order.
 
-Errors (all `ServingError`, which the ``remap`` command prints as one line):
+Errors (all `remap_tf.errors.ServingError`, printed by ``remap`` as one line):
 `ServerUnavailableError` names the address, `ModelNotFoundError` the model,
 `ImageRejectedError` the image's index (and path) with the server's reason.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import time
 from pathlib import Path
 
+import grpc
 import numpy as np
+import tensorflow as tf
+from tensorflow.core.protobuf import saved_model_pb2
+from tensorflow_serving.apis import (
+    get_model_metadata_pb2,
+    model_pb2,
+    predict_pb2,
+    prediction_service_pb2_grpc,
+)
 
-from serving.cli import CommandError
+from remap_tf.contract import (
+    BYTES_SIGNATURE,
+    DEFAULT_MODEL_NAME,
+    INPUT_KEY,
+    OUTPUT_KEY,
+    PIXELS_SIGNATURE,
+    SAVED_MODEL_FILE,
+    read_export_metadata,
+    resolve_saved_model,
+)
+from remap_tf.errors import (
+    BadPathError,
+    FileFormatError,
+    ImageRejectedError,
+    InvalidInputError,
+    ModelNotFoundError,
+    ServerUnavailableError,
+    ServingError,
+    clean_tf_message,
+)
 
-BYTES_SIGNATURE = "serving_default"  # export.saved_model.BYTES_SIGNATURE
-PIXELS_SIGNATURE = "embed_pixels"
-INPUT_KEY = "images"
-OUTPUT_KEY = "descriptors"
-CONFIG_ASSET = "remap.json"
-DEFAULT_MODEL_NAME = "remap"
 _MAX_MESSAGE_BYTES = 256 * 1024 * 1024
 _INDEX_IN_MESSAGE = re.compile(r"images\[(\d+)\]")
 _TARGET = re.compile(
     r"^(?P<target>(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9.\-]+):\d{1,5})(/(?P<model>\w[\w\-]*))?$"
 )
-
-
-class ServingError(CommandError):
-    """Base class of the embedders' errors."""
-
-
-class ServerUnavailableError(ServingError, ConnectionError):
-    """The server could not be reached, or did not answer within the deadline."""
-
-
-class ModelNotFoundError(ServingError, LookupError):
-    """The server (or folder) has no such model or signature."""
-
-
-class ImageRejectedError(ServingError, ValueError):
-    """An image failed the exported graph's checks or could not be decoded.
-
-    Attributes:
-        index: position of the image in the ``embed`` call's input.
-        reason: the model's message (which check failed).
-    """
-
-    def __init__(self, message: str, index: int, reason: str):
-        super().__init__(message)
-        self.index = index
-        self.reason = reason
-
-
-def clean_tf_message(message: str) -> str:
-    """The useful lines of a TensorFlow error message (no node names or stack notes)."""
-    lines = []
-    for line in str(message).splitlines():
-        line = line.strip()
-        if not line or line.startswith(("Graph execution error", "Detected at node", "<stack")):
-            continue
-        if line.startswith(("[[", "[Op:")):
-            continue
-        lines.append(re.sub(r"\s*\[\[\{\{.*$", "", line))
-    return " ".join(lines) or str(message).strip()
 
 
 def _describe(image) -> str:
@@ -96,7 +78,9 @@ class _Embedder:
     chunk_size: int
     _where: str
 
-    def _run(self, batch):  # -> np.ndarray (len(batch), dim)
+    def run_batch(self, batch) -> np.ndarray:
+        """One call of the signature on prepared inputs (no chunking, no checks):
+        ``(len(batch), dim)``. An empty batch still makes the call (a transport probe)."""
         raise NotImplementedError
 
     def close(self) -> None:
@@ -122,7 +106,7 @@ class _Embedder:
             for i, image in enumerate(images):
                 array = np.asarray(image)
                 if array.ndim != 3 or array.shape[-1] != 3 or array.dtype != np.uint8:
-                    raise ValueError(
+                    raise InvalidInputError(
                         f"{self.signature} takes uint8 (height, width, 3) RGB arrays; image {i} "
                         f"is {array.dtype} {array.shape}."
                     )
@@ -135,10 +119,10 @@ class _Embedder:
             elif isinstance(image, (str, os.PathLike)):
                 path = Path(image)
                 if not path.is_file():
-                    raise FileNotFoundError(f"Image {i} {str(path)!r} is not a file.")
+                    raise BadPathError(f"Image {i} {str(path)!r} is not a file.")
                 prepared.append(path.read_bytes())
             else:
-                raise ValueError(
+                raise InvalidInputError(
                     f"{self.signature} takes encoded images (bytes) or paths; image {i} is a "
                     f"{type(image).__name__} (use signature='{PIXELS_SIGNATURE}' for arrays)."
                 )
@@ -168,7 +152,7 @@ class _Embedder:
             for group_start, group in self._groups(chunk):
                 offset = start + group_start
                 try:
-                    rows.append(self._run(group))
+                    rows.append(self.run_batch(group))
                 except _Rejected as rejected:
                     index, reason = self._locate(group, rejected.reason)
                     index += offset
@@ -204,7 +188,7 @@ class _Embedder:
         if len(group) > 1:
             for i, image in enumerate(group):
                 try:
-                    self._run([image])
+                    self.run_batch([image])
                 except _Rejected as rejected:
                     return i, rejected.reason
         return 0, reason
@@ -224,8 +208,6 @@ def _to_batch(signature: str, group):
 
 
 def _tf_dtype(signature: str):
-    import tensorflow as tf
-
     return tf.uint8 if signature == PIXELS_SIGNATURE else tf.string
 
 
@@ -233,30 +215,11 @@ def _signature_info(inputs, outputs) -> dict:
     return {"inputs": inputs, "outputs": outputs}
 
 
-def resolve_saved_model(path) -> Path:
-    """A version folder for ``path``: itself if it holds saved_model.pb, else its highest
-    integer version (TF Serving's choice)."""
-    path = Path(path)
-    if (path / "saved_model.pb").is_file():
-        return path
-    if not path.exists():
-        raise FileNotFoundError(f"No such SavedModel folder: {str(path)!r}.")
-    versions = [p for p in path.iterdir() if p.name.isdigit() and (p / "saved_model.pb").is_file()]
-    if not versions:
-        raise FileNotFoundError(
-            f"{str(path)!r} is neither a SavedModel (no saved_model.pb) nor a base folder with "
-            "integer versions (e.g. 1/saved_model.pb); run `remap export` first."
-        )
-    return max(versions, key=lambda p: int(p.name))
-
-
 def _signature_names(path: Path):
     """Signature names from saved_model.pb, without loading the model (None if unreadable)."""
-    from tensorflow.core.protobuf import saved_model_pb2
-
     proto = saved_model_pb2.SavedModel()
     try:
-        proto.ParseFromString((path / "saved_model.pb").read_bytes())
+        proto.ParseFromString((path / SAVED_MODEL_FILE).read_bytes())
     except Exception:  # left to tf.saved_model.load, which gives the full reason
         return None
     names = set()
@@ -281,10 +244,10 @@ class LocalEmbedder(_Embedder):
     """
 
     def __init__(self, path, signature: str = BYTES_SIGNATURE, chunk_size: int = 16):
-        import tensorflow as tf
-
         if int(chunk_size) != chunk_size or chunk_size < 1:
-            raise ValueError(f"`chunk_size` must be a positive integer, received {chunk_size!r}.")
+            raise InvalidInputError(
+                f"`chunk_size` must be a positive integer, received {chunk_size!r}."
+            )
         self.path = resolve_saved_model(path)
         self.chunk_size = int(chunk_size)
         self.signature = signature
@@ -297,28 +260,27 @@ class LocalEmbedder(_Embedder):
         try:
             self._loaded = tf.saved_model.load(str(self.path))
         except Exception as error:  # TF raises several types for an unreadable SavedModel.
-            raise ValueError(f"Could not load the SavedModel {str(self.path)!r}: {error}") from None
+            raise FileFormatError(
+                f"Could not load the SavedModel {str(self.path)!r}: {error}"
+            ) from None
         if signature not in self._loaded.signatures:
             raise ModelNotFoundError(
                 f"Signature {signature!r} is not in {str(self.path)!r}; it has "
                 f"{sorted(self._loaded.signatures)}."
             )
-        self._function = self._loaded.signatures[signature]
-        self._tf = tf
-        asset = self.path / "assets" / CONFIG_ASSET
-        self.config = json.loads(asset.read_text()) if asset.is_file() else {}
-        self._dim = int(self._function.structured_outputs[OUTPUT_KEY].shape[-1])
+        self.function = self._loaded.signatures[signature]  # the concrete signature
+        self.config = read_export_metadata(self.path)
+        self._dim = int(self.function.structured_outputs[OUTPUT_KEY].shape[-1])
 
     @property
     def dim(self) -> int:
         """Descriptor size."""
         return self._dim
 
-    def _run(self, group) -> np.ndarray:
-        tf = self._tf
+    def run_batch(self, group) -> np.ndarray:
         batch = _to_batch(self.signature, group)
         try:
-            out = self._function(**{INPUT_KEY: tf.constant(batch, _tf_dtype(self.signature))})
+            out = self.function(**{INPUT_KEY: tf.constant(batch, _tf_dtype(self.signature))})
         except tf.errors.InvalidArgumentError as error:
             raise _Rejected(clean_tf_message(error.message)) from None
         return out[OUTPUT_KEY].numpy()
@@ -380,15 +342,16 @@ class RemapClient(_Embedder):
         chunk_size: int = 16,
         backoff: float = 0.1,
     ):
-        import grpc
-        from tensorflow_serving.apis import prediction_service_pb2_grpc
-
         if int(chunk_size) != chunk_size or chunk_size < 1:
-            raise ValueError(f"`chunk_size` must be a positive integer, received {chunk_size!r}.")
+            raise InvalidInputError(
+                f"`chunk_size` must be a positive integer, received {chunk_size!r}."
+            )
         if not timeout or timeout <= 0:
-            raise ValueError(f"`timeout` must be a positive number of seconds, got {timeout!r}.")
+            raise InvalidInputError(
+                f"`timeout` must be a positive number of seconds, got {timeout!r}."
+            )
         if int(retries) != retries or retries < 0:
-            raise ValueError(f"`retries` must be an integer >= 0, received {retries!r}.")
+            raise InvalidInputError(f"`retries` must be an integer >= 0, received {retries!r}.")
         self.target = target
         self.model_name = model_name
         self.signature = signature
@@ -397,7 +360,6 @@ class RemapClient(_Embedder):
         self.chunk_size = int(chunk_size)
         self.backoff = float(backoff)
         self._where = f"model {model_name!r} at {target}"
-        self._grpc = grpc
         self._channel = grpc.insecure_channel(
             target,
             options=[
@@ -417,7 +379,6 @@ class RemapClient(_Embedder):
         self._channel.close()
 
     def _call(self, method, request):
-        grpc = self._grpc
         retryable = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
         for attempt in range(self.retries + 1):
             try:
@@ -455,10 +416,7 @@ class RemapClient(_Embedder):
                 ) from None
         raise AssertionError("unreachable")
 
-    def _run(self, group) -> np.ndarray:
-        import tensorflow as tf
-        from tensorflow_serving.apis import model_pb2, predict_pb2
-
+    def run_batch(self, group) -> np.ndarray:
         request = predict_pb2.PredictRequest(
             model_spec=model_pb2.ModelSpec(name=self.model_name, signature_name=self.signature),
             output_filter=[OUTPUT_KEY],
@@ -488,9 +446,6 @@ class RemapClient(_Embedder):
         ``signatures`` maps each name to ``{"inputs": {key: {"dtype", "shape"}}, "outputs":
         ...}`` (shape None: any size), as `LocalEmbedder.metadata`.
         """
-        import tensorflow as tf
-        from tensorflow_serving.apis import get_model_metadata_pb2, model_pb2
-
         request = get_model_metadata_pb2.GetModelMetadataRequest(
             model_spec=model_pb2.ModelSpec(name=self.model_name),
             metadata_field=["signature_def"],
@@ -549,7 +504,7 @@ def make_embedder(model: str, **kwargs):
     if match:
         name = kwargs.pop("model_name", None) or match.group("model") or DEFAULT_MODEL_NAME
         return RemapClient(match.group("target"), name, **kwargs)
-    raise FileNotFoundError(
+    raise BadPathError(
         f"Model {text!r} is neither an existing SavedModel folder nor a 'host:port[/name]' "
         "TF Serving address."
     )

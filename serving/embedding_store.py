@@ -1,7 +1,7 @@
 """Resumable embedding of an image collection into descriptor shards on disk.
 
 ``embed_collection`` runs an embedder (anything with ``.embed(list of paths) -> (n, dim)``
-and ``.dim``, e.g. ``serving.client.make_embedder(...)``) over a list of images in fixed
+and ``.dim``, e.g. ``remap_tf.serving.client.make_embedder(...)``) over a list of images in fixed
 shards of ``shard_size`` images. Each finished shard is written atomically as
 ``shard-00000.npy`` (float32 ``(num_embedded, dim)`` rows, ``allow_pickle=False``) and then
 ``shard-00000.json`` (the images it holds, in row order, and the ones it skipped), the JSON
@@ -26,11 +26,14 @@ import dataclasses
 import hashlib
 import json
 import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
+import keras
 import numpy as np
+
+from remap_tf.errors import BadPathError, FileFormatError, InvalidInputError
+from remap_tf.io import atomic_write, atomic_write_json
 
 STORE_VERSION = 1
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")
@@ -74,49 +77,32 @@ def list_images(source) -> tuple[list[str], list[str]]:
             and not any(part.startswith(".") for part in p.relative_to(source).parts)
         )
         if not paths:
-            raise FileNotFoundError(
+            raise BadPathError(
                 f"no images ({', '.join(IMAGE_EXTENSIONS)}) found under the folder {source}"
             )
         return [str(p) for p in paths], [p.relative_to(source).as_posix() for p in paths]
     if not source.is_file():
-        raise FileNotFoundError(f"--images {source} is neither a folder nor a manifest file")
+        raise BadPathError(f"image source {source} is neither a folder nor a manifest file")
     if source.suffix.lower() == ".csv":
         with open(source, newline="", encoding="utf-8") as handle:
             reader = csv.DictReader(handle)
             if not reader.fieldnames or "path" not in reader.fieldnames:
-                raise ValueError(f"{source}: a CSV manifest needs a 'path' column")
+                raise InvalidInputError(f"{source}: a CSV manifest needs a 'path' column")
             entries = [row["path"].strip() for row in reader if (row["path"] or "").strip()]
     elif source.suffix.lower() in (".txt", ".lst", ""):
         lines = source.read_text(encoding="utf-8").splitlines()
         entries = [line.strip() for line in lines if line.strip() and not line.startswith("#")]
     else:
-        raise ValueError(
+        raise InvalidInputError(
             f"{source}: a manifest must be a .txt (one path per line) or a .csv with a "
             "'path' column"
         )
     if not entries:
-        raise ValueError(f"the manifest {source} lists no images")
+        raise InvalidInputError(f"the manifest {source} lists no images")
     if len(set(entries)) != len(entries):
-        raise ValueError(f"the manifest {source} lists some images more than once")
+        raise InvalidInputError(f"the manifest {source} lists some images more than once")
     paths = [str(Path(e) if Path(e).is_absolute() else source.parent / e) for e in entries]
     return paths, entries
-
-
-def _atomic_save(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            write(handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _write_json(path: Path, value) -> None:
-    _atomic_save(path, lambda h: h.write(json.dumps(value, indent=1).encode("utf-8")))
 
 
 def _list_sha256(images: Sequence[str]) -> str:
@@ -126,7 +112,7 @@ def _list_sha256(images: Sequence[str]) -> str:
 def embed_skipping(embedder, items: Sequence) -> tuple[list[int], np.ndarray, list[tuple]]:
     """Embeds ``items`` (paths or encoded bytes), leaving out any the embedder cannot read.
 
-    A batch that fails on one image is retried without it: ``serving.client``'s
+    A batch that fails on one image is retried without it: ``remap_tf.serving.client``'s
     ``ImageRejectedError`` names the image's index; other per-image errors (ValueError,
     OSError) fall back to one image at a time. A ``ConnectionError`` (server down) is raised,
     not blamed on the images.
@@ -171,7 +157,7 @@ def embed_skipping(embedder, items: Sequence) -> tuple[list[int], np.ndarray, li
             todo = todo[index + 1 :]
             continue
         if out.shape != (len(todo), dim):
-            raise ValueError(
+            raise InvalidInputError(
                 f"the embedder returned {out.shape} for {len(todo)} images of dim {dim}"
             )
         kept.extend(todo)
@@ -210,12 +196,40 @@ def embed_collection(
     """
     images = [str(i) for i in images]
     if len(set(images)) != len(images):
-        raise ValueError("the image list contains duplicates")
+        raise InvalidInputError("the image list contains duplicates")
     if shard_size < 1 or batch_size < 1:
-        raise ValueError(f"shard_size and batch_size must be >= 1, got {shard_size}, {batch_size}")
+        raise InvalidInputError(
+            f"shard_size and batch_size must be >= 1, got {shard_size}, {batch_size}"
+        )
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     dim = int(embedder.dim)
+    _open_store(out_dir, dim, shard_size, images)
+    bar = keras.utils.Progbar(len(images), unit_name="image") if progress and images else None
+    all_images, all_rows, all_skipped, resumed = [], [], [], 0
+    for shard, start in enumerate(range(0, len(images), shard_size)):
+        chunk = images[start : start + shard_size]
+        npy = out_dir / f"shard-{shard:05d}.npy"
+        meta = out_dir / f"shard-{shard:05d}.json"
+        loaded = _read_shard(npy, meta, chunk, dim)
+        if loaded is not None:
+            done, rows, skipped = loaded
+            resumed += 1
+        else:
+            done, rows, skipped = _embed_shard(embedder, chunk, dim, batch_size, bar, start)
+            atomic_write(npy, lambda h, rows=rows: np.save(h, rows, allow_pickle=False))
+            atomic_write_json(meta, {"images": done, "skipped": skipped}, indent=1)
+        if bar is not None:
+            bar.update(start + len(chunk))
+        all_images.extend(done)
+        all_rows.append(rows)
+        all_skipped.extend(skipped)
+    descriptors = np.concatenate(all_rows) if all_rows else np.zeros((0, dim), np.float32)
+    return EmbeddedCollection(all_images, descriptors, all_skipped, resumed)
+
+
+def _open_store(out_dir: Path, dim: int, shard_size: int, images: list[str]) -> None:
+    """Creates ``store.json``, or checks that the one there describes the same run."""
+    out_dir.mkdir(parents=True, exist_ok=True)
     header = {
         "format_version": STORE_VERSION,
         "dim": dim,
@@ -224,57 +238,34 @@ def embed_collection(
         "images_sha256": _list_sha256(images),
     }
     store_file = out_dir / "store.json"
-    if store_file.is_file():
-        try:
-            existing = json.loads(store_file.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as error:
-            raise ValueError(f"{store_file} is not valid JSON ({error})") from None
-        if existing != header:
-            changed = sorted(k for k in header if existing.get(k) != header[k])
-            raise ValueError(
-                f"{out_dir} holds embeddings of another run (different {', '.join(changed)}); "
-                "use another folder or delete it to start over"
-            )
-    else:
-        _write_json(store_file, header)
+    if not store_file.is_file():
+        atomic_write_json(store_file, header, indent=1)
+        return
+    try:
+        existing = json.loads(store_file.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as error:
+        raise FileFormatError(f"{store_file} is not valid JSON ({error})") from None
+    if existing != header:
+        changed = sorted(k for k in header if existing.get(k) != header[k])
+        raise InvalidInputError(
+            f"{out_dir} holds embeddings of another run (different {', '.join(changed)}); "
+            "use another folder or delete it to start over"
+        )
 
-    num_shards = (len(images) + shard_size - 1) // shard_size
-    bar = None
-    if progress and images:
-        import keras
 
-        bar = keras.utils.Progbar(len(images), unit_name="image")
-    all_images, all_rows, all_skipped, resumed = [], [], [], 0
-    seen = 0
-    for shard in range(num_shards):
-        chunk = images[shard * shard_size : (shard + 1) * shard_size]
-        npy = out_dir / f"shard-{shard:05d}.npy"
-        meta = out_dir / f"shard-{shard:05d}.json"
-        loaded = _read_shard(npy, meta, chunk, dim)
-        if loaded is not None:
-            done, rows, skipped = loaded
-            resumed += 1
-        else:
-            done, row_list, skipped = [], [], []
-            for start in range(0, len(chunk), batch_size):
-                part = chunk[start : start + batch_size]
-                part_kept, part_rows, part_skipped = embed_skipping(embedder, part)
-                done.extend(part[i] for i in part_kept)
-                row_list.append(part_rows)
-                skipped.extend({"image": part[i], "reason": reason} for i, reason in part_skipped)
-                if bar is not None:
-                    bar.update(seen + start + len(chunk[start : start + batch_size]))
-            rows = np.concatenate(row_list) if row_list else np.zeros((0, dim), np.float32)
-            _atomic_save(npy, lambda h, rows=rows: np.save(h, rows, allow_pickle=False))
-            _write_json(meta, {"images": done, "skipped": skipped})
-        seen += len(chunk)
-        if bar is not None and loaded is not None:
-            bar.update(seen)
-        all_images.extend(done)
-        all_rows.append(rows)
-        all_skipped.extend(skipped)
-    descriptors = np.concatenate(all_rows) if all_rows else np.zeros((0, dim), np.float32)
-    return EmbeddedCollection(all_images, descriptors, all_skipped, resumed)
+def _embed_shard(embedder, chunk: list[str], dim: int, batch_size: int, bar, offset: int):
+    """``(embedded images, rows (n, dim), skipped)`` of one shard, batch by batch."""
+    done, row_list, skipped = [], [], []
+    for start in range(0, len(chunk), batch_size):
+        part = chunk[start : start + batch_size]
+        part_kept, part_rows, part_skipped = embed_skipping(embedder, part)
+        done.extend(part[i] for i in part_kept)
+        row_list.append(part_rows)
+        skipped.extend({"image": part[i], "reason": reason} for i, reason in part_skipped)
+        if bar is not None:
+            bar.update(offset + start + len(part))
+    rows = np.concatenate(row_list) if row_list else np.zeros((0, dim), np.float32)
+    return done, rows, skipped
 
 
 def _read_shard(npy: Path, meta: Path, chunk: list[str], dim: int):

@@ -51,12 +51,21 @@ from pathlib import Path
 
 import numpy as np
 
+from remap_tf.errors import (
+    BadPathError,
+    FileFormatError,
+    InvalidInputError,
+    OutputExistsError,
+    UnknownIdError,
+)
+from remap_tf.io import atomic_write_json
+
 FORMAT = "remap-index"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 
 
-class IndexFormatError(ValueError):
+class IndexFormatError(FileFormatError):
     """A saved index is missing, truncated, altered or not an index at all."""
 
 
@@ -71,14 +80,14 @@ def _as_ids(ids: Iterable[str] | str) -> list[str]:
     ids = list(ids)
     for i in ids:
         if not isinstance(i, str):
-            raise ValueError(f"ids must be strings, got {type(i).__name__} {i!r}")
+            raise InvalidInputError(f"ids must be strings, got {type(i).__name__} {i!r}")
     if len(set(ids)) != len(ids):
         seen, dupes = set(), []
         for i in ids:
             if i in seen:
                 dupes.append(i)
             seen.add(i)
-        raise ValueError(f"duplicate ids: {dupes[:5]}")
+        raise InvalidInputError(f"duplicate ids: {dupes[:5]}")
     return ids
 
 
@@ -87,14 +96,18 @@ def _as_matrix(descriptors, dim: int | None, name: str) -> np.ndarray:
     if x.ndim == 1:
         x = x[None, :]
     if x.ndim != 2:
-        raise ValueError(f"{name} must be a (num, dim) matrix of row descriptors, got {x.shape}")
+        raise InvalidInputError(
+            f"{name} must be a (num, dim) matrix of row descriptors, got {x.shape}"
+        )
     if not np.issubdtype(x.dtype, np.number):
-        raise ValueError(f"{name} must be numeric, got dtype {x.dtype}")
+        raise InvalidInputError(f"{name} must be numeric, got dtype {x.dtype}")
     if dim is not None and x.shape[1] != dim:
-        raise ValueError(f"{name} have dimension {x.shape[1]} but the index has dimension {dim}")
+        raise InvalidInputError(
+            f"{name} have dimension {x.shape[1]} but the index has dimension {dim}"
+        )
     x = np.ascontiguousarray(x, dtype=np.float32)
     if not np.all(np.isfinite(x)):
-        raise ValueError(f"{name} contain NaN or infinite values")
+        raise InvalidInputError(f"{name} contain NaN or infinite values")
     return x
 
 
@@ -106,14 +119,6 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _write_json(path: Path, value) -> None:
-    with open(path, "w", encoding="utf-8") as handle:
-        json.dump(value, handle, indent=1, ensure_ascii=False)
-        handle.write("\n")
-        handle.flush()
-        os.fsync(handle.fileno())
-
-
 def _read_json(path: Path, what: str):
     try:
         return json.loads(path.read_text(encoding="utf-8"))
@@ -121,8 +126,16 @@ def _read_json(path: Path, what: str):
         raise IndexFormatError(f"{path}: {what} is not valid JSON ({error})") from None
 
 
-def _top_k(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Indices and values of the k largest scores per row, best first."""
+def top_k(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Indices and values of the ``k`` largest scores per row, best first.
+
+    Args:
+        scores: ``(num_queries, num_database)``.
+        k: how many to keep (at most ``num_database``).
+
+    Returns:
+        ``(indices, values)``, each ``(num_queries, min(k, num_database))``.
+    """
     n = scores.shape[1]
     if k < n:
         part = np.argpartition(-scores, k - 1, axis=1)[:, :k]
@@ -149,7 +162,7 @@ class Index(abc.ABC):
 
     def __init__(self, dim: int):
         if int(dim) <= 0:
-            raise ValueError(f"dim must be a positive integer, got {dim}")
+            raise InvalidInputError(f"dim must be a positive integer, got {dim}")
         self._dim = int(dim)
         self._ids: list[str] = []
         self._positions: dict[str, int] = {}
@@ -176,19 +189,19 @@ class Index(abc.ABC):
 
     def _check_new_ids(self, ids: list[str], count: int) -> None:
         if len(ids) != count:
-            raise ValueError(f"{len(ids)} ids for {count} descriptors")
+            raise InvalidInputError(f"{len(ids)} ids for {count} descriptors")
         present = [i for i in ids if i in self._positions]
         if present:
-            raise ValueError(f"ids already in the index (delete them first): {present[:5]}")
+            raise InvalidInputError(f"ids already in the index (delete them first): {present[:5]}")
 
     def _check_known_ids(self, ids: list[str]) -> None:
         missing = [i for i in ids if i not in self._positions]
         if missing:
-            raise KeyError(f"ids not in the index: {missing[:5]}")
+            raise UnknownIdError(f"ids not in the index: {missing[:5]}")
 
     def _check_queries(self, queries, k: int) -> np.ndarray:
         if int(k) <= 0:
-            raise ValueError(f"k must be a positive integer, got {k}")
+            raise InvalidInputError(f"k must be a positive integer, got {k}")
         return _as_matrix(queries, self._dim, "queries")
 
     def _results(self, rows: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -200,11 +213,64 @@ class Index(abc.ABC):
         scores = np.where(rows == len(self._ids), -np.inf, scores).astype(np.float32)
         return id_array[rows], scores
 
+    def add(self, ids: Sequence[str], descriptors: np.ndarray) -> None:
+        """Adds ``descriptors`` (num, dim) under the new string ``ids`` (num,).
+
+        Raises:
+            InvalidInputError: ids that are not strings, repeat, or are already present;
+                descriptors of the wrong shape or not finite.
+        """
+        ids = _as_ids(ids)
+        x = _as_matrix(descriptors, self._dim, "descriptors")
+        self._check_new_ids(ids, x.shape[0])
+        if not ids:
+            return
+        self._add_rows(x)  # rows len(self)..len(self)+n-1, in order
+        start = len(self._ids)
+        self._ids.extend(ids)
+        self._positions.update({i: start + n for n, i in enumerate(ids)})
+        self._id_array = None
+
+    def delete(self, ids: Sequence[str]) -> None:
+        """Removes the given ids (UnknownIdError naming any that are absent)."""
+        ids = _as_ids(ids)
+        self._check_known_ids(ids)
+        if ids:
+            self._delete_ids(ids)
+            self._id_array = None
+
+    def _delete_keeping_order(self, ids: list[str]) -> np.ndarray:
+        """Drops ``ids`` from the id list, keeping the others in order; returns the row mask
+        of the vectors to keep."""
+        keep = np.ones(len(self._ids), dtype=bool)
+        keep[[self._positions[i] for i in ids]] = False
+        self._ids = [i for i, kept in zip(self._ids, keep, strict=True) if kept]
+        self._positions = {i: n for n, i in enumerate(self._ids)}
+        return keep
+
+    def _delete_swapping_last(self, ids: list[str]) -> list[int]:
+        """Drops ``ids`` one by one, moving the last id into each freed row (as ScaNN moves
+        its vectors); returns the rows deleted, in order."""
+        rows = []
+        for i in ids:
+            row = self._positions.pop(i)
+            rows.append(row)
+            last = self._ids.pop()
+            if last != i:
+                self._ids[row] = last
+                self._positions[last] = row
+        return rows
+
     # -- to implement ----------------------------------------------------------------
 
     @abc.abstractmethod
-    def add(self, ids: Sequence[str], descriptors: np.ndarray) -> None:
-        """Adds ``descriptors`` (num, dim) under the new string ``ids`` (num,)."""
+    def _add_rows(self, descriptors: np.ndarray) -> None:
+        """Appends checked float32 rows ``(n, dim)`` after the existing ones."""
+
+    @abc.abstractmethod
+    def _delete_ids(self, ids: list[str]) -> None:
+        """Removes known ``ids``: updates the id list (with a ``_delete_*`` helper above) and
+        the vectors alike."""
 
     @abc.abstractmethod
     def search(self, queries: np.ndarray, k: int = 10) -> tuple[np.ndarray, np.ndarray]:
@@ -219,10 +285,6 @@ class Index(abc.ABC):
             scores float32 of the same shape (dot products), best first. Where fewer results
             exist, ids are None and scores -inf.
         """
-
-    @abc.abstractmethod
-    def delete(self, ids: Sequence[str]) -> None:
-        """Removes the given ids (KeyError naming any that are absent)."""
 
     @property
     @abc.abstractmethod
@@ -250,10 +312,10 @@ class Index(abc.ABC):
         """
         directory = Path(directory)
         if directory.exists() and not directory.is_dir():
-            raise FileExistsError(f"{directory} exists and is not a directory")
+            raise OutputExistsError(f"{directory} exists and is not a directory")
         is_other = directory.is_dir() and not (directory / MANIFEST).is_file()
         if is_other and any(directory.iterdir()):
-            raise FileExistsError(
+            raise OutputExistsError(
                 f"{directory} is a non-empty directory that is not an index; refusing to replace it"
             )
         directory.parent.mkdir(parents=True, exist_ok=True)
@@ -262,9 +324,9 @@ class Index(abc.ABC):
         staging.mkdir()
         try:
             self._write_payload(staging)
-            _write_json(staging / "ids.json", self._ids)
-            _write_json(staging / "config.json", self.config)
-            _write_json(staging / "metadata.json", self.metadata)
+            atomic_write_json(staging / "ids.json", self._ids, indent=1)
+            atomic_write_json(staging / "config.json", self.config, indent=1)
+            atomic_write_json(staging / "metadata.json", self.metadata, indent=1)
             files = {}
             for path in sorted(p for p in staging.rglob("*") if p.is_file()):
                 rel = path.relative_to(staging).as_posix()
@@ -277,7 +339,7 @@ class Index(abc.ABC):
                 "count": len(self._ids),
                 "files": files,
             }
-            _write_json(staging / MANIFEST, manifest)
+            atomic_write_json(staging / MANIFEST, manifest, indent=1)
             if directory.exists():
                 old = directory.parent / f".{directory.name}.old-{token}"
                 os.replace(directory, old)
@@ -339,10 +401,10 @@ def verify_index(directory: str | os.PathLike) -> dict:
     """
     directory = Path(directory)
     if not directory.is_dir():
-        raise FileNotFoundError(f"no index directory at {directory}")
+        raise BadPathError(f"no index directory at {directory}")
     manifest_path = directory / MANIFEST
     if not manifest_path.is_file():
-        raise FileNotFoundError(f"{directory} is not an index: {MANIFEST} is missing")
+        raise BadPathError(f"{directory} is not an index: {MANIFEST} is missing")
     manifest = _read_json(manifest_path, MANIFEST)
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise IndexFormatError(f"{manifest_path} is not a {FORMAT} manifest")
@@ -416,25 +478,11 @@ class ExactIndex(Index):
         view.flags.writeable = False
         return view
 
-    def add(self, ids, descriptors) -> None:
-        ids = _as_ids(ids)
-        x = _as_matrix(descriptors, self._dim, "descriptors")
-        self._check_new_ids(ids, x.shape[0])
-        start = len(self._ids)
-        self._vectors = np.concatenate([self._vectors, x])
-        self._ids.extend(ids)
-        self._positions.update({i: start + n for n, i in enumerate(ids)})
-        self._id_array = None
+    def _add_rows(self, descriptors) -> None:
+        self._vectors = np.concatenate([self._vectors, descriptors])
 
-    def delete(self, ids) -> None:
-        ids = _as_ids(ids)
-        self._check_known_ids(ids)
-        keep = np.ones(len(self._ids), dtype=bool)
-        keep[[self._positions[i] for i in ids]] = False
-        self._vectors = self._vectors[keep]
-        self._ids = [i for i, kept in zip(self._ids, keep, strict=True) if kept]
-        self._positions = {i: n for n, i in enumerate(self._ids)}
-        self._id_array = None
+    def _delete_ids(self, ids) -> None:
+        self._vectors = self._vectors[self._delete_keeping_order(ids)]
 
     def search(self, queries, k: int = 10):
         q = self._check_queries(queries, k)
@@ -445,7 +493,7 @@ class ExactIndex(Index):
         scores = np.empty((q.shape[0], k), dtype=np.float32)
         for start in range(0, q.shape[0], self._chunk):
             stop = start + self._chunk
-            rows[start:stop], scores[start:stop] = _top_k(q[start:stop] @ self._vectors.T, k)
+            rows[start:stop], scores[start:stop] = top_k(q[start:stop] @ self._vectors.T, k)
         return self._results(rows, scores)
 
     def _write_payload(self, directory: Path) -> None:
@@ -512,18 +560,20 @@ class ScannConfig:
 
     def __post_init__(self):
         if self.mode not in self.MODES:
-            raise ValueError(f"ScannConfig.mode must be one of {self.MODES}, got {self.mode!r}")
+            raise InvalidInputError(
+                f"ScannConfig.mode must be one of {self.MODES}, got {self.mode!r}"
+            )
         for name in ("num_leaves", "num_leaves_to_search", "training_sample_size", "reorder"):
             value = getattr(self, name)
             if value is not None and int(value) <= 0:
-                raise ValueError(f"ScannConfig.{name} must be positive, got {value}")
+                raise InvalidInputError(f"ScannConfig.{name} must be positive, got {value}")
         if self.dimensions_per_block <= 0:
-            raise ValueError(
+            raise InvalidInputError(
                 "ScannConfig.dimensions_per_block must be positive, "
                 f"got {self.dimensions_per_block}"
             )
         if self.num_threads < 0:
-            raise ValueError(f"ScannConfig.num_threads must be >= 0, got {self.num_threads}")
+            raise InvalidInputError(f"ScannConfig.num_threads must be >= 0, got {self.num_threads}")
 
     def resolved(self, count: int) -> ScannConfig:
         """A copy with mode and every size-dependent knob fixed for ``count`` vectors."""
@@ -559,7 +609,7 @@ class ScannConfig:
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = set(values) - names - {"kind", "dim", "built"}
         if unknown:
-            raise ValueError(f"unknown ScaNN config keys: {sorted(unknown)}")
+            raise InvalidInputError(f"unknown ScaNN config keys: {sorted(unknown)}")
         return cls(**{k: v for k, v in values.items() if k in names})
 
 
@@ -603,55 +653,32 @@ class ScannIndex(Index):
     def _threads(self) -> int:
         return self._requested.num_threads or os.cpu_count() or 1
 
-    def add(self, ids, descriptors) -> None:
-        ids = _as_ids(ids)
-        x = _as_matrix(descriptors, self._dim, "descriptors")
-        self._check_new_ids(ids, x.shape[0])
-        if not ids:
+    def _add_rows(self, descriptors) -> None:
+        if self._searcher is None:
+            self._pending.append(descriptors)
             return
         start = len(self._ids)
-        if self._searcher is None:
-            self._pending.append(x)
-        else:
-            rows = self._searcher.searcher.upsert([None] * len(ids), x, 1)
-            expected = list(range(start, start + len(ids)))
-            if list(rows) != expected:  # ScaNN appends; anything else breaks the id mapping
-                raise RuntimeError(f"ScaNN upsert returned rows {list(rows)[:5]}...")
-        self._ids.extend(ids)
-        self._positions.update({i: start + n for n, i in enumerate(ids)})
-        self._id_array = None
+        rows = self._searcher.searcher.upsert([None] * len(descriptors), descriptors, 1)
+        expected = list(range(start, start + len(descriptors)))
+        if list(rows) != expected:  # ScaNN appends; anything else breaks the id mapping
+            raise RuntimeError(f"ScaNN upsert returned rows {list(rows)[:5]}...")
 
-    def delete(self, ids) -> None:
-        ids = _as_ids(ids)
-        self._check_known_ids(ids)
+    def _delete_ids(self, ids) -> None:
         if self._searcher is None:
             pending = np.concatenate(self._pending) if self._pending else None
-            keep = np.ones(len(self._ids), dtype=bool)
-            keep[[self._positions[i] for i in ids]] = False
+            keep = self._delete_keeping_order(ids)
             self._pending = [pending[keep]] if pending is not None else []
-            self._ids = [i for i, kept in zip(self._ids, keep, strict=True) if kept]
-            self._positions = {i: n for n, i in enumerate(self._ids)}
-            self._id_array = None
             return
         # ScaNN deletes a row by moving the last row into its slot, one deletion after the
-        # other (as its own Python wrapper assumes); mirror that in the id list.
-        rows = []
-        for i in ids:
-            row = self._positions.pop(i)
-            rows.append(row)
-            last = self._ids.pop()
-            if last != i:
-                self._ids[row] = last
-                self._positions[last] = row
-        self._id_array = None
-        self._searcher.searcher.delete(rows)
+        # other (as its own Python wrapper assumes); the id list mirrors that.
+        self._searcher.searcher.delete(self._delete_swapping_last(ids))
 
     def build(self) -> None:
         """Trains and builds the ScaNN searcher from every vector added so far."""
         from scann.scann_ops.py import scann_ops_pybind
 
         if not self._ids:
-            raise ValueError("cannot build a ScaNN index with no vectors; add some first")
+            raise InvalidInputError("cannot build a ScaNN index with no vectors; add some first")
         data = np.concatenate(self._pending) if self._pending else None
         if data is None or data.shape[0] != len(self._ids):
             raise RuntimeError("the ScaNN index is already built")
@@ -769,4 +796,4 @@ def make_index(kind: str, dim: int, **config) -> Index:
         return ScannIndex(dim, **config)
     if kind == "exact":
         return ExactIndex(dim, **config)
-    raise ValueError(f"index kind must be 'scann' or 'exact', got {kind!r}")
+    raise InvalidInputError(f"index kind must be 'scann' or 'exact', got {kind!r}")

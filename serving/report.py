@@ -30,16 +30,13 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageOps
 
+from remap_tf.errors import InvalidInputError
+from remap_tf.io import atomic_write_bytes
+
 GREEN = (34, 160, 60)
 RED = (210, 40, 40)
 GREY = (150, 150, 150)
 BLUE = (40, 90, 200)
-
-
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    from remap_tf.io import atomic_write_bytes  # lazy: importing remap_tf loads TensorFlow
-
-    atomic_write_bytes(path, data)
 
 
 def _open_thumbnail(source, box, size: int) -> Image.Image:
@@ -99,6 +96,7 @@ def write_report(
     scores: Sequence[Sequence[float]] | None = None,
     query_boxes: Sequence | None = None,
     query_names: Sequence[str] | None = None,
+    result_names: Sequence[Sequence[str]] | None = None,
     thumb_size: int = 128,
     png: bool = True,
     max_png_queries: int = 50,
@@ -118,6 +116,8 @@ def write_report(
         scores: per query and result, the similarity shown under each thumbnail.
         query_boxes: per query, None or (x1, y1, x2, y2) to crop the query to.
         query_names: per query, the caption (default: the query path).
+        result_names: per query and result, the caption (default: the result path), e.g.
+            the ids an index knows the images by.
         thumb_size: thumbnail side in pixels.
         png: also write ``<stem>.png``.
         max_png_queries: queries drawn in the PNG (the HTML has them all).
@@ -126,67 +126,102 @@ def write_report(
         The path of the HTML file.
     """
     path = Path(path)
-    num_queries = len(queries)
-    if len(results) != num_queries:
-        raise ValueError(f"{len(results)} result lists for {num_queries} queries")
-    for name, value in (("relevance", relevance), ("ap", ap), ("scores", scores)):
+    _check_lengths(
+        len(queries),
+        results=results,
+        relevance=relevance,
+        ap=ap,
+        scores=scores,
+        query_boxes=query_boxes,
+        query_names=query_names,
+        result_names=result_names,
+    )
+    thumbnails = _Thumbnails(path.parent / f"{path.stem}_files", thumb_size)
+    rows_html, png_rows = [], []
+    for qi in range(len(queries)):
+        q_name = query_names[qi] if query_names is not None else _label(queries[qi])
+        q_ap = ap[qi] if ap is not None else None
+        row_html, tiles = _query_row(
+            thumbnails,
+            queries[qi],
+            q_name,
+            q_ap,
+            box=query_boxes[qi] if query_boxes is not None else None,
+            results=results[qi],
+            names=result_names[qi] if result_names is not None else None,
+            relevance=relevance[qi] if relevance is not None else None,
+            scores=scores[qi] if scores is not None else None,
+        )
+        rows_html.append(row_html)
+        png_rows.append((q_name, q_ap, tiles))
+    valid = [float(a) for a in (ap or []) if a is not None and not math.isnan(float(a))]
+    summary = f"{len(queries)} queries"
+    if valid:
+        summary += f"; mAP {np.mean(valid):.4f} over the {len(valid)} with an AP"
+    page = _page(title, summary, extra_sections_html, rows_html, thumb_size)
+    atomic_write_bytes(path, page.encode("utf-8"))
+    if png and png_rows:
+        _write_png(path.with_suffix(".png"), title, summary, png_rows[:max_png_queries], thumb_size)
+    return path
+
+
+def _check_lengths(num_queries: int, **per_query) -> None:
+    for name, value in per_query.items():
+        if name == "results" and len(value) != num_queries:
+            raise InvalidInputError(f"{len(value)} result lists for {num_queries} queries")
         if value is not None and len(value) != num_queries:
-            raise ValueError(f"{name} has {len(value)} entries for {num_queries} queries")
-    if query_boxes is not None and len(query_boxes) != num_queries:
-        raise ValueError(f"query_boxes has {len(query_boxes)} entries for {num_queries} queries")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    files_dir = path.parent / f"{path.stem}_files"
-    files_dir.mkdir(exist_ok=True)
+            raise InvalidInputError(f"{name} has {len(value)} entries for {num_queries} queries")
 
-    cache: dict[tuple, tuple[str, Image.Image]] = {}
 
-    def thumbnail(item, box=None) -> tuple[str, Image.Image]:
-        """Writes (once) and returns the thumbnail's relative path and image."""
+class _Thumbnails:
+    """Writes each distinct thumbnail once into ``folder``; hands out (relative path, image)."""
+
+    def __init__(self, folder: Path, size: int):
+        self.folder = folder
+        self.size = size
+        self._cache: dict[tuple, tuple[str, Image.Image]] = {}
+
+    def __call__(self, item, box=None) -> tuple[str, Image.Image]:
+        box_key = tuple(box) if box is not None else None
         if isinstance(item, bytes | bytearray):
-            key = ("bytes", hashlib.sha1(item).hexdigest(), tuple(box) if box else None)
+            key = ("bytes", hashlib.sha1(item).hexdigest(), box_key)
         else:
-            key = ("path", str(Path(item).resolve()), tuple(box) if box is not None else None)
-        if key not in cache:
-            image = _open_thumbnail(item, box, thumb_size)
+            key = ("path", str(Path(item).resolve()), box_key)
+        if key not in self._cache:
+            image = _open_thumbnail(item, box, self.size)
             name = hashlib.sha1(repr(key).encode()).hexdigest()[:16] + ".jpg"
             buffer = io.BytesIO()
             image.save(buffer, format="JPEG", quality=85)
-            _atomic_write_bytes(files_dir / name, buffer.getvalue())
-            cache[key] = (f"{files_dir.name}/{name}", image)
-        return cache[key]
+            atomic_write_bytes(self.folder / name, buffer.getvalue())
+            self._cache[key] = (f"{self.folder.name}/{name}", image)
+        return self._cache[key]
 
-    rows_html = []
-    png_rows = []
-    for qi in range(num_queries):
-        box = query_boxes[qi] if query_boxes is not None else None
-        q_rel, q_image = thumbnail(queries[qi], box)
-        q_name = query_names[qi] if query_names is not None else _label(queries[qi])
-        q_ap = ap[qi] if ap is not None else None
-        cells = [
-            f'<td class="query"><img src="{html.escape(q_rel)}" alt="query"><br>'
-            f"<b>query</b><br><span class=name>{html.escape(q_name)}</span><br>"
-            f"AP {_fmt(q_ap)}</td>"
-        ]
-        tiles = [(q_image, BLUE)]
-        for rank, item in enumerate(results[qi]):
-            rel = relevance[qi][rank] if relevance is not None else None
-            r_rel, r_image = thumbnail(item)
-            colour = _colour(rel)
-            score = f"<br>{_fmt(scores[qi][rank])}" if scores is not None else ""
-            css = "rel" if rel else ("unk" if rel is None else "irr")
-            cells.append(
-                f'<td class="{css}"><img src="{html.escape(r_rel)}" alt="rank {rank + 1}"><br>'
-                f"#{rank + 1}{score}<br><span class=name>{html.escape(_label(item))}</span></td>"
-            )
-            tiles.append((r_image, colour))
-        rows_html.append("<tr>" + "".join(cells) + "</tr>")
-        png_rows.append((q_name, q_ap, tiles))
 
-    valid = [float(a) for a in (ap or []) if a is not None and not math.isnan(float(a))]
-    summary = f"{num_queries} queries"
-    if valid:
-        summary += f"; mAP {np.mean(valid):.4f} over the {len(valid)} with an AP"
-    page = f"""<!DOCTYPE html>
+def _query_row(thumbnails, query, name, ap, *, box, results, names, relevance, scores):
+    """One query's table row (HTML) and its tiles for the PNG."""
+    q_rel, q_image = thumbnails(query, box)
+    cells = [
+        f'<td class="query"><img src="{html.escape(q_rel)}" alt="query"><br>'
+        f"<b>query</b><br><span class=name>{html.escape(name)}</span><br>"
+        f"AP {_fmt(ap)}</td>"
+    ]
+    tiles = [(q_image, BLUE)]
+    for rank, item in enumerate(results):
+        rel = relevance[rank] if relevance is not None else None
+        r_rel, r_image = thumbnails(item)
+        score = f"<br>{_fmt(scores[rank])}" if scores is not None else ""
+        caption = names[rank] if names is not None else _label(item)
+        css = "rel" if rel else ("unk" if rel is None else "irr")
+        cells.append(
+            f'<td class="{css}"><img src="{html.escape(r_rel)}" alt="rank {rank + 1}"><br>'
+            f"#{rank + 1}{score}<br><span class=name>{html.escape(caption)}</span></td>"
+        )
+        tiles.append((r_image, _colour(rel)))
+    return "<tr>" + "".join(cells) + "</tr>", tiles
+
+
+def _page(title: str, summary: str, extra_sections_html, rows_html, thumb_size: int) -> str:
+    return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>
 <style>
 body {{ font-family: sans-serif; margin: 1em; }}
@@ -208,10 +243,6 @@ td.irr img {{ border-color: rgb{RED}; }}
 </table>
 </body></html>
 """
-    _atomic_write_bytes(path, page.encode("utf-8"))
-    if png and png_rows:
-        _write_png(path.with_suffix(".png"), title, summary, png_rows[:max_png_queries], thumb_size)
-    return path
 
 
 def _write_png(path: Path, title: str, summary: str, rows, size: int) -> None:
@@ -235,4 +266,4 @@ def _write_png(path: Path, title: str, summary: str, rows, size: int) -> None:
         y += tile + caption + gap
     buffer = io.BytesIO()
     canvas.save(buffer, format="PNG")
-    _atomic_write_bytes(path, buffer.getvalue())
+    atomic_write_bytes(path, buffer.getvalue())

@@ -10,13 +10,16 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 import time
 from pathlib import Path
 
 import keras
 import numpy as np
 import tensorflow as tf
+
+from remap_tf.errors import InvalidInputError
+from remap_tf.evaluation import label_map
+from remap_tf.io import atomic_save, atomic_write_text
 
 VAL_MAP = "val_map"
 
@@ -60,7 +63,7 @@ class RetrievalEvaluation(keras.callbacks.Callback):
         super().__init__()
         self.before_evaluate = before_evaluate
         if every < 1:
-            raise ValueError(f"`every` must be >= 1, received {every!r}.")
+            raise InvalidInputError(f"`every` must be >= 1, received {every!r}.")
         if isinstance(data, tf.data.Dataset):
             self._dataset = data
         else:
@@ -68,7 +71,7 @@ class RetrievalEvaluation(keras.callbacks.Callback):
             images = np.asarray(images)
             labels = np.asarray(labels)
             if images.ndim < 2 or len(images) != len(labels) or len(images) < 2:
-                raise ValueError(
+                raise InvalidInputError(
                     "RetrievalEvaluation needs inputs (N, ...) and labels (N,) with N >= 2, "
                     f"received {images.shape} and {labels.shape}."
                 )
@@ -82,8 +85,6 @@ class RetrievalEvaluation(keras.callbacks.Callback):
 
     def evaluate(self) -> float:
         """mAP of the current model on the validation set."""
-        from remap_tf.evaluation import label_map
-
         if self.before_evaluate is not None:
             self.before_evaluate()
         if self._embed is None:
@@ -102,7 +103,7 @@ class RetrievalEvaluation(keras.callbacks.Callback):
         labels = np.concatenate(labels) if labels else np.zeros((0,), np.int32)
         keep = labels >= 0
         if keep.sum() < 2:
-            raise ValueError("The validation set has fewer than two readable images.")
+            raise InvalidInputError("The validation set has fewer than two readable images.")
         return float(label_map(descriptors[keep], labels[keep]))
 
     def on_train_begin(self, logs=None):
@@ -138,7 +139,7 @@ class TimeLimit(keras.callbacks.Callback):
     def __init__(self, seconds: float):
         super().__init__()
         if not seconds > 0:
-            raise ValueError(f"`seconds` must be > 0, received {seconds!r}.")
+            raise InvalidInputError(f"`seconds` must be > 0, received {seconds!r}.")
         self.seconds = float(seconds)
         self.stopped = False
         self._start = None
@@ -151,25 +152,6 @@ class TimeLimit(keras.callbacks.Callback):
         if self._start is not None and time.monotonic() - self._start >= self.seconds:
             self.stopped = True
             self.model.stop_training = True
-
-
-def _atomic_save(save, path: str) -> None:
-    """Calls ``save(tmp)`` on a temporary name beside ``path`` (same suffix), then renames."""
-    path = os.fspath(path)
-    directory, name = os.path.split(path)
-    directory = directory or "."
-    os.makedirs(directory, exist_ok=True)
-    suffix = ".weights.h5" if name.endswith(".weights.h5") else os.path.splitext(name)[1]
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{name}.", suffix=suffix)
-    os.close(fd)
-    os.unlink(tmp)  # Keras refuses some existing files; let it create the file itself.
-    try:
-        save(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 class AtomicModelCheckpoint(keras.callbacks.ModelCheckpoint):
@@ -193,9 +175,9 @@ class AtomicModelCheckpoint(keras.callbacks.ModelCheckpoint):
         if not self._should_save_model(epoch, batch, logs, filepath):
             return
         if self.save_weights_only:
-            _atomic_save(lambda tmp: self.model.save_weights(tmp, overwrite=True), filepath)
+            atomic_save(filepath, lambda tmp: self.model.save_weights(tmp, overwrite=True))
         else:
-            _atomic_save(lambda tmp: self.model.save(tmp, overwrite=True), filepath)
+            atomic_save(filepath, lambda tmp: self.model.save(tmp, overwrite=True))
         if self._train_config is not None:
             self._train_config.save(Path(filepath).parent / "config.yaml")
         if self.verbose > 0:
@@ -225,10 +207,8 @@ class AtomicBackupAndRestore(keras.callbacks.BackupAndRestore):
             shutil.copyfile(self._weights_path, self._prev_weights_path)
             if os.path.exists(self._training_metadata_path):
                 shutil.copyfile(self._training_metadata_path, self._prev_training_metadata_path)
-        _atomic_save(lambda tmp: self.model.save_weights(tmp, overwrite=True), self._weights_path)
+        atomic_save(self._weights_path, lambda tmp: self.model.save_weights(tmp, overwrite=True))
         metadata = json.dumps({"epoch": self._current_epoch, "batch": self._last_batch_seen})
-        from training.config import atomic_write_text
-
         atomic_write_text(self._training_metadata_path, metadata)
         if self._train_config is not None:
             self._train_config.save(Path(self.backup_dir) / "config.yaml")

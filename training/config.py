@@ -18,16 +18,20 @@ Example:
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import os
 import types
 import typing
 from pathlib import Path
 
-POOLINGS = ("remap", "rmac", "mac", "spoc", "gem")
+import yaml
+
+from remap_tf.contract import MIN_IMAGE_SIZE
+from remap_tf.errors import BadPathError, InvalidInputError
+from remap_tf.io import atomic_write_text
+from remap_tf.specs import BACKBONES, MININGS, POOLINGS, WHITENING_METHODS, closest
+
 OPTIMIZERS = ("sgd", "adam", "adamw")
-MINING = ("batch_hard", "semi_hard", "batch_all")
-WHITENING_INIT = ("learned", "pca", "none")
+WHITENING_INIT = (*WHITENING_METHODS, "none")
 STRATEGIES = ("default", "one_device", "mirrored", "multi_worker", "tpu")
 
 
@@ -45,7 +49,7 @@ class ModelConfig:
     backbone_kwargs: dict = dataclasses.field(default_factory=dict)  # e.g. {"alpha": 0.35}
     freeze_backbone: bool = False  # train only region weights and whitening
     # BatchNorm layers not trained and run in inference mode (their statistics stay fixed);
-    # helps random-init backbones on small data (see serving/demo.py).
+    # helps random-init backbones on small data (see remap_cli/demo/pipeline.py).
     freeze_batch_norm: bool = False
 
 
@@ -153,10 +157,10 @@ class TrainConfig:
             target = values
             for part in parts[:-1]:
                 if not isinstance(target.get(part), dict):
-                    raise ValueError(f"Unknown config field {key!r}.{_hint(part, target)}")
+                    raise InvalidInputError(f"Unknown config field {key!r}.{_hint(part, target)}")
                 target = target[part]
             if parts[-1] not in target:
-                raise ValueError(f"Unknown config field {key!r}.{_hint(parts[-1], target)}")
+                raise InvalidInputError(f"Unknown config field {key!r}.{_hint(parts[-1], target)}")
             target[parts[-1]] = value
         return TrainConfig.from_dict(values)
 
@@ -166,21 +170,27 @@ class TrainConfig:
         _choice("model.pooling", m.pooling, POOLINGS)
         _positive_int("model.levels", m.levels)
         if len(m.grid_shape) != 2 or any(int(v) != v or v < 1 for v in m.grid_shape):
-            raise ValueError(f"model.grid_shape must be two positive ints, got {m.grid_shape!r}")
+            raise InvalidInputError(
+                f"model.grid_shape must be two positive ints, got {m.grid_shape!r}"
+            )
         if m.dim is not None:
             _positive_int("model.dim", m.dim)
         if m.weights not in (None, "imagenet") and not os.path.isfile(str(m.weights)):
-            raise ValueError(
+            raise InvalidInputError(
                 f"model.weights must be null, 'imagenet' or an existing file, got {m.weights!r}"
             )
         if not d.train:
-            raise ValueError("data.train is empty: give a class folder or a manifest (--data).")
+            raise InvalidInputError(
+                "data.train is empty: give a class folder or a manifest (--data)."
+            )
         if not os.path.exists(d.train):
-            raise ValueError(f"data.train {d.train!r} does not exist.")
+            raise InvalidInputError(f"data.train {d.train!r} does not exist.")
         if d.validation is not None and not os.path.exists(d.validation):
-            raise ValueError(f"data.validation {d.validation!r} does not exist.")
-        if not isinstance(d.image_size, int) or d.image_size < 64:
-            raise ValueError(f"data.image_size must be an int >= 64, got {d.image_size!r}")
+            raise InvalidInputError(f"data.validation {d.validation!r} does not exist.")
+        if not isinstance(d.image_size, int) or d.image_size < MIN_IMAGE_SIZE:
+            raise InvalidInputError(
+                f"data.image_size must be an int >= {MIN_IMAGE_SIZE}, got {d.image_size!r}"
+            )
         _positive_int("data.classes_per_batch", d.classes_per_batch, minimum=2)
         _positive_int("data.images_per_class", d.images_per_class, minimum=2)
         _positive_int("data.validation_batch_size", d.validation_batch_size)
@@ -194,7 +204,7 @@ class TrainConfig:
         if o.clipnorm is not None:
             _positive_float("optimizer.clipnorm", o.clipnorm)
         _positive_float("loss.margin", lo.margin)
-        _choice("loss.mining", lo.mining, MINING)
+        _choice("loss.mining", lo.mining, MININGS)
         _positive_int("loss.offline_pool_size", lo.offline_pool_size, minimum=2)
         _positive_int("loss.offline_num_anchors", lo.offline_num_anchors)
         _positive_int("loss.offline_num_negatives", lo.offline_num_negatives)
@@ -204,35 +214,32 @@ class TrainConfig:
         _positive_int("epochs", self.epochs)
         _positive_int("steps_per_epoch", self.steps_per_epoch)
         if o.warmup_steps >= self.total_steps() and o.warmup_steps > 0:
-            raise ValueError(
+            raise InvalidInputError(
                 f"optimizer.warmup_steps ({o.warmup_steps}) must be below epochs × "
                 f"steps_per_epoch ({self.total_steps()})."
             )
         _choice("strategy", self.strategy, STRATEGIES)
         if self.devices is not None and self.strategy not in ("one_device", "mirrored"):
-            raise ValueError(f"devices only applies to one_device/mirrored, not {self.strategy!r}")
+            raise InvalidInputError(
+                f"devices only applies to one_device/mirrored, not {self.strategy!r}"
+            )
         _positive_int("seed", self.seed, minimum=0)
         if not self.out_dir:
-            raise ValueError("out_dir is empty.")
+            raise InvalidInputError("out_dir is empty.")
         if self.backup_every_steps is not None:
             _positive_int("backup_every_steps", self.backup_every_steps)
         if self.time_limit is not None:
             _positive_float("time_limit", self.time_limit)
         _choice("verbose", self.verbose, (0, 1, 2))
-        # Last: the backbone table imports Keras, so cheaper mistakes are reported at once.
-        from remap_tf.backbones import BACKBONES
-
         _choice("model.backbone", m.backbone, tuple(sorted(BACKBONES)))
         if self.time_limit is not None and self.strategy == "multi_worker":
-            raise ValueError(
+            raise InvalidInputError(
                 "time_limit cannot be used with strategy 'multi_worker': workers would stop at "
                 "different steps and wait for each other forever."
             )
         return self
 
     def to_yaml(self) -> str:
-        import yaml
-
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
     def save(self, path) -> Path:
@@ -257,8 +264,7 @@ _NULLABLE = {
 
 
 def _hint(name: str, known) -> str:
-    close = difflib.get_close_matches(name, list(known), n=1)
-    return f" Did you mean {close[0]!r}?" if close else f" Known here: {sorted(known)}."
+    return closest(name, known) or f" Known here: {sorted(known)}."
 
 
 def load_config(path=None, overrides: dict | None = None) -> TrainConfig:
@@ -279,42 +285,37 @@ def load_config(path=None, overrides: dict | None = None) -> TrainConfig:
 
 
 def read_yaml(path) -> dict:
-    import yaml
-
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"Config file {str(path)!r} does not exist.")
+        raise BadPathError(f"Config file {str(path)!r} does not exist.")
     try:
         values = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(error, "problem", None) or type(error).__name__
-        raise ValueError(
+        raise InvalidInputError(
             f"Config file {str(path)!r} is not valid YAML: {problem}{where}."
         ) from error
     if values is None:
         return {}
     if not isinstance(values, dict):
-        raise ValueError(f"Config file {str(path)!r} must hold a mapping, not {type(values)}.")
+        raise InvalidInputError(
+            f"Config file {str(path)!r} must hold a mapping, not {type(values)}."
+        )
     return values
-
-
-def atomic_write_text(path, text: str) -> None:
-    """Writes ``text`` to ``path`` via a temporary file in the same folder and a rename."""
-    from remap_tf.io import atomic_write_text as write  # lazy: remap_tf loads TensorFlow
-
-    write(path, text)
 
 
 def _from_dict(cls, values, prefix: str):
     if not isinstance(values, dict):
-        raise ValueError(f"Config section {prefix.rstrip('.') or '<root>'!r} must be a mapping.")
+        raise InvalidInputError(
+            f"Config section {prefix.rstrip('.') or '<root>'!r} must be a mapping."
+        )
     fields = {f.name: f for f in dataclasses.fields(cls)}
     hints = typing.get_type_hints(cls)
     unknown = sorted(set(values) - set(fields))
     if unknown:
-        raise ValueError(
+        raise InvalidInputError(
             f"Unknown config field(s) {[prefix + k for k in unknown]}; known: "
             f"{[prefix + k for k in fields]}."
         )
@@ -338,36 +339,36 @@ def _coerce(name: str, hint, value):
     if value is None:
         if nullable:
             return None
-        raise ValueError(f"{name} must not be null.")
+        raise InvalidInputError(f"{name} must not be null.")
     target = typing.get_origin(base[0]) or base[0]
     if target is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if target is list and isinstance(value, tuple):
         value = list(value)
     if target is bool and not isinstance(value, bool):
-        raise ValueError(f"{name} must be true or false, got {value!r}")
+        raise InvalidInputError(f"{name} must be true or false, got {value!r}")
     if target is int and (isinstance(value, bool) or not isinstance(value, int)):
-        raise ValueError(f"{name} must be an integer, got {value!r}")
+        raise InvalidInputError(f"{name} must be an integer, got {value!r}")
     if not isinstance(value, target):
-        raise ValueError(f"{name} must be a {target.__name__}, got {value!r}")
+        raise InvalidInputError(f"{name} must be a {target.__name__}, got {value!r}")
     return value
 
 
 def _choice(name, value, choices):
     if value not in choices:
-        raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}")
+        raise InvalidInputError(f"{name} must be one of {list(choices)}, got {value!r}")
 
 
 def _positive_int(name, value, minimum: int = 1):
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+        raise InvalidInputError(f"{name} must be an integer >= {minimum}, got {value!r}")
 
 
 def _positive_float(name, value):
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-        raise ValueError(f"{name} must be a number > 0, got {value!r}")
+        raise InvalidInputError(f"{name} must be a number > 0, got {value!r}")
 
 
 def _range(name, value, low, high):
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
-        raise ValueError(f"{name} must be in [{low}, {high}], got {value!r}")
+        raise InvalidInputError(f"{name} must be in [{low}, {high}], got {value!r}")

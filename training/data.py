@@ -27,6 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
+from remap_tf.errors import BadPathError, InvalidInputError
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".bmp")
 MANIFEST_HEADER = ("path", "label")
 GLDV2_HEADER = ("landmark_id", "images")
@@ -53,11 +55,13 @@ class Manifest:
         self.labels = np.asarray(self.labels, dtype=np.int32).reshape(-1)
         self.class_names = [str(c) for c in self.class_names]
         if len(self.paths) != len(self.labels):
-            raise ValueError(f"Manifest has {len(self.paths)} paths but {len(self.labels)} labels.")
+            raise InvalidInputError(
+                f"Manifest has {len(self.paths)} paths but {len(self.labels)} labels."
+            )
         if len(self.labels) and (
             self.labels.min() < 0 or self.labels.max() >= len(self.class_names)
         ):
-            raise ValueError(
+            raise InvalidInputError(
                 f"Manifest labels must lie in [0, {len(self.class_names)}), received "
                 f"[{self.labels.min()}, {self.labels.max()}]."
             )
@@ -110,13 +114,13 @@ class Manifest:
             by: ``"class"`` or ``"image"``.
         """
         if not 0.0 < fraction < 1.0:
-            raise ValueError(f"`fraction` must be in (0, 1), received {fraction!r}.")
+            raise InvalidInputError(f"`fraction` must be in (0, 1), received {fraction!r}.")
         rng = np.random.default_rng(seed)
         if by == "class":
             present = np.flatnonzero(self.class_counts() > 0)
             count = int(round(fraction * present.size))
             if count < 1 or count >= present.size:
-                raise ValueError(
+                raise InvalidInputError(
                     f"Cannot hold out {fraction:.0%} of {present.size} classes: need at least "
                     "one class on each side."
                 )
@@ -130,7 +134,7 @@ class Manifest:
                 count = int(round(fraction * members.size))
                 mask[rng.choice(members, size=count, replace=False)] = True
         else:
-            raise ValueError(f"`by` must be 'class' or 'image', received {by!r}.")
+            raise InvalidInputError(f"`by` must be 'class' or 'image', received {by!r}.")
         return self.subset(np.flatnonzero(~mask)), self.subset(np.flatnonzero(mask))
 
 
@@ -157,19 +161,19 @@ def load_manifest(source, image_root=None) -> Manifest:
     """
     path = Path(os.fspath(source)).expanduser()
     if not path.exists():
-        raise FileNotFoundError(f"Training data not found: {path} does not exist.")
+        raise BadPathError(f"Training data not found: {path} does not exist.")
     if path.is_dir():
         if image_root is not None:
-            raise ValueError("`image_root` applies only to a GLDv2 train_clean.csv source.")
+            raise InvalidInputError("`image_root` applies only to a GLDv2 train_clean.csv source.")
         return _from_folder(path)
     header, rows = _read_csv(path)
     if header == MANIFEST_HEADER:
         if image_root is not None:
-            raise ValueError("`image_root` applies only to a GLDv2 train_clean.csv source.")
+            raise InvalidInputError("`image_root` applies only to a GLDv2 train_clean.csv source.")
         return _from_rows(path, rows)
     if header == GLDV2_HEADER:
         return _from_gldv2(path, rows, image_root)
-    raise ValueError(
+    raise InvalidInputError(
         f"{path}: unrecognised CSV header {','.join(header)!r}; expected 'path,label' (a "
         "manifest) or 'landmark_id,images' (Google Landmarks v2 train_clean.csv)."
     )
@@ -192,7 +196,7 @@ def _from_folder(root: Path) -> Manifest:
         labels.extend([len(class_names)] * len(files))
         class_names.append(class_dir.name)
     if not paths:
-        raise ValueError(
+        raise InvalidInputError(
             f"{root}: no images found; expected one sub-folder per class holding "
             f"{'/'.join(IMAGE_EXTENSIONS)} files."
         )
@@ -217,12 +221,12 @@ def _read_csv(path: Path):
             header = next(reader, None)
             rows = [row for row in reader if row and any(cell.strip() for cell in row)]
     except UnicodeDecodeError:
-        raise ValueError(f"{path}: not a UTF-8 text CSV file.") from None
+        raise InvalidInputError(f"{path}: not a UTF-8 text CSV file.") from None
     if header is None:
-        raise ValueError(f"{path}: empty file; expected a CSV with a header row.")
+        raise InvalidInputError(f"{path}: empty file; expected a CSV with a header row.")
     header = tuple(cell.strip().lower() for cell in header)
     if not rows and header in (MANIFEST_HEADER, GLDV2_HEADER):
-        raise ValueError(f"{path}: the CSV has a header but no rows.")
+        raise InvalidInputError(f"{path}: the CSV has a header but no rows.")
     return header, rows
 
 
@@ -239,7 +243,9 @@ def _from_rows(csv_path: Path, rows) -> Manifest:
     paths, names = [], []
     for line, row in enumerate(rows, start=2):
         if len(row) != 2 or not row[0].strip() or not row[1].strip():
-            raise ValueError(f"{csv_path}, line {line}: expected 'path,label', found {row!r}.")
+            raise InvalidInputError(
+                f"{csv_path}, line {line}: expected 'path,label', found {row!r}."
+            )
         paths.append(str(base / row[0].strip()))  # an absolute path stays absolute
         names.append(row[1].strip())
     class_names = _class_order(names)
@@ -254,21 +260,21 @@ def _from_gldv2(csv_path: Path, rows, image_root) -> Manifest:
     else:
         root = Path(os.fspath(image_root)).expanduser()
         if not root.is_dir():
-            raise FileNotFoundError(f"GLDv2 image root not found: {root} is not a folder.")
+            raise BadPathError(f"GLDv2 image root not found: {root} is not a folder.")
     paths, names = [], []
     for line, row in enumerate(rows, start=2):
         if len(row) != 2 or not row[0].strip():
-            raise ValueError(
+            raise InvalidInputError(
                 f"{csv_path}, line {line}: expected 'landmark_id,images', found {row!r}."
             )
         landmark = row[0].strip()
         for image_id in row[1].split():
             if len(image_id) < 3:
-                raise ValueError(f"{csv_path}, line {line}: bad image id {image_id!r}.")
+                raise InvalidInputError(f"{csv_path}, line {line}: bad image id {image_id!r}.")
             paths.append(str(root / image_id[0] / image_id[1] / image_id[2] / f"{image_id}.jpg"))
             names.append(landmark)
     if not paths:
-        raise ValueError(f"{csv_path}: no image ids in the 'images' column.")
+        raise InvalidInputError(f"{csv_path}: no image ids in the 'images' column.")
     class_names = _class_order(names)
     index = {name: i for i, name in enumerate(class_names)}
     return Manifest(paths, np.asarray([index[n] for n in names], np.int32), class_names)

@@ -23,13 +23,27 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import os
 import shutil
 import tempfile
 import time
 from pathlib import Path
 
-from training.config import TrainConfig
+import keras
+import numpy as np
+import tensorflow as tf
+
+from remap_tf.backbones import batch_norm_layers, recalibrate_batch_norm
+from remap_tf.errors import InvalidInputError
+from remap_tf.io import atomic_save
+from remap_tf.losses import TripletLoss
+from remap_tf.model import REMAP
+from remap_tf.region_weights import init_region_weights
+from remap_tf.training import callbacks as cb
+from remap_tf.training import keras_compat, pipeline, strategies
+from remap_tf.training.config import TrainConfig
+from remap_tf.training.data import Manifest, load_manifest
+from remap_tf.training.mining import OfflineHardNegativeMining
+from remap_tf.whitening import init_whitening
 
 MODEL_FILE = "model.keras"
 CONFIG_FILE = "config.yaml"
@@ -70,8 +84,6 @@ class TrainResult:
 
 def build_model(config: TrainConfig):
     """The REMAP model of ``config.model`` at ``config.data.image_size``; build it in scope."""
-    from remap_tf.model import REMAP
-
     m = config.model
     size = config.data.image_size
     model = REMAP(
@@ -89,8 +101,6 @@ def build_model(config: TrainConfig):
         # Frozen BatchNorm layers also run in inference mode (Keras 3 semantics).
         model.get_layer("backbone").trainable = False
     elif m.freeze_batch_norm:
-        from remap_tf.backbones import batch_norm_layers
-
         for layer in batch_norm_layers(model):
             layer.trainable = False
     return model
@@ -102,8 +112,6 @@ def make_learning_rate(config: TrainConfig):
     Decays to ``min_learning_rate_ratio × learning_rate`` at step ``epochs ×
     steps_per_epoch``; without ``cosine_decay`` the rate stays at its peak after warm-up.
     """
-    import keras
-
     o = config.optimizer
     total = config.total_steps()
     warmup = o.warmup_steps
@@ -123,8 +131,6 @@ def make_learning_rate(config: TrainConfig):
 
 def make_optimizer(config: TrainConfig):
     """SGD with momentum, Adam or AdamW with the schedule and ``clipnorm`` of ``config``."""
-    import keras
-
     o = config.optimizer
     common = {"learning_rate": make_learning_rate(config), "clipnorm": o.clipnorm}
     if o.name == "sgd":
@@ -142,9 +148,6 @@ def compile_model(model, config: TrainConfig) -> None:
     Call inside the strategy's scope (the optimizer's variables are created there). Also
     applies `training.keras_compat` (Keras fixes for multi-replica ``fit``).
     """
-    from remap_tf.losses import TripletLoss
-    from training import keras_compat
-
     keras_compat.apply()
 
     lo = config.loss
@@ -183,8 +186,6 @@ def fit_model(
         the ``keras.callbacks.History``; the evaluation and time-limit callbacks are
         reachable as ``history.retrieval`` and ``history.time_limit`` (or None).
     """
-    from training.callbacks import RetrievalEvaluation, TimeLimit
-
     if compile:
         strategy = getattr(model, "distribute_strategy", None)
         with strategy.scope() if strategy is not None else contextlib.nullcontext():
@@ -192,14 +193,14 @@ def fit_model(
     evaluation = None
     own = []
     if val is not None:
-        evaluation = RetrievalEvaluation(
+        evaluation = cb.RetrievalEvaluation(
             val,
             batch_size=config.data.validation_batch_size,
             verbose=config.verbose,
             before_evaluate=before_evaluate,
         )
         own.append(evaluation)
-    limit = TimeLimit(config.time_limit) if config.time_limit else None
+    limit = cb.TimeLimit(config.time_limit) if config.time_limit else None
     if limit is not None:
         own.append(limit)
     history = model.fit(
@@ -228,9 +229,6 @@ def initialise(model, images, labels, config: TrainConfig) -> dict:
     Returns:
         ``{"region_weights": (taps, regions) or None, "whitening": method or None}``.
     """
-    from remap_tf.region_weights import init_region_weights
-    from remap_tf.whitening import init_whitening
-
     done = {"region_weights": None, "whitening": None}
     if config.init.region_weights and config.model.pooling == "remap":
         done["region_weights"] = init_region_weights(
@@ -253,6 +251,159 @@ def initialise(model, images, labels, config: TrainConfig) -> dict:
     return done
 
 
+@dataclasses.dataclass
+class _Cluster:
+    """Where this process stands in the run: strategy, replicas, chief or not."""
+
+    strategy: object
+    replicas: int
+    chief: bool
+    task_id: int
+    multi_worker: bool
+
+    @classmethod
+    def make(cls, config: TrainConfig) -> _Cluster:
+        # The strategy first: MultiWorkerMirroredStrategy must come before TF's context starts.
+        strategy = strategies.make_strategy(config.strategy, devices=config.devices, tpu=config.tpu)
+        resolver = getattr(strategy, "cluster_resolver", None)
+        return cls(
+            strategy=strategy,
+            replicas=strategy.num_replicas_in_sync,
+            chief=strategies.is_chief(strategy),
+            task_id=getattr(resolver, "task_id", 0) or 0,
+            multi_worker=config.strategy == "multi_worker",
+        )
+
+    def backup_dir(self, out: Path) -> Path:
+        # Every worker keeps its own copy (the chief's is the one users see).
+        return out / "backup" if self.chief else out / f"backup_worker_{self.task_id}"
+
+
+def load_training_data(config: TrainConfig, replicas: int) -> Manifest:
+    """The training manifest, classes with fewer than 2 images dropped; checks the batch fits."""
+    manifest = load_manifest(config.data.train).drop_small_classes(2)
+    present = int(np.count_nonzero(manifest.class_counts()))
+    global_classes = config.data.classes_per_batch * replicas
+    if present < global_classes:
+        raise InvalidInputError(
+            f"data.train {config.data.train!r} has {present} classes with >= 2 images, fewer "
+            f"than classes_per_batch × replicas = {global_classes}."
+        )
+    return manifest
+
+
+def load_validation_data(config: TrainConfig, bad_files):
+    """The validation dataset (at most ``validation_max_images``, seeded), or None."""
+    if not config.data.validation:
+        return None
+    manifest = load_manifest(config.data.validation)
+    if len(manifest) > config.data.validation_max_images:
+        rng = np.random.default_rng(config.seed)
+        keep = rng.choice(len(manifest), config.data.validation_max_images, False)
+        manifest = manifest.subset(np.sort(keep))
+    return pipeline.make_eval_dataset(
+        manifest,
+        image_size=config.data.image_size,
+        batch_size=config.data.validation_batch_size,
+        bad_files=bad_files,
+    )
+
+
+def prepare_model(
+    model, manifest: Manifest, config: TrainConfig, *, resuming, recalibrate, bad_files
+):
+    """BatchNorm recalibration, KL region weights and whitening on a training sample.
+
+    Nothing is initialised when resuming (the backup holds trained weights); BatchNorm
+    statistics are still recalibrated when asked. Returns the sample ``(images, labels)``, or
+    None when none was needed.
+    """
+    if config.init.num_images <= 0 or not (recalibrate or not resuming):
+        return None
+    sample = _init_sample(manifest, config, bad_files)
+    if recalibrate:
+        recalibrate_batch_norm(model, sample[0], batch_size=config.data.validation_batch_size)
+    if not resuming:
+        initialise(model, sample[0], sample[1], config)
+        _check_descriptors(model, sample[0][: config.data.validation_batch_size], config)
+    return sample
+
+
+def make_training_dataset(
+    model, manifest: Manifest, config: TrainConfig, *, global_classes, backup_dir, bad_files
+):
+    """The training batches, and the offline miner when ``loss.offline_mining`` (else None).
+
+    Each worker keeps its own slice of every global batch (DATA sharding); sharding by file
+    would break the class balance of the P×K batches.
+    """
+    miner = None
+    if config.loss.offline_mining:
+        miner = OfflineHardNegativeMining(
+            manifest,
+            image_size=config.data.image_size,
+            tuples_per_batch=global_classes,
+            num_negatives=config.loss.offline_num_negatives,
+            num_anchors=config.loss.offline_num_anchors,
+            pool_size=config.loss.offline_pool_size,
+            embed_batch_size=config.data.validation_batch_size,
+            augment=config.data.augment,
+            seed=config.seed,
+            bad_files=bad_files,
+        )
+        miner.mine(model, epoch=cb.backup_epoch(backup_dir) or 0)
+        dataset = miner.dataset()
+    else:
+        dataset = pipeline.make_train_dataset(
+            manifest,
+            image_size=config.data.image_size,
+            classes_per_batch=global_classes,
+            images_per_class=config.data.images_per_class,
+            augment=config.data.augment,
+            seed=config.seed,
+            bad_files=bad_files,
+        )
+    options = tf.data.Options()
+    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
+    return dataset.with_options(options), miner
+
+
+def make_callbacks(config: TrainConfig, *, write_dir: Path, backup_dir: Path, bad_files, miner):
+    """Bad-file reports, NaN stop, the miner, backup, checkpoints and TensorBoard, in order."""
+    callbacks = [pipeline.BadFileReporter(bad_files), keras.callbacks.TerminateOnNaN()]
+    if miner is not None:
+        callbacks.append(miner)
+    callbacks.append(
+        cb.AtomicBackupAndRestore(
+            str(backup_dir), config=config, save_freq=config.backup_every_steps or "epoch"
+        )
+    )
+    callbacks.append(
+        cb.AtomicModelCheckpoint(
+            str(write_dir / "checkpoints" / "epoch_{epoch:03d}.weights.h5"),
+            config=config,
+            save_weights_only=True,
+        )
+    )
+    if config.tensorboard:
+        callbacks.append(
+            keras.callbacks.TensorBoard(str(write_dir / "logs"), write_graph=False, profile_batch=0)
+        )
+    return callbacks
+
+
+@contextlib.contextmanager
+def _dtype_policy(mixed_precision: bool):
+    """``mixed_float16`` inside the block when asked; the previous policy restored after."""
+    previous = keras.config.dtype_policy()
+    if mixed_precision:
+        keras.mixed_precision.set_global_policy("mixed_float16")
+    try:
+        yield
+    finally:
+        keras.config.set_dtype_policy(previous)
+
+
 def train(config: TrainConfig) -> TrainResult:
     """Trains a REMAP model as ``config`` says and writes ``out_dir`` (see module doc).
 
@@ -273,188 +424,93 @@ def train(config: TrainConfig) -> TrainResult:
         a `TrainResult`.
 
     Raises:
-        ValueError / FileNotFoundError: bad data or configuration, with a one-line message.
+        remap_tf.errors.RemapError: bad data or configuration, with a one-line message.
     """
-    import keras
-    import numpy as np
-    import tensorflow as tf
-
-    from remap_tf.backbones import recalibrate_batch_norm
-    from training import callbacks as cb
-    from training import pipeline, strategies
-    from training.data import load_manifest
-
     start = time.monotonic()
     config.validate()
     out = Path(config.out_dir)
-    # The strategy first: MultiWorkerMirroredStrategy must come before TF's context starts.
-    strategy = strategies.make_strategy(config.strategy, devices=config.devices, tpu=config.tpu)
+    cluster = _Cluster.make(config)
     keras.utils.set_random_seed(config.seed)
-    replicas = strategy.num_replicas_in_sync
-    chief = strategies.is_chief(strategy)
-    multi_worker = config.strategy == "multi_worker"
-    task_id = getattr(getattr(strategy, "cluster_resolver", None), "task_id", 0) or 0
-
-    manifest = load_manifest(config.data.train).drop_small_classes(2)
-    present = int(np.count_nonzero(manifest.class_counts()))
-    global_classes = config.data.classes_per_batch * replicas
-    if present < global_classes:
-        raise ValueError(
-            f"data.train {config.data.train!r} has {present} classes with >= 2 images, fewer "
-            f"than classes_per_batch × replicas = {global_classes}."
-        )
     bad_files = pipeline.BadFileLog()
-    val = None
-    if config.data.validation:
-        val_manifest = load_manifest(config.data.validation)
-        if len(val_manifest) > config.data.validation_max_images:
-            rng = np.random.default_rng(config.seed)
-            keep = rng.choice(len(val_manifest), config.data.validation_max_images, False)
-            val_manifest = val_manifest.subset(np.sort(keep))
-        val = pipeline.make_eval_dataset(
-            val_manifest,
-            image_size=config.data.image_size,
-            batch_size=config.data.validation_batch_size,
-            bad_files=bad_files,
-        )
-
-    previous_policy = keras.config.dtype_policy()
-    if config.mixed_precision:
-        keras.mixed_precision.set_global_policy("mixed_float16")
-    scratch = None if chief else Path(tempfile.mkdtemp(prefix="remap_worker_"))
+    manifest = load_training_data(config, cluster.replicas)
+    val = load_validation_data(config, bad_files)
+    scratch = None if cluster.chief else Path(tempfile.mkdtemp(prefix="remap_worker_"))
     try:
-        with strategy.scope():
-            model = build_model(config)
-        # Every worker keeps its own copy (the chief's is the one users see).
-        backup_dir = out / "backup" if chief else out / f"backup_worker_{task_id}"
-        resuming = cb.backup_epoch(backup_dir) is not None
-        recalibrate = config.init.recalibrate_batch_norm and not multi_worker
-        sample = None
-        if config.init.num_images > 0 and (recalibrate or not resuming):
-            sample = _init_sample(manifest, config, bad_files)
-        if recalibrate and sample is not None:
-            recalibrate_batch_norm(model, sample[0], batch_size=config.data.validation_batch_size)
-        if not resuming and sample is not None:
-            initialise(model, sample[0], sample[1], config)
-            _check_descriptors(model, sample[0][: config.data.validation_batch_size], config)
-        with strategy.scope():
-            compile_model(model, config)
-
-        callbacks = [pipeline.BadFileReporter(bad_files), keras.callbacks.TerminateOnNaN()]
-        if config.loss.offline_mining:
-            from training.mining import OfflineHardNegativeMining
-
-            miner = OfflineHardNegativeMining(
-                manifest,
-                image_size=config.data.image_size,
-                tuples_per_batch=global_classes,
-                num_negatives=config.loss.offline_num_negatives,
-                num_anchors=config.loss.offline_num_anchors,
-                pool_size=config.loss.offline_pool_size,
-                embed_batch_size=config.data.validation_batch_size,
-                augment=config.data.augment,
-                seed=config.seed,
-                bad_files=bad_files,
-            )
-            miner.mine(model, epoch=cb.backup_epoch(backup_dir) or 0)
-            train_ds = miner.dataset()
-            callbacks.append(miner)
-        else:
-            train_ds = pipeline.make_train_dataset(
-                manifest,
-                image_size=config.data.image_size,
-                classes_per_batch=global_classes,
-                images_per_class=config.data.images_per_class,
-                augment=config.data.augment,
-                seed=config.seed,
-                bad_files=bad_files,
-            )
-        options = tf.data.Options()
-        # Each worker keeps its own slice of every global batch (DATA sharding); sharding
-        # by file would break the class balance of the P×K batches.
-        options.experimental_distribute.auto_shard_policy = (
-            tf.data.experimental.AutoShardPolicy.DATA
-        )
-        train_ds = train_ds.with_options(options)
-
-        write_dir = out if chief else scratch
-        callbacks.append(
-            cb.AtomicBackupAndRestore(
-                str(backup_dir), config=config, save_freq=config.backup_every_steps or "epoch"
-            )
-        )
-        callbacks.append(
-            cb.AtomicModelCheckpoint(
-                str(write_dir / "checkpoints" / "epoch_{epoch:03d}.weights.h5"),
-                config=config,
-                save_weights_only=True,
-            )
-        )
-        if config.tensorboard:
-            callbacks.append(
-                keras.callbacks.TensorBoard(
-                    str(write_dir / "logs"), write_graph=False, profile_batch=0
-                )
-            )
-        before_evaluate = None
-        if recalibrate and sample is not None:
-
-            def before_evaluate():
-                recalibrate_batch_norm(
-                    model, sample[0], batch_size=config.data.validation_batch_size
-                )
-
-        history = fit_model(
-            model,
-            train_ds,
-            config,
-            callbacks=callbacks,
-            val=val,
-            compile=False,
-            before_evaluate=before_evaluate,
-        )
-        if before_evaluate is not None:
-            before_evaluate()
-        model_path = out / MODEL_FILE
-        config_path = out / CONFIG_FILE
-        if chief:
-            save_model(model, model_path)
-            config.save(config_path)
+        with _dtype_policy(config.mixed_precision):
+            model, history = _fit(config, cluster, manifest, val, out, scratch or out, bad_files)
     finally:
-        keras.config.set_dtype_policy(previous_policy)
         if scratch is not None:
             shutil.rmtree(scratch, ignore_errors=True)
-
     evaluation = history.retrieval
     return TrainResult(
-        model_path=model_path,
-        config_path=config_path,
+        model_path=out / MODEL_FILE,
+        config_path=out / CONFIG_FILE,
         history=dict(history.history),
         initial_epoch=int(history.epoch[0]) if history.epoch else config.epochs,
         epochs_run=len(history.epoch),
         initial_val_map=evaluation.initial_map if evaluation else None,
         val_map=evaluation.history[-1][1] if evaluation and evaluation.history else None,
         stopped_early=bool(history.time_limit and history.time_limit.stopped),
-        num_replicas=replicas,
+        num_replicas=cluster.replicas,
         seconds=time.monotonic() - start,
         bad_files=bad_files.paths,
         model=model,
     )
 
 
+def _fit(config, cluster: _Cluster, manifest, val, out: Path, write_dir: Path, bad_files):
+    """Builds, initialises, compiles and fits the model; the chief saves it. -> (model, history)"""
+    with cluster.strategy.scope():
+        model = build_model(config)
+    backup_dir = cluster.backup_dir(out)
+    resuming = cb.backup_epoch(backup_dir) is not None
+    recalibrate = config.init.recalibrate_batch_norm and not cluster.multi_worker
+    sample = prepare_model(
+        model, manifest, config, resuming=resuming, recalibrate=recalibrate, bad_files=bad_files
+    )
+    with cluster.strategy.scope():
+        compile_model(model, config)
+    train_ds, miner = make_training_dataset(
+        model,
+        manifest,
+        config,
+        global_classes=config.data.classes_per_batch * cluster.replicas,
+        backup_dir=backup_dir,
+        bad_files=bad_files,
+    )
+    callbacks = make_callbacks(
+        config, write_dir=write_dir, backup_dir=backup_dir, bad_files=bad_files, miner=miner
+    )
+    before_evaluate = None
+    if recalibrate and sample is not None:
+
+        def before_evaluate():
+            recalibrate_batch_norm(model, sample[0], batch_size=config.data.validation_batch_size)
+
+    history = fit_model(
+        model,
+        train_ds,
+        config,
+        callbacks=callbacks,
+        val=val,
+        compile=False,
+        before_evaluate=before_evaluate,
+    )
+    if before_evaluate is not None:
+        before_evaluate()
+    if cluster.chief:
+        save_model(model, out / MODEL_FILE)
+        config.save(out / CONFIG_FILE)
+    return model, history
+
+
 def save_model(model, path) -> Path:
     """Saves ``model`` as a ``.keras`` file atomically (temporary file, then rename)."""
-    from training.callbacks import _atomic_save
-
-    path = Path(path)
-    _atomic_save(lambda tmp: model.save(tmp), os.fspath(path))
-    return path
+    return atomic_save(path, model.save)
 
 
 def _check_descriptors(model, images, config: TrainConfig) -> None:
-    """ValueError if the initialised model's descriptors are not finite (nothing to train)."""
-    import numpy as np
-
+    """InvalidInputError if the initialised model's descriptors are not finite."""
     descriptors = np.asarray(model(images, training=False), dtype=np.float32)
     if not np.all(np.isfinite(descriptors)):
         hint = ""
@@ -463,7 +519,7 @@ def _check_descriptors(model, images, config: TrainConfig) -> None:
                 " A random-initialised backbone's features underflow float16: use "
                 "model.weights, init.recalibrate_batch_norm, or turn mixed_precision off."
             )
-        raise ValueError(
+        raise InvalidInputError(
             "The model's descriptors are not finite after the region-weight and whitening "
             f"initialisation, so training cannot start.{hint}"
         )
@@ -471,10 +527,6 @@ def _check_descriptors(model, images, config: TrainConfig) -> None:
 
 def _init_sample(manifest, config: TrainConfig, bad_files):
     """``config.init.num_images`` un-augmented training images, P×K class-balanced."""
-    import numpy as np
-
-    from training import pipeline
-
     per_batch = config.data.classes_per_batch * config.data.images_per_class
     batches = max(1, -(-config.init.num_images // per_batch))
     dataset = pipeline.make_train_dataset(

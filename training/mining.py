@@ -29,16 +29,17 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from training.data import Manifest
-from training.pipeline import (
+from remap_tf.errors import InvalidInputError
+from remap_tf.training.data import Manifest
+from remap_tf.training.pipeline import (
     BadFileLog,
-    _check_manifest,
-    _check_size,
-    _check_square,
-    _gated,
-    _images_from_indices,
-    _resolve_log,
+    check_manifest,
+    check_size,
+    check_square,
+    gated,
+    images_from_indices,
     make_eval_dataset,
+    resolve_log,
 )
 
 logger = logging.getLogger("remap.training")
@@ -87,7 +88,7 @@ def mine_hard_negatives(
     anchors = np.asarray(descriptors, dtype=np.float32)
     anchor_labels = np.asarray(labels).reshape(-1)
     if anchors.ndim != 2 or anchors.shape[0] != anchor_labels.shape[0]:
-        raise ValueError(
+        raise InvalidInputError(
             f"`descriptors` must be (num_anchors, dim) with one label each, received "
             f"{anchors.shape} and {anchor_labels.shape[0]} labels."
         )
@@ -95,16 +96,16 @@ def mine_hard_negatives(
         pool, pool_labels_arr = anchors, anchor_labels
     else:
         if pool_labels is None:
-            raise ValueError("`pool_labels` is required with `pool_descriptors`.")
+            raise InvalidInputError("`pool_labels` is required with `pool_descriptors`.")
         pool = np.asarray(pool_descriptors, dtype=np.float32)
         pool_labels_arr = np.asarray(pool_labels).reshape(-1)
         if pool.ndim != 2 or pool.shape != (pool_labels_arr.shape[0], anchors.shape[1]):
-            raise ValueError(
+            raise InvalidInputError(
                 f"`pool_descriptors` must be (pool_size, {anchors.shape[1]}) with one label "
                 f"each, received {pool.shape} and {pool_labels_arr.shape[0]} labels."
             )
-    num_negatives = _check_size("num_negatives", num_negatives, 1)
-    chunk_size = _check_size("chunk_size", chunk_size, 1)
+    num_negatives = check_size("num_negatives", num_negatives, 1)
+    chunk_size = check_size("chunk_size", chunk_size, 1)
     _check_enough_negatives(anchor_labels, pool_labels_arr, num_negatives, distinct_classes)
 
     # A random column order makes ties (e.g. duplicate images) fall to different candidates.
@@ -127,7 +128,7 @@ def _check_enough_negatives(anchor_labels, pool_labels, num_negatives, distinct_
         available = int(others.sum()) if distinct_classes else int(counts[others].sum())
         if available < num_negatives:
             kind = "classes" if distinct_classes else "images"
-            raise ValueError(
+            raise InvalidInputError(
                 f"Anchors of class {label!r} have only {available} candidate negative {kind} in "
                 f"the pool; `num_negatives`={num_negatives}."
             )
@@ -203,22 +204,22 @@ class OfflineHardNegativeMining(keras.callbacks.Callback):
         square: str = "crop",
     ):
         super().__init__()
-        self.manifest = _check_manifest(manifest).drop_small_classes(2)
+        self.manifest = check_manifest(manifest).drop_small_classes(2)
         if len(self.manifest) == 0:
-            raise ValueError("No class has two or more images: tuples need positives.")
-        self.image_size = _check_size("image_size", image_size, 1)
-        self.tuples_per_batch = _check_size("tuples_per_batch", tuples_per_batch, 1)
-        self.num_negatives = _check_size("num_negatives", num_negatives, 1)
-        self.num_anchors = _check_size("num_anchors", num_anchors, 1)
-        self.pool_size = _check_size("pool_size", pool_size, 1)
-        self.embed_batch_size = _check_size("embed_batch_size", embed_batch_size, 1)
+            raise InvalidInputError("No class has two or more images: tuples need positives.")
+        self.image_size = check_size("image_size", image_size, 1)
+        self.tuples_per_batch = check_size("tuples_per_batch", tuples_per_batch, 1)
+        self.num_negatives = check_size("num_negatives", num_negatives, 1)
+        self.num_anchors = check_size("num_anchors", num_anchors, 1)
+        self.pool_size = check_size("pool_size", pool_size, 1)
+        self.embed_batch_size = check_size("embed_batch_size", embed_batch_size, 1)
         self.augment = bool(augment)
         self.seed = int(seed)
-        self.bad_files = _resolve_log(bad_files)
-        self.square = _check_square(square)
+        self.bad_files = resolve_log(bad_files)
+        self.square = check_square(square)
         present = int(np.count_nonzero(self.manifest.class_counts()))
         if present <= self.num_negatives:
-            raise ValueError(
+            raise InvalidInputError(
                 f"`num_negatives`={self.num_negatives} needs more than that many classes; the "
                 f"data has {present} usable classes."
             )
@@ -266,7 +267,7 @@ class OfflineHardNegativeMining(keras.callbacks.Callback):
         keep = available >= self.num_negatives
         good_anchors, anchor_rows = good_anchors[keep], anchor_rows[keep]
         if good_anchors.size == 0:
-            raise ValueError(
+            raise InvalidInputError(
                 f"Hard-negative mining found no anchor with {self.num_negatives} other classes "
                 f"among the {good_pool.size} readable pool images; raise `pool_size` or lower "
                 "`num_negatives`."
@@ -315,7 +316,7 @@ class OfflineHardNegativeMining(keras.callbacks.Callback):
         with self._lock:
             tuples = self._tuples
         if tuples is None:
-            raise ValueError(
+            raise InvalidInputError(
                 "No tuples mined yet: call OfflineHardNegativeMining.mine(model) before "
                 "iterating its dataset (model.fit under a distribution strategy draws a batch "
                 "before any callback runs), and pass the callback to model.fit to re-mine at "
@@ -334,7 +335,7 @@ class OfflineHardNegativeMining(keras.callbacks.Callback):
 
         def indices(step):
             values = tf.numpy_function(
-                _gated(self._next_indices, lambda: np.zeros(batch, np.int64)),
+                gated(self._next_indices, lambda: np.zeros(batch, np.int64)),
                 [step],
                 tf.int64,
                 stateful=True,
@@ -343,7 +344,7 @@ class OfflineHardNegativeMining(keras.callbacks.Callback):
             return values
 
         index_batches = tf.data.Dataset.counter(dtype=tf.int64).map(indices)
-        return _images_from_indices(
+        return images_from_indices(
             index_batches,
             self.manifest,
             batch=batch,

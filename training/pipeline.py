@@ -35,7 +35,8 @@ import numpy as np
 import tensorflow as tf
 from PIL import Image, ImageOps
 
-from training.data import Manifest
+from remap_tf.errors import InvalidInputError
+from remap_tf.training.data import Manifest
 
 logger = logging.getLogger("remap.training")
 
@@ -104,7 +105,7 @@ def _to_rgb(image: Image.Image) -> np.ndarray:
         image = Image.alpha_composite(white, rgba)
     rgb = np.array(image.convert("RGB"), dtype=np.uint8)
     if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.size == 0:
-        raise ValueError(f"unexpected decoded shape {rgb.shape}")
+        raise InvalidInputError(f"unexpected decoded shape {rgb.shape}")
     return rgb
 
 
@@ -181,7 +182,7 @@ class BadFileReporter(keras.callbacks.Callback):
     def __init__(self, log: BadFileLog, print_fn=print):
         super().__init__()
         if not isinstance(log, BadFileLog):
-            raise ValueError(f"`log` must be a BadFileLog, received {type(log).__name__}.")
+            raise InvalidInputError(f"`log` must be a BadFileLog, received {type(log).__name__}.")
         self.log = log
         self.print_fn = print_fn
         self._reported = 0
@@ -254,7 +255,7 @@ _EXIT_GATE = _ExitGate()
 atexit.register(_EXIT_GATE.close)
 
 
-def _gated(function, placeholder):
+def gated(function, placeholder):
     """``function`` behind `_EXIT_GATE`; after exit starts it returns ``placeholder()``."""
 
     def call(*args):
@@ -325,7 +326,7 @@ def _exit_placeholder():
 
 def _decode_op(loader: _Loader, index, position):
     image, label, ok = tf.numpy_function(
-        _gated(loader, _exit_placeholder),
+        gated(loader, _exit_placeholder),
         [index, position],
         [tf.uint8, tf.int32, tf.bool],
         stateful=False,
@@ -369,26 +370,26 @@ def _augment(image, size: int, square: str, seed):
     return tf.clip_by_value(image, 0.0, 1.0) * 255.0
 
 
-def _check_size(name: str, value, minimum: int) -> int:
+def check_size(name: str, value, minimum: int) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise ValueError(f"`{name}` must be an integer >= {minimum}, received {value!r}.")
+        raise InvalidInputError(f"`{name}` must be an integer >= {minimum}, received {value!r}.")
     return int(value)
 
 
-def _check_square(square) -> str:
+def check_square(square) -> str:
     if square not in SQUARE_MODES:
-        raise ValueError(f"`square` must be one of {SQUARE_MODES}, received {square!r}.")
+        raise InvalidInputError(f"`square` must be one of {SQUARE_MODES}, received {square!r}.")
     return square
 
 
-def _check_manifest(manifest) -> Manifest:
+def check_manifest(manifest) -> Manifest:
     if not isinstance(manifest, Manifest):
-        raise ValueError(
+        raise InvalidInputError(
             f"`manifest` must be a training.data.Manifest (see load_manifest), received "
             f"{type(manifest).__name__}."
         )
     if len(manifest) == 0:
-        raise ValueError("The manifest has no images.")
+        raise InvalidInputError("The manifest has no images.")
     return manifest
 
 
@@ -410,7 +411,7 @@ def balanced_batch_indices(labels, classes_per_batch: int, images_per_class: int
     order = np.argsort(labels, kind="stable")
     classes, lengths = np.unique(labels[order], return_counts=True)
     if classes_per_batch > classes.size:
-        raise ValueError(
+        raise InvalidInputError(
             f"`classes_per_batch`={classes_per_batch} but the data has only {classes.size} "
             "usable classes."
         )
@@ -437,7 +438,7 @@ def balanced_batch_indices(labels, classes_per_batch: int, images_per_class: int
     return tf.data.Dataset.counter(dtype=tf.int64).map(batch)
 
 
-def _images_from_indices(
+def images_from_indices(
     index_batches, manifest, *, batch: int, image_size, augment, seed, square, bad_files
 ):
     """``index_batches`` (int64 ``(batch,)`` each) -> ``(images, labels)`` training batches."""
@@ -469,11 +470,11 @@ def _images_from_indices(
     )
 
 
-def _resolve_log(bad_files) -> BadFileLog:
+def resolve_log(bad_files) -> BadFileLog:
     if bad_files is None:
         return _LoggingBadFileLog()
     if not isinstance(bad_files, BadFileLog):
-        raise ValueError(
+        raise InvalidInputError(
             f"`bad_files` must be a BadFileLog or None, received {type(bad_files).__name__}."
         )
     return bad_files
@@ -493,9 +494,11 @@ def _check_shard(shard, batch: int) -> tuple[int, int]:
     try:
         num_shards, index = (int(v) for v in shard)
     except (TypeError, ValueError):
-        raise ValueError(f"`shard` must be (num_shards, index), received {shard!r}.") from None
+        raise InvalidInputError(
+            f"`shard` must be (num_shards, index), received {shard!r}."
+        ) from None
     if num_shards < 1 or not 0 <= index < num_shards or batch % num_shards:
-        raise ValueError(
+        raise InvalidInputError(
             f"`shard` {shard!r} needs 0 <= index < num_shards and the batch of {batch} images "
             "divisible by num_shards."
         )
@@ -547,20 +550,22 @@ def make_train_dataset(
         >>> model.compile(optimizer="adam", loss=remap_tf.losses.TripletLoss())
         >>> model.fit(dataset, steps_per_epoch=100, epochs=10)
     """
-    manifest = _check_manifest(manifest).drop_small_classes(2)
-    image_size = _check_size("image_size", image_size, 1)
-    p = _check_size("classes_per_batch", classes_per_batch, 2)
-    k = _check_size("images_per_class", images_per_class, 2)
-    square = _check_square(square)
+    manifest = check_manifest(manifest).drop_small_classes(2)
+    image_size = check_size("image_size", image_size, 1)
+    p = check_size("classes_per_batch", classes_per_batch, 2)
+    k = check_size("images_per_class", images_per_class, 2)
+    square = check_square(square)
     if len(manifest) == 0:
-        raise ValueError("No class has two or more images: triplet training needs positives.")
+        raise InvalidInputError(
+            "No class has two or more images: triplet training needs positives."
+        )
     indices = balanced_batch_indices(manifest.labels, p, k, seed)
     batch = p * k
     if shard is not None:
         num_shards, index = _check_shard(shard, batch)
         batch //= num_shards
         indices = indices.map(lambda row: row[index * batch : (index + 1) * batch])
-    return _images_from_indices(
+    return images_from_indices(
         indices,
         manifest,
         batch=batch,
@@ -568,7 +573,7 @@ def make_train_dataset(
         augment=bool(augment),
         seed=int(seed),
         square=square,
-        bad_files=_resolve_log(bad_files),
+        bad_files=resolve_log(bad_files),
     )
 
 
@@ -595,11 +600,11 @@ def make_eval_dataset(
     Returns:
         a ``tf.data.Dataset`` of ``(images float32 (b, S, S, 3) 0-255, labels int32 (b,))``.
     """
-    manifest = _check_manifest(manifest)
-    image_size = _check_size("image_size", image_size, 1)
-    batch_size = _check_size("batch_size", batch_size, 1)
-    square = _check_square(square)
-    loader = _Loader(manifest, _resolve_log(bad_files), 0, draft_size=image_size, substitute=False)
+    manifest = check_manifest(manifest)
+    image_size = check_size("image_size", image_size, 1)
+    batch_size = check_size("batch_size", batch_size, 1)
+    square = check_square(square)
+    loader = _Loader(manifest, resolve_log(bad_files), 0, draft_size=image_size, substitute=False)
 
     def load(index):
         image, label, _ = _decode_op(loader, index, index)

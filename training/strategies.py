@@ -10,7 +10,11 @@ from __future__ import annotations
 import json
 import os
 
-STRATEGIES = ("default", "one_device", "mirrored", "multi_worker", "tpu")
+import tensorflow as tf
+
+from remap_tf.errors import InvalidInputError
+from remap_tf.training import keras_compat
+from remap_tf.training.config import STRATEGIES
 
 
 def make_strategy(name: str = "default", devices=None, tpu: str | None = None):
@@ -35,24 +39,20 @@ def make_strategy(name: str = "default", devices=None, tpu: str | None = None):
             ``multi_worker`` run without a usable ``TF_CONFIG``.
     """
     if name not in STRATEGIES:
-        raise ValueError(f"Unknown strategy {name!r}; expected one of {STRATEGIES}.")
+        raise InvalidInputError(f"Unknown strategy {name!r}; expected one of {STRATEGIES}.")
     if devices is not None and name not in ("one_device", "mirrored"):
-        raise ValueError(f"`devices` only applies to one_device and mirrored, not {name!r}.")
-    import tensorflow as tf
-
+        raise InvalidInputError(f"`devices` only applies to one_device and mirrored, not {name!r}.")
     if name == "default":
         return tf.distribute.get_strategy()
     if name == "one_device":
         if devices is not None and len(devices) != 1:
-            raise ValueError(f"one_device takes exactly one device, received {devices!r}.")
+            raise InvalidInputError(f"one_device takes exactly one device, received {devices!r}.")
         device = devices[0] if devices else _first_device(tf)
         return tf.distribute.OneDeviceStrategy(device)
     if name == "mirrored":
         return tf.distribute.MirroredStrategy(devices=list(devices) if devices else None)
     if name == "multi_worker":
         check_tf_config(os.environ.get("TF_CONFIG"))
-        from training import keras_compat
-
         keras_compat.apply()  # keras-team/keras#20585
         return tf.distribute.MultiWorkerMirroredStrategy()
     resolver = tf.distribute.cluster_resolver.TPUClusterResolver(tpu=tpu)
@@ -77,16 +77,16 @@ def check_tf_config(text: str | None) -> dict:
     try:
         config = json.loads(text)
     except json.JSONDecodeError as error:
-        raise ValueError(f"TF_CONFIG is not valid JSON ({error}): {text[:200]!r}") from error
+        raise InvalidInputError(f"TF_CONFIG is not valid JSON ({error}): {text[:200]!r}") from error
     cluster = config.get("cluster") if isinstance(config, dict) else None
     task = config.get("task") if isinstance(config, dict) else None
     if not isinstance(cluster, dict) or not cluster:
-        raise ValueError(f"TF_CONFIG has no 'cluster' mapping: {text[:200]!r}")
+        raise InvalidInputError(f"TF_CONFIG has no 'cluster' mapping: {text[:200]!r}")
     if not isinstance(task, dict) or "type" not in task or "index" not in task:
-        raise ValueError(f"TF_CONFIG has no 'task' with 'type' and 'index': {text[:200]!r}")
+        raise InvalidInputError(f"TF_CONFIG has no 'task' with 'type' and 'index': {text[:200]!r}")
     members = cluster.get(task["type"])
     if not isinstance(members, list) or not 0 <= int(task["index"]) < len(members):
-        raise ValueError(
+        raise InvalidInputError(
             f"TF_CONFIG task {task!r} is not in the cluster {sorted(cluster)}: {text[:200]!r}"
         )
     return config

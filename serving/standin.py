@@ -1,11 +1,12 @@
-"""A stand-in for TensorFlow Serving's gRPC API, for tests only (not the real server).
+"""A stand-in for TensorFlow Serving's gRPC API, for tests and benchmarks (not the real server).
 
 No ``tensorflow_model_server`` binary can run on this project's machines, so the client tests
-talk to this: a gRPC server on 127.0.0.1 built on tensorflow-serving-api's generated
-``PredictionServiceServicer`` (Predict, GetModelMetadata) and ``ModelServiceServicer``
-(GetModelStatus), serving the highest version of an exported base folder with
-``tf.saved_model.load``. It imports only TensorFlow and tensorflow-serving-api, never the
-project, and answers errors the way TF Serving does:
+and ``bench.serving_latency`` talk to this: a gRPC server on 127.0.0.1 built on
+tensorflow-serving-api's generated ``PredictionServiceServicer`` (Predict, GetModelMetadata)
+and ``ModelServiceServicer`` (GetModelStatus), serving the highest version of an exported base
+folder with ``tf.saved_model.load``. Apart from the version-folder rule it shares with TF
+Serving (`remap_tf.contract.latest_version_dir`) it uses only TensorFlow and
+tensorflow-serving-api, and answers errors the way TF Serving does:
 
 - unknown model name: NOT_FOUND, "Servable not found for request: Latest(<name>)";
 - unknown signature: INVALID_ARGUMENT, 'Serving signature key "<key>" not found.';
@@ -32,16 +33,13 @@ from tensorflow_serving.apis import (
     prediction_service_pb2_grpc,
 )
 
-
-def _latest_version(base_dir: Path) -> Path:
-    versions = [p for p in base_dir.iterdir() if p.name.isdigit()]
-    return max(versions, key=lambda p: int(p.name))
+from remap_tf.contract import latest_version_dir
 
 
 class _Servable:
     def __init__(self, name: str, base_dir):
         self.name = name
-        self.path = _latest_version(Path(base_dir))
+        self.path = latest_version_dir(Path(base_dir))
         self.version = int(self.path.name)
         self.loaded = tf.saved_model.load(str(self.path))
         proto = saved_model_pb2.SavedModel()

@@ -45,6 +45,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageEnhance, ImageFilter
 
+from remap_tf.errors import BadPathError, InvalidInputError
+from remap_tf.io import atomic_write_bytes
+
 FORMAT_VERSION = 1
 MANIFEST_NAME = "photoset.json"
 SPLITS = ("train", "val", "test", "distractors")
@@ -157,59 +160,20 @@ def make_photo_views(
     seed = _check_int("seed", seed, 0)
     height, width = _check_image_size(image_size)
     names = _check_photos(photos)
-    if not 0.0 < float(test_fraction) < 1.0:
-        raise ValueError(f"`test_fraction` must be in (0, 1), received {test_fraction!r}.")
-    if not 0.0 <= float(val_fraction) < 1.0:
-        raise ValueError(f"`val_fraction` must be in [0, 1), received {val_fraction!r}.")
     train, val, test = split_photos(names, seed, test_fraction, val_fraction)
 
     root = Path(out_dir)
     root.mkdir(parents=True, exist_ok=True)
-    sources = {name: _prepared_sources(name, max(height, width)) for name in names}
-    written: set[Path] = set()
-
-    def write_views(split: str, photo: str, count: int, folder: Path) -> list[Path]:
-        paths = []
-        for index in range(count):
-            rng = np.random.default_rng([seed, _stable_id(photo), _SPLIT_CODES[split], index])
-            data = _render_view(sources[photo], (height, width), rng)
-            path = folder / f"{photo}_{index:03d}.jpg"
-            _write_if_changed(path, data)
-            written.add(path)
-            paths.append(path)
-        return paths
-
-    train_rows = [
-        (path, photo)
-        for photo in train
-        for path in write_views("train", photo, views_per_photo, root / "train" / photo)
-    ]
-    val_rows = [
-        (path, photo)
-        for photo in val
-        for path in write_views("val", photo, views_per_photo, root / "val" / photo)
-    ]
+    writer = _ViewWriter(root, seed, (height, width), names)
+    train_rows = writer.rows("train", train, views_per_photo)
+    val_rows = writer.rows("val", val, views_per_photo)
     groups = [
-        {
-            "name": photo,
-            "images": [
-                p.relative_to(root).as_posix()
-                for p in write_views("test", photo, views_per_photo, root / "test" / photo)
-            ],
-        }
+        {"name": photo, "images": writer.relative(writer.write("test", photo, views_per_photo))}
         for photo in test
     ]
-    distractors = [
-        p.relative_to(root).as_posix()
-        for photo in train
-        for p in write_views("distractors", photo, distractors_per_photo, root / "distractors")
-    ]
-
-    train_csv, val_csv = root / "train.csv", root / "val.csv"
-    test_json = root / "test_groups.json"
-    _write_if_changed(train_csv, _csv_bytes(train_rows, root))
-    _write_if_changed(val_csv, _csv_bytes(val_rows, root))
-    _write_if_changed(test_json, _json_bytes({"groups": groups, "distractors": distractors}))
+    distractors = writer.relative(
+        [p for photo in train for p in writer.write("distractors", photo, distractors_per_photo)]
+    )
     settings = {
         "format_version": FORMAT_VERSION,
         "seed": seed,
@@ -222,8 +186,10 @@ def make_photo_views(
         "val_photos": list(val),
         "test_photos": list(test),
     }
-    _write_if_changed(root / MANIFEST_NAME, _json_bytes(settings))
-    _remove_leftovers(root, written)
+    train_csv, val_csv, test_json = _write_lists(
+        root, settings, train_rows, val_rows, {"groups": groups, "distractors": distractors}
+    )
+    _remove_leftovers(root, writer.written)
     return PhotoViews(
         root=root,
         train_dir=root / "train",
@@ -239,6 +205,47 @@ def make_photo_views(
     )
 
 
+def _write_lists(root: Path, settings: dict, train_rows, val_rows, test_groups: dict):
+    """train.csv, val.csv, test_groups.json and the settings file; returns the first three."""
+    train_csv, val_csv = root / "train.csv", root / "val.csv"
+    test_json = root / "test_groups.json"
+    _write_if_changed(train_csv, _csv_bytes(train_rows, root))
+    _write_if_changed(val_csv, _csv_bytes(val_rows, root))
+    _write_if_changed(test_json, _json_bytes(test_groups))
+    _write_if_changed(root / MANIFEST_NAME, _json_bytes(settings))
+    return train_csv, val_csv, test_json
+
+
+class _ViewWriter:
+    """Renders seeded views of the photos and writes those that changed; remembers them all."""
+
+    def __init__(self, root: Path, seed: int, size: tuple[int, int], names):
+        self.root = root
+        self.seed = seed
+        self.size = size
+        self.sources = {name: _prepared_sources(name, max(size)) for name in names}
+        self.written: set[Path] = set()
+
+    def rows(self, split: str, photos, count: int) -> list[tuple[Path, str]]:
+        """``(path, photo)`` of ``count`` views of each photo, in ``split/photo/``."""
+        return [(path, photo) for photo in photos for path in self.write(split, photo, count)]
+
+    def relative(self, paths) -> list[str]:
+        return [p.relative_to(self.root).as_posix() for p in paths]
+
+    def write(self, split: str, photo: str, count: int) -> list[Path]:
+        """Writes ``count`` views of ``photo``: ``split/photo/`` (``distractors/`` flat)."""
+        folder = self.root / split if split == "distractors" else self.root / split / photo
+        paths = []
+        for index in range(count):
+            rng = np.random.default_rng([self.seed, _stable_id(photo), _SPLIT_CODES[split], index])
+            path = folder / f"{photo}_{index:03d}.jpg"
+            _write_if_changed(path, _render_view(self.sources[photo], self.size, rng))
+            self.written.add(path)
+            paths.append(path)
+        return paths
+
+
 def split_photos(
     names: Sequence[str], seed: int, test_fraction: float, val_fraction: float = 0.0
 ) -> tuple[list[str], list[str], list[str]]:
@@ -248,12 +255,16 @@ def split_photos(
     ``round(n * val_fraction)`` (at least 1 when the fraction is > 0), and training the rest,
     which must be at least 2 photos (a triplet needs two classes).
     """
+    if not 0.0 < float(test_fraction) < 1.0:
+        raise InvalidInputError(f"`test_fraction` must be in (0, 1), received {test_fraction!r}.")
+    if not 0.0 <= float(val_fraction) < 1.0:
+        raise InvalidInputError(f"`val_fraction` must be in [0, 1), received {val_fraction!r}.")
     names = sorted(names)
     n = len(names)
     n_test = max(2, round(n * float(test_fraction)))
     n_val = max(1, round(n * float(val_fraction))) if val_fraction > 0 else 0
     if n - n_test - n_val < 2:
-        raise ValueError(
+        raise InvalidInputError(
             f"{n} photos cannot be split with test_fraction={test_fraction} and "
             f"val_fraction={val_fraction}: training would keep {n - n_test - n_val} photos "
             "(at least 2 needed)."
@@ -270,11 +281,11 @@ def read_manifest(csv_path) -> tuple[list[Path], list[str]]:
     """Reads a ``path,label`` manifest; returns absolute paths and labels, in file order."""
     csv_path = Path(csv_path)
     if not csv_path.is_file():
-        raise FileNotFoundError(f"Manifest {str(csv_path)!r} does not exist.")
+        raise BadPathError(f"Manifest {str(csv_path)!r} does not exist.")
     with csv_path.open(newline="", encoding="utf-8") as handle:
         rows = list(csv.DictReader(handle))
     if rows and not {"path", "label"} <= set(rows[0]):
-        raise ValueError(f"Manifest {str(csv_path)!r} must have the columns path,label.")
+        raise InvalidInputError(f"Manifest {str(csv_path)!r} must have the columns path,label.")
     return [csv_path.parent / row["path"] for row in rows], [row["label"] for row in rows]
 
 
@@ -292,7 +303,7 @@ def load_images(csv_path, image_size=None) -> tuple[np.ndarray, np.ndarray, list
     """
     paths, names = read_manifest(csv_path)
     if not paths:
-        raise ValueError(f"Manifest {str(csv_path)!r} lists no images.")
+        raise InvalidInputError(f"Manifest {str(csv_path)!r} lists no images.")
     classes = sorted(set(names))
     pixels = []
     for path in paths:
@@ -303,7 +314,7 @@ def load_images(csv_path, image_size=None) -> tuple[np.ndarray, np.ndarray, list
             pixels.append(np.asarray(image, dtype=np.float32))
     shapes = {p.shape for p in pixels}
     if len(shapes) > 1:
-        raise ValueError(
+        raise InvalidInputError(
             f"Images in {str(csv_path)!r} differ in size ({sorted(shapes)}); pass image_size."
         )
     labels = np.array([classes.index(name) for name in names], dtype=np.int32)
@@ -377,8 +388,6 @@ def _write_if_changed(path: Path, data: bytes) -> None:
     """Writes ``data`` atomically (temporary file, then rename) unless already identical."""
     if path.is_file() and path.read_bytes() == data:
         return
-    from remap_tf.io import atomic_write_bytes  # lazy: importing remap_tf loads TensorFlow
-
     atomic_write_bytes(path, data)
 
 
@@ -414,7 +423,7 @@ def _stable_id(name: str) -> int:
 
 def _check_int(name: str, value, minimum: int) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise ValueError(f"`{name}` must be an integer >= {minimum}, received {value!r}.")
+        raise InvalidInputError(f"`{name}` must be an integer >= {minimum}, received {value!r}.")
     return int(value)
 
 
@@ -423,11 +432,13 @@ def _check_image_size(image_size) -> tuple[int, int]:
     try:
         height, width = (int(v) for v in size)
     except (TypeError, ValueError):
-        raise ValueError(
+        raise InvalidInputError(
             f"`image_size` must be an int or (height, width), received {image_size!r}."
         ) from None
     if min(height, width) < 32 or (height, width) != tuple(size):
-        raise ValueError(f"`image_size` sides must be integers >= 32, received {image_size!r}.")
+        raise InvalidInputError(
+            f"`image_size` sides must be integers >= 32, received {image_size!r}."
+        )
     return height, width
 
 
@@ -435,11 +446,13 @@ def _check_photos(photos) -> list[str]:
     if photos is None:
         return sorted(PHOTOS)
     if isinstance(photos, str):
-        raise ValueError(f"`photos` must be a list of names, received the string {photos!r}.")
+        raise InvalidInputError(
+            f"`photos` must be a list of names, received the string {photos!r}."
+        )
     names = list(dict.fromkeys(photos))
     unknown = [name for name in names if name not in PHOTOS]
     if unknown:
-        raise ValueError(f"Unknown photos {unknown}; expected names from {sorted(PHOTOS)}.")
+        raise InvalidInputError(f"Unknown photos {unknown}; expected names from {sorted(PHOTOS)}.")
     if len(names) < 4:
-        raise ValueError(f"`photos` must name at least 4 photos, received {names!r}.")
+        raise InvalidInputError(f"`photos` must name at least 4 photos, received {names!r}.")
     return sorted(names)

@@ -1,13 +1,28 @@
-"""Subcommands of `remap` from this package (see serving/cli.py): ``remap train``.
+"""``remap train``: fine-tune REMAP with a triplet loss (`remap_tf.training.fit.train`).
 
-The parser only declares flags (no TensorFlow import); the handler resolves a
-`training.config.TrainConfig` (defaults < ``--config`` YAML < flags < ``--set``) and calls
-`training.fit.train` with it.
+The parser only declares flags; the handler resolves a `remap_tf.training.config.TrainConfig`
+(defaults < ``--config`` YAML < flags < ``--set``), validates it, and calls
+`remap_tf.training.fit.train` with it.
 """
 
 from __future__ import annotations
 
 import argparse
+
+import yaml
+
+from remap_cli.args import (
+    add_command,
+    float_above,
+    int_at_least,
+    non_negative_int,
+    positive_float,
+    positive_int,
+)
+from remap_tf.contract import MIN_IMAGE_SIZE
+from remap_tf.errors import InvalidInputError
+from remap_tf.specs import BACKBONES, MININGS, POOLINGS
+from remap_tf.training.config import OPTIMIZERS, STRATEGIES, TrainConfig, read_yaml
 
 # flag dest -> config field (None values mean "flag not given").
 _FLAG_FIELDS = {
@@ -32,6 +47,13 @@ _FLAG_FIELDS = {
     "time_limit": "time_limit",
     "verbose": "verbose",
 }
+_SWITCH_HELP = {
+    "cross_replica": "mine triplets over the global batch (all replicas)",
+    "offline_mining": "the paper's per-epoch offline hard-negative mining",
+    "mixed_precision": "mixed_float16 policy (GPUs)",
+    "jit_compile": "compile the training step with XLA",
+    "freeze_backbone": "train only the region weights and the whitening",
+}
 _SWITCHES = {
     "cross_replica": "loss.cross_replica",
     "offline_mining": "loss.offline_mining",
@@ -41,17 +63,17 @@ _SWITCHES = {
 }
 
 
-def add_parsers(subparsers) -> None:
-    """Registers this package's subcommands on the `remap` parser."""
-    parser = subparsers.add_parser(
+def add_parser(subparsers) -> None:
+    """Registers ``remap train``."""
+    parser = add_command(
+        subparsers,
         "train",
-        help="fine-tune a REMAP model with triplet loss (model.fit, any tf.distribute strategy)",
-        description=(
-            "Fine-tunes a REMAP model on labelled images and writes OUT/model.keras and "
-            "OUT/config.yaml. Batch sizes are per replica: the global batch is --batch-size "
-            "times the number of replicas. Re-running the same command after a kill resumes "
-            "from OUT/backup."
-        ),
+        "fine-tune a REMAP model with triplet loss (model.fit, any tf.distribute strategy)",
+        "Fine-tunes a REMAP model on labelled images and writes OUT/model.keras and "
+        "OUT/config.yaml. Batch sizes are per replica: the global batch is --batch-size "
+        "times the number of replicas. Re-running the same command after a kill resumes "
+        "from OUT/backup.",
+        run=run,
     )
     parser.add_argument(
         "--data",
@@ -61,36 +83,47 @@ def add_parsers(subparsers) -> None:
     parser.add_argument("--out", help="output folder (default remap_train)")
     parser.add_argument("--config", help="YAML file with any TrainConfig fields")
     parser.add_argument("--validation", help="validation images (same formats) for val_map")
-    parser.add_argument("--backbone", help="e.g. resnet50, mobilenet_v2, vgg16")
-    parser.add_argument("--weights", help="backbone weights: imagenet or a local file")
-    parser.add_argument("--pooling", help="remap (default), rmac, mac, spoc, gem")
-    parser.add_argument("--dim", type=int, help="descriptor size after whitening")
-    parser.add_argument("--epochs", type=int)
-    parser.add_argument("--steps-per-epoch", type=int)
+    parser.add_argument("--backbone", help=f"one of {', '.join(BACKBONES)}")
+    parser.add_argument("--weights", help="backbone weights: imagenet or a local weights file")
+    parser.add_argument("--pooling", help=f"one of {', '.join(POOLINGS)} (default remap)")
+    parser.add_argument("--dim", type=positive_int, help="descriptor size after whitening")
+    parser.add_argument("--epochs", type=positive_int, help="epochs to train")
+    parser.add_argument("--steps-per-epoch", type=positive_int, help="training steps per epoch")
     parser.add_argument(
         "--batch-size",
-        type=int,
+        type=positive_int,
         help="images per replica per step (= classes × --images-per-class); global batch = "
         "this × replicas",
     )
-    parser.add_argument("--images-per-class", type=int, help="K images per class in a batch")
-    parser.add_argument("--image-size", type=int, help="square training image side, pixels")
     parser.add_argument(
-        "--strategy", help="default, one_device, mirrored, multi_worker (TF_CONFIG), tpu"
+        "--images-per-class", type=int_at_least(2), help="K images per class in a batch"
     )
+    parser.add_argument(
+        "--image-size",
+        type=int_at_least(MIN_IMAGE_SIZE),
+        help="square training image side, pixels",
+    )
+    parser.add_argument("--strategy", help=f"one of {', '.join(STRATEGIES)}")
     parser.add_argument("--devices", help="comma-separated devices for one_device/mirrored")
-    parser.add_argument("--optimizer", help="sgd, adam or adamw")
-    parser.add_argument("--learning-rate", type=float)
-    parser.add_argument("--warmup-steps", type=int)
-    parser.add_argument("--margin", type=float, help="triplet margin")
-    parser.add_argument("--mining", help="batch_hard, semi_hard or batch_all")
-    parser.add_argument("--seed", type=int)
-    parser.add_argument("--time-limit", type=float, help="stop cleanly after this many seconds")
-    parser.add_argument("--verbose", type=int, choices=(0, 1, 2), help="Keras progbar mode")
-    for flag in _SWITCHES:
+    parser.add_argument("--optimizer", help=f"one of {', '.join(OPTIMIZERS)}")
+    parser.add_argument("--learning-rate", type=positive_float, help="peak learning rate")
+    parser.add_argument(
+        "--warmup-steps", type=non_negative_int, help="linear warm-up steps before cosine decay"
+    )
+    parser.add_argument("--margin", type=float_above(0.0, inclusive=True), help="triplet margin")
+    parser.add_argument("--mining", help=f"one of {', '.join(MININGS)}")
+    parser.add_argument("--seed", type=non_negative_int, help="random seed")
+    parser.add_argument(
+        "--time-limit", type=positive_float, help="stop cleanly after this many seconds"
+    )
+    parser.add_argument(
+        "--verbose", type=int, choices=(0, 1, 2), help="Keras progbar: 0 silent, 1 bar, 2 lines"
+    )
+    for flag, help_text in _SWITCH_HELP.items():
         parser.add_argument(
-            "--" + flag.replace("_", "-"), action="store_true", default=None, dest=flag
-        )
+            "--" + flag.replace("_", "-"), action="store_true", default=None, dest=flag,
+            help=help_text,
+        )  # fmt: skip
     parser.add_argument(
         "--set",
         action="append",
@@ -98,15 +131,10 @@ def add_parsers(subparsers) -> None:
         metavar="FIELD=VALUE",
         help="any other config field, e.g. --set optimizer.clipnorm=5 (value parsed as YAML)",
     )
-    parser.set_defaults(func=run_train)
 
 
 def resolve_config(args: argparse.Namespace):
     """The validated `TrainConfig` of the parsed flags."""
-    import yaml
-
-    from training.config import TrainConfig, read_yaml
-
     base = TrainConfig.from_dict(read_yaml(args.config)) if args.config else TrainConfig()
     overrides = {field: getattr(args, dest) for dest, field in _FLAG_FIELDS.items()}
     overrides = {key: value for key, value in overrides.items() if value is not None}
@@ -118,28 +146,31 @@ def resolve_config(args: argparse.Namespace):
     for item in args.set:
         key, sep, text = item.partition("=")
         if not sep or not key:
-            raise ValueError(f"--set expects FIELD=VALUE, received {item!r}.")
+            raise InvalidInputError(f"--set expects FIELD=VALUE, received {item!r}.")
         try:
             overrides[key.strip()] = yaml.safe_load(text)
         except yaml.YAMLError as error:
-            raise ValueError(f"--set {item!r}: value is not valid YAML ({error}).") from error
+            raise InvalidInputError(
+                f"--set {item!r}: value is not valid YAML ({error})."
+            ) from error
     config = base.replace(overrides)
     if args.batch_size is not None:
         per_class = config.data.images_per_class
         if args.batch_size < 2 * per_class or args.batch_size % per_class:
-            raise ValueError(
+            raise InvalidInputError(
                 f"--batch-size {args.batch_size} must be a multiple of images_per_class "
                 f"({per_class}) covering at least 2 classes."
             )
         config = config.replace({"data.classes_per_batch": args.batch_size // per_class})
     if not config.data.train:
-        raise ValueError("--data is required (or data.train in --config).")
+        raise InvalidInputError("--data is required (or data.train in --config).")
     return config.validate()
 
 
-def run_train(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
     config = resolve_config(args)
-    from training.fit import train
+    print("Loading TensorFlow and building the model...", flush=True)
+    from remap_tf.training.fit import train  # imports TensorFlow: after the flags are checked
 
     result = train(config)
     print(

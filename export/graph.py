@@ -1,0 +1,238 @@
+"""The exported graph's input handling, as pure TensorFlow functions on tensors.
+
+- `image_header_shape`: the size of a JPEG, PNG, GIF or BMP read from its header, failing
+  with INVALID_ARGUMENT for any other bytes, before any decoder sees them;
+- `check_pixels`: the decompression-bomb guard (``height * width <= max_pixels``);
+- `decode_checked`: checks, then decodes to uint8 RGB;
+- `resize_images`: aspect-keeping resize to a long side (float32 0-255);
+- `make_embed_fn` and `signature_functions`: the two serving signatures of a model.
+
+Only stock TensorFlow ops, so the SavedModel loads in a process that imports TensorFlow
+alone (TF Serving, ``tf.saved_model.load``). Tests and benchmarks use these functions to build
+reference inputs.
+"""
+
+from __future__ import annotations
+
+import tensorflow as tf
+
+from remap_tf.contract import (
+    BYTES_SIGNATURE,
+    CHECK_PREFIX,
+    INPUT_KEY,
+    MIN_IMAGE_SIZE,
+    OUTPUT_KEY,
+    PIXELS_SIGNATURE,
+)
+
+_HEADER_BYTES = 32
+
+
+def resized_shape(height, width, long_side: int):
+    """Target ``(height, width)`` with the long side ``long_side``, aspect kept.
+
+    Both sides are at least `MIN_IMAGE_SIZE` (very elongated images are stretched to it).
+
+    Args:
+        height, width: scalar int tensors (or ints), the image size.
+        long_side: the target long side.
+
+    Returns:
+        two int32 scalar tensors.
+    """
+    h = tf.cast(height, tf.float64)
+    w = tf.cast(width, tf.float64)
+    scale = tf.cast(long_side, tf.float64) / tf.maximum(h, w)
+    new_h = tf.maximum(tf.cast(tf.round(h * scale), tf.int32), MIN_IMAGE_SIZE)
+    new_w = tf.maximum(tf.cast(tf.round(w * scale), tf.int32), MIN_IMAGE_SIZE)
+    return new_h, new_w
+
+
+def resize_images(pixels, long_side: int | None, fixed_size=None):
+    """Resizes RGB images for the model (bilinear with antialiasing), to float32 0-255.
+
+    Args:
+        pixels: ``(batch, height, width, 3)`` or ``(height, width, 3)``, any real dtype.
+        long_side: the long side after resizing (aspect kept), when ``fixed_size`` is None.
+        fixed_size: ``(height, width)`` to resize to exactly (models with a fixed input).
+
+    Returns:
+        float32 images of the same rank, values 0-255.
+    """
+    pixels = tf.convert_to_tensor(pixels)
+    shape = tf.shape(pixels)
+    if fixed_size is not None:
+        size = tf.constant(fixed_size, tf.int32)
+    else:
+        size = tf.stack(resized_shape(shape[-3], shape[-2], long_side))
+    resized = tf.image.resize(tf.cast(pixels, tf.float32), size, antialias=True)
+    return tf.clip_by_value(resized, 0.0, 255.0)
+
+
+def _uint(header, start: int, count: int, big_endian: bool):
+    values = [tf.cast(header[start + i], tf.int64) for i in range(count)]
+    if big_endian:
+        values = values[::-1]
+    total = tf.constant(0, tf.int64)
+    for i, value in enumerate(values):
+        total += value * (256**i)
+    return total
+
+
+def _matches(header, magic: bytes):
+    return tf.reduce_all(tf.equal(header[: len(magic)], tf.constant(list(magic), tf.int64)))
+
+
+def image_header_shape(data, index):
+    """Reads ``(height, width)`` from the header of a JPEG, PNG, GIF or BMP, without decoding.
+
+    Fails with INVALID_ARGUMENT (``"remap input check failed (not an image): ..."``) for
+    bytes of any other format, so no decoder ever sees them.
+
+    Args:
+        data: a scalar tf.string, the encoded image.
+        index: a scalar int, its position in the request (named in the error message).
+
+    Returns:
+        ``(height, width)``: two int64 scalar tensors.
+    """
+    prefix = tf.strings.substr(data, 0, _HEADER_BYTES)
+    padded = tf.strings.substr(
+        tf.strings.join([prefix, tf.constant(b"\0" * _HEADER_BYTES)]), 0, _HEADER_BYTES
+    )
+    header = tf.cast(tf.io.decode_raw(padded, tf.uint8), tf.int64)
+    is_jpeg = _matches(header, b"\xff\xd8\xff")
+    is_png = _matches(header, b"\x89PNG\r\n\x1a\n")
+    is_gif = tf.logical_or(_matches(header, b"GIF87a"), _matches(header, b"GIF89a"))
+    is_bmp = _matches(header, b"BM")
+    known = tf.reduce_any(tf.stack([is_jpeg, is_png, is_gif, is_bmp]))
+    message = tf.strings.format(
+        CHECK_PREFIX + " (not an image): images[{}] is not JPEG, PNG, GIF or BMP data ({} bytes).",
+        (index, tf.strings.length(data)),
+    )
+    check = tf.debugging.Assert(known, [message])
+    with tf.control_dependencies([check]):
+
+        def jpeg():
+            shape = tf.io.extract_jpeg_shape(data, output_type=tf.int64)
+            return shape[0], shape[1]
+
+        def png():
+            return _uint(header, 20, 4, True), _uint(header, 16, 4, True)
+
+        def gif():
+            return _uint(header, 8, 2, False), _uint(header, 6, 2, False)
+
+        def bmp():
+            core = tf.equal(_uint(header, 14, 4, False), 12)  # BITMAPCOREHEADER: 16-bit sizes
+            width = tf.where(core, _uint(header, 18, 2, False), _uint(header, 18, 4, False))
+            height = tf.where(core, _uint(header, 20, 2, False), _uint(header, 22, 4, False))
+            # Height is a signed 32-bit value (negative: top-down rows).
+            height = tf.where(height >= 2**31, 2**32 - height, height)
+            return height, width
+
+        height, width = tf.case(
+            [(is_jpeg, jpeg), (is_png, png), (is_gif, gif)], default=bmp, exclusive=False
+        )
+    return height, width
+
+
+def check_pixels(height, width, index, max_pixels: int):
+    """An assert op: ``0 < height * width <= max_pixels``, else INVALID_ARGUMENT.
+
+    ``index`` (a scalar int tensor) names the image in the message; None names the whole
+    batch (``embed_pixels``, where all images share one size).
+    """
+    height = tf.cast(height, tf.int64)
+    width = tf.cast(width, tf.int64)
+    ok = tf.logical_and(
+        tf.logical_and(height > 0, width > 0), height * width <= tf.constant(max_pixels, tf.int64)
+    )
+    what, values = ("images[{}] is", [index]) if index is not None else ("images are", [])
+    message = tf.strings.format(
+        f"{CHECK_PREFIX} (pixel limit): {what} {{}}x{{}} pixels; this export accepts 1 to "
+        f"{max_pixels} pixels.",
+        (*values, width, height),
+    )
+    return tf.debugging.Assert(ok, [message])
+
+
+def decode_checked(data, index, max_pixels: int):
+    """Checks then decodes one encoded image to uint8 RGB ``(height, width, 3)``.
+
+    Order: format check and header size (no decoding), pixel limit, then decoding
+    (grayscale and RGBA become RGB; an animated GIF gives its first frame).
+    """
+    height, width = image_header_shape(data, index)
+    with tf.control_dependencies([check_pixels(height, width, index, max_pixels)]):
+        pixels = tf.io.decode_image(data, channels=3, dtype=tf.uint8, expand_animations=False)
+    pixels.set_shape([None, None, 3])
+    return pixels
+
+
+def make_embed_fn(model, options):
+    """``embed(pixels (batch, h, w, 3)) -> (batch, dim)`` float32: resize, model, combine.
+
+    Args:
+        model: the Keras model, ``(batch, h, w, 3)`` RGB 0-255 to ``(batch, dim)``.
+        options: a `remap_tf.export.saved_model.ExportOptions` (sizes, fixed size).
+    """
+
+    def embed(pixels):
+        descriptors = []
+        for long_side in options.sizes():
+            x = resize_images(pixels, long_side, options.fixed_size)
+            descriptors.append(tf.cast(model(x, training=False), tf.float32))
+        if len(descriptors) == 1:
+            return descriptors[0]
+        return tf.math.l2_normalize(tf.add_n(descriptors), axis=-1, epsilon=1e-12)
+
+    return embed
+
+
+def signature_functions(model, options, dim: int) -> dict:
+    """The serving signatures: ``{name: (python function, input TensorSpec)}``.
+
+    ``serving_default`` checks, decodes and embeds each encoded image on its own
+    (``tf.map_fn``), so images of different sizes share a request and a descriptor never
+    depends on the rest of the batch; ``embed_pixels`` embeds a uint8 batch of one size (an
+    empty batch gives ``(0, dim)``).
+    """
+    embed = make_embed_fn(model, options)
+
+    def embed_bytes(images):
+        count = tf.shape(images)[0]
+
+        def one(args):
+            data, index = args
+            pixels = decode_checked(data, index, options.max_pixels)
+            return embed(pixels[tf.newaxis])[0]
+
+        descriptors = tf.map_fn(
+            one,
+            (images, tf.range(count)),
+            fn_output_signature=tf.TensorSpec((dim,), tf.float32),
+            parallel_iterations=4,
+        )
+        return {OUTPUT_KEY: tf.reshape(descriptors, (-1, dim))}
+
+    def embed_pixels(images):
+        shape = tf.shape(images, out_type=tf.int64)
+
+        def empty():
+            return tf.zeros((0, dim), tf.float32)
+
+        def nonempty():
+            check = check_pixels(shape[1], shape[2], None, options.max_pixels)
+            with tf.control_dependencies([check]):
+                return tf.reshape(embed(images), (-1, dim))
+
+        return {OUTPUT_KEY: tf.cond(tf.equal(shape[0], 0), empty, nonempty)}
+
+    return {
+        BYTES_SIGNATURE: (embed_bytes, tf.TensorSpec((None,), tf.string, name=INPUT_KEY)),
+        PIXELS_SIGNATURE: (
+            embed_pixels,
+            tf.TensorSpec((None, None, None, 3), tf.uint8, name=INPUT_KEY),
+        ),
+    }

@@ -1,0 +1,123 @@
+"""What every ``remap`` subcommand shares: the parser class, argument types, signals.
+
+Argument types raise ``argparse.ArgumentTypeError`` with a message that names the problem;
+`Parser` prints any parse error as one line plus a pointer to ``--help``, exit status 2.
+Standard library only, so building the parser imports nothing heavy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import math
+import os
+import signal
+import threading
+
+
+class Parser(argparse.ArgumentParser):
+    """An ``ArgumentParser`` whose errors are one line: ``prog: error: message (see --help)``."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
+
+
+def one_line(error: BaseException) -> str:
+    """An exception's message on one line."""
+    text = " ".join(str(error).split())
+    return text or type(error).__name__
+
+
+def add_command(subparsers, name: str, help: str, description: str | None = None, run=None):
+    """Adds subcommand ``name`` whose handler is ``run(args)``; returns its parser."""
+    parser = subparsers.add_parser(name, help=help, description=description or help)
+    parser.set_defaults(run=run, prog_name=parser.prog)
+    return parser
+
+
+@contextlib.contextmanager
+def terminate_as_interrupt():
+    """Turns SIGTERM into KeyboardInterrupt inside the block, so ``kill`` cleans up as Ctrl-C.
+
+    Only in the main thread (signal handlers can be set nowhere else); elsewhere a no-op.
+    """
+    if os.name != "posix" or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+# --- argument types ---------------------------------------------------------------------------
+
+
+def _number(text: str, kind):
+    try:
+        value = kind(text)
+    except ValueError:
+        what = "an integer" if kind is int else "a number"
+        raise argparse.ArgumentTypeError(f"expected {what}, received {text!r}") from None
+    if kind is float and not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, received {text!r}")
+    return value
+
+
+def int_at_least(minimum: int):
+    """An argparse type: an integer >= ``minimum``."""
+
+    def parse(text: str) -> int:
+        value = _number(text, int)
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {minimum}, received {text!r}")
+        return value
+
+    parse.__name__ = f"integer >= {minimum}"
+    return parse
+
+
+def float_above(minimum: float, inclusive: bool = False):
+    """An argparse type: a finite number > ``minimum`` (>= with ``inclusive``)."""
+
+    def parse(text: str) -> float:
+        value = _number(text, float)
+        if value < minimum or (value == minimum and not inclusive):
+            sign = ">=" if inclusive else ">"
+            raise argparse.ArgumentTypeError(
+                f"must be a number {sign} {minimum:g}, received {text!r}"
+            )
+        return value
+
+    parse.__name__ = "number"
+    return parse
+
+
+positive_int = int_at_least(1)
+non_negative_int = int_at_least(0)
+positive_float = float_above(0.0)
+
+
+def number_list(text: str) -> tuple[float, ...]:
+    """An argparse type: numbers separated by commas or spaces, e.g. ``'1.0,1.25'``."""
+    parts = text.replace(",", " ").split()
+    if not parts:
+        raise argparse.ArgumentTypeError(f"expected numbers like '1.0,1.25', received {text!r}")
+    values = []
+    for part in parts:
+        value = _number(part, float)
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"must be positive numbers, received {text!r}")
+        values.append(value)
+    return tuple(values)
+
+
+MODEL_HELP = (
+    "an exported model folder (remap export; its highest version is used) or a TF Serving "
+    "gRPC address 'host:port[/name]'"
+)

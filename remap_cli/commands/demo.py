@@ -1,0 +1,103 @@
+"""``remap demo``: the whole path on the photos inside scikit-image (`remap_cli.demo`)."""
+
+from __future__ import annotations
+
+from remap_cli.args import (
+    add_command,
+    int_at_least,
+    non_negative_int,
+    positive_float,
+    positive_int,
+)
+from remap_cli.demo.config import DEFAULT_BACKBONE, DEFAULT_OUT, DemoConfig
+from remap_tf.contract import MIN_IMAGE_SIZE
+
+
+def add_parser(subparsers) -> None:
+    """Registers ``remap demo`` (no TensorFlow import here)."""
+    parser = add_command(
+        subparsers,
+        "demo",
+        "train, export, index and search REMAP on the photos inside scikit-image",
+        "Builds a retrieval set from the photographs bundled with scikit-image, trains "
+        "REMAP and the R-MAC, GeM and MAC baselines on a small backbone, exports REMAP "
+        "for TF Serving, indexes the test photos with ScaNN, searches them, prints a "
+        "mAP table and writes OUT/report.html. Offline; under 10 minutes on 2 CPU cores.",
+        run=run,
+    )
+    defaults = DemoConfig()
+    parser.add_argument(
+        "--out", default=DEFAULT_OUT, help="output folder; reruns reuse it (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--seed",
+        type=non_negative_int,
+        default=defaults.seed,
+        help="random seed (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--minutes",
+        type=positive_float,
+        default=defaults.minutes,
+        help="training time limit per model, minutes (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--steps",
+        type=positive_int,
+        default=defaults.steps,
+        help="training steps per model, if the time limit allows (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--backbone", default=DEFAULT_BACKBONE, help="backbone name (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--alpha",
+        type=positive_float,
+        default=None,
+        help="MobileNet width multiplier (default: 0.35 for mobilenet_v2, 0.25 for mobilenet)",
+    )
+    parser.add_argument(
+        "--weights",
+        default=None,
+        help="backbone weights: 'imagenet' (downloaded by Keras) or a weights file "
+        "(default: random initialisation)",
+    )
+    parser.add_argument(
+        "--serving",
+        default=None,
+        metavar="HOST:PORT",
+        help="embed through the gRPC port of a TF Serving that serves OUT/models/remap as "
+        "model 'remap' (default: the exported SavedModel, in-process)",
+    )
+    parser.add_argument(
+        "--image-size",
+        type=int_at_least(MIN_IMAGE_SIZE),
+        default=defaults.image_size,
+        help="side of the square views, pixels (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--views-per-photo",
+        type=int_at_least(3),
+        default=defaults.views_per_photo,
+        help="views made of each photo (default: %(default)s)",
+    )
+
+
+def run(args) -> int:
+    from remap_cli.demo.pipeline import run_demo  # imports TensorFlow: only when run
+
+    config = DemoConfig(
+        out_dir=args.out,
+        seed=args.seed,
+        minutes=args.minutes,
+        steps=args.steps,
+        backbone=args.backbone,
+        alpha=args.alpha,
+        weights=args.weights,
+        serving=args.serving,
+        image_size=args.image_size,
+        views_per_photo=args.views_per_photo,
+        images_per_class=min(DemoConfig.images_per_class, args.views_per_photo),
+    )
+    result = run_demo(config)
+    return 0 if result.table else 1

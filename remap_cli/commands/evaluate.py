@@ -1,0 +1,96 @@
+"""``remap evaluate``: mAP and mP@k of a model (`remap_tf.serving.evaluate`)."""
+
+from __future__ import annotations
+
+import sys
+
+from remap_cli import common
+from remap_cli.args import MODEL_HELP, add_command, non_negative_int, positive_float, positive_int
+from remap_tf.evaluation import DEFAULT_KAPPAS
+
+FORMATS = ("auto", "revisited", "oxford", "holidays", "ukbench", "folders", "groups")
+
+
+def add_parser(subparsers) -> None:
+    """Registers ``remap evaluate``."""
+    parser = add_command(
+        subparsers,
+        "evaluate",
+        "mAP and mP@k of a model on a retrieval benchmark or labelled images",
+        "Datasets: gnd_roxford5k.pkl / gnd_rparis6k.pkl (revisited; images in jpg/ beside it "
+        "or --images), an Oxford/Paris ground-truth folder (with --images), a Holidays or "
+        "UKBench image folder, a folder of class folders, or a groups .json.",
+        run=run,
+    )
+    parser.add_argument("--dataset", required=True, help="ground truth (see above)")
+    parser.add_argument(
+        "--format", default="auto", choices=FORMATS, help="dataset format (default: detected)"
+    )
+    parser.add_argument("--images", default=None, help="image folder (revisited, oxford)")
+    parser.add_argument("--model", required=True, help=MODEL_HELP)
+    parser.add_argument("--json", default=None, help="write the figures as JSON here")
+    parser.add_argument(
+        "--kappas",
+        type=positive_int,
+        nargs="+",
+        default=list(DEFAULT_KAPPAS),
+        help="k values of mP@k (default 1 5 10)",
+    )
+    parser.add_argument(
+        "--qe", type=non_negative_int, default=0, help="alpha-QE neighbours (0 = off)"
+    )
+    parser.add_argument(
+        "--qe-alpha", type=positive_float, default=3.0, help="alpha-QE exponent (default 3)"
+    )
+    parser.add_argument("--dba", type=non_negative_int, default=0, help="DBA neighbours (0 = off)")
+    parser.add_argument(
+        "--dba-alpha", type=positive_float, default=3.0, help="DBA exponent (default 3)"
+    )
+    parser.add_argument("--embeddings", default=None, help="keep database descriptors here")
+    parser.add_argument("--batch-size", type=positive_int, default=32, help="images per call")
+    parser.add_argument("--report", default=None, help="write an HTML (+PNG) report here")
+    parser.add_argument(
+        "--report-k", type=positive_int, default=10, help="results per query in the report"
+    )
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def run(args) -> int:
+    from remap_tf.datasets import load_dataset
+    from remap_tf.io import atomic_write_json
+    from remap_tf.serving.evaluate import (
+        evaluate_retrieval,
+        metrics_json,
+        metrics_table,
+        write_evaluation_report,
+    )
+
+    dataset = load_dataset(args.dataset, format=args.format, images=args.images)
+    kappas = tuple(args.kappas)
+    result = evaluate_retrieval(
+        common.embedder_for(args.model),
+        dataset,
+        kappas=kappas,
+        query_expansion=args.qe,
+        qe_alpha=args.qe_alpha,
+        database_augmentation=args.dba,
+        dba_alpha=args.dba_alpha,
+        embeddings_dir=args.embeddings,
+        batch_size=args.batch_size,
+        progress=not args.quiet,
+    )
+    protocols = result["protocols"]
+    print(
+        f"{dataset.name}: {len(dataset.database)} database images, {len(dataset.queries)} queries"
+    )
+    print(metrics_table(protocols, kappas))
+    for kind in ("skipped_database", "skipped_queries"):
+        if result[kind]:
+            print(f"{kind.replace('_', ' ')}: {len(result[kind])}", file=sys.stderr)
+    if args.json:
+        atomic_write_json(args.json, metrics_json(protocols))
+        print(f"figures: {args.json}")
+    if args.report:
+        write_evaluation_report(args.report, dataset, result, k=args.report_k)
+        print(f"report: {args.report}")
+    return 0

@@ -1,0 +1,67 @@
+"""``remap export``: a Keras model as a TF Serving SavedModel (`remap_tf.export`)."""
+
+from __future__ import annotations
+
+from remap_cli.args import add_command, int_at_least, number_list, positive_int
+from remap_tf.contract import DEFAULT_IMAGE_SIZE, DEFAULT_MAX_PIXELS, MIN_IMAGE_SIZE
+
+
+def add_parser(subparsers) -> None:
+    """Registers ``remap export``."""
+    parser = add_command(
+        subparsers,
+        "export",
+        "export a model for TensorFlow Serving",
+        "Writes OUT/<version>/ (a SavedModel with the serving_default and embed_pixels "
+        "signatures, the remap.json asset and TF Serving warm-up requests) and, when absent, "
+        "OUT/models.config, OUT/batching_parameters.txt and OUT/docker-compose.yml.",
+        run=run,
+    )
+    parser.add_argument("--model", required=True, help=".keras file or checkpoint folder")
+    parser.add_argument("--out", required=True, help="model base folder, e.g. models/remap")
+    parser.add_argument(
+        "--version", type=positive_int, default=None, help="integer version (default: next free)"
+    )
+    parser.add_argument(
+        "--image-size",
+        type=int_at_least(MIN_IMAGE_SIZE),
+        default=DEFAULT_IMAGE_SIZE,
+        help=f"long side images are resized to, px (default {DEFAULT_IMAGE_SIZE})",
+    )
+    parser.add_argument(
+        "--scales",
+        type=number_list,
+        default=None,
+        help="multi-scale factors of --image-size, e.g. '1.0,1.25' (descriptors summed)",
+    )
+    parser.add_argument(
+        "--max-pixels",
+        type=positive_int,
+        default=DEFAULT_MAX_PIXELS,
+        help="largest width*height accepted (decompression-bomb guard)",
+    )
+    parser.add_argument(
+        "--name", default=None, help="served model name (default: the --out folder's name)"
+    )
+    parser.add_argument(
+        "--warmup-images", nargs="+", default=None, help="images for the warm-up requests"
+    )
+
+
+def run(args) -> int:
+    from remap_tf.export.saved_model import export_model, load_keras_model
+
+    model, config = load_keras_model(args.model)
+    path = export_model(
+        model,
+        args.out,
+        version=args.version,
+        image_size=args.image_size,
+        scales=args.scales,
+        max_pixels=args.max_pixels,
+        config=config,
+        warmup_images=args.warmup_images,
+        model_name=args.name,
+    )
+    print(f"Exported {args.model} to {path}")
+    return 0

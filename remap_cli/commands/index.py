@@ -1,0 +1,181 @@
+"""``remap index build|add|delete|info``: a searchable index of an image collection.
+
+Handlers call `remap_tf.serving.search` (build_index, add_images, delete_images, index_info).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from remap_cli import common
+from remap_cli.args import MODEL_HELP, add_command, non_negative_int, positive_int
+from remap_tf.errors import BadPathError, InvalidInputError, OutputExistsError
+
+_SCANN_FLAGS = (
+    ("scann_mode", "mode"),
+    ("num_leaves", "num_leaves"),
+    ("leaves_to_search", "num_leaves_to_search"),
+    ("reorder", "reorder"),
+    ("threads", "num_threads"),
+)
+
+
+def add_parser(subparsers) -> None:
+    """Registers ``remap index`` and its actions."""
+    parser = subparsers.add_parser(
+        "index",
+        help="build, update and inspect a searchable index of image descriptors",
+        description="Build an index of a folder of images, add or delete images, show it.",
+    )
+    actions = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
+    _add_build(actions)
+    add = add_command(
+        actions,
+        "add",
+        "embed image files and add them to an index",
+        "Embeds image files under the index's collection root with the index's model and adds "
+        "them under their paths relative to that root; the index is saved atomically.",
+        run=run_add,
+    )
+    add.add_argument("--index", required=True, help="an index directory (remap index build)")
+    add.add_argument("images", nargs="+", metavar="IMAGE", help="image files to add")
+    add.add_argument("--model", default=None, help=MODEL_HELP + " (default: the index's model)")
+    delete = add_command(actions, "delete", "remove images from an index by id", run=run_delete)
+    delete.add_argument("--index", required=True, help="an index directory (remap index build)")
+    delete.add_argument("ids", nargs="+", metavar="ID", help="ids as shown by remap search")
+    info = add_command(
+        actions, "info", "show an index's size, configuration and model", run=run_info
+    )
+    info.add_argument("--index", required=True, help="an index directory (remap index build)")
+    info.add_argument("--json", action="store_true", help="print the information as JSON")
+
+
+def _add_build(actions) -> None:
+    build = add_command(
+        actions,
+        "build",
+        "embed a folder or manifest of images and save a ScaNN index",
+        "Embeds images with a progress bar into resumable shards (a crash or Ctrl-C resumes "
+        "where it stopped), skips and lists unreadable images, then builds and saves the index "
+        "atomically. The index records the model, so later searches need no --model.",
+        run=run_build,
+    )
+    build.add_argument("--model", required=True, help=MODEL_HELP)
+    build.add_argument(
+        "--images", required=True, help="an image folder, or a .txt/.csv manifest of paths"
+    )
+    build.add_argument("--out", required=True, help="the index directory to write")
+    build.add_argument(
+        "--embeddings", default=None, help="descriptor shard folder (default <out>.embeddings)"
+    )
+    build.add_argument(
+        "--kind", choices=("scann", "exact"), default="scann", help="index kind (default scann)"
+    )
+    build.add_argument(
+        "--scann-mode",
+        choices=("auto", "brute_force", "ah", "tree_ah"),
+        default=None,
+        help="default auto: brute force <20k, AH+reorder <100k, tree+AH+reorder above",
+    )
+    build.add_argument("--num-leaves", type=positive_int, help="tree leaves (default ~sqrt(n))")
+    build.add_argument(
+        "--leaves-to-search", type=positive_int, help="tree leaves searched per query"
+    )
+    build.add_argument("--reorder", type=int, help="candidates re-scored exactly")
+    build.add_argument("--threads", type=non_negative_int, help="search threads (0 = all CPUs)")
+    build.add_argument(
+        "--shard-size", type=positive_int, default=512, help="images per resumable shard"
+    )
+    build.add_argument("--batch-size", type=positive_int, default=32, help="images per call")
+    build.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _scann_overrides(args) -> dict:
+    return {
+        key: getattr(args, flag)
+        for flag, key in _SCANN_FLAGS
+        if getattr(args, flag, None) is not None
+    }
+
+
+def run_build(args) -> int:
+    from remap_tf.serving.index import ScannConfig
+    from remap_tf.serving.search import build_index
+
+    images = Path(args.images)
+    if not images.exists():
+        raise BadPathError(f"--images {images} does not exist")
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise OutputExistsError(f"--out {out} is a file, not an index directory")
+    if out.is_dir() and not (out / "manifest.json").is_file() and any(out.iterdir()):
+        raise OutputExistsError(f"--out {out} is a non-empty folder that is not an index")
+    overrides = _scann_overrides(args)
+    if args.kind == "scann":
+        ScannConfig(**overrides)  # validate the flags before loading the model
+    elif overrides:
+        raise InvalidInputError("ScaNN options (--scann-mode, --num-leaves, ...) need --kind scann")
+    summary = build_index(
+        embedder=common.embedder_for(args.model),
+        images=images,
+        out=out,
+        embeddings_dir=args.embeddings,
+        kind=args.kind,
+        scann_config=overrides,
+        shard_size=args.shard_size,
+        batch_size=args.batch_size,
+        progress=not args.quiet,
+        model=args.model,
+    )
+    config = summary["config"]
+    mode = f" ({config['mode']})" if "mode" in config else ""
+    print(f"indexed {summary['count']} images ({summary['dim']}-d) into {out}: {args.kind}{mode}")
+    _print_skipped(summary["skipped"])
+    return 0
+
+
+def _print_skipped(skipped) -> None:
+    if skipped:
+        print(f"skipped {len(skipped)} unreadable image(s):")
+        for item in skipped:
+            print(f"  {item['image']}: {item['reason']}")
+
+
+def run_add(args) -> int:
+    from remap_tf.serving.index import load_index
+    from remap_tf.serving.search import add_images
+
+    missing = [path for path in args.images if not Path(path).is_file()]
+    if missing:
+        raise BadPathError(f"image(s) not found: {', '.join(missing)}")
+    model = common.model_for_index(args.model, load_index(args.index))
+    result = add_images(args.index, common.embedder_for(model), args.images)
+    print(f"added {len(result['added'])} image(s) to {args.index}: {result['count']} in all")
+    _print_skipped(result["skipped"])
+    return 0
+
+
+def run_delete(args) -> int:
+    from remap_tf.serving.search import delete_images
+
+    result = delete_images(args.index, args.ids)
+    print(f"deleted {len(result['deleted'])} id(s) from {args.index}: {result['count']} left")
+    return 0
+
+
+def run_info(args) -> int:
+    from remap_tf.serving.search import index_info
+
+    info = index_info(args.index)
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    metadata = info["metadata"]
+    print(f"index       {info['index']}")
+    print(f"kind        {info['kind']} ({info['config'].get('mode', 'exhaustive')})")
+    print(f"images      {info['count']} ({info['dim']}-d descriptors)")
+    print(f"model       {metadata.get('model') or 'not recorded'}")
+    print(f"image root  {metadata.get('image_root') or 'not recorded'}")
+    print(f"size        {info['bytes'] / 1e6:.1f} MB on disk")
+    return 0

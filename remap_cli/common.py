@@ -1,0 +1,24 @@
+"""Helpers the ``remap`` subcommands share once they run (after parsing)."""
+
+from __future__ import annotations
+
+from remap_tf.errors import InvalidInputError
+
+
+def embedder_for(model: str):
+    """The embedder for a ``--model`` value: an export folder or ``host:port[/name]``."""
+    from remap_tf.serving.client import make_embedder  # imports TensorFlow: only when run
+
+    return make_embedder(model)
+
+
+def model_for_index(model: str | None, index) -> str:
+    """``--model`` if given, else the model the index records; InvalidInputError if neither."""
+    from remap_tf.serving.search import recorded_model
+
+    model = model or recorded_model(index)
+    if not model:
+        raise InvalidInputError(
+            "--model is required: this index does not record the model it was built with"
+        )
+    return model

@@ -1,0 +1,106 @@
+"""The ``remap`` command: parse, call one library function, turn errors into one line.
+
+Each subcommand is a module of `remap_cli.commands` with ``add_parser(subparsers)`` (flags only:
+nothing heavy is imported, so ``remap --help`` is instant) that sets ``run(args)``, which
+validates what it can, imports the library and calls it with explicit keyword arguments.
+
+Errors:
+
+- a `remap_tf.errors.RemapError` (bad input, a file that is missing or unusable, an output
+  that would be replaced, an unreachable server) prints ``remap <command>: error: <one line>``
+  and exits with status 2;
+- Ctrl-C (or SIGTERM) prints ``interrupted`` and exits with status 130;
+- anything else is a bug: ``remap <command>: internal error: ...`` names a file holding the
+  traceback and exits with status 1.
+
+``--debug`` (or ``REMAP_DEBUG=1``) prints the full traceback of any error.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+import traceback
+
+from remap_cli import args as cli_args
+from remap_cli.commands import demo, evaluate, export, index, search, train
+from remap_tf.errors import RemapError
+
+COMMANDS = (train, export, index, search, evaluate, demo)
+
+
+def build_parser() -> cli_args.Parser:
+    """The ``remap`` parser with every subcommand."""
+    parser = cli_args.Parser(
+        prog="remap",
+        description="REMAP image retrieval: train, export for TF Serving, index and search.",
+    )
+    parser.add_argument(
+        "--debug",
+        action="store_true",
+        default=_env_debug(),
+        help="print the full traceback of any error (also: REMAP_DEBUG=1)",
+    )
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for command in COMMANDS:
+        command.add_parser(subparsers)
+    return parser
+
+
+def _env_debug() -> bool:
+    return os.environ.get("REMAP_DEBUG", "").strip().lower() not in ("", "0", "false", "no")
+
+
+def _write_traceback() -> str | None:
+    """Saves the current exception's traceback to a file; returns its path (None on failure)."""
+    try:
+        fd, path = tempfile.mkstemp(prefix="remap-internal-error-", suffix=".txt")
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(f"remap {' '.join(sys.argv[1:])}\n\n")
+            traceback.print_exc(file=handle)
+        return path
+    except OSError:
+        return None
+
+
+def main(argv=None) -> int:
+    # TensorFlow's C++ start-up chatter (oneDNN notes, missing CUDA drivers on a CPU machine)
+    # is noise for a command-line user; errors still surface as Python exceptions. An
+    # explicit TF_CPP_MIN_LOG_LEVEL in the environment wins.
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exit_:  # --help, or a flag argparse refused (already printed)
+        return int(exit_.code or 0)
+    prog = getattr(args, "prog_name", f"remap {args.command}")
+    with cli_args.terminate_as_interrupt():
+        try:
+            return int(args.run(args) or 0)
+        except RemapError as error:
+            if args.debug:
+                traceback.print_exc()
+            print(f"{prog}: error: {cli_args.one_line(error)}", file=sys.stderr)
+            return 2
+        except KeyboardInterrupt:
+            if args.debug:
+                traceback.print_exc()
+            print(f"{prog}: interrupted", file=sys.stderr)
+            return 130
+        except Exception as error:  # a bug: say so, keep the traceback
+            if args.debug:
+                traceback.print_exc()
+                where = "above"
+            else:
+                path = _write_traceback()
+                where = f"in {path}" if path else "not saved"
+            print(
+                f"{prog}: internal error: {type(error).__name__}: {cli_args.one_line(error)} "
+                f"(a bug in remap-tf; traceback {where}; rerun with --debug to print it)",
+                file=sys.stderr,
+            )
+            return 1
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

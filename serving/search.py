@@ -1,0 +1,216 @@
+"""Indexing and searching image collections: the library behind ``remap index`` and ``search``.
+
+Every function takes an *embedder* (anything with ``.embed(images) -> (n, dim)`` and ``.dim``:
+`remap_tf.serving.client.make_embedder` gives one for TF Serving or an exported SavedModel),
+so they can be used, and tested, without TensorFlow Serving.
+
+Ids are the paths of the images relative to the collection root (the folder given to
+`build_index`, or the folder of its manifest), which the index records in its metadata with
+the model it was built with.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from remap_tf.errors import BadPathError, InvalidInputError
+from remap_tf.serving.embedding_store import embed_collection, embed_skipping, list_images
+from remap_tf.serving.index import Index, load_index, make_index
+
+# Metadata keys an index built here records.
+IMAGE_ROOT = "image_root"
+MODEL = "model"
+
+
+def model_reference(model: str | None) -> str | None:
+    """How an index records its model: an existing path made absolute, an address as is."""
+    if model is None:
+        return None
+    text = os.fspath(model)
+    return str(Path(text).resolve()) if os.path.exists(text) else text
+
+
+def build_index(
+    embedder,
+    images,
+    out,
+    embeddings_dir=None,
+    kind: str = "scann",
+    scann_config: dict | None = None,
+    shard_size: int = 512,
+    batch_size: int = 32,
+    progress: bool = True,
+    model: str | None = None,
+) -> dict:
+    """Embeds a folder or manifest of images (resumably) and saves an index of them.
+
+    Args:
+        embedder: ``.embed(list of paths) -> (n, dim)`` and ``.dim``.
+        images: an image folder (recursive) or a manifest (.txt / .csv with a path column).
+        out: the index directory (written atomically).
+        embeddings_dir: descriptor shards, kept to resume an interrupted run (default
+            ``<out>.embeddings`` beside the index).
+        kind: "scann" or "exact".
+        scann_config: ``remap_tf.serving.index.ScannConfig`` overrides.
+        shard_size, batch_size: see `remap_tf.serving.embedding_store.embed_collection`.
+        progress: show a progress bar.
+        model: the model (export folder or TF Serving address), recorded in the index so that
+            later searches and additions use the same one.
+
+    Returns:
+        ``{"index": path, "count", "dim", "skipped": [{"image", "reason"}], "config"}``.
+    """
+    out = Path(out)
+    paths, ids = list_images(images)
+    embeddings_dir = (
+        Path(embeddings_dir) if embeddings_dir else out.parent / f"{out.name}.embeddings"
+    )
+    collection = embed_collection(
+        embedder, paths, embeddings_dir, shard_size=shard_size, batch_size=batch_size,
+        progress=progress,
+    )  # fmt: skip
+    if not collection.images:
+        raise InvalidInputError(f"none of the {len(paths)} images under {images} could be embedded")
+    id_of = dict(zip(paths, ids, strict=True))
+    index = make_index(kind, int(embedder.dim), **(scann_config or {}))
+    index.add([id_of[p] for p in collection.images], collection.descriptors)
+    source = Path(images).resolve()
+    index.metadata = {
+        "images": str(source),
+        IMAGE_ROOT: str(source if source.is_dir() else source.parent),
+        MODEL: model_reference(model),
+        "skipped": len(collection.skipped),
+    }
+    index.save(out)
+    return {
+        "index": str(out),
+        "count": len(index),
+        "dim": index.dim,
+        "skipped": collection.skipped,
+        "resumed_shards": collection.resumed_shards,
+        "config": index.config,
+    }
+
+
+def image_path(index: Index, image_id: str) -> str:
+    """The file of an indexed image: its id under the index's recorded image root."""
+    root = index.metadata.get(IMAGE_ROOT)
+    if root is None or os.path.isabs(image_id):
+        return image_id
+    return str(Path(root) / image_id)
+
+
+def image_id(index: Index, path) -> str:
+    """The id an image file gets in ``index``: its path relative to the image root.
+
+    Raises:
+        InvalidInputError: the file is outside the index's image root (its id would not
+            lead back to it).
+    """
+    root = index.metadata.get(IMAGE_ROOT)
+    resolved = Path(path).resolve()
+    if root is None:
+        return str(resolved)
+    try:
+        return resolved.relative_to(Path(root)).as_posix()
+    except ValueError:
+        raise InvalidInputError(
+            f"{str(path)!r} is outside the collection root {root!r} of this index; copy it "
+            "there first, so that its id leads back to the file"
+        ) from None
+
+
+def recorded_model(index: Index) -> str | None:
+    """The model an index was built with (an export folder or a TF Serving address)."""
+    return index.metadata.get(MODEL)
+
+
+def check_embedder(index: Index, embedder) -> None:
+    """InvalidInputError unless the embedder's descriptors fit the index."""
+    if int(embedder.dim) != index.dim:
+        raise InvalidInputError(
+            f"the model gives {embedder.dim}-d descriptors but the index holds {index.dim}-d "
+            "ones; use the model the index was built with"
+        )
+
+
+def add_images(index_dir, embedder, paths) -> dict:
+    """Embeds image files and adds them to a saved index under their ids, then saves it.
+
+    Args:
+        index_dir: a directory written by `build_index`.
+        embedder: the model the index was built with.
+        paths: image files under the index's image root.
+
+    Returns:
+        ``{"added": [ids], "skipped": [{"image", "reason"}], "count": size after}``.
+
+    Raises:
+        InvalidInputError: an image outside the image root, or an id already indexed.
+    """
+    index = load_index(index_dir)
+    check_embedder(index, embedder)
+    paths = [str(p) for p in paths]
+    ids = [image_id(index, p) for p in paths]
+    present = [i for i in ids if i in index]
+    if present:
+        raise InvalidInputError(
+            f"already in the index (delete them first): {', '.join(present[:5])}"
+        )
+    kept, descriptors, skipped = embed_skipping(embedder, paths)
+    if kept:
+        index.add([ids[i] for i in kept], descriptors)
+        index.save(index_dir)
+    return {
+        "added": [ids[i] for i in kept],
+        "skipped": [{"image": paths[i], "reason": reason} for i, reason in skipped],
+        "count": len(index),
+    }
+
+
+def delete_images(index_dir, ids) -> dict:
+    """Removes ids from a saved index, then saves it. ``{"deleted": [ids], "count"}``."""
+    index = load_index(index_dir)
+    ids = list(ids)
+    index.delete(ids)
+    index.save(index_dir)
+    return {"deleted": ids, "count": len(index)}
+
+
+def index_info(index_dir) -> dict:
+    """What a saved index holds: kind, size, configuration, metadata, bytes on disk."""
+    index = load_index(index_dir)
+    directory = Path(index_dir)
+    size = sum(p.stat().st_size for p in directory.rglob("*") if p.is_file())
+    return {
+        "index": str(directory),
+        "kind": index.kind,
+        "count": len(index),
+        "dim": index.dim,
+        "config": index.config,
+        "metadata": dict(index.metadata),
+        "bytes": size,
+    }
+
+
+def search_images(index: Index, embedder, queries, k: int = 10) -> tuple[np.ndarray, np.ndarray]:
+    """Embeds query images and searches the index.
+
+    Args:
+        index: a `remap_tf.serving.index.Index`.
+        embedder: the model the index was built with.
+        queries: (num_queries,) image paths or encoded bytes.
+        k: results per query.
+
+    Returns:
+        ``(ids, scores)`` as ``Index.search``: (num_queries, k) each.
+    """
+    check_embedder(index, embedder)
+    missing = [q for q in queries if isinstance(q, str | Path) and not os.path.isfile(q)]
+    if missing:
+        raise BadPathError(f"query image(s) not found: {', '.join(map(str, missing))}")
+    descriptors = np.asarray(embedder.embed(list(queries)), dtype=np.float32)
+    return index.search(descriptors, k=k)
