@@ -66,12 +66,12 @@ def clustered_unit_vectors(num, dim, num_clusters, seed, spread=0.5, centres_see
 
 def exact_search(database, queries, k, threads):
     """Exact top-k by dot product: NumPy matmul + argpartition, query chunks over threads."""
-    from serving.index import _top_k
+    from remap_tf.serving.index import top_k
 
     chunks = np.array_split(np.arange(len(queries)), max(1, len(queries) // 32))
 
     def run(rows):
-        return _top_k(queries[rows] @ database.T, k)[0]
+        return top_k(queries[rows] @ database.T, k)[0]
 
     if threads == 1:
         parts = [run(rows) for rows in chunks]
@@ -127,7 +127,7 @@ def bench_exact(database, queries, truth, threads_list, nq_flat):
 
 def bench_scann(database, queries, truth, threads_list, scratch):
     """ScaNN's size-chosen default, and two other search-time settings of the same index."""
-    from serving.index import ScannIndex
+    from remap_tf.serving.index import ScannIndex
 
     n = len(database)
     index = ScannIndex(DIM)
@@ -393,48 +393,10 @@ def summarise(n, rows, threads_list) -> tuple[str, list[str]]:
 def run(
     sizes, threads_list, num_queries, nq_flat, write: bool, hnsw_max: int, spread: float = 0.5
 ) -> str:
-    from bench.report import machine_line
-
     started = time.perf_counter()
     sections, all_verdicts, built_hnsw = [], [], []
     for n in sizes:
-        t0 = time.perf_counter()
-        clusters = max(100, n // 100)
-        database = clustered_unit_vectors(n, DIM, clusters, 1, spread, centres_seed=0)
-        queries = clustered_unit_vectors(num_queries, DIM, clusters, 2, spread, centres_seed=0)
-        truth = exact_search(database, queries, K, max(threads_list))
-        print(f"[{n}] data + ground truth in {time.perf_counter() - t0:.1f}s", flush=True)
-        rows = []
-        hnsw_note = None
-        if n > hnsw_max:
-            hnsw_note = (
-                f"not run: HNSW graphs are built only up to --hnsw-max {hnsw_max:,} vectors, "
-                "to keep the run within ~15 min on 2 shared cores; their build time grows "
-                "slightly faster than n"
-            )
-            if built_hnsw:
-                hnsw_note += f" (this run's builds: {', '.join(built_hnsw)})"
-        scratch = tempfile.mkdtemp(prefix="remap-ann-")
-        try:
-            for generator in (
-                bench_scann(database, queries, truth, threads_list, scratch),
-                bench_exact(database, queries, truth, threads_list, nq_flat),
-                bench_faiss(database, queries, truth, threads_list, nq_flat, hnsw_note),
-                bench_hnswlib(database, queries, truth, threads_list, scratch, hnsw_note),
-            ):
-                for row in generator:
-                    rows.append(row)
-                    if "missing" in row:
-                        print(f"[{n}] {row['method']}: {row['missing']}", flush=True)
-                    else:
-                        print(
-                            f"[{n}] {row['method']:<22} {row['config'][:60]:<60} "
-                            f"t={row['threads']} recall={row['recall']:.3f} "
-                            f"qps={row['qps']:,.0f} build={row['build_s']:.1f}s",
-                            flush=True,
-                        )
-        finally:
-            shutil.rmtree(scratch, ignore_errors=True)
+        rows = _bench_size(n, threads_list, num_queries, nq_flat, hnsw_max, spread, built_hnsw)
         for row in rows:
             is_graph = row["method"] in ("faiss HNSW", "hnswlib") and "missing" not in row
             label = is_graph and f"{row['method']} at {n:,}: {row['build_s']:.0f} s"
@@ -443,10 +405,64 @@ def run(
         table, verdicts = summarise(n, rows, threads_list)
         sections.append(table)
         all_verdicts.extend(verdicts)
-        del database
-    total = time.perf_counter() - started
+    md = _markdown(
+        time.perf_counter() - started, num_queries, nq_flat, spread, all_verdicts, sections
+    )
+    print(md)
+    if write:
+        from bench.report import write_section
+
+        write_section("ann", md)
+    return md
+
+
+def _bench_size(n, threads_list, num_queries, nq_flat, hnsw_max, spread, built_hnsw) -> list:
+    """Every method's rows on ``n`` clustered vectors."""
+    t0 = time.perf_counter()
+    clusters = max(100, n // 100)
+    database = clustered_unit_vectors(n, DIM, clusters, 1, spread, centres_seed=0)
+    queries = clustered_unit_vectors(num_queries, DIM, clusters, 2, spread, centres_seed=0)
+    truth = exact_search(database, queries, K, max(threads_list))
+    print(f"[{n}] data + ground truth in {time.perf_counter() - t0:.1f}s", flush=True)
+    hnsw_note = None
+    if n > hnsw_max:
+        hnsw_note = (
+            f"not run: HNSW graphs are built only up to --hnsw-max {hnsw_max:,} vectors, "
+            "to keep the run within ~15 min on 2 shared cores; their build time grows "
+            "slightly faster than n"
+        )
+        if built_hnsw:
+            hnsw_note += f" (this run's builds: {', '.join(built_hnsw)})"
+    rows = []
+    scratch = tempfile.mkdtemp(prefix="remap-ann-")
+    try:
+        for generator in (
+            bench_scann(database, queries, truth, threads_list, scratch),
+            bench_exact(database, queries, truth, threads_list, nq_flat),
+            bench_faiss(database, queries, truth, threads_list, nq_flat, hnsw_note),
+            bench_hnswlib(database, queries, truth, threads_list, scratch, hnsw_note),
+        ):
+            for row in generator:
+                rows.append(row)
+                if "missing" in row:
+                    print(f"[{n}] {row['method']}: {row['missing']}", flush=True)
+                else:
+                    print(
+                        f"[{n}] {row['method']:<22} {row['config'][:60]:<60} "
+                        f"t={row['threads']} recall={row['recall']:.3f} "
+                        f"qps={row['qps']:,.0f} build={row['build_s']:.1f}s",
+                        flush=True,
+                    )
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return rows
+
+
+def _markdown(total, num_queries, nq_flat, spread, all_verdicts, sections) -> str:
+    from bench.report import machine_line
+
     command = "python -m bench.ann " + " ".join(sys.argv[1:])
-    md = "\n".join(
+    return "\n".join(
         [
             "## Approximate nearest-neighbour search: ScaNN against exact, faiss and hnswlib",
             "",
@@ -471,12 +487,6 @@ def run(
         + [""]
         + sections
     )
-    print(md)
-    if write:
-        from bench.report import write_section
-
-        write_section("ann", md)
-    return md
 
 
 def main(argv=None) -> int:

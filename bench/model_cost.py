@@ -76,38 +76,51 @@ def run(backbone: str, height: int, width: int, batches, repeats: int) -> str:
     )
     full_fn = tf.function(lambda x: model(x, training=False), jit_compile=False)
     backbone_fn = tf.function(lambda x: features(x, training=False), jit_compile=False)
-    avx2_peak, avx512_peak, clock = cpu_peak_gflops()
     load_before = os.getloadavg()[0]
-    rows = []
-    for batch in batches:
-        spec = tf.TensorSpec((batch, height, width, 3), tf.float32)
-        full_flops = count_flops(lambda x: model(x, training=False), spec)
-        backbone_flops = count_flops(lambda x: features(x, training=False), spec)
-        data = tf.random.uniform((batch, height, width, 3), 0, 255, seed=1)
-        for fn in (full_fn, backbone_fn):  # trace and warm up
-            time_call(fn, data)
-            time_call(fn, data)
-        full_times, backbone_times = [], []
-        for _ in range(repeats):
-            backbone_times.append(time_call(backbone_fn, data))
-            full_times.append(time_call(full_fn, data))
-        full_s = statistics.median(full_times)
-        backbone_s = statistics.median(backbone_times)
-        ratios = [f / b for f, b in zip(full_times, backbone_times, strict=True)]
-        rows.append(
-            {
-                "batch": batch,
-                "backbone_ms": backbone_s * 1000,
-                "full_ms": full_s * 1000,
-                "overhead": statistics.median(ratios) - 1,
-                "overhead_min": min(ratios) - 1,
-                "overhead_max": max(ratios) - 1,
-                "gflop": full_flops / 1e9,
-                "head_gflop": (full_flops - backbone_flops) / 1e9,
-                "gflops": full_flops / 1e9 / full_s,
-            }
-        )
-        print(rows[-1], flush=True)
+    rows = [
+        _measure_batch(model, features, full_fn, backbone_fn, batch, (height, width), repeats)
+        for batch in batches
+    ]
+    load = (load_before, os.getloadavg()[0])
+    return _section(backbone, height, width, batches, repeats, model, rows, load)
+
+
+def _measure_batch(model, features, full_fn, backbone_fn, batch, size, repeats) -> dict:
+    """Paired timings of the backbone alone and the whole model at one batch size."""
+    height, width = size
+    spec = tf.TensorSpec((batch, height, width, 3), tf.float32)
+    full_flops = count_flops(lambda x: model(x, training=False), spec)
+    backbone_flops = count_flops(lambda x: features(x, training=False), spec)
+    data = tf.random.uniform((batch, height, width, 3), 0, 255, seed=1)
+    for fn in (full_fn, backbone_fn):  # trace and warm up
+        time_call(fn, data)
+        time_call(fn, data)
+    full_times, backbone_times = [], []
+    for _ in range(repeats):
+        backbone_times.append(time_call(backbone_fn, data))
+        full_times.append(time_call(full_fn, data))
+    full_s = statistics.median(full_times)
+    backbone_s = statistics.median(backbone_times)
+    ratios = [f / b for f, b in zip(full_times, backbone_times, strict=True)]
+    row = {
+        "batch": batch,
+        "backbone_ms": backbone_s * 1000,
+        "full_ms": full_s * 1000,
+        "overhead": statistics.median(ratios) - 1,
+        "overhead_min": min(ratios) - 1,
+        "overhead_max": max(ratios) - 1,
+        "gflop": full_flops / 1e9,
+        "head_gflop": (full_flops - backbone_flops) / 1e9,
+        "gflops": full_flops / 1e9 / full_s,
+    }
+    print(row, flush=True)
+    return row
+
+
+def _section(backbone, height, width, batches, repeats, model, rows, load) -> str:
+    """The markdown section of the measurements."""
+    avx2_peak, avx512_peak, clock = cpu_peak_gflops()
+    load_before, load_after = load
 
     lines = [
         "## Model: REMAP head cost and forward-pass GFLOP/s",
@@ -131,7 +144,6 @@ def run(backbone: str, height: int, width: int, batches, repeats: int) -> str:
             f"{r['overhead_max'] * 100:+.1f}%) | {r['gflop']:.1f} | {r['head_gflop']:.3f} | "
             f"{r['gflops']:.0f} |"
         )
-    load_after = os.getloadavg()[0]
     lines.insert(
         4,
         f"Load average (1 min) on the {os.cpu_count()} cores: {load_before:.1f} at the start, "

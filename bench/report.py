@@ -8,6 +8,8 @@ import re
 import time
 from pathlib import Path
 
+from remap_tf.io import atomic_write_text
+
 BENCHMARKS_MD = Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md"
 
 
@@ -40,6 +42,4 @@ def write_section(name: str, body: str, path: Path = BENCHMARKS_MD) -> None:
         text = pattern.sub(lambda _: block, text)
     else:
         text = text.rstrip() + "\n\n" + block + "\n"
-    from remap_tf.io import atomic_write_text  # lazy: importing remap_tf loads TensorFlow
-
     atomic_write_text(path, text)

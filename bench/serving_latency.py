@@ -6,9 +6,9 @@ both alike), with p50 and p99 latency at batch 1 and 16:
 1. ``serving_default`` of the exported SavedModel (JPEG bytes in: decode, checks, resize and
    model in the graph, one image at a time through ``tf.map_fn``) against the Keras model
    called through ``tf.function`` on already-decoded, already-resized float pixels (batched).
-2. `serving.client.RemapClient` over gRPC on loopback (127.0.0.1) against
-   `serving.client.LocalEmbedder` (the same SavedModel signature in this process). The server
-   is the project's Python stand-in for TF Serving (tests/fake_tf_serving.py), in this
+2. `remap_tf.serving.client.RemapClient` over gRPC on loopback (127.0.0.1) against
+   `remap_tf.serving.client.LocalEmbedder` (the same SavedModel signature in this process).
+   The server is the project's Python stand-in for TF Serving (remap_tf.serving.standin), in this
    process: it measures the client, serialisation and the gRPC transport, not the C++
    tensorflow_model_server (which cannot run here).
 
@@ -81,10 +81,16 @@ def _paired(first, second, repeats: int):
 
 def run(repeats_1: int = 30, repeats_16: int = 8) -> str:
     """Runs the benchmark; returns the markdown section."""
-    from export.saved_model import export_model, resize_images
+    return _section(_measure(repeats_1, repeats_16), repeats_1, repeats_16)
+
+
+def _measure(repeats_1: int, repeats_16: int) -> dict:
+    """Exports a model, then times the signature, Keras, gRPC and in-process calls."""
+    from remap_tf.export.graph import resize_images
+    from remap_tf.export.saved_model import export_model
     from remap_tf.model import REMAP
-    from serving.client import LocalEmbedder, RemapClient
-    from tests.fake_tf_serving import FakeTFServing
+    from remap_tf.serving.client import LocalEmbedder, RemapClient
+    from remap_tf.serving.standin import FakeTFServing
 
     load_before = os.getloadavg()[0]
     model = REMAP(BACKBONE)
@@ -101,7 +107,7 @@ def run(repeats_1: int = 30, repeats_16: int = 8) -> str:
         pixels = tf.concat([resize_images(d[tf.newaxis], IMAGE_SIZE) for d in decoded], axis=0)
         keras_call = tf.function(lambda x: model(x, training=False), reduce_retracing=True)
         local = LocalEmbedder(base, chunk_size=16)
-        exported = local._function  # the serving_default concrete function itself
+        exported = local.function  # the serving_default concrete function itself
 
         rows = []
         with (
@@ -123,11 +129,27 @@ def run(repeats_1: int = 30, repeats_16: int = 8) -> str:
                 )
                 rows.append((batch, repeats, sig, ker, remote, inproc))
             # An empty request: the transport and serving overhead alone, no model compute.
-            remote0, inproc0 = _paired(lambda: client._run([]), lambda: local._run([]), repeats_1)
+            remote0, inproc0 = _paired(
+                lambda: client.run_batch([]), lambda: local.run_batch([]), repeats_1
+            )
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     load_after = os.getloadavg()[0]
 
+    return {
+        "rows": rows,
+        "empty": (remote0, inproc0),
+        "dim": dim,
+        "export_s": export_s,
+        "load": (load_before, load_after),
+    }
+
+
+def _section(measured: dict, repeats_1: int, repeats_16: int) -> str:
+    """The markdown section of the measurements."""
+    rows, (remote0, inproc0) = measured["rows"], measured["empty"]
+    dim, export_s = measured["dim"], measured["export_s"]
+    load_before, load_after = measured["load"]
     lines = [
         "## Serving: exported signature and gRPC round trip",
         "",
@@ -158,7 +180,7 @@ def run(repeats_1: int = 30, repeats_16: int = 8) -> str:
     lines += [
         "",
         "gRPC round trip on loopback (`RemapClient` to the in-test stand-in server, "
-        "tests/fake_tf_serving.py, in the same process; not the C++ tensorflow_model_server, "
+        "remap_tf.serving.standin, in the same process; not the C++ tensorflow_model_server, "
         "which cannot run here) against `LocalEmbedder` on the same SavedModel. JPEG bytes in.",
         "",
         "| batch | calls | gRPC loopback | in-process | ratio | overhead p50 (ms) |",

@@ -65,25 +65,53 @@ def run(args) -> dict:
     fit_model = make_model()
     loop_model = make_model()
     loop_model.set_weights(fit_model.get_weights())
-
     fit_model.compile(optimizer=keras.optimizers.Adam(1e-5), loss=TripletLoss(), jit_compile=False)
+    loop = _plain_loop(loop_model, iter(dataset), args.mixed_precision)
+    started = time.monotonic()
+    loop(1)  # traces the step, as fit's first batch does
+    loop_trace = time.monotonic() - started
+    loop(args.warmup)
+    timer = _alternate(args, loop)
+    fit_model.fit(
+        dataset,
+        epochs=1,
+        steps_per_epoch=args.warmup + args.rounds * args.steps,
+        callbacks=[timer],
+        shuffle=False,
+        verbose=0,
+    )
+    return {
+        "fit": statistics.median(timer.fit_rates),
+        "loop": statistics.median(timer.loop_rates),
+        "fit_rates": timer.fit_rates,
+        "loop_rates": timer.loop_rates,
+        "fit_trace_s": timer.trace,
+        "loop_trace_s": loop_trace,
+        "device": _device(tf),
+    }
+
+
+def _plain_loop(model, iterator, mixed_precision: bool):
+    """``loop(steps) -> last loss``: a plain ``tf.function`` training step, the yardstick."""
+    import keras
+    import tensorflow as tf
+
+    from remap_tf.losses import TripletLoss
 
     loss_fn = TripletLoss()
     optimizer = keras.optimizers.Adam(1e-5)
-    if args.mixed_precision:
+    if mixed_precision:
         optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
-    optimizer.build(loop_model.trainable_variables)
+    optimizer.build(model.trainable_variables)
 
     @tf.function
     def train_step(x, y):
         with tf.GradientTape() as tape:
-            loss = loss_fn(y, loop_model(x, training=True))
+            loss = loss_fn(y, model(x, training=True))
             scaled = optimizer.scale_loss(loss)
-        grads = tape.gradient(scaled, loop_model.trainable_variables)
-        optimizer.apply_gradients(zip(grads, loop_model.trainable_variables, strict=True))
+        grads = tape.gradient(scaled, model.trainable_variables)
+        optimizer.apply_gradients(zip(grads, model.trainable_variables, strict=True))
         return loss
-
-    iterator = iter(dataset)
 
     def loop(steps):
         loss = None
@@ -92,21 +120,21 @@ def run(args) -> dict:
             loss = train_step(x, y)
         return float(loss)  # waits for the last step
 
-    started = time.monotonic()
-    loop(1)  # traces the step, as fit's first batch does
-    loop_trace = time.monotonic() - started
-    loop(args.warmup)
+    return loop
 
-    fit_rates, loop_rates = [], []
+
+def _alternate(args, loop):
+    """A callback that times every ``args.steps`` fit steps end to end, then runs a timed
+    plain-loop round of the same length (so both sides see the same machine load)."""
+    import keras
 
     class Alternate(keras.callbacks.Callback):
-        """Times every ``steps`` fit steps end to end, then runs a timed plain-loop round."""
-
         def __init__(self):
             super().__init__()
             self.mark = None
             self.count = 0
             self.trace = None
+            self.fit_rates, self.loop_rates = [], []
 
         def on_train_begin(self, logs=None):
             self.start = time.monotonic()
@@ -120,32 +148,14 @@ def run(args) -> dict:
             self.count += 1
             if self.count < args.steps:
                 return
-            fit_rates.append(args.steps * args.batch_size / (now - self.mark))
+            self.fit_rates.append(args.steps * args.batch_size / (now - self.mark))
             started = time.monotonic()
             loop(args.steps)
-            loop_rates.append(args.steps * args.batch_size / (time.monotonic() - started))
+            self.loop_rates.append(args.steps * args.batch_size / (time.monotonic() - started))
             self.count = 0
             self.mark = time.monotonic()
 
-    timer = Alternate()
-    fit_model.fit(
-        dataset,
-        epochs=1,
-        steps_per_epoch=args.warmup + args.rounds * args.steps,
-        callbacks=[timer],
-        shuffle=False,
-        verbose=0,
-    )
-    fit_trace = timer.trace
-    return {
-        "fit": statistics.median(fit_rates),
-        "loop": statistics.median(loop_rates),
-        "fit_rates": fit_rates,
-        "loop_rates": loop_rates,
-        "fit_trace_s": fit_trace,
-        "loop_trace_s": loop_trace,
-        "device": _device(tf),
-    }
+    return Alternate()
 
 
 def _device(tf) -> str:

@@ -17,8 +17,8 @@ from tensorflow_serving.apis import (
     prediction_service_pb2_grpc,
 )
 
-from serving import cli
-from serving.client import (
+from remap_tf.errors import RemapError
+from remap_tf.serving.client import (
     ImageRejectedError,
     LocalEmbedder,
     ModelNotFoundError,
@@ -27,7 +27,7 @@ from serving.client import (
     ServingError,
     make_embedder,
 )
-from tests.fake_tf_serving import FakeTFServing
+from remap_tf.serving.standin import FakeTFServing
 from tests.test_export import encode, sample_images, shared_export, smooth_image
 
 MODEL_NAME = "remap"
@@ -248,5 +248,5 @@ def test_bad_input_to_embed(local, tmp_path):
 
 
 def test_serving_errors_print_as_one_line():
-    assert issubclass(ServingError, cli.CommandError)
+    assert issubclass(ServingError, RemapError)
     assert issubclass(ImageRejectedError, ValueError)

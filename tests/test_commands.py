@@ -14,9 +14,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from remap_cli import common
+from remap_cli import main as cli
 from remap_tf import evaluation
-from serving import cli, commands
-from serving.embedding_store import embed_collection, list_images
+from remap_tf.serving.embedding_store import embed_collection, list_images
 
 
 class ThumbnailEmbedder:
@@ -80,7 +81,7 @@ def _make_groups(root, num_groups=4, per_group=3, distractors=2, seed=0):
 @pytest.fixture
 def fake(monkeypatch):
     embedder = ThumbnailEmbedder()
-    monkeypatch.setattr(commands, "_embedder", lambda model: embedder)
+    monkeypatch.setattr(common, "embedder_for", lambda model: embedder)
     return embedder
 
 
@@ -310,7 +311,7 @@ def test_real_make_embedder_rejects_a_bad_model_path(tmp_path, capsys):
 
 
 def test_report_frames_relevance_and_is_portable(tmp_path):
-    from serving.report import write_report
+    from remap_tf.serving.report import write_report
 
     groups = _make_groups(tmp_path / "imgs", num_groups=2, per_group=2, distractors=0)
     a, b = groups["group0"], groups["group1"]
@@ -344,7 +345,7 @@ def test_report_frames_relevance_and_is_portable(tmp_path):
 
 def test_end_to_end_with_an_exported_model(tmp_path, capsys):
     """A tiny random-init REMAP exported as a SavedModel, through make_embedder."""
-    from export.saved_model import export_model
+    from remap_tf.export.saved_model import export_model
     from remap_tf.model import REMAP
 
     groups = _make_groups(tmp_path / "imgs", num_groups=2, per_group=2, distractors=1)

@@ -8,9 +8,9 @@ import argparse
 import pytest
 import yaml
 
-from training import keras_compat
-from training.cli import add_parsers, resolve_config
-from training.config import TrainConfig, load_config
+from remap_cli.commands.train import add_parser, resolve_config
+from remap_tf.training import keras_compat
+from remap_tf.training.config import TrainConfig, load_config
 
 
 @pytest.fixture
@@ -22,7 +22,7 @@ def data_dir(tmp_path):
 
 def _parse(argv):
     parser = argparse.ArgumentParser()
-    add_parsers(parser.add_subparsers(dest="command"))
+    add_parser(parser.add_subparsers(dest="command"))
     return parser.parse_args(["train", *argv])
 
 
@@ -131,7 +131,7 @@ def test_strategies_by_name_and_tf_config_checks():
 
     import tensorflow as tf
 
-    from training.strategies import check_tf_config, is_chief, make_strategy
+    from remap_tf.training.strategies import check_tf_config, is_chief, make_strategy
 
     assert make_strategy("default") is tf.distribute.get_strategy()
     assert make_strategy("one_device", ["/cpu:0"]).num_replicas_in_sync == 1

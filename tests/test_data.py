@@ -7,7 +7,7 @@ import logging
 import numpy as np
 import pytest
 
-from training.data import Manifest, load_manifest
+from remap_tf.training.data import Manifest, load_manifest
 
 
 def _touch(path):

@@ -1,4 +1,4 @@
-"""Tests of `remap demo` (serving/demo.py) and its figures (serving/figures.py)."""
+"""Tests of `remap demo` (remap_cli/demo) and its figures (remap_cli/demo/figures.py)."""
 
 from __future__ import annotations
 
@@ -10,9 +10,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from serving import cli
-from serving.demo import DemoConfig, run_demo
-from serving.figures import region_layout, region_weights_svg, training_curve_svg
+from remap_cli import main as cli
+from remap_cli.demo.config import DemoConfig
+from remap_cli.demo.figures import region_layout, region_weights_svg, training_curve_svg
+from remap_cli.demo.pipeline import run_demo
 
 TINY_PHOTOS = ["astronaut", "chelsea", "coffee", "rocket", "camera", "coins"]
 # HTML elements that never have a closing tag.
@@ -107,7 +108,7 @@ def test_demo_end_to_end_at_tiny_size_and_again_over_its_leftovers(tmp_path):
     results = json.loads((out / "results.json").read_text())
     assert [r["mAP"] for r in results["table"]] == [r["mAP"] for r in result.table]
 
-    from serving.index import load_index
+    from remap_tf.serving.index import load_index
 
     index = load_index(out / "index")
     groups = json.loads((out / "data" / "test_groups.json").read_text())
@@ -141,8 +142,8 @@ def test_demo_end_to_end_at_tiny_size_and_again_over_its_leftovers(tmp_path):
     [
         (["--backbone", "resnet5"], "Unknown backbone 'resnet5'"),
         (["--weights", "missing.weights.h5"], "--weights 'missing.weights.h5'"),
-        (["--minutes", "0"], "--minutes must be a number > 0"),
-        (["--steps", "0"], "--steps must be an integer >= 1"),
+        (["--minutes", "0"], "argument --minutes: must be a number > 0"),
+        (["--steps", "0"], "argument --steps: must be an integer >= 1"),
         (["--serving", "localhost"], "--serving must be host:port"),
     ],
 )

@@ -29,7 +29,7 @@ STEPS, EPOCHS, SIZE = 3, 2, 64
 
 
 def _config(out_dir):
-    from training.config import TrainConfig
+    from remap_tf.training.config import TrainConfig
 
     config = TrainConfig.from_dict(
         {
@@ -69,7 +69,7 @@ def _dataset():
 
 
 def _run(strategy, out_dir, init_weights, result_path):
-    from training.fit import build_model, fit_model
+    from remap_tf.training.fit import build_model, fit_model
 
     config = _config(out_dir)
     with strategy.scope():
@@ -98,8 +98,8 @@ def _worker_main(argv=None):
         tf.config.set_logical_device_configuration(
             cpu, [tf.config.LogicalDeviceConfiguration()] * REPLICAS
         )
-        from training.fit import build_model
-        from training.strategies import make_strategy
+        from remap_tf.training.fit import build_model
+        from remap_tf.training.strategies import make_strategy
 
         model = build_model(_config(out))
         model.save_weights(out / "init.weights.h5")
@@ -111,7 +111,7 @@ def _worker_main(argv=None):
         # The smallest fit under MWMS: enough to hit keras-team/keras#20585.
         import keras
 
-        from training.strategies import make_strategy
+        from remap_tf.training.strategies import make_strategy
 
         strategy = make_strategy("multi_worker")
         with strategy.scope():
@@ -121,7 +121,7 @@ def _worker_main(argv=None):
         model.fit(data.repeat(), epochs=1, steps_per_epoch=2, verbose=0)
         print("fit finished", flush=True)
     else:
-        from training.strategies import make_strategy
+        from remap_tf.training.strategies import make_strategy
 
         strategy = make_strategy("multi_worker")
         assert strategy.num_replicas_in_sync == REPLICAS, strategy.num_replicas_in_sync
@@ -217,7 +217,7 @@ def test_mirrored_fit_matches_one_device(local_runs):
 def _initial_weights(out):
     import keras
 
-    from training.fit import build_model
+    from remap_tf.training.fit import build_model
 
     keras.config.set_dtype_policy("float32")
     model = build_model(_config(out))
@@ -244,7 +244,7 @@ def test_multi_worker_fit_two_processes(local_runs):
 
 def test_multi_worker_fails_without_the_keras_patch(tmp_path):
     """The same run with training/keras_compat.py disabled shows Keras' original error."""
-    from training import keras_compat
+    from remap_tf.training import keras_compat
 
     if not keras_compat.is_affected():
         pytest.skip("this Keras version does not have keras-team/keras#20585")
@@ -264,14 +264,14 @@ if __name__ == "__main__":
 def test_remap_train_multi_worker_end_to_end(tmp_path):
     """`remap train --strategy multi_worker` with 2 workers: the chief writes model.keras and
     config.yaml, the other worker writes nothing but its own (removed) backup."""
-    from training.photoset import make_photo_views
+    from remap_cli.demo.photoset import make_photo_views
 
     photos = make_photo_views(tmp_path / "photos", seed=2, views_per_photo=3, image_size=(64, 64))
     out = tmp_path / "run"
     ports = _free_ports(REPLICAS)
     cluster = {"worker": [f"127.0.0.1:{p}" for p in ports]}
     command = [
-        sys.executable, "-m", "serving.cli", "train", "--data", str(photos.train_csv),
+        sys.executable, "-m", "remap_cli", "train", "--data", str(photos.train_csv),
         "--out", str(out), "--strategy", "multi_worker", "--backbone", "mobilenet",
         "--set", "model.backbone_kwargs={alpha: 0.25}", "--set", "model.levels=1",
         "--set", "init.num_images=8", "--epochs", "2", "--steps-per-epoch", "2",

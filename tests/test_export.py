@@ -20,9 +20,10 @@ from PIL import Image
 from tensorflow_serving.config import model_server_config_pb2
 
 import remap_tf
-from export import saved_model as sm
-from export import server_files, warmup
-from serving import cli
+from remap_cli import main as cli
+from remap_tf import contract
+from remap_tf.export import graph, server_files, warmup
+from remap_tf.export import saved_model as sm
 
 IMAGE_SIZE = 96
 SCALES = (1.0, 0.75)
@@ -61,7 +62,7 @@ def keras_descriptors(model, pixels_list, sizes):
     rows = []
     for pixels in pixels_list:
         total = sum(
-            model(sm.resize_images(pixels[np.newaxis], size), training=False)[0].numpy()
+            model(graph.resize_images(pixels[np.newaxis], size), training=False)[0].numpy()
             for size in sizes
         )
         rows.append(total / np.linalg.norm(total))
@@ -137,7 +138,7 @@ from pathlib import Path
 class _Block(importlib.abc.MetaPathFinder):
     # A serving process has no project code: any import of it fails loudly.
     def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] in ("remap_tf", "export", "serving", "training", "bench"):
+        if name.split(".")[0] in ("remap_tf", "remap_cli", "bench"):
             raise ImportError(f"serving process imported project module {name}")
         return None
 
@@ -233,7 +234,7 @@ def test_saved_model_cli_lists_the_signatures(exported):
 
 def test_warmup_records_parse_and_the_model_answers_them(model, exported, loaded):
     _, v1, _ = exported
-    records = warmup.read_warmup_requests(v1 / "assets.extra" / sm.WARMUP_FILE)
+    records = warmup.read_warmup_requests(v1 / "assets.extra" / contract.WARMUP_FILE)
     assert len(records) == 3  # one image, two images of different formats, one pixel array
     loaded = loaded[0]
     seen = set()
@@ -250,11 +251,11 @@ def test_warmup_records_parse_and_the_model_answers_them(model, exported, loaded
 
 def test_config_asset_and_server_files(model, exported):
     base, v1, v2 = exported
-    meta = json.loads((v1 / "assets" / sm.CONFIG_ASSET).read_text())
+    meta = json.loads((v1 / "assets" / contract.CONFIG_ASSET).read_text())
     assert meta["descriptor_dim"] == model.output_shape[-1]
     assert meta["config"] == {"backbone": "mobilenet"}
     assert (meta["image_size"], meta["scales"]) == (IMAGE_SIZE, [1.0])
-    meta2 = json.loads((v2 / "assets" / sm.CONFIG_ASSET).read_text())
+    meta2 = json.loads((v2 / "assets" / contract.CONFIG_ASSET).read_text())
     assert (meta2["scales"], meta2["max_pixels"]) == (list(SCALES), SMALL_MAX_PIXELS)
 
     config = text_format.Parse(
@@ -354,7 +355,7 @@ def test_failure_mid_export_leaves_no_partial_version(tmp_path):
     with pytest.raises(RuntimeError, match="injected failure"):
         sm.export_model(model, base, image_size=64, _before_rename=fail)
     assert sorted(p.name for p in base.iterdir()) == before  # no 2/, no hidden temp folder
-    assert sm.next_version(base) == 2
+    assert contract.next_version(base) == 2
 
 
 def test_a_warmup_the_model_would_refuse_fails_the_export(tmp_path):
@@ -373,7 +374,7 @@ def test_an_existing_version_is_never_overwritten(tmp_path):
     with pytest.raises(FileExistsError, match="Version 3 already exists"):
         sm.export_model(tiny_functional_model(), base, version=3, image_size=64)
     assert [p.name for p in (base / "3").iterdir()] == ["keep.txt"]
-    assert sm.next_version(base) == 4
+    assert contract.next_version(base) == 4
 
 
 @pytest.mark.parametrize(
@@ -400,14 +401,14 @@ def test_cli_exports_a_keras_file_and_reports_bad_input(tmp_path, capsys):
     out = tmp_path / "models" / "remap"
     assert cli.main(["export", "--model", str(tmp_path), "--out", str(out),
                      "--image-size", "64"]) == 0  # fmt: skip
-    meta = json.loads((out / "1" / "assets" / sm.CONFIG_ASSET).read_text())
+    meta = json.loads((out / "1" / "assets" / contract.CONFIG_ASSET).read_text())
     assert meta["config"] == {"epochs": 3} and meta["descriptor_dim"] == 8
 
     bad_file = tmp_path / "notes.keras"
     bad_file.write_text("not a keras file")
     for argv, message in [
         (["--model", str(tmp_path / "missing.keras")], "does not exist"),
-        (["--model", str(bad_file)], "Could not load --model"),
+        (["--model", str(bad_file)], "Could not load the Keras model"),
         (["--model", str(tmp_path / "config.json")], "not a .keras file"),
         (["--model", str(tmp_path), "--version", "1"], "Version 1 already exists"),
     ]:

@@ -11,15 +11,15 @@ import pytest
 import tensorflow as tf
 
 from remap_tf.evaluation import label_map
-from training.callbacks import (
+from remap_tf.training.callbacks import (
     AtomicBackupAndRestore,
     AtomicModelCheckpoint,
     RetrievalEvaluation,
     TimeLimit,
     backup_epoch,
 )
-from training.config import TrainConfig
-from training.fit import make_learning_rate, make_optimizer
+from remap_tf.training.config import TrainConfig
+from remap_tf.training.fit import make_learning_rate, make_optimizer
 
 
 def _config(**sections):
@@ -136,7 +136,7 @@ def test_checkpoints_and_backup_are_atomic_and_carry_the_config(tmp_path):
 
 def test_fit_model_on_a_tiny_remap(tmp_path):
     """fit_model compiles with the triplet loss and runs fit with the evaluation callback."""
-    from training.fit import build_model, fit_model
+    from remap_tf.training.fit import build_model, fit_model
 
     config = TrainConfig.from_dict(
         {

@@ -9,7 +9,7 @@ import shutil
 import numpy as np
 import pytest
 
-from serving.index import (
+from remap_tf.serving.index import (
     ExactIndex,
     Index,
     IndexFormatError,

@@ -8,8 +8,8 @@ import pytest
 import tensorflow as tf
 
 import remap_tf
-from remap_tf.backbones import BACKBONES
 from remap_tf.regions import relative_regions, scale_regions
+from remap_tf.specs import BACKBONES
 
 TINY = {"backbone": "mobilenet", "backbone_kwargs": {"alpha": 0.25}}
 

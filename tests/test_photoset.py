@@ -1,4 +1,4 @@
-"""Tests of the scikit-image photo retrieval set (training/photoset.py)."""
+"""Tests of the scikit-image photo retrieval set (remap_cli/demo/photoset.py)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from training.photoset import PHOTOS, load_images, make_photo_views, split_photos
+from remap_cli.demo.photoset import PHOTOS, load_images, make_photo_views, split_photos
 
 SMALL = dict(views_per_photo=3, image_size=(48, 64), distractors_per_photo=1)
 FEW = ["astronaut", "chelsea", "coffee", "coins", "rocket", "motorcycle", "camera"]

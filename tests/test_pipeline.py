@@ -17,8 +17,8 @@ from PIL import Image
 
 from remap_tf.losses import TripletLoss
 from remap_tf.model import REMAP
-from training.data import Manifest, load_manifest
-from training.pipeline import (
+from remap_tf.training.data import Manifest, load_manifest
+from remap_tf.training.pipeline import (
     BAD_LABEL,
     BadFileLog,
     BadFileReporter,
@@ -339,11 +339,11 @@ def test_training_runs_through_bad_and_odd_files_and_reports_them(tmp_path, caps
 
 _EXIT_SCRIPT = """
 import sys
-from training.data import load_manifest
-from training.pipeline import make_train_dataset
+from remap_tf.training.data import load_manifest
+from remap_tf.training.pipeline import make_train_dataset
 if sys.argv[2] == "ungated":  # to check that this test fails without the exit gate
     import atexit
-    from training import pipeline
+    from remap_tf.training import pipeline
     atexit.unregister(pipeline._EXIT_GATE.close)
 dataset = make_train_dataset(load_manifest(sys.argv[1]), 64, 2, 2)
 iterator = iter(dataset)

@@ -4,8 +4,9 @@ import numpy as np
 import pytest
 
 import remap_tf
-from remap_tf.region_weights import kl_divergence_per_region, sample_pairs
-from remap_tf.whitening import learned_whitening, matching_pairs, pca_whitening
+from remap_tf.pairs import matching_pairs, sample_pairs
+from remap_tf.region_weights import kl_divergence_per_region
+from remap_tf.whitening import learned_whitening, pca_whitening
 
 
 def gaussian_kl(m1, s1, m2, s2):

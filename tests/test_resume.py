@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from training.photoset import make_photo_views
+from remap_cli.demo.photoset import make_photo_views
 
 ROOT = Path(__file__).resolve().parent.parent
 EPOCHS = 8
@@ -32,7 +32,7 @@ def _env():
 
 def _command(data, out):
     return [
-        sys.executable, "-m", "serving.cli", "train",
+        sys.executable, "-m", "remap_cli", "train",
         "--data", str(data), "--out", str(out),
         "--backbone", "mobilenet", "--set", "model.backbone_kwargs={alpha: 0.25}",
         "--set", "model.levels=1", "--set", "model.freeze_backbone=true",
@@ -105,7 +105,7 @@ def test_sigkill_then_rerun_resumes_and_finishes(photos, tmp_path):
     ],
 )
 def test_bad_input_is_one_clear_line(tmp_path, capsys, argv, message):
-    from serving.cli import main
+    from remap_cli.main import main
 
     argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
     assert main(["train", *argv]) == 2

@@ -14,10 +14,10 @@ import pytest
 import tensorflow as tf
 import yaml
 
-from training.callbacks import RetrievalEvaluation
-from training.config import TrainConfig
-from training.fit import build_model, train
-from training.photoset import load_images, make_photo_views
+from remap_cli.demo.photoset import load_images, make_photo_views
+from remap_tf.training.callbacks import RetrievalEvaluation
+from remap_tf.training.config import TrainConfig
+from remap_tf.training.fit import build_model, train
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,199 @@
+"""The ``remap`` command as a user meets it: what it writes loads anywhere, errors are one line
+unless ``--debug``, bugs say so, and the index verbs (build, add, delete, info) work together.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+
+from remap_cli import common
+from remap_cli import main as cli
+from remap_cli.commands import search as search_command
+from remap_cli.demo.photoset import make_photo_views
+from tests.test_commands import ThumbnailEmbedder, _make_groups
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _env():
+    return dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", CUDA_VISIBLE_DEVICES="")
+
+
+_LOAD_SCRIPT = r"""
+import sys
+import numpy as np
+import keras, remap_tf   # the only project import: the loader must need nothing else
+
+model = keras.saving.load_model(sys.argv[1], safe_mode=True)  # compiled (compile=True)
+images = np.load(sys.argv[2])
+np.save(sys.argv[3], np.asarray(model(images, training=False)))
+print(type(model.loss).__name__, type(model.optimizer).__name__)
+"""
+
+
+def test_trained_model_loads_compiled_after_import_remap_tf(tmp_path):
+    """`remap train`, then a fresh process with `import keras, remap_tf` only loads the
+    compiled model.keras with safe_mode=True and gives the descriptors of the weights the run
+    checkpointed (rebuilt here from config.yaml)."""
+    from remap_tf.training.config import TrainConfig
+    from remap_tf.training.fit import build_model
+
+    views = make_photo_views(tmp_path / "photos", seed=2, views_per_photo=3, image_size=(64, 64))
+    out = tmp_path / "run"
+    train = subprocess.run(
+        [sys.executable, "-m", "remap_cli", "train", "--data", str(views.train_csv)]
+        + ["--out", str(out), "--backbone", "mobilenet"]
+        + ["--set", "model.backbone_kwargs={alpha: 0.25}", "--set", "model.levels=2"]
+        + ["--set", "init.num_images=16", "--set", "tensorboard=false", "--epochs", "1"]
+        + ["--steps-per-epoch", "2", "--batch-size", "4", "--image-size", "64"]
+        + ["--verbose", "0"],
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert train.returncode == 0, train.stderr[-3000:]
+    images = np.random.default_rng(0).uniform(0, 255, (3, 64, 64, 3)).astype("float32")
+    np.save(tmp_path / "images.npy", images)
+    loaded = subprocess.run(
+        [sys.executable, "-c", _LOAD_SCRIPT, str(out / "model.keras")]
+        + [str(tmp_path / "images.npy"), str(tmp_path / "descriptors.npy")],
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,  # not the project root: the installed package is what loads
+    )
+    assert loaded.returncode == 0, loaded.stderr[-3000:]
+    assert loaded.stdout.split()[-2:] == ["TripletLoss", "Adam"]
+    config = TrainConfig.from_dict(yaml.safe_load((out / "config.yaml").read_text()))
+    reference = build_model(config)
+    reference.load_weights(out / "checkpoints" / "epoch_001.weights.h5")
+    np.testing.assert_allclose(
+        np.load(tmp_path / "descriptors.npy"), reference(images, training=False), atol=1e-5
+    )
+
+
+@pytest.fixture
+def fake(monkeypatch):
+    embedder = ThumbnailEmbedder()
+    monkeypatch.setattr(common, "embedder_for", lambda model: embedder)
+    return embedder
+
+
+def _run(argv, capsys):
+    code = cli.main(argv)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_debug_prints_the_traceback_of_a_bad_input(tmp_path, capsys, monkeypatch):
+    argv = ["search", "--index", str(tmp_path / "missing"), "q.jpg"]
+    code, _, err = _run(argv, capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert err.startswith("remap search: error:") and "Traceback" not in err
+    code, _, err = _run(["--debug", *argv], capsys)
+    assert code == 2 and "Traceback (most recent call last)" in err
+    assert err.strip().splitlines()[-1].startswith("remap search: error:")
+    monkeypatch.setenv("REMAP_DEBUG", "1")
+    code, _, err = _run(argv, capsys)
+    assert code == 2 and "Traceback (most recent call last)" in err
+
+
+def test_an_unexpected_exception_is_an_internal_error_with_its_traceback(capsys, monkeypatch):
+    def broken(args):
+        raise ZeroDivisionError("a bug deep inside")
+
+    monkeypatch.setattr(search_command, "run", broken)
+    code, _, err = _run(["search", "--index", "x", "q.jpg"], capsys)
+    assert code == 1
+    (line,) = err.strip().splitlines()
+    assert "remap search: internal error: ZeroDivisionError: a bug deep inside" in line
+    path = line.split("traceback in ")[1].split(";")[0]
+    saved = Path(path).read_text()
+    assert "Traceback (most recent call last)" in saved and "a bug deep inside" in saved
+    Path(path).unlink()
+    code, _, err = _run(["--debug", "search", "--index", "x", "q.jpg"], capsys)
+    assert code == 1 and "Traceback (most recent call last)" in err and "traceback above" in err
+
+
+def test_argparse_errors_are_one_line_with_a_hint(capsys):
+    assert cli.main(["search", "--index", "x", "--k", "zero", "q.jpg"]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("remap search: error: argument --k:") and "--help" in line
+
+
+def test_index_verbs_and_the_recorded_model(tmp_path, fake, capsys):
+    groups = _make_groups(tmp_path / "imgs", num_groups=3, per_group=3, distractors=0)
+    new = groups["group2"].pop()
+    kept = tmp_path / "kept.png"
+    new.rename(kept)  # out of the collection while the index is built
+    index = tmp_path / "index"
+    build = ["index", "build", "--model", "m", "--images", str(tmp_path / "imgs")]
+    assert _run([*build, "--out", str(index), "--quiet", "--kind", "exact"], capsys)[0] == 0
+
+    kept.rename(new)  # the file arrives in the collection later
+    code, out, err = _run(["index", "add", "--index", str(index), str(new)], capsys)
+    assert code == 0, err
+    assert "added 1 image(s)" in out and "9 in all" in out
+    code, _, err = _run(["index", "add", "--index", str(index), str(new)], capsys)
+    assert code == 2 and "already in the index" in err
+    outside = tmp_path / "outside.png"
+    Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(outside)
+    code, _, err = _run(["index", "add", "--index", str(index), str(outside)], capsys)
+    assert code == 2 and "outside the collection root" in err
+
+    # search without --model: the index recorded the model it was built with
+    code, out, err = _run(["search", "--index", str(index), str(new), "--k", "1"], capsys)
+    assert code == 0, err
+    assert out.splitlines()[1].split()[-1] == "group2/img2.png"
+
+    code, out, _ = _run(["index", "delete", "--index", str(index), "group2/img2.png"], capsys)
+    assert code == 0 and "8 left" in out
+    code, _, err = _run(["index", "delete", "--index", str(index), "group2/img2.png"], capsys)
+    assert code == 2 and "not in the index" in err and "\n" not in err.strip()
+
+    code, out, _ = _run(["index", "info", "--index", str(index), "--json"], capsys)
+    info = json.loads(out)
+    assert info["count"] == 8 and info["dim"] == 48 and info["kind"] == "exact"
+    assert info["metadata"]["model"] == "m"
+    assert info["metadata"]["image_root"] == str((tmp_path / "imgs").resolve())
+    code, out, _ = _run(["index", "info", "--index", str(index)], capsys)
+    assert code == 0 and "8 (48-d descriptors)" in out
+
+
+def test_search_without_model_on_an_index_that_recorded_none(tmp_path, fake, capsys):
+    from remap_tf.serving.index import ExactIndex
+
+    index = ExactIndex(dim=48)
+    index.add(["a"], np.ones((1, 48), np.float32))
+    index.save(tmp_path / "index")
+    image = tmp_path / "q.png"
+    Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(image)
+    code, _, err = _run(["search", "--index", str(tmp_path / "index"), str(image)], capsys)
+    assert code == 2 and "--model is required" in err
+
+
+def test_remap_help_lists_every_command():
+    result = subprocess.run(
+        [sys.executable, "-m", "remap_cli", "--help"], capture_output=True, text=True, check=True
+    )
+    for command in ("train", "export", "index", "search", "evaluate", "demo", "--debug"):
+        assert command in result.stdout
+    index_help = subprocess.run(
+        [sys.executable, "-m", "remap_cli", "index", "--help"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    for action in ("build", "add", "delete", "info"):
+        assert action in index_help
