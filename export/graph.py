@@ -19,6 +19,7 @@ import tensorflow as tf
 from remap_tf.contract import (
     BYTES_SIGNATURE,
     CHECK_PREFIX,
+    IMAGE_SIGNATURES,
     INPUT_KEY,
     MIN_IMAGE_SIZE,
     OUTPUT_KEY,
@@ -101,10 +102,10 @@ def image_header_shape(data, index):
         tf.strings.join([prefix, tf.constant(b"\0" * _HEADER_BYTES)]), 0, _HEADER_BYTES
     )
     header = tf.cast(tf.io.decode_raw(padded, tf.uint8), tf.int64)
-    is_jpeg = _matches(header, b"\xff\xd8\xff")
-    is_png = _matches(header, b"\x89PNG\r\n\x1a\n")
-    is_gif = tf.logical_or(_matches(header, b"GIF87a"), _matches(header, b"GIF89a"))
-    is_bmp = _matches(header, b"BM")
+    is_jpeg, is_png, is_gif, is_bmp = (
+        tf.reduce_any([_matches(header, magic) for magic in IMAGE_SIGNATURES[name]])
+        for name in ("jpeg", "png", "gif", "bmp")
+    )
     known = tf.reduce_any(tf.stack([is_jpeg, is_png, is_gif, is_bmp]))
     message = tf.strings.format(
         CHECK_PREFIX + " (not an image): images[{}] is not JPEG, PNG, GIF or BMP data ({} bytes).",

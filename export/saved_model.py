@@ -43,7 +43,6 @@ from remap_tf.contract import (
     DEFAULT_IMAGE_SIZE,
     DEFAULT_MAX_PIXELS,
     INPUT_KEY,
-    MIN_IMAGE_SIZE,
     OUTPUT_KEY,
     WARMUP_FILE,
     check_model_name,
@@ -58,64 +57,8 @@ from remap_tf.errors import (
     clean_tf_message,
 )
 from remap_tf.export import graph, server_files, warmup
-from remap_tf.io import atomic_write_json
-
-
-@dataclasses.dataclass(frozen=True)
-class ExportOptions:
-    """How images are turned into model input in the exported graph (validated once).
-
-    Attributes:
-        image_size: long side, in pixels, that every image is resized to (aspect kept; the
-            short side is at least `MIN_IMAGE_SIZE`). Ignored when the model has a fixed input size.
-        scales: factors of ``image_size`` at which each image is embedded; descriptors are
-            summed then L2-normalised. ``(1.0,)`` is single-scale.
-        max_pixels: largest ``height * width`` accepted, read from the file header before
-            decoding.
-        fixed_size: ``(height, width)`` when the model's input size is fixed, else None.
-    """
-
-    image_size: int = DEFAULT_IMAGE_SIZE
-    scales: tuple[float, ...] = (1.0,)
-    max_pixels: int = DEFAULT_MAX_PIXELS
-    fixed_size: tuple[int, int] | None = None
-
-    def __post_init__(self):
-        if isinstance(self.image_size, bool) or int(self.image_size) != self.image_size:
-            raise InvalidInputError(
-                f"`image_size` must be an integer, received {self.image_size!r}."
-            )
-        if self.image_size < MIN_IMAGE_SIZE:
-            raise InvalidInputError(
-                f"`image_size` must be >= {MIN_IMAGE_SIZE}, received {self.image_size}."
-            )
-        scales = tuple(float(s) for s in self.scales)
-        if not scales or any(not np.isfinite(s) or s <= 0 for s in scales):
-            raise InvalidInputError(f"`scales` must be positive numbers, received {self.scales!r}.")
-        if len(set(scales)) != len(scales):
-            raise InvalidInputError(f"`scales` must not repeat a value, received {self.scales!r}.")
-        for s in scales:
-            if round(self.image_size * s) < MIN_IMAGE_SIZE:
-                raise InvalidInputError(
-                    f"Scale {s} of image_size {self.image_size} gives a side below "
-                    f"{MIN_IMAGE_SIZE} px."
-                )
-        object.__setattr__(self, "scales", scales)
-        if isinstance(self.max_pixels, bool) or int(self.max_pixels) != self.max_pixels:
-            raise InvalidInputError(
-                f"`max_pixels` must be an integer, received {self.max_pixels!r}."
-            )
-        if self.max_pixels < 1:
-            raise InvalidInputError(f"`max_pixels` must be >= 1, received {self.max_pixels}.")
-        if self.fixed_size is not None and len(self.scales) > 1:
-            raise InvalidInputError(
-                f"Multi-scale export needs a model with a variable input size; this model's is "
-                f"fixed at {self.fixed_size}."
-            )
-
-    def sizes(self) -> list[int]:
-        """The long side at every scale."""
-        return [int(round(self.image_size * s)) for s in self.scales]
+from remap_tf.export.options import ExportOptions
+from remap_tf.io import atomic_write_json, uninterruptible
 
 
 def descriptor_dim(model: keras.Model) -> int:
@@ -264,15 +207,16 @@ def export_model(
             _verify(saved, descriptor_dim(model))
         if _before_rename is not None:  # a test hook: fail here to check nothing is left
             _before_rename(saved)
-        try:
-            os.rename(saved, final)
-        except OSError as error:  # another export took this version number meanwhile
-            raise OutputExistsError(
-                f"Could not create version {version} at {str(final)!r}: {error}"
-            ) from None
+        with uninterruptible():  # the version and the server files appear together
+            try:
+                os.rename(saved, final)
+            except OSError as error:  # another export took this version number meanwhile
+                raise OutputExistsError(
+                    f"Could not create version {version} at {str(final)!r}: {error}"
+                ) from None
+            server_files.write_server_files(base, model_name=name)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    server_files.write_server_files(base, model_name=name)
     return final
 
 

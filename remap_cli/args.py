@@ -8,11 +8,12 @@ Standard library only, so building the parser imports nothing heavy.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import math
 import os
 import signal
 import threading
+
+from remap_tf.io import defer_interrupt
 
 
 class Parser(argparse.ArgumentParser):
@@ -35,24 +36,48 @@ def add_command(subparsers, name: str, help: str, description: str | None = None
     return parser
 
 
-@contextlib.contextmanager
-def terminate_as_interrupt():
-    """Turns SIGTERM into KeyboardInterrupt inside the block, so ``kill`` cleans up as Ctrl-C.
+def add_overwrite(parser) -> None:
+    """``--overwrite``: let outputs replace existing files that this command did not write."""
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an existing --report/--json file even if remap did not write it",
+    )
 
-    Only in the main thread (signal handlers can be set nowhere else); elsewhere a no-op.
+
+class Interrupts:
+    """SIGINT (Ctrl-C) and SIGTERM end a command as ``KeyboardInterrupt`` does, reliably.
+
+    The first signal records itself (``requested``) and raises KeyboardInterrupt; a second one
+    ends the process at once (exit 130). The record matters because a KeyboardInterrupt that
+    lands inside an import or a C extension can come out as another exception, or be
+    swallowed by a library's ``except Exception``: the command still ends as interrupted.
+    Outside the main thread (where handlers cannot be set) it does nothing.
     """
-    if os.name != "posix" or threading.current_thread() is not threading.main_thread():
-        yield
-        return
 
-    def interrupt(signum, frame):
-        raise KeyboardInterrupt(f"signal {signum}")
+    def __init__(self):
+        self.requested = False
+        self._previous = {}
 
-    previous = signal.signal(signal.SIGTERM, interrupt)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+    def _handle(self, signum, frame):
+        if self.requested:
+            os._exit(130)
+        self.requested = True
+        interrupt = KeyboardInterrupt(f"signal {signum}")
+        if not defer_interrupt(interrupt):  # else raised once the commit step is done
+            raise interrupt
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for signum, previous in self._previous.items():
+            signal.signal(signum, previous)
+        self._previous.clear()
+        return False
 
 
 # --- argument types ---------------------------------------------------------------------------

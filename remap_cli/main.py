@@ -9,7 +9,8 @@ Errors:
 - a `remap_tf.errors.RemapError` (bad input, a file that is missing or unusable, an output
   that would be replaced, an unreachable server) prints ``remap <command>: error: <one line>``
   and exits with status 2;
-- Ctrl-C (or SIGTERM) prints ``interrupted`` and exits with status 130;
+- Ctrl-C (SIGINT) or SIGTERM prints ``interrupted`` and exits with status 130; every output
+  is written atomically, so what an interrupted command leaves is complete or absent;
 - anything else is a bug: ``remap <command>: internal error: ...`` names a file holding the
   traceback and exits with status 1.
 
@@ -74,32 +75,52 @@ def main(argv=None) -> int:
     except SystemExit as exit_:  # --help, or a flag argparse refused (already printed)
         return int(exit_.code or 0)
     prog = getattr(args, "prog_name", f"remap {args.command}")
-    with cli_args.terminate_as_interrupt():
+    with cli_args.Interrupts() as interrupts:
         try:
-            return int(args.run(args) or 0)
+            code = int(args.run(args) or 0)
         except RemapError as error:
+            if interrupts.requested:  # raised while unwinding from the signal
+                return _interrupted(prog, args.debug)
             if args.debug:
                 traceback.print_exc()
             print(f"{prog}: error: {cli_args.one_line(error)}", file=sys.stderr)
             return 2
         except KeyboardInterrupt:
-            if args.debug:
-                traceback.print_exc()
-            print(f"{prog}: interrupted", file=sys.stderr)
-            return 130
-        except Exception as error:  # a bug: say so, keep the traceback
-            if args.debug:
-                traceback.print_exc()
-                where = "above"
-            else:
-                path = _write_traceback()
-                where = f"in {path}" if path else "not saved"
+            return _interrupted(prog, args.debug)
+        except Exception as error:
+            if interrupts.requested:  # a KeyboardInterrupt mangled by a library
+                return _interrupted(prog, args.debug)
+            return _internal_error(prog, error, args.debug)
+        if interrupts.requested:  # a library swallowed the interrupt; the result is complete
             print(
-                f"{prog}: internal error: {type(error).__name__}: {cli_args.one_line(error)} "
-                f"(a bug in remap-tf; traceback {where}; rerun with --debug to print it)",
+                f"{prog}: interrupted (the work had completed; its output is whole)",
                 file=sys.stderr,
             )
-            return 1
+            return 130
+        return code
+
+
+def _interrupted(prog: str, debug: bool) -> int:
+    if debug:
+        traceback.print_exc()
+    print(f"{prog}: interrupted", file=sys.stderr)
+    return 130
+
+
+def _internal_error(prog: str, error: Exception, debug: bool) -> int:
+    """A bug: say so, keep the traceback (printed with --debug, else saved to a file)."""
+    if debug:
+        traceback.print_exc()
+        where = "above"
+    else:
+        path = _write_traceback()
+        where = f"in {path}" if path else "not saved"
+    print(
+        f"{prog}: internal error: {type(error).__name__}: {cli_args.one_line(error)} "
+        f"(a bug in remap-tf; traceback {where}; rerun with --debug to print it)",
+        file=sys.stderr,
+    )
+    return 1
 
 
 if __name__ == "__main__":  # pragma: no cover

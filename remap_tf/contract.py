@@ -40,6 +40,44 @@ SAVED_MODEL_FILE = "saved_model.pb"
 CONFIG_ASSET = "remap.json"  # in <version>/assets/
 WARMUP_FILE = "tf_serving_warmup_requests"  # in <version>/assets.extra/
 
+# A TF Serving gRPC address, "host:port" or "host:port/model_name".
+_ADDRESS = re.compile(
+    r"^(?P<target>(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9.\-]+):\d{1,5})(/(?P<model>\w[\w\-]*))?$"
+)
+# Leading bytes of the image formats the exported graph decodes (export/graph.py checks the
+# same signatures in the graph).
+IMAGE_SIGNATURES = {
+    "jpeg": (b"\xff\xd8\xff",),
+    "png": (b"\x89PNG\r\n\x1a\n",),
+    "gif": (b"GIF87a", b"GIF89a"),
+    "bmp": (b"BM",),
+}
+
+
+# File names the project treats as images: the formats the exported graph decodes.
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".bmp")
+
+
+def parse_serving_address(text: str) -> tuple[str, str | None] | None:
+    """``(host:port, model name or None)`` of a TF Serving address, or None if ``text`` is not
+    one. Example: ``parse_serving_address("localhost:8500/remap") == ("localhost:8500", "remap")``.
+    """
+    match = _ADDRESS.match(str(text))
+    return (match.group("target"), match.group("model")) if match else None
+
+
+def image_format(header: bytes) -> str | None:
+    """``"jpeg"``, ``"png"``, ``"gif"`` or ``"bmp"`` from a file's first bytes; None otherwise."""
+    for name, signatures in IMAGE_SIGNATURES.items():
+        if any(header.startswith(signature) for signature in signatures):
+            return name
+    return None
+
+
+# Marks an HTML report as written by remap-tf (remap_tf.serving.report), so the command line
+# may replace it; any other file at a report path is the user's and is never replaced.
+REPORT_MARKER = '<meta name="generator" content="remap-tf report">'
+
 # --- image sizes ----------------------------------------------------------------------------
 # The smallest side every backbone accepts (five stride-2 stages leave a 2x2 map).
 MIN_IMAGE_SIZE = 64

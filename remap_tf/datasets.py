@@ -37,9 +37,9 @@ from pathlib import Path
 import numpy as np
 
 from remap_tf import evaluation
+from remap_tf.contract import IMAGE_EXTENSIONS
 from remap_tf.errors import BadPathError, InvalidInputError
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 FORMATS = ("revisited", "oxford", "holidays", "ukbench", "folders", "groups")
 
 

@@ -16,9 +16,11 @@ Standard library only: importing this module does not import TensorFlow.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
@@ -29,8 +31,13 @@ __all__ = [
     "atomic_write_bytes",
     "atomic_write_json",
     "atomic_write_text",
+    "defer_interrupt",
     "fsync_directory",
+    "uninterruptible",
 ]
+
+# Commit steps that must not be cut in half by Ctrl-C (see `uninterruptible`).
+_commit = threading.local()
 
 
 def _temporary_name(path: Path, suffix: str = ".tmp") -> Path:
@@ -49,6 +56,34 @@ def fsync_directory(directory) -> None:
         pass
     finally:
         os.close(fd)
+
+
+@contextlib.contextmanager
+def uninterruptible():
+    """A commit step (a few renames) that an interrupt must not cut in half.
+
+    A signal handler that calls `defer_interrupt` while the block runs has its exception
+    raised when the block ends, so the step completes first. Without such a handler (plain
+    Python's Ctrl-C), this does nothing. Used around the renames that publish a result: an
+    export's version folder, an index's directory swap.
+    """
+    _commit.depth = getattr(_commit, "depth", 0) + 1
+    try:
+        yield
+    finally:
+        _commit.depth -= 1
+        pending = getattr(_commit, "pending", None)
+        if _commit.depth == 0 and pending is not None:
+            _commit.pending = None
+            raise pending
+
+
+def defer_interrupt(exception: BaseException) -> bool:
+    """True if an `uninterruptible` step is running: ``exception`` is raised when it ends."""
+    if getattr(_commit, "depth", 0) > 0:
+        _commit.pending = exception
+        return True
+    return False
 
 
 def atomic_write(path, write: Callable[[BinaryIO], object], fsync: bool = True) -> Path:

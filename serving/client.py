@@ -42,6 +42,7 @@ from remap_tf.contract import (
     OUTPUT_KEY,
     PIXELS_SIGNATURE,
     SAVED_MODEL_FILE,
+    parse_serving_address,
     read_export_metadata,
     resolve_saved_model,
 )
@@ -58,9 +59,6 @@ from remap_tf.errors import (
 
 _MAX_MESSAGE_BYTES = 256 * 1024 * 1024
 _INDEX_IN_MESSAGE = re.compile(r"images\[(\d+)\]")
-_TARGET = re.compile(
-    r"^(?P<target>(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9.\-]+):\d{1,5})(/(?P<model>\w[\w\-]*))?$"
-)
 
 
 def _describe(image) -> str:
@@ -500,10 +498,11 @@ def make_embedder(model: str, **kwargs):
     if os.path.exists(text):
         kwargs.pop("model_name", None)
         return LocalEmbedder(text, **kwargs)
-    match = _TARGET.match(text)
-    if match:
-        name = kwargs.pop("model_name", None) or match.group("model") or DEFAULT_MODEL_NAME
-        return RemapClient(match.group("target"), name, **kwargs)
+    address = parse_serving_address(text)
+    if address is not None:
+        target, served = address
+        name = kwargs.pop("model_name", None) or served or DEFAULT_MODEL_NAME
+        return RemapClient(target, name, **kwargs)
     raise BadPathError(
         f"Model {text!r} is neither an existing SavedModel folder nor a 'host:port[/name]' "
         "TF Serving address."

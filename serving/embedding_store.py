@@ -21,7 +21,6 @@ Layout of ``out_dir``::
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import hashlib
 import json
@@ -32,11 +31,10 @@ from pathlib import Path
 import keras
 import numpy as np
 
-from remap_tf.errors import BadPathError, FileFormatError, InvalidInputError
+from remap_tf.errors import FileFormatError, InvalidInputError
 from remap_tf.io import atomic_write, atomic_write_json
 
 STORE_VERSION = 1
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")
 
 
 @dataclasses.dataclass
@@ -54,55 +52,6 @@ class EmbeddedCollection:
     descriptors: np.ndarray
     skipped: list[dict]
     resumed_shards: int = 0
-
-
-def list_images(source) -> tuple[list[str], list[str]]:
-    """The images of a folder (recursive, sorted) or of a manifest file.
-
-    A manifest is a ``.txt`` file (one path per line, ``#`` comments) or a ``.csv`` file with
-    a ``path`` column (the training manifests' format); relative paths are relative to the
-    manifest's folder.
-
-    Returns:
-        ``(paths, ids)``: paths to read and the ids to index them under (the path relative to
-        the folder, or as written in the manifest).
-    """
-    source = Path(source)
-    if source.is_dir():
-        paths = sorted(
-            p
-            for p in source.rglob("*")
-            if p.is_file()
-            and p.suffix.lower() in IMAGE_EXTENSIONS
-            and not any(part.startswith(".") for part in p.relative_to(source).parts)
-        )
-        if not paths:
-            raise BadPathError(
-                f"no images ({', '.join(IMAGE_EXTENSIONS)}) found under the folder {source}"
-            )
-        return [str(p) for p in paths], [p.relative_to(source).as_posix() for p in paths]
-    if not source.is_file():
-        raise BadPathError(f"image source {source} is neither a folder nor a manifest file")
-    if source.suffix.lower() == ".csv":
-        with open(source, newline="", encoding="utf-8") as handle:
-            reader = csv.DictReader(handle)
-            if not reader.fieldnames or "path" not in reader.fieldnames:
-                raise InvalidInputError(f"{source}: a CSV manifest needs a 'path' column")
-            entries = [row["path"].strip() for row in reader if (row["path"] or "").strip()]
-    elif source.suffix.lower() in (".txt", ".lst", ""):
-        lines = source.read_text(encoding="utf-8").splitlines()
-        entries = [line.strip() for line in lines if line.strip() and not line.startswith("#")]
-    else:
-        raise InvalidInputError(
-            f"{source}: a manifest must be a .txt (one path per line) or a .csv with a "
-            "'path' column"
-        )
-    if not entries:
-        raise InvalidInputError(f"the manifest {source} lists no images")
-    if len(set(entries)) != len(entries):
-        raise InvalidInputError(f"the manifest {source} lists some images more than once")
-    paths = [str(Path(e) if Path(e).is_absolute() else source.parent / e) for e in entries]
-    return paths, entries
 
 
 def _list_sha256(images: Sequence[str]) -> str:

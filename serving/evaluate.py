@@ -9,6 +9,7 @@ and scores every protocol with `remap_tf.evaluation`; `metrics_table`, `metrics_
 from __future__ import annotations
 
 import math
+import os
 import tempfile
 from pathlib import Path
 
@@ -159,9 +160,13 @@ def metrics_table(protocols: dict, kappas=DEFAULT_KAPPAS) -> str:
 
 
 def write_evaluation_report(path, dataset, result, k: int = 10) -> Path:
-    """Top-k of each evaluated query, framed by the first 'medium'/'default' ground truth."""
+    """Top-k of each evaluated query, framed by the first 'medium'/'default' ground truth.
+
+    Results are captioned with their paths relative to the dataset's image folder.
+    """
     protocol = "medium" if "medium" in dataset.protocols else dataset.protocols[0]
-    queries, results, relevance, boxes = [], [], [], []
+    names = _short_names(dataset.database)
+    queries, results, result_names, relevance, boxes = [], [], [], [], []
     for row, qi in enumerate(result["query_index"]):
         query = dataset.queries[qi]
         positives, junk = (set(v) for v in query.groundtruth[protocol])
@@ -169,14 +174,25 @@ def write_evaluation_report(path, dataset, result, k: int = 10) -> Path:
         queries.append(query.path)
         boxes.append(query.box)
         results.append([dataset.database[i] for i in top])
+        result_names.append([names[i] for i in top])
         relevance.append([True if i in positives else (None if i in junk else False) for i in top])
     return write_report(
         path,
         queries=queries,
         results=results,
+        result_names=result_names,
         relevance=relevance,
         ap=list(result["protocols"][protocol]["ap"]),
         query_boxes=boxes,
         query_names=[dataset.queries[qi].name for qi in result["query_index"]],
         title=f"remap evaluate: {dataset.name} ({protocol})",
     )
+
+
+def _short_names(paths) -> list[str]:
+    """Paths relative to their common folder (``.../jpg/a.jpg`` -> ``a.jpg``)."""
+    paths = [str(p) for p in paths]
+    if len(paths) < 2:
+        return [os.path.basename(p) for p in paths]
+    root = os.path.commonpath([os.path.abspath(p) for p in paths])
+    return [os.path.relpath(os.path.abspath(p), root) for p in paths]

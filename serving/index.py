@@ -58,7 +58,7 @@ from remap_tf.errors import (
     OutputExistsError,
     UnknownIdError,
 )
-from remap_tf.io import atomic_write_json
+from remap_tf.io import atomic_write_json, uninterruptible
 
 FORMAT = "remap-index"
 FORMAT_VERSION = 1
@@ -340,13 +340,14 @@ class Index(abc.ABC):
                 "files": files,
             }
             atomic_write_json(staging / MANIFEST, manifest, indent=1)
-            if directory.exists():
-                old = directory.parent / f".{directory.name}.old-{token}"
-                os.replace(directory, old)
-                os.replace(staging, directory)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.replace(staging, directory)
+            with uninterruptible():  # never an interrupt between the two renames
+                if directory.exists():
+                    old = directory.parent / f".{directory.name}.old-{token}"
+                    os.replace(directory, old)
+                    os.replace(staging, directory)
+                    shutil.rmtree(old, ignore_errors=True)
+                else:
+                    os.replace(staging, directory)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise

@@ -1,9 +1,10 @@
 """A portable retrieval report: each query with its top-k results, as HTML and as one PNG.
 
 Relevant results are framed green, irrelevant ones red (grey where relevance is unknown),
-with the AP of each query and the mean over the queries that have one. Thumbnails are
-written to a ``<name>_files/`` folder next to the HTML and referenced by relative paths, so
-the page can be moved or zipped with its folder. Pillow only (no matplotlib).
+with the AP of each query and the mean over the queries that have one. Every side file (the
+thumbnails and the PNG of the grid) goes in one folder named after the page, ``<name>_files/``,
+referenced by relative paths, so the page can be moved or zipped with its folder; nothing else
+is written beside the page. Each query's results wrap to the page width. Pillow only.
 
 Example:
     >>> write_report(
@@ -14,7 +15,7 @@ Example:
     ...     ap=[1.0],
     ...     title="cats",
     ... )
-    PosixPath('out/report.html')   # and out/report.png, out/report_files/*.jpg
+    PosixPath('out/report.html')   # and out/report_files/report.png, out/report_files/*.jpg
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageOps
 
+from remap_tf.contract import REPORT_MARKER
 from remap_tf.errors import InvalidInputError
 from remap_tf.io import atomic_write_bytes
 
@@ -104,8 +106,8 @@ def write_report(
     """Writes the HTML report (and a PNG of the same grid) for ranked retrieval results.
 
     Args:
-        path: the .html file to write; thumbnails go to ``<stem>_files/`` beside it and the
-            PNG to ``<stem>.png``.
+        path: the .html file to write; thumbnails and the PNG (``<stem>.png``) go to
+            ``<stem>_files/`` beside it.
         queries: (num_queries,) query images: paths (str/Path) or encoded bytes.
         results: per query, the ranked result images (paths or bytes), best first.
         relevance: per query and result, True (green frame), False (red) or None (grey,
@@ -119,7 +121,7 @@ def write_report(
         result_names: per query and result, the caption (default: the result path), e.g.
             the ids an index knows the images by.
         thumb_size: thumbnail side in pixels.
-        png: also write ``<stem>.png``.
+        png: also write ``<stem>_files/<stem>.png``.
         max_png_queries: queries drawn in the PNG (the HTML has them all).
 
     Returns:
@@ -136,7 +138,8 @@ def write_report(
         query_names=query_names,
         result_names=result_names,
     )
-    thumbnails = _Thumbnails(path.parent / f"{path.stem}_files", thumb_size)
+    files = path.parent / f"{path.stem}_files"
+    thumbnails = _Thumbnails(files, thumb_size)
     rows_html, png_rows = [], []
     for qi in range(len(queries)):
         q_name = query_names[qi] if query_names is not None else _label(queries[qi])
@@ -150,19 +153,26 @@ def write_report(
             results=results[qi],
             names=result_names[qi] if result_names is not None else None,
             relevance=relevance[qi] if relevance is not None else None,
-            scores=scores[qi] if scores is not None else None,
+            scores=format_scores(scores[qi]) if scores is not None else None,
         )
         rows_html.append(row_html)
         png_rows.append((q_name, q_ap, tiles))
-    valid = [float(a) for a in (ap or []) if a is not None and not math.isnan(float(a))]
-    summary = f"{len(queries)} queries"
-    if valid:
-        summary += f"; mAP {np.mean(valid):.4f} over the {len(valid)} with an AP"
+    summary = _summary(len(queries), ap)
     page = _page(title, summary, extra_sections_html, rows_html, thumb_size)
     atomic_write_bytes(path, page.encode("utf-8"))
     if png and png_rows:
-        _write_png(path.with_suffix(".png"), title, summary, png_rows[:max_png_queries], thumb_size)
+        _write_png(
+            files / f"{path.stem}.png", title, summary, png_rows[:max_png_queries], thumb_size
+        )
     return path
+
+
+def _summary(num_queries: int, ap) -> str:
+    valid = [float(a) for a in (ap or []) if a is not None and not math.isnan(float(a))]
+    summary = f"{num_queries} queries"
+    if valid:
+        summary += f"; mAP {np.mean(valid):.4f} over the {len(valid)} with an AP"
+    return summary
 
 
 def _check_lengths(num_queries: int, **per_query) -> None:
@@ -201,48 +211,63 @@ def _query_row(thumbnails, query, name, ap, *, box, results, names, relevance, s
     """One query's table row (HTML) and its tiles for the PNG."""
     q_rel, q_image = thumbnails(query, box)
     cells = [
-        f'<td class="query"><img src="{html.escape(q_rel)}" alt="query"><br>'
-        f"<b>query</b><br><span class=name>{html.escape(name)}</span><br>"
-        f"AP {_fmt(ap)}</td>"
+        f'<figure class="query"><img src="{html.escape(q_rel)}" alt="query">'
+        f"<figcaption><b>query</b><br><span class=name>{html.escape(name)}</span><br>"
+        f"AP {_fmt(ap)}</figcaption></figure>"
     ]
     tiles = [(q_image, BLUE)]
     for rank, item in enumerate(results):
         rel = relevance[rank] if relevance is not None else None
         r_rel, r_image = thumbnails(item)
-        score = f"<br>{_fmt(scores[rank])}" if scores is not None else ""
+        score = f" · {scores[rank]}" if scores is not None else ""
         caption = names[rank] if names is not None else _label(item)
         css = "rel" if rel else ("unk" if rel is None else "irr")
         cells.append(
-            f'<td class="{css}"><img src="{html.escape(r_rel)}" alt="rank {rank + 1}"><br>'
-            f"#{rank + 1}{score}<br><span class=name>{html.escape(caption)}</span></td>"
+            f'<figure class="{css}"><img src="{html.escape(r_rel)}" alt="rank {rank + 1}">'
+            f"<figcaption>#{rank + 1}{score}<br><span class=name>{html.escape(caption)}</span>"
+            "</figcaption></figure>"
         )
         tiles.append((r_image, _colour(rel)))
-    return "<tr>" + "".join(cells) + "</tr>", tiles
+    return '<div class="row">' + "".join(cells) + "</div>", tiles
 
 
 def _page(title: str, summary: str, extra_sections_html, rows_html, thumb_size: int) -> str:
     return f"""<!DOCTYPE html>
-<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>
+<html lang="en"><head><meta charset="utf-8">{REPORT_MARKER}
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>{html.escape(title)}</title>
 <style>
 body {{ font-family: sans-serif; margin: 1em; }}
-table {{ border-collapse: separate; border-spacing: 6px; }}
-td {{ text-align: center; vertical-align: top; font-size: 12px; max-width: {thumb_size + 12}px;
-      word-break: break-all; }}
-img {{ max-width: {thumb_size}px; max-height: {thumb_size}px; border: 4px solid #999; }}
-td.query img {{ border-color: rgb{BLUE}; }}
-td.rel img {{ border-color: rgb{GREEN}; }}
-td.irr img {{ border-color: rgb{RED}; }}
+div.row {{ display: flex; flex-wrap: wrap; gap: 6px; margin-bottom: 14px; }}
+figure {{ margin: 0; width: {thumb_size + 8}px; text-align: center; font-size: 12px;
+          overflow-wrap: anywhere; }}
+figure img {{ max-width: {thumb_size}px; max-height: {thumb_size}px; border: 4px solid #999; }}
+figure.query img {{ border-color: rgb{BLUE}; }}
+figure.rel img {{ border-color: rgb{GREEN}; }}
+figure.irr img {{ border-color: rgb{RED}; }}
 .name {{ color: #555; }}
 </style></head><body>
 <h1>{html.escape(title)}</h1>
-<p>{html.escape(summary)}. Frames: <span style="color:rgb{GREEN}">green = relevant</span>,
+<p>{html.escape(summary)}. Frames: <span style="color:rgb{BLUE}">blue = query</span>,
+<span style="color:rgb{GREEN}">green = relevant</span>,
 <span style="color:rgb{RED}">red = not relevant</span>, grey = unknown.</p>
 {extra_sections_html or ""}
-<table>
 {chr(10).join(rows_html)}
-</table>
 </body></html>
 """
+
+
+def format_scores(scores, max_digits: int = 6) -> list[str]:
+    """Scores with just enough decimals (3 to ``max_digits``) that different values print
+    differently: a weak model's similarities of 0.99981 and 0.99994 must not both read 1.000.
+    """
+    values = [float(v) for v in scores]
+    for digits in range(3, max_digits + 1):
+        texts = [f"{v:.{digits}f}" for v in values]
+        distinct = {v for v in values}
+        if len(set(texts)) == len(distinct):
+            return texts
+    return [f"{v:.{max_digits}f}" for v in values]
 
 
 def _write_png(path: Path, title: str, summary: str, rows, size: int) -> None:

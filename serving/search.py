@@ -17,7 +17,8 @@ from pathlib import Path
 import numpy as np
 
 from remap_tf.errors import BadPathError, InvalidInputError
-from remap_tf.serving.embedding_store import embed_collection, embed_skipping, list_images
+from remap_tf.serving.collection import list_images
+from remap_tf.serving.embedding_store import embed_collection, embed_skipping
 from remap_tf.serving.index import Index, load_index, make_index
 
 # Metadata keys an index built here records.

@@ -19,7 +19,7 @@ from remap_cli import common
 from remap_cli import main as cli
 from remap_cli.commands import search as search_command
 from remap_cli.demo.photoset import make_photo_views
-from tests.test_commands import ThumbnailEmbedder, _make_groups
+from tests.test_commands import FAKE_MODEL, ThumbnailEmbedder, _make_groups
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -138,7 +138,7 @@ def test_index_verbs_and_the_recorded_model(tmp_path, fake, capsys):
     kept = tmp_path / "kept.png"
     new.rename(kept)  # out of the collection while the index is built
     index = tmp_path / "index"
-    build = ["index", "build", "--model", "m", "--images", str(tmp_path / "imgs")]
+    build = ["index", "build", "--model", FAKE_MODEL, "--images", str(tmp_path / "imgs")]
     assert _run([*build, "--out", str(index), "--quiet", "--kind", "exact"], capsys)[0] == 0
 
     kept.rename(new)  # the file arrives in the collection later
@@ -165,7 +165,7 @@ def test_index_verbs_and_the_recorded_model(tmp_path, fake, capsys):
     code, out, _ = _run(["index", "info", "--index", str(index), "--json"], capsys)
     info = json.loads(out)
     assert info["count"] == 8 and info["dim"] == 48 and info["kind"] == "exact"
-    assert info["metadata"]["model"] == "m"
+    assert info["metadata"]["model"] == FAKE_MODEL
     assert info["metadata"]["image_root"] == str((tmp_path / "imgs").resolve())
     code, out, _ = _run(["index", "info", "--index", str(index)], capsys)
     assert code == 0 and "8 (48-d descriptors)" in out

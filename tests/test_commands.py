@@ -17,7 +17,13 @@ from PIL import Image
 from remap_cli import common
 from remap_cli import main as cli
 from remap_tf import evaluation
-from remap_tf.serving.embedding_store import embed_collection, list_images
+from remap_tf.serving.collection import list_images
+from remap_tf.serving.embedding_store import embed_collection
+from tests import browser
+
+# What the tests give as --model when `common.embedder_for` is replaced by a fake embedder:
+# a well-formed TF Serving address, so the command's own checks accept it.
+FAKE_MODEL = "localhost:8500/fake"
 
 
 class ThumbnailEmbedder:
@@ -161,7 +167,16 @@ def test_index_build_and_search_commands(tmp_path, fake, capsys):
     (tmp_path / "imgs" / "group3" / "broken.png").write_bytes(b"\x89PNG broken")
     out = tmp_path / "index"
     code, stdout, _ = _run(
-        ["index", "build", "--model", "m", "--images", str(tmp_path / "imgs"), "--out", str(out)]
+        [
+            "index",
+            "build",
+            "--model",
+            FAKE_MODEL,
+            "--images",
+            str(tmp_path / "imgs"),
+            "--out",
+            str(out),
+        ]
         + ["--quiet"],
         capsys,
     )
@@ -171,7 +186,7 @@ def test_index_build_and_search_commands(tmp_path, fake, capsys):
     query = str(groups["group1"][0])
     report = tmp_path / "report" / "search.html"
     code, stdout, _ = _run(
-        ["search", "--index", str(out), "--model", "m", query, "--k", "3"]
+        ["search", "--index", str(out), "--model", FAKE_MODEL, query, "--k", "3"]
         + ["--report", str(report), "--json", str(tmp_path / "hits.json")],
         capsys,
     )
@@ -184,7 +199,8 @@ def test_index_build_and_search_commands(tmp_path, fake, capsys):
     thumbs = re.findall(r'src="([^"]+)"', page)
     assert len(thumbs) == 4 and all(t.startswith("search_files/") for t in thumbs)
     assert all((report.parent / t).is_file() for t in thumbs)
-    assert report.with_suffix(".png").is_file()
+    assert (report.parent / "search_files" / "search.png").is_file()
+    assert sorted(p.name for p in report.parent.iterdir()) == ["search.html", "search_files"]
 
 
 def test_evaluate_groups_json_matches_label_map(tmp_path, fake, capsys):
@@ -198,7 +214,7 @@ def test_evaluate_groups_json_matches_label_map(tmp_path, fake, capsys):
     (tmp_path / "groups.json").write_text(json.dumps(spec))
     figures = tmp_path / "out" / "figures.json"
     code, stdout, _ = _run(
-        ["evaluate", "--dataset", str(tmp_path / "groups.json"), "--model", "m"]
+        ["evaluate", "--dataset", str(tmp_path / "groups.json"), "--model", FAKE_MODEL]
         + ["--json", str(figures), "--quiet", "--report", str(tmp_path / "eval.html")],
         capsys,
     )
@@ -211,7 +227,9 @@ def test_evaluate_groups_json_matches_label_map(tmp_path, fake, capsys):
     expected = evaluation.label_map(ThumbnailEmbedder().embed(paths), labels)
     assert result["mAP"] == pytest.approx(expected)
     assert "mAP" in stdout and f"{100 * expected:.2f}" in stdout
-    assert (tmp_path / "eval.html").is_file()
+    with browser.page(width=1024) as tab:  # a query and its 10 results wrap to the width
+        seen = browser.load_file(tab, tmp_path / "eval.html")
+    assert seen["images"] == 15 * 11 and seen["broken"] == [] and seen["overflow"] <= 0, seen
 
 
 def test_evaluate_revisited_with_boxes_qe_and_dba(tmp_path, fake, capsys):
@@ -237,7 +255,7 @@ def test_evaluate_revisited_with_boxes_qe_and_dba(tmp_path, fake, capsys):
     figures = tmp_path / "figures.json"
     code, stdout, _ = _run(
         ["evaluate", "--dataset", str(tmp_path / "roxford5k" / "gnd_roxford5k.pkl")]
-        + ["--model", "m", "--json", str(figures), "--quiet", "--qe", "1", "--dba", "1"],
+        + ["--model", FAKE_MODEL, "--json", str(figures), "--quiet", "--qe", "1", "--dba", "1"],
         capsys,
     )
     assert code == 0, stdout
@@ -250,45 +268,30 @@ def test_evaluate_revisited_with_boxes_qe_and_dba(tmp_path, fake, capsys):
 def test_command_errors_are_one_line(tmp_path, fake, capsys):
     _make_groups(tmp_path / "imgs", num_groups=2, per_group=2, distractors=0)
     code, _, err = _run(
-        ["index", "build", "--model", "m", "--images", str(tmp_path / "nope"), "--out", "x"],
+        ["index", "build", "--model", FAKE_MODEL, "--images", str(tmp_path / "nope"), "--out", "x"],
         capsys,
     )
     assert code == 2 and "--images" in err and "does not exist" in err
     assert len(err.strip().splitlines()) == 1
     code, _, err = _run(
-        ["search", "--index", str(tmp_path / "none"), "--model", "m", "q.png"], capsys
+        ["search", "--index", str(tmp_path / "none"), "--model", FAKE_MODEL, "q.png"], capsys
     )
-    assert code == 2 and "no index directory" in err
+    assert code == 2 and "--index" in err and "does not exist" in err
     out = tmp_path / "index"
-    assert (
-        _run(
-            [
-                "index",
-                "build",
-                "--model",
-                "m",
-                "--images",
-                str(tmp_path / "imgs"),
-                "--out",
-                str(out),
-            ]
-            + ["--quiet", "--kind", "exact"],
-            capsys,
-        )[0]
-        == 0
-    )
+    build = ["index", "build", "--model", FAKE_MODEL, "--images", str(tmp_path / "imgs")]
+    assert _run([*build, "--out", str(out), "--quiet", "--kind", "exact"], capsys)[0] == 0
     raw = bytearray((out / "ids.json").read_bytes())
     raw[3] ^= 0x20
     (out / "ids.json").write_bytes(bytes(raw))
     image = str(tmp_path / "imgs" / "group0" / "img0.png")
-    code, _, err = _run(["search", "--index", str(out), "--model", "m", image], capsys)
+    code, _, err = _run(["search", "--index", str(out), "--model", FAKE_MODEL, image], capsys)
     assert code == 2 and "ids.json does not match its SHA-256 checksum" in err
     code, _, err = _run(
-        ["evaluate", "--dataset", str(tmp_path / "missing.pkl"), "--model", "m"], capsys
+        ["evaluate", "--dataset", str(tmp_path / "missing.pkl"), "--model", FAKE_MODEL], capsys
     )
     assert code == 2 and "missing.pkl" in err
     code, _, err = _run(
-        ["index", "build", "--model", "m", "--images", str(tmp_path / "imgs")]
+        ["index", "build", "--model", FAKE_MODEL, "--images", str(tmp_path / "imgs")]
         + ["--out", str(tmp_path / "i2"), "--scann-mode", "tree_ah", "--reorder", "0"],
         capsys,
     )
@@ -330,7 +333,7 @@ def test_report_frames_relevance_and_is_portable(tmp_path):
     assert page.count('class="unk"') == 1 and "&lt;two&gt; queries" in page
     assert "mAP 1.0000 over the 1 with an AP" in page and "<p id=extra>" in page
     assert str(tmp_path) not in "".join(re.findall(r'src="([^"]+)"', page))
-    with Image.open(path.with_suffix(".png")) as png:
+    with Image.open(path.parent / "report_files" / "report.png") as png:
         pixels = np.asarray(png.convert("RGB"))
     assert (pixels == (34, 160, 60)).all(axis=-1).any()  # a green frame
     assert (pixels == (210, 40, 40)).all(axis=-1).any()  # a red frame

@@ -7,6 +7,7 @@ import argparse
 
 import pytest
 import yaml
+from PIL import Image
 
 from remap_cli.commands.train import add_parser, resolve_config
 from remap_tf.training import keras_compat
@@ -15,8 +16,12 @@ from remap_tf.training.config import TrainConfig, load_config
 
 @pytest.fixture
 def data_dir(tmp_path):
+    """Two classes of two (tiny, valid) images: the command line reads the manifest."""
     folder = tmp_path / "images"
-    folder.mkdir()
+    for name in ("a", "b"):
+        (folder / name).mkdir(parents=True)
+        for i in range(2):
+            Image.new("RGB", (8, 8), (i * 50, 0, 0)).save(folder / name / f"{i}.png")
     return folder
 
 

@@ -408,9 +408,9 @@ def test_cli_exports_a_keras_file_and_reports_bad_input(tmp_path, capsys):
     bad_file.write_text("not a keras file")
     for argv, message in [
         (["--model", str(tmp_path / "missing.keras")], "does not exist"),
-        (["--model", str(bad_file)], "Could not load the Keras model"),
+        (["--model", str(bad_file)], "not a Keras model file"),
         (["--model", str(tmp_path / "config.json")], "not a .keras file"),
-        (["--model", str(tmp_path), "--version", "1"], "Version 1 already exists"),
+        (["--model", str(tmp_path), "--version", "1"], "exports never overwrite a version"),
     ]:
         capsys.readouterr()
         assert cli.main(["export", "--out", str(out), "--image-size", "64", *argv]) == 2

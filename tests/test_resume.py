@@ -98,16 +98,16 @@ def test_sigkill_then_rerun_resumes_and_finishes(photos, tmp_path):
 @pytest.mark.parametrize(
     "argv, message",
     [
-        (["--data", "/no/such/folder"], "data.train '/no/such/folder' does not exist"),
+        (["--data", "/no/such/folder"], "--data '/no/such/folder' does not exist"),
         (["--data", "{tmp}", "--backbone", "resnet5"], "model.backbone must be one of"),
-        (["--data", "{tmp}", "--config", "{tmp}/missing.yaml"], "missing.yaml"),
+        (["--data", "{tmp}", "--config", "missing.yaml"], "missing.yaml"),
         (["--data", "{tmp}", "--strategy", "nccl"], "strategy must be one of"),
     ],
 )
-def test_bad_input_is_one_clear_line(tmp_path, capsys, argv, message):
+def test_bad_input_is_one_clear_line(photos, tmp_path, capsys, argv, message):
     from remap_cli.main import main
 
-    argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
+    argv = [a.replace("{tmp}", str(photos.train_dir)) for a in argv]
     assert main(["train", *argv]) == 2
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("remap train: error:"), lines

@@ -26,7 +26,7 @@ from pathlib import Path
 import yaml
 
 from remap_tf.contract import MIN_IMAGE_SIZE
-from remap_tf.errors import BadPathError, InvalidInputError
+from remap_tf.errors import BadPathError, FileFormatError, InvalidInputError
 from remap_tf.io import atomic_write_text
 from remap_tf.specs import BACKBONES, MININGS, POOLINGS, WHITENING_METHODS, closest
 
@@ -290,6 +290,8 @@ def read_yaml(path) -> dict:
         raise BadPathError(f"Config file {str(path)!r} does not exist.")
     try:
         values = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise FileFormatError(f"Config file {str(path)!r} is not UTF-8 text.") from None
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""

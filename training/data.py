@@ -27,9 +27,9 @@ from pathlib import Path
 
 import numpy as np
 
+from remap_tf.contract import IMAGE_EXTENSIONS
 from remap_tf.errors import BadPathError, InvalidInputError
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".bmp")
 MANIFEST_HEADER = ("path", "label")
 GLDV2_HEADER = ("landmark_id", "images")
 

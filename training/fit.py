@@ -404,7 +404,11 @@ def _dtype_policy(mixed_precision: bool):
         keras.config.set_dtype_policy(previous)
 
 
-def train(config: TrainConfig) -> TrainResult:
+def _quiet(message: str) -> None:
+    """The default progress reporter of `train`: says nothing."""
+
+
+def train(config: TrainConfig, log=_quiet) -> TrainResult:
     """Trains a REMAP model as ``config`` says and writes ``out_dir`` (see module doc).
 
     Steps: strategy; training manifest and class-balanced P×K dataset (P =
@@ -419,6 +423,8 @@ def train(config: TrainConfig) -> TrainResult:
 
     Args:
         config: a `TrainConfig` (validated here).
+        log: called with one line per initialisation step (strategy, data, model,
+            initialisation), before ``fit`` shows its own progress.
 
     Returns:
         a `TrainResult`.
@@ -430,14 +436,18 @@ def train(config: TrainConfig) -> TrainResult:
     config.validate()
     out = Path(config.out_dir)
     cluster = _Cluster.make(config)
+    log(f"strategy {config.strategy}: {cluster.replicas} replica(s)")
     keras.utils.set_random_seed(config.seed)
     bad_files = pipeline.BadFileLog()
     manifest = load_training_data(config, cluster.replicas)
+    log(f"training data: {len(manifest)} images of {manifest.num_classes} classes")
     val = load_validation_data(config, bad_files)
     scratch = None if cluster.chief else Path(tempfile.mkdtemp(prefix="remap_worker_"))
     try:
         with _dtype_policy(config.mixed_precision):
-            model, history = _fit(config, cluster, manifest, val, out, scratch or out, bad_files)
+            model, history = _fit(
+                config, cluster, manifest, val, out, scratch or out, bad_files, log
+            )
     finally:
         if scratch is not None:
             shutil.rmtree(scratch, ignore_errors=True)
@@ -458,13 +468,18 @@ def train(config: TrainConfig) -> TrainResult:
     )
 
 
-def _fit(config, cluster: _Cluster, manifest, val, out: Path, write_dir: Path, bad_files):
+def _fit(config, cluster: _Cluster, manifest, val, out: Path, write_dir: Path, bad_files, log):
     """Builds, initialises, compiles and fits the model; the chief saves it. -> (model, history)"""
     with cluster.strategy.scope():
         model = build_model(config)
     backup_dir = cluster.backup_dir(out)
     resuming = cb.backup_epoch(backup_dir) is not None
     recalibrate = config.init.recalibrate_batch_norm and not cluster.multi_worker
+    log(f"model: {model.name}, {model.count_params():,} weights")
+    if not resuming and config.init.num_images > 0:
+        log(f"initialising region weights and whitening from {config.init.num_images} images")
+    elif resuming:
+        log(f"resuming from {backup_dir}")
     sample = prepare_model(
         model, manifest, config, resuming=resuming, recalibrate=recalibrate, bad_files=bad_files
     )

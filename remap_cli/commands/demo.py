@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
+from remap_cli import paths
 from remap_cli.args import (
     add_command,
     int_at_least,
@@ -11,6 +14,7 @@ from remap_cli.args import (
 )
 from remap_cli.demo.config import DEFAULT_BACKBONE, DEFAULT_OUT, DemoConfig
 from remap_tf.contract import MIN_IMAGE_SIZE
+from remap_tf.specs import get_spec
 
 
 def add_parser(subparsers) -> None:
@@ -83,9 +87,17 @@ def add_parser(subparsers) -> None:
     )
 
 
-def run(args) -> int:
-    from remap_cli.demo.pipeline import run_demo  # imports TensorFlow: only when run
+def _is_demo_output(folder: Path) -> bool:
+    """A folder an earlier ``remap demo`` wrote (its results, photo set or models)."""
+    return any((folder / name).exists() for name in ("results.json", "data", "models"))
 
+
+def run(args) -> int:
+    with paths.naming("--backbone"):
+        get_spec(args.backbone)
+    paths.output_dir("--out", args.out, "a demo output", _is_demo_output)
+    if args.weights not in (None, "imagenet"):
+        paths.weights_file("--weights", args.weights)
     config = DemoConfig(
         out_dir=args.out,
         seed=args.seed,
@@ -99,5 +111,8 @@ def run(args) -> int:
         views_per_photo=args.views_per_photo,
         images_per_class=min(DemoConfig.images_per_class, args.views_per_photo),
     )
+    config.validate()
+    from remap_cli.demo.pipeline import run_demo  # imports TensorFlow: after the checks
+
     result = run_demo(config)
     return 0 if result.table else 1

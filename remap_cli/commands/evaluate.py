@@ -4,8 +4,15 @@ from __future__ import annotations
 
 import sys
 
-from remap_cli import common
-from remap_cli.args import MODEL_HELP, add_command, non_negative_int, positive_float, positive_int
+from remap_cli import common, paths
+from remap_cli.args import (
+    MODEL_HELP,
+    add_command,
+    add_overwrite,
+    non_negative_int,
+    positive_float,
+    positive_int,
+)
 from remap_tf.evaluation import DEFAULT_KAPPAS
 
 FORMATS = ("auto", "revisited", "oxford", "holidays", "ukbench", "folders", "groups")
@@ -28,7 +35,7 @@ def add_parser(subparsers) -> None:
     )
     parser.add_argument("--images", default=None, help="image folder (revisited, oxford)")
     parser.add_argument("--model", required=True, help=MODEL_HELP)
-    parser.add_argument("--json", default=None, help="write the figures as JSON here")
+    parser.add_argument("--json", default=None, help="write the figures as JSON here (.json)")
     parser.add_argument(
         "--kappas",
         type=positive_int,
@@ -48,15 +55,39 @@ def add_parser(subparsers) -> None:
     )
     parser.add_argument("--embeddings", default=None, help="keep database descriptors here")
     parser.add_argument("--batch-size", type=positive_int, default=32, help="images per call")
-    parser.add_argument("--report", default=None, help="write an HTML (+PNG) report here")
+    parser.add_argument("--report", default=None, help="write an HTML report here (.html)")
     parser.add_argument(
         "--report-k", type=positive_int, default=10, help="results per query in the report"
     )
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_overwrite(parser)
+
+
+def _check(args) -> None:
+    """Every argument, before the model is loaded (the dataset is read here too)."""
+    paths.input_path("--dataset", args.dataset)
+    if args.images is not None:
+        paths.input_dir("--images", args.images)
+    paths.exported_model("--model", args.model)
+    if args.json:
+        paths.output_file("--json", args.json, "evaluation JSON", args.overwrite)
+    if args.report:
+        paths.output_file("--report", args.report, "HTML report", args.overwrite)
+    if args.embeddings is not None:
+        paths.output_dir(
+            "--embeddings",
+            args.embeddings,
+            "embedding shards",
+            lambda folder: (folder / "store.json").is_file(),
+        )
 
 
 def run(args) -> int:
+    _check(args)
     from remap_tf.datasets import load_dataset
+
+    with paths.naming("--dataset"):  # reads the ground truth; no TensorFlow yet
+        dataset = load_dataset(args.dataset, format=args.format, images=args.images)
     from remap_tf.io import atomic_write_json
     from remap_tf.serving.evaluate import (
         evaluate_retrieval,
@@ -65,7 +96,6 @@ def run(args) -> int:
         write_evaluation_report,
     )
 
-    dataset = load_dataset(args.dataset, format=args.format, images=args.images)
     kappas = tuple(args.kappas)
     result = evaluate_retrieval(
         common.embedder_for(args.model),

@@ -2,8 +2,18 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
+from remap_cli import paths
 from remap_cli.args import add_command, int_at_least, number_list, positive_int
-from remap_tf.contract import DEFAULT_IMAGE_SIZE, DEFAULT_MAX_PIXELS, MIN_IMAGE_SIZE
+from remap_tf.contract import (
+    DEFAULT_IMAGE_SIZE,
+    DEFAULT_MAX_PIXELS,
+    MIN_IMAGE_SIZE,
+    check_model_name,
+)
+from remap_tf.errors import OutputExistsError
+from remap_tf.export.options import ExportOptions
 
 
 def add_parser(subparsers) -> None:
@@ -48,7 +58,33 @@ def add_parser(subparsers) -> None:
     )
 
 
+def _is_export_base(folder: Path) -> bool:
+    """A folder ``remap export`` wrote: server files or integer version folders in it."""
+    return (folder / "models.config").is_file() or any(p.name.isdigit() for p in folder.iterdir())
+
+
+def _check(args) -> None:
+    """Every argument, before TensorFlow is loaded."""
+    paths.keras_model("--model", args.model)
+    paths.output_dir("--out", args.out, "a model base folder", _is_export_base)
+    if args.version is not None and (Path(args.out) / str(args.version)).exists():
+        raise OutputExistsError(
+            f"--version {args.version}: {str(Path(args.out) / str(args.version))!r} exists; "
+            "exports never overwrite a version (omit --version for the next free one)"
+        )
+    if args.name is not None:
+        with paths.naming("--name"):
+            check_model_name(args.name)
+    with paths.naming("--scales" if args.scales else "--image-size"):
+        ExportOptions(
+            image_size=args.image_size, scales=args.scales or (1.0,), max_pixels=args.max_pixels
+        )
+    for image in args.warmup_images or ():
+        paths.image_file("--warmup-images", image)
+
+
 def run(args) -> int:
+    _check(args)
     from remap_tf.export.saved_model import export_model, load_keras_model
 
     model, config = load_keras_model(args.model)

@@ -8,9 +8,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from remap_cli import common
+from remap_cli import common, paths
 from remap_cli.args import MODEL_HELP, add_command, non_negative_int, positive_int
-from remap_tf.errors import BadPathError, InvalidInputError, OutputExistsError
+from remap_tf.errors import InvalidInputError, RemapError
 
 _SCANN_FLAGS = (
     ("scann_mode", "mode"),
@@ -99,23 +99,41 @@ def _scann_overrides(args) -> dict:
     }
 
 
-def run_build(args) -> int:
+def _check_build(args) -> dict:
+    """Every argument of ``index build`` before the model is loaded; the ScaNN overrides."""
+    from remap_tf.serving.collection import list_images
     from remap_tf.serving.index import ScannConfig
-    from remap_tf.serving.search import build_index
 
-    images = Path(args.images)
-    if not images.exists():
-        raise BadPathError(f"--images {images} does not exist")
-    out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise OutputExistsError(f"--out {out} is a file, not an index directory")
-    if out.is_dir() and not (out / "manifest.json").is_file() and any(out.iterdir()):
-        raise OutputExistsError(f"--out {out} is a non-empty folder that is not an index")
+    paths.exported_model("--model", args.model)
+    paths.input_path("--images", args.images)
+    try:
+        list_images(args.images)
+    except RemapError as error:
+        raise type(error)(f"--images: {error}") from None
+    paths.output_dir("--out", args.out, "an index", lambda d: (d / "manifest.json").is_file())
+    if args.embeddings is not None:
+        paths.output_dir(
+            "--embeddings",
+            args.embeddings,
+            "embedding shards",
+            lambda d: (d / "store.json").is_file(),
+        )
     overrides = _scann_overrides(args)
     if args.kind == "scann":
-        ScannConfig(**overrides)  # validate the flags before loading the model
+        for flag, key in _SCANN_FLAGS:
+            if key in overrides:
+                with paths.naming("--" + flag.replace("_", "-")):
+                    ScannConfig(**{key: overrides[key]})
     elif overrides:
         raise InvalidInputError("ScaNN options (--scann-mode, --num-leaves, ...) need --kind scann")
+    return overrides
+
+
+def run_build(args) -> int:
+    overrides = _check_build(args)
+    from remap_tf.serving.search import build_index
+
+    images, out = Path(args.images), Path(args.out)
     summary = build_index(
         embedder=common.embedder_for(args.model),
         images=images,
@@ -143,13 +161,17 @@ def _print_skipped(skipped) -> None:
 
 
 def run_add(args) -> int:
+    paths.index_dir("--index", args.index)
+    for image in args.images:
+        paths.image_file("image", image)
+    if args.model is not None:
+        paths.exported_model("--model", args.model)
     from remap_tf.serving.index import load_index
+
+    with paths.naming("--index"):
+        model = common.model_for_index(args.model, load_index(args.index))
     from remap_tf.serving.search import add_images
 
-    missing = [path for path in args.images if not Path(path).is_file()]
-    if missing:
-        raise BadPathError(f"image(s) not found: {', '.join(missing)}")
-    model = common.model_for_index(args.model, load_index(args.index))
     result = add_images(args.index, common.embedder_for(model), args.images)
     print(f"added {len(result['added'])} image(s) to {args.index}: {result['count']} in all")
     _print_skipped(result["skipped"])
@@ -157,17 +179,21 @@ def run_add(args) -> int:
 
 
 def run_delete(args) -> int:
+    paths.index_dir("--index", args.index)
     from remap_tf.serving.search import delete_images
 
-    result = delete_images(args.index, args.ids)
+    with paths.naming("--index"):
+        result = delete_images(args.index, args.ids)
     print(f"deleted {len(result['deleted'])} id(s) from {args.index}: {result['count']} left")
     return 0
 
 
 def run_info(args) -> int:
+    paths.index_dir("--index", args.index)
     from remap_tf.serving.search import index_info
 
-    info = index_info(args.index)
+    with paths.naming("--index"):
+        info = index_info(args.index)
     if args.json:
         print(json.dumps(info, indent=2))
         return 0

@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import os
-
-from remap_cli import common
-from remap_cli.args import MODEL_HELP, add_command, positive_int
-from remap_tf.errors import BadPathError
+from remap_cli import common, paths
+from remap_cli.args import MODEL_HELP, add_command, add_overwrite, positive_int
 
 
 def add_parser(subparsers) -> None:
@@ -16,28 +13,42 @@ def add_parser(subparsers) -> None:
         "search",
         "search an index with query images",
         "Embeds each query image with the index's model (or --model) and prints its nearest "
-        "images; optionally writes them as JSON and as an HTML (+PNG) report.",
+        "images; optionally writes them as JSON and as an HTML report (side files in "
+        "<report>_files/).",
         run=run,
     )
     parser.add_argument("--index", required=True, help="an index directory (remap index build)")
     parser.add_argument("--model", default=None, help=MODEL_HELP + " (default: the index's model)")
     parser.add_argument("queries", nargs="+", metavar="QUERY", help="query image files")
     parser.add_argument("--k", type=positive_int, default=10, help="results per query")
-    parser.add_argument("--report", default=None, help="write an HTML (+PNG) report here")
-    parser.add_argument("--json", default=None, help="write the results as JSON here")
+    parser.add_argument("--report", default=None, help="write an HTML report here (.html)")
+    parser.add_argument("--json", default=None, help="write the results as JSON here (.json)")
+    add_overwrite(parser)
+
+
+def _check(args) -> None:
+    """Every argument, before the model is loaded."""
+    paths.index_dir("--index", args.index)
+    for query in args.queries:
+        paths.image_file("query", query)
+    if args.model is not None:
+        paths.exported_model("--model", args.model)
+    if args.report:
+        paths.output_file("--report", args.report, "HTML report", args.overwrite)
+    if args.json:
+        paths.output_file("--json", args.json, "search results JSON", args.overwrite)
 
 
 def run(args) -> int:
-    from remap_tf.io import atomic_write_json
+    _check(args)
     from remap_tf.serving.index import load_index
-    from remap_tf.serving.report import write_report
+
+    with paths.naming("--index"):  # a bad index fails before the model is loaded
+        index = load_index(args.index)
+    from remap_tf.io import atomic_write_json
+    from remap_tf.serving.report import format_scores, write_report
     from remap_tf.serving.search import image_path, search_images
 
-    index = load_index(args.index)  # fail on a bad index before loading the model
-    for query in args.queries:
-        if not os.path.isfile(query):
-            what = "is a folder, not an image file" if os.path.isdir(query) else "does not exist"
-            raise BadPathError(f"query image {query} {what}")
     embedder = common.embedder_for(common.model_for_index(args.model, index))
     ids, scores = search_images(index, embedder, args.queries, k=args.k)
     results = []
@@ -49,8 +60,9 @@ def run(args) -> int:
         ]
         results.append({"query": query, "results": hits})
         print(query)
-        for rank, hit in enumerate(hits, 1):
-            print(f"  {rank:>3}  {hit['score']:.4f}  {hit['id']}")
+        texts = format_scores([hit["score"] for hit in hits])
+        for rank, (hit, text) in enumerate(zip(hits, texts, strict=True), 1):
+            print(f"  {rank:>3}  {text}  {hit['id']}")
     if args.json:
         atomic_write_json(args.json, results)
     if args.report:

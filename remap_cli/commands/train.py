@@ -8,9 +8,11 @@ The parser only declares flags; the handler resolves a `remap_tf.training.config
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 import yaml
 
+from remap_cli import paths
 from remap_cli.args import (
     add_command,
     float_above,
@@ -20,9 +22,10 @@ from remap_cli.args import (
     positive_int,
 )
 from remap_tf.contract import MIN_IMAGE_SIZE
-from remap_tf.errors import InvalidInputError
+from remap_tf.errors import InvalidInputError, RemapError
 from remap_tf.specs import BACKBONES, MININGS, POOLINGS
 from remap_tf.training.config import OPTIMIZERS, STRATEGIES, TrainConfig, read_yaml
+from remap_tf.training.data import load_manifest
 
 # flag dest -> config field (None values mean "flag not given").
 _FLAG_FIELDS = {
@@ -135,7 +138,9 @@ def add_parser(subparsers) -> None:
 
 def resolve_config(args: argparse.Namespace):
     """The validated `TrainConfig` of the parsed flags."""
-    base = TrainConfig.from_dict(read_yaml(args.config)) if args.config else TrainConfig()
+    _check_flag_paths(args)
+    with paths.naming("--config"):
+        base = TrainConfig.from_dict(read_yaml(args.config)) if args.config else TrainConfig()
     overrides = {field: getattr(args, dest) for dest, field in _FLAG_FIELDS.items()}
     overrides = {key: value for key, value in overrides.items() if value is not None}
     for dest, field in _SWITCHES.items():
@@ -167,12 +172,52 @@ def resolve_config(args: argparse.Namespace):
     return config.validate()
 
 
+def _is_training_run(folder: Path) -> bool:
+    """A folder ``remap train`` wrote (or is writing): its config, backup or checkpoints."""
+    return any((folder / name).exists() for name in ("config.yaml", "backup", "checkpoints"))
+
+
+def _check_flag_paths(args) -> None:
+    """The paths given as flags, named by their flags (values from --config are checked by
+    `_check_data`, named by their config fields)."""
+    if args.config is not None:
+        paths.input_file("--config", args.config, (".yaml", ".yml"))
+    for flag, value in (("--data", args.data), ("--validation", args.validation)):
+        if value is not None:
+            _check_manifest(flag, value)
+    if args.weights not in (None, "imagenet"):
+        paths.weights_file("--weights", args.weights)
+
+
+def _check_manifest(name: str, source) -> None:
+    """A training manifest is readable and lists images (none is opened)."""
+    paths.input_path(name, source)
+    try:
+        load_manifest(source)
+    except RemapError as error:
+        raise type(error)(f"{name}: {error}") from None
+
+
+def _check_data(config) -> None:
+    """Reads the manifests (no image is opened) and the weights file's signature."""
+    for field, source in (
+        ("data.train", config.data.train),
+        ("data.validation", config.data.validation),
+    ):
+        if source is not None:
+            _check_manifest(field, source)
+    if config.model.weights not in (None, "imagenet"):
+        paths.weights_file("model.weights", config.model.weights)
+    paths.output_dir("--out", config.out_dir, "a training run", _is_training_run)
+
+
 def run(args: argparse.Namespace) -> int:
     config = resolve_config(args)
+    _check_data(config)
     print("Loading TensorFlow and building the model...", flush=True)
     from remap_tf.training.fit import train  # imports TensorFlow: after the flags are checked
 
-    result = train(config)
+    result = train(config, log=lambda line: print(f"  {line}", flush=True))
     print(
         f"Trained {result.epochs_run} epoch(s) from epoch {result.initial_epoch} on "
         f"{result.num_replicas} replica(s) in {result.seconds:.0f} s"
