@@ -49,7 +49,9 @@ setup(
         "pillow>=10",
     ],
     extras_require={
-        "dev": ["pytest>=8", "pytest-timeout>=2.3", "ruff>=0.6"],
+        # playwright drives Debian's Chromium (/usr/bin/chromium) in the browser tests;
+        # .ci/run installs Chromium where it is missing.
+        "dev": ["pytest>=8", "pytest-timeout>=2.3", "ruff>=0.6", "playwright>=1.40"],
         # Benchmark-only competitors for the ANN comparison; never imported by the package.
         "bench": ["faiss-cpu", "hnswlib"],
     },

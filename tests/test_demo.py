@@ -14,6 +14,7 @@ from remap_cli import main as cli
 from remap_cli.demo.config import DemoConfig
 from remap_cli.demo.figures import region_layout, region_weights_svg, training_curve_svg
 from remap_cli.demo.pipeline import run_demo
+from tests import browser
 
 TINY_PHOTOS = ["astronaut", "chelsea", "coffee", "rocket", "camera", "coins"]
 # HTML elements that never have a closing tag.
@@ -75,10 +76,13 @@ def tiny_config(out: Path, poolings) -> DemoConfig:
     )
 
 
-def test_demo_end_to_end_at_tiny_size_and_again_over_its_leftovers(tmp_path):
+def test_demo_end_to_end_at_tiny_size_and_again_over_its_leftovers(tmp_path, monkeypatch):
     """A few images, 2 training steps per model, the smallest MobileNet: every file and the
-    table are checked, then a second run into the same folder must succeed and refresh them."""
-    out = tmp_path / "demo"
+    table are checked, the report is opened in Chromium (every image loads, the page fits its
+    width), then a second run into the same folder must succeed and refresh them. The output
+    folder is given relative to the working directory, as a user types it."""
+    monkeypatch.chdir(tmp_path)
+    out = Path("demo")
     lines: list[str] = []
     result = run_demo(tiny_config(out, ("remap", "gem")), log=lines.append)
 
@@ -126,6 +130,11 @@ def test_demo_end_to_end_at_tiny_size_and_again_over_its_leftovers(tmp_path):
         ET.parse(svg)  # well-formed XML
     page = report.read_text()
     assert "GeM trained" in page and "untrained REMAP" in page
+    assert sorted(p.name for p in out.iterdir() if p.is_file()) == ["report.html", "results.json"]
+    with browser.page() as tab:
+        seen = browser.load_file(tab, tmp_path / "demo" / "report.html")
+    assert seen["images"] == len(images) and seen["broken"] == [], seen
+    assert seen["overflow"] <= 0, seen
 
     lines.clear()
     again = run_demo(tiny_config(out, ("remap",)), log=lines.append)
@@ -160,7 +169,7 @@ def test_cli_rejects_an_out_path_that_is_a_file(tmp_path, capsys):
     target = tmp_path / "report.txt"
     target.write_text("mine")
     assert cli.main(["demo", "--out", str(target)]) == 2
-    assert "is not a folder" in capsys.readouterr().err
+    assert "is a file, not a folder" in capsys.readouterr().err
     assert target.read_text() == "mine"
 
 

@@ -87,10 +87,10 @@ def format_table(rows) -> str:
 
 
 def write_outputs(config: DemoConfig, out: Path, data, remap: RemapOutcome, baselines, curves):
-    """Figures, report.html (+ report.png) and results.json; returns their paths by name."""
+    """Figures, report.html (+ report_files/) and results.json; returns their paths by name."""
     paths = _write_figures(config, out / "figures", remap, curves)
     paths["report"] = _write_query_report(config, out, data, remap, baselines)
-    paths["report_png"] = out / "report.png"
+    paths["report_png"] = out / "report_files" / "report.png"
     results = {
         "config": config_json(config),
         "table": [

@@ -1,0 +1,165 @@
+"""Ctrl-C (SIGINT) or SIGTERM at several moments of ``remap export``, ``index build`` and
+``train``: the command says ``interrupted``, exits with 130, and leaves either the complete
+result or nothing of it (no half-written version, index or model, no staging leftovers).
+
+Each moment is a milestone seen on disk (a staging folder appears, a shard is committed, a
+backup is written), not a fixed delay, so the test means the same on a fast or a loaded
+machine. A rerun after the interrupt completes.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from remap_tf.contract import read_export_metadata, version_dirs
+from remap_tf.serving.index import verify_index
+
+ENV = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", CUDA_VISIBLE_DEVICES="")
+
+
+def _remap(argv, cwd):
+    return subprocess.Popen(
+        [sys.executable, "-m", "remap_cli", *argv],
+        cwd=cwd,
+        env=ENV,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def _interrupt_when(process, milestone, signum, timeout=240.0) -> tuple[int, str]:
+    """Sends ``signum`` once ``milestone()`` is true; returns (exit status, stderr)."""
+    deadline = time.monotonic() + timeout
+    while process.poll() is None and time.monotonic() < deadline:
+        if milestone():
+            process.send_signal(signum)
+            break
+        time.sleep(0.02)
+    else:
+        process.kill()
+        _, err = process.communicate()
+        pytest.fail(f"the milestone was never reached (exit {process.returncode}): {err[-2000:]}")
+    _, err = process.communicate(timeout=timeout)
+    return process.returncode, err
+
+
+def _assert_interrupted(code: int, err: str) -> None:
+    assert code == 130, err[-2000:]
+    assert "interrupted" in err.strip().splitlines()[-1]
+    assert "Traceback" not in err
+
+
+def _images(folder: Path, count: int) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for i in range(count):
+        pixels = rng.integers(0, 256, (80, 96, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(folder / f"{i:03d}.png")
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory):
+    """A tiny REMAP .keras model, one export of it and a folder of images."""
+    from remap_tf.export.saved_model import export_model
+    from remap_tf.model import REMAP
+
+    root = tmp_path_factory.mktemp("interrupts")
+    model = REMAP("mobilenet_v2", pooling="mac", backbone_kwargs={"alpha": 0.35})
+    model.save(root / "model.keras")
+    export_model(model, root / "export", image_size=64)
+    _images(root / "imgs", 48)
+    return root
+
+
+def _export_is_complete_or_absent(base: Path) -> None:
+    assert not list(base.glob(".export-*")), "a staging folder was left behind"
+    for version in [p for p in base.iterdir() if p.name.isdigit()] if base.exists() else []:
+        assert version in version_dirs(base), f"{version} is not a complete SavedModel"
+        assert read_export_metadata(version)["descriptor_dim"] > 0
+        assert (version / "assets.extra" / "tf_serving_warmup_requests").is_file()
+        assert (base / "models.config").is_file() and (base / "docker-compose.yml").is_file()
+
+
+@pytest.mark.parametrize(
+    "moment, signum",
+    [("start", signal.SIGTERM), ("staging", signal.SIGINT), ("saved", signal.SIGTERM)],
+)
+def test_export_interrupted(work, tmp_path, moment, signum):
+    base = tmp_path / "models" / "remap"
+
+    def milestone():
+        if moment == "start":
+            return True
+        staged = list(base.glob(".export-*")) if base.exists() else []
+        if moment == "staging":
+            return bool(staged)
+        return any((s / "saved_model" / "saved_model.pb").exists() for s in staged)
+
+    process = _remap(["export", "--model", str(work / "model.keras"), "--out", str(base)], tmp_path)
+    if moment == "start":
+        time.sleep(2.0)  # inside the start-up (argument checks, TensorFlow's import)
+    _assert_interrupted(*_interrupt_when(process, milestone, signum))
+    _export_is_complete_or_absent(base)
+    if moment == "saved":  # nothing in the way of the next export
+        again = _remap(
+            ["export", "--model", str(work / "model.keras"), "--out", str(base)], tmp_path
+        )
+        _, err = again.communicate(timeout=240)
+        assert again.returncode == 0, err[-2000:]
+        _export_is_complete_or_absent(base)
+        assert version_dirs(base)
+
+
+@pytest.mark.parametrize(
+    "moment, signum", [("first shard", signal.SIGINT), ("later shard", signal.SIGTERM)]
+)
+def test_index_build_interrupted_then_resumed(work, tmp_path, moment, signum):
+    out, shards = tmp_path / "idx", tmp_path / "idx.embeddings"
+    argv = ["index", "build", "--model", str(work / "export"), "--images", str(work / "imgs")]
+    argv += ["--out", str(out), "--shard-size", "4", "--batch-size", "2", "--quiet"]
+    wanted = 1 if moment == "first shard" else 5
+
+    def milestone():
+        return len(list(shards.glob("shard-*.json"))) >= wanted if shards.exists() else False
+
+    _assert_interrupted(*_interrupt_when(_remap(argv, tmp_path), milestone, signum))
+    assert not out.exists() or verify_index(out)["count"] == 48
+    assert not list(tmp_path.glob(".idx.tmp-*")), "a staging folder was left behind"
+    again = _remap(argv, tmp_path)
+    stdout, err = again.communicate(timeout=240)
+    assert again.returncode == 0, err[-2000:]
+    assert "indexed 48 images" in stdout and verify_index(out)["count"] == 48
+
+
+@pytest.mark.parametrize("moment, signum", [("start", signal.SIGINT), ("backup", signal.SIGTERM)])
+def test_train_interrupted(tmp_path, moment, signum):
+    from remap_cli.demo.photoset import make_photo_views
+
+    views = make_photo_views(tmp_path / "photos", seed=3, views_per_photo=3, image_size=(64, 64))
+    out = tmp_path / "run"
+    argv = ["train", "--data", str(views.train_csv), "--out", str(out), "--backbone"]
+    argv += ["mobilenet", "--set", "model.backbone_kwargs={alpha: 0.25}", "--set"]
+    argv += ["model.levels=1", "--set", "init.num_images=8", "--set", "tensorboard=false"]
+    argv += ["--epochs", "6", "--steps-per-epoch", "2", "--batch-size", "4", "--image-size"]
+    argv += ["64", "--verbose", "0"]
+
+    def milestone():
+        return moment == "start" or (out / "backup" / "training_metadata.json").exists()
+
+    process = _remap(argv, tmp_path)
+    if moment == "start":
+        time.sleep(2.0)
+    _assert_interrupted(*_interrupt_when(process, milestone, signum))
+    model = out / "model.keras"
+    assert not model.exists(), "training was interrupted, yet a final model was written"
+    assert not [p for p in out.rglob("*") if p.name.endswith(".tmp")] if out.exists() else True
