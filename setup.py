@@ -26,6 +26,8 @@ setup(
         "remap_cli.commands",
         "remap_cli.demo",
     ],
+    # The bundled ImageNet MobileNet v1 0.75 weights (offline default) and their NOTICE.
+    package_data={"remap_tf": ["weights/*.weights.h5", "weights/NOTICE"]},
     package_dir={
         "remap_tf.training": "training",
         "remap_tf.export": "export",

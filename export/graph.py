@@ -25,6 +25,7 @@ from remap_tf.contract import (
     OUTPUT_KEY,
     PIXELS_SIGNATURE,
 )
+from remap_tf.ops import l2_normalize
 
 _HEADER_BYTES = 32
 
@@ -186,7 +187,7 @@ def make_embed_fn(model, options):
             descriptors.append(tf.cast(model(x, training=False), tf.float32))
         if len(descriptors) == 1:
             return descriptors[0]
-        return tf.math.l2_normalize(tf.add_n(descriptors), axis=-1, epsilon=1e-12)
+        return l2_normalize(tf.add_n(descriptors))
 
     return embed
 

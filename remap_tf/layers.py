@@ -7,13 +7,15 @@ with ``safe_mode=True``.
 
 from __future__ import annotations
 
+import warnings
+
 import keras
 import numpy as np
 import tensorflow as tf
 
 from remap_tf import ops
 from remap_tf.errors import InvalidInputError
-from remap_tf.regions import relative_regions
+from remap_tf.regions import distinct_regions, min_distinct_long_side, relative_regions
 
 _PACKAGE = "remap_tf"
 
@@ -101,6 +103,11 @@ class RegionMaxPooling(keras.layers.Layer):
     def num_regions(self) -> int:
         return int(self._relative.shape[0])
 
+    def build(self, input_shape):
+        height, width = input_shape[1], input_shape[2]
+        if height is not None and width is not None:
+            warn_if_regions_collide(self._relative, height, width, self.levels, self.grid_shape)
+
     def call(self, features):
         return ops.region_max_pool(features, self._relative, normalize=self.normalize)
 
@@ -114,6 +121,31 @@ class RegionMaxPooling(keras.layers.Layer):
             "grid_shape": list(self.grid_shape),
             "normalize": self.normalize,
         }
+
+
+class RegionGridWarning(UserWarning):
+    """A feature map too small for the region grid: some regions are the same cells."""
+
+
+def warn_if_regions_collide(relative, height: int, width: int, levels: int, grid_shape) -> bool:
+    """Warns (`RegionGridWarning`) when regions coincide on a ``height x width`` map.
+
+    Duplicate regions give identical vectors: their weights act as one weight and training
+    cannot tell them apart. Returns True when it warned.
+    """
+    distinct = distinct_regions(relative, int(height), int(width))
+    if distinct == len(relative):
+        return False
+    cells = min_distinct_long_side(int(levels), tuple(grid_shape))
+    warnings.warn(
+        f"On a {height}x{width} feature map only {distinct} of the {len(relative)} regions "
+        f"(levels={levels}) differ; duplicates cannot be told apart in training. Maps need a "
+        f"long side of at least {cells} cells, about {32 * cells} px at stride 32 "
+        "(ResNet, VGG, MobileNet).",
+        RegionGridWarning,
+        stacklevel=3,
+    )
+    return True
 
 
 @keras.saving.register_keras_serializable(package=_PACKAGE)

@@ -94,7 +94,7 @@ def REMAP(  # the public name the users asked for
     base = build_backbone(
         backbone, weights=weights, input_shape=input_shape, **(backbone_kwargs or {})
     )
-    features = tap_model(base, taps or spec.taps, name="backbone")(x)
+    features = tap_model(base, taps or spec.taps, name="backbone", relu=spec.relu_taps)(x)
     if not isinstance(features, (list, tuple)):
         features = [features]
 
@@ -103,28 +103,34 @@ def REMAP(  # the public name the users asked for
         for i, feature_map in enumerate(features)
     ]
     if len(branches) > 1:
-        x = keras.layers.Concatenate(name=CONCAT_LAYER)(branches)
+        x = keras.layers.Concatenate(name=CONCAT_LAYER, dtype=HEAD_DTYPE)(branches)
     else:
-        x = L2Normalization(name=CONCAT_LAYER)(branches[0])
-    x = Whitening(dim, name=WHITENING_LAYER)(x)
-    outputs = L2Normalization(name=DESCRIPTOR_LAYER, dtype="float32")(x)
+        x = L2Normalization(name=CONCAT_LAYER, dtype=HEAD_DTYPE)(branches[0])
+    x = Whitening(dim, name=WHITENING_LAYER, dtype=HEAD_DTYPE)(x)
+    outputs = L2Normalization(name=DESCRIPTOR_LAYER, dtype=HEAD_DTYPE)(x)
     return keras.Model(images, outputs, name=name or f"{pooling}_{backbone}")
 
 
+# The head (pooling, region weighting, normalisation, whitening) runs in float32 under any
+# policy: it is a small part of the cost, and float16 loses small activations and norms.
+HEAD_DTYPE = "float32"
+
+
 def _pool(feature_map, i: int, pooling: str, *, levels, grid_shape, gem_p):
-    """Tap ``i``'s branch: ``(batch, h, w, c)`` -> L2-normalised ``(batch, c)``."""
+    """Tap ``i``'s branch: ``(batch, h, w, c)`` -> L2-normalised ``(batch, c)``, float32."""
+    head = {"dtype": HEAD_DTYPE}
     if pooling in ("remap", "rmac"):
-        regions = RegionMaxPooling(levels, grid_shape, name=f"regions_{i}")(feature_map)
+        regions = RegionMaxPooling(levels, grid_shape, name=f"regions_{i}", **head)(feature_map)
         num_regions = relative_regions(levels, tuple(grid_shape)).shape[0]
         weighting = RegionWeighting(
-            num_regions, trainable=pooling == "remap", name=f"region_weights_{i}"
+            num_regions, trainable=pooling == "remap", name=f"region_weights_{i}", **head
         )
         return weighting(regions)
     if pooling == "mac":
-        return MACPooling(name=f"mac_{i}")(feature_map)
+        return MACPooling(name=f"mac_{i}", **head)(feature_map)
     if pooling == "spoc":
-        return SPoCPooling(name=f"spoc_{i}")(feature_map)
-    return GeMPooling(p=gem_p, name=f"gem_{i}")(feature_map)
+        return SPoCPooling(name=f"spoc_{i}", **head)(feature_map)
+    return GeMPooling(p=gem_p, name=f"gem_{i}", **head)(feature_map)
 
 
 def _check_input_shape(input_shape) -> tuple:

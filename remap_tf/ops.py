@@ -13,7 +13,9 @@ import tensorflow as tf
 from remap_tf.errors import InvalidInputError
 from remap_tf.regions import ROUNDING_SLACK, scale_regions
 
-_NORM_EPSILON = 1e-12  # on the sum of squares, as tf.math.l2_normalize
+# Floor of the max-abs scale: far below any real activation (float32's smallest normal is
+# 1.2e-38), so it only keeps an all-zero vector at zero instead of producing NaN.
+_TINY = 1e-30
 
 
 def check_feature_map(features, name: str = "features"):
@@ -31,9 +33,17 @@ def check_feature_map(features, name: str = "features"):
 
 
 def l2_normalize(x, axis: int = -1):
-    """L2-normalises ``x`` along ``axis``, computing the norm in float32."""
+    """L2-normalises ``x`` along ``axis`` in float32, whatever the scale of ``x``.
+
+    ``x`` is first divided by its largest absolute value, so the sum of squares is between 1
+    and the length of the axis: activations of 1e-10 (a random-init backbone) or 1e4 give unit
+    vectors alike, where an epsilon on the sum of squares (``tf.math.l2_normalize``'s 1e-12)
+    dominates small activations and squares overflow float16. An all-zero vector stays zero.
+    """
     x = tf.convert_to_tensor(x)
-    y = tf.math.l2_normalize(tf.cast(x, tf.float32), axis=axis, epsilon=_NORM_EPSILON)
+    x32 = tf.cast(x, tf.float32)
+    scale = tf.maximum(tf.reduce_max(tf.abs(x32), axis=axis, keepdims=True), _TINY)
+    y = tf.math.l2_normalize(x32 / scale, axis=axis, epsilon=_TINY)
     return tf.cast(y, x.dtype)
 
 

@@ -17,6 +17,7 @@ count and order never depend on the input size.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
@@ -131,3 +132,36 @@ def scale_regions(relative: np.ndarray, height: int, width: int) -> np.ndarray:
     start = np.minimum(start, size[:2] - 1)
     end = np.clip(np.maximum(end, start + 1), 1, size[:2])
     return np.concatenate([start, end], axis=1).astype(np.int32)
+
+
+def distinct_regions(relative: np.ndarray, height: int, width: int) -> int:
+    """How many of the ``relative`` regions differ once mapped onto a ``height x width`` map.
+
+    On small maps several regions land on the same cells: their vectors are identical, so
+    their weights act as one and training cannot tell them apart.
+    """
+    return int(len(np.unique(scale_regions(relative, height, width), axis=0)))
+
+
+@functools.lru_cache(maxsize=32)
+def min_distinct_long_side(
+    levels: int = 4, grid_shape: tuple[int, int] = (24, 32), max_aspect: float = 2.0
+) -> int:
+    """The smallest long side, in cells, from which every map keeps all regions distinct.
+
+    Every map whose long side is at least this and whose aspect ratio is within
+    ``max_aspect`` (either orientation) has ``num_regions(levels, grid_shape)`` distinct
+    regions. For the default grid (L=4 on 24x32): 9 cells, i.e. 288 px at stride 32 (an
+    8x6 map has 36 distinct regions of 40, a 3x3 map 15).
+    """
+    relative = relative_regions(levels, tuple(grid_shape))
+    total = len(relative)
+    worst = 1
+    # From the reference map's size on, scaling only spreads distinct regions further apart.
+    for long_side in range(1, max(grid_shape) + 1):
+        shortest = max(1, math.ceil(long_side / max_aspect))
+        for short_side in range(shortest, long_side + 1):
+            for h, w in ((short_side, long_side), (long_side, short_side)):
+                if distinct_regions(relative, h, w) < total:
+                    worst = long_side + 1
+    return worst

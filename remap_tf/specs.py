@@ -33,12 +33,16 @@ class BackboneSpec:
         taps: default layer names to tap, shallow to deep (the last two stages).
         preprocessing: an `remap_tf.layers.ImagePreprocessing` mode.
         constructor_kwargs: fixed extra arguments for the constructor.
+        relu_taps: pass each tap through a plain (unclipped) ReLU. Set where the taps are
+            the BatchNorm outputs in front of a ReLU6: clipping at 6 saturates max pooling
+            (see `remap_tf.backbones`).
     """
 
     constructor: str
     taps: tuple[str, ...]
     preprocessing: str
     constructor_kwargs: tuple[tuple[str, object], ...] = ()
+    relu_taps: bool = False
 
 
 BACKBONES: dict[str, BackboneSpec] = {
@@ -47,8 +51,13 @@ BACKBONES: dict[str, BackboneSpec] = {
     "resnet50": BackboneSpec("ResNet50", ("conv4_block6_out", "conv5_block3_out"), "caffe"),
     "resnet101": BackboneSpec("ResNet101", ("conv4_block23_out", "conv5_block3_out"), "caffe"),
     "resnet152": BackboneSpec("ResNet152", ("conv4_block36_out", "conv5_block3_out"), "caffe"),
-    "mobilenet": BackboneSpec("MobileNet", ("conv_pw_11_relu", "conv_pw_13_relu"), "tf"),
-    "mobilenet_v2": BackboneSpec("MobileNetV2", ("block_12_add", "out_relu"), "tf"),
+    # MobileNets clip at 6 (ReLU6): tap the BatchNorm outputs, then a plain ReLU.
+    "mobilenet": BackboneSpec(
+        "MobileNet", ("conv_pw_12_bn", "conv_pw_13_bn"), "tf", relu_taps=True
+    ),
+    "mobilenet_v2": BackboneSpec(
+        "MobileNetV2", ("block_13_expand_BN", "Conv_1_bn"), "tf", relu_taps=True
+    ),
     # EfficientNetV2 rescales 0-255 input itself (include_preprocessing=True).
     "efficientnet_v2_b0": BackboneSpec(
         "EfficientNetV2B0",
@@ -63,6 +72,25 @@ BACKBONES: dict[str, BackboneSpec] = {
         (("include_preprocessing", True),),
     ),
 }
+
+
+# ImageNet weights that ship inside the package (remap_tf/weights/, see NOTICE): backbone ->
+# (constructor arguments they fit, file name). `weights="imagenet"` uses them with no download.
+BUNDLED_WEIGHTS = {
+    "mobilenet": ({"alpha": 0.75}, "mobilenet_v1_0.75_224_imagenet_notop.weights.h5"),
+}
+BUNDLED_DEFAULT = "REMAP('mobilenet', weights='imagenet', backbone_kwargs={'alpha': 0.75})"
+
+
+def bundled_weights_file(backbone: str, constructor_kwargs: dict) -> str | None:
+    """The bundled weights file name for this backbone and arguments, or None."""
+    entry = BUNDLED_WEIGHTS.get(backbone)
+    if entry is None:
+        return None
+    arguments, file_name = entry
+    kwargs = dict(constructor_kwargs)
+    fits = all(kwargs.get(key) == value for key, value in arguments.items())
+    return file_name if fits and set(kwargs) <= set(arguments) else None
 
 
 def closest(name, known) -> str:
