@@ -21,33 +21,12 @@ from remap_tf.contract import (
     CHECK_PREFIX,
     IMAGE_SIGNATURES,
     INPUT_KEY,
-    MIN_IMAGE_SIZE,
     OUTPUT_KEY,
     PIXELS_SIGNATURE,
 )
-from remap_tf.ops import l2_normalize
+from remap_tf.ops import l2_normalize, resized_shape
 
 _HEADER_BYTES = 32
-
-
-def resized_shape(height, width, long_side: int):
-    """Target ``(height, width)`` with the long side ``long_side``, aspect kept.
-
-    Both sides are at least `MIN_IMAGE_SIZE` (very elongated images are stretched to it).
-
-    Args:
-        height, width: scalar int tensors (or ints), the image size.
-        long_side: the target long side.
-
-    Returns:
-        two int32 scalar tensors.
-    """
-    h = tf.cast(height, tf.float64)
-    w = tf.cast(width, tf.float64)
-    scale = tf.cast(long_side, tf.float64) / tf.maximum(h, w)
-    new_h = tf.maximum(tf.cast(tf.round(h * scale), tf.int32), MIN_IMAGE_SIZE)
-    new_w = tf.maximum(tf.cast(tf.round(w * scale), tf.int32), MIN_IMAGE_SIZE)
-    return new_h, new_w
 
 
 def resize_images(pixels, long_side: int | None, fixed_size=None):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 import tensorflow as tf
 
+from remap_tf.contract import MIN_IMAGE_SIZE
 from remap_tf.errors import InvalidInputError
 from remap_tf.regions import ROUNDING_SLACK, scale_regions
 
@@ -45,6 +46,28 @@ def l2_normalize(x, axis: int = -1):
     scale = tf.maximum(tf.reduce_max(tf.abs(x32), axis=axis, keepdims=True), _TINY)
     y = tf.math.l2_normalize(x32 / scale, axis=axis, epsilon=_TINY)
     return tf.cast(y, x.dtype)
+
+
+def resized_shape(height, width, long_side: int):
+    """Target ``(height, width)`` with the long side ``long_side``, aspect kept.
+
+    Both sides are at least `remap_tf.contract.MIN_IMAGE_SIZE` (very elongated images are
+    stretched to it). The one resize rule of the project: the exported graph and the training
+    and evaluation pipelines use it, so the model sees the same geometry everywhere.
+
+    Args:
+        height, width: scalar int tensors (or ints), the image size.
+        long_side: the target long side.
+
+    Returns:
+        two int32 scalar tensors.
+    """
+    h = tf.cast(height, tf.float64)
+    w = tf.cast(width, tf.float64)
+    scale = tf.cast(long_side, tf.float64) / tf.maximum(h, w)
+    new_h = tf.maximum(tf.cast(tf.round(h * scale), tf.int32), MIN_IMAGE_SIZE)
+    new_w = tf.maximum(tf.cast(tf.round(w * scale), tf.int32), MIN_IMAGE_SIZE)
+    return new_h, new_w
 
 
 def mac(features):

@@ -170,7 +170,7 @@ def test_train_batches_are_class_balanced_static_and_seeded(tmp_path):
     colours = [(40 * c, 255 - 40 * c, 100) for c in range(5)]
     manifest = _solid_manifest(tmp_path, colours)
     dataset = make_train_dataset(
-        manifest, image_size=16, classes_per_batch=3, images_per_class=2, seed=3
+        manifest, image_size=16, classes_per_batch=3, images_per_class=2, seed=3, geometry="crop"
     )
     assert dataset.element_spec[0].shape.as_list() == [6, 16, 16, 3]
     assert dataset.element_spec[1].shape.as_list() == [6]
@@ -181,7 +181,9 @@ def test_train_batches_are_class_balanced_static_and_seeded(tmp_path):
         values, counts = np.unique(labels, return_counts=True)
         assert values.size == 3 and np.all(counts == 2)
         np.testing.assert_array_equal(labels, np.repeat(labels[::2], 2))  # K in a row
-    again = list(make_train_dataset(manifest, 16, 3, 2, seed=3).take(4).as_numpy_iterator())
+    again = list(
+        make_train_dataset(manifest, 16, 3, 2, seed=3, geometry="crop").take(4).as_numpy_iterator()
+    )
     for (x1, y1), (x2, y2) in zip(batches, again, strict=True):
         np.testing.assert_array_equal(y1, y2)
         np.testing.assert_array_equal(x1, x2)
@@ -233,9 +235,34 @@ def test_a_class_whose_files_are_all_bad_never_stalls_the_stream(tmp_path):
     log = BadFileLog()
     dataset = make_train_dataset(manifest, 16, 2, 2, bad_files=log)
     for images, labels in dataset.take(4).as_numpy_iterator():
-        assert images.shape == (4, 16, 16, 3)
+        assert images.shape[0] == 4 and max(images.shape[1:3]) == 16
         assert 2 not in labels  # the broken class never reaches a batch
     assert sorted(log.paths) == sorted(str(tmp_path / "z_broken" / n) for n in ("a.jpg", "b.png"))
+
+
+def test_aspect_geometry_keeps_the_aspect_ratio_everywhere(tmp_path):
+    """Evaluation resizes the whole image to the long side (the exported graph's rule);
+    training batches take one aspect each (4:3, 1:1, 3:4) and crop to it, never stretch."""
+    image = np.zeros((40, 80, 3), np.uint8)  # 2:1, left half red, right half blue
+    image[:, :40] = RED
+    image[:, 40:] = (0, 0, 255)
+    for c in ("a", "b"):
+        (tmp_path / c).mkdir()
+        for i in range(2):
+            Image.fromarray(image).save(tmp_path / c / f"{i}.png")
+    manifest = load_manifest(tmp_path)
+    whole = next(iter(make_eval_dataset(manifest, 128)))[0].numpy()[0]
+    assert whole.shape == (64, 128, 3)  # 40x80 -> long side 128, aspect kept
+    np.testing.assert_allclose(whole[:, :60], np.broadcast_to(RED, (64, 60, 3)), atol=1e-3)
+    shapes = set()
+    for images, _ in make_train_dataset(manifest, 32, 2, 2, augment=False, seed=5).take(12):
+        assert images.shape[0] == 4
+        shapes.add(tuple(images.shape[1:3]))
+        crop = images.numpy()[0]  # the middle of a 2:1 image: red left of centre, blue right
+        left, right = crop[:, 0], crop[:, -1]
+        np.testing.assert_allclose(left, np.broadcast_to(RED, left.shape), atol=1e-3)
+        np.testing.assert_allclose(right, np.broadcast_to((0, 0, 255), right.shape), atol=1e-3)
+    assert shapes == {(24, 32), (32, 32), (32, 24)}
 
 
 def test_square_modes_crop_the_centre_or_pad_with_black(tmp_path):
@@ -245,10 +272,10 @@ def test_square_modes_crop_the_centre_or_pad_with_black(tmp_path):
     (tmp_path / "c").mkdir()
     Image.fromarray(image).save(tmp_path / "c" / "wide.png")
     manifest = load_manifest(tmp_path)
-    crop = next(iter(make_eval_dataset(manifest, 32, square="crop")))[0].numpy()[0]
+    crop = next(iter(make_eval_dataset(manifest, 32, geometry="crop")))[0].numpy()[0]
     np.testing.assert_allclose(crop[:, :14], np.broadcast_to(RED, (32, 14, 3)), atol=1e-3)
     np.testing.assert_allclose(crop[:, 18:], np.broadcast_to((0, 0, 255), (32, 14, 3)), atol=1e-3)
-    pad = next(iter(make_eval_dataset(manifest, 32, square="pad")))[0].numpy()[0]
+    pad = next(iter(make_eval_dataset(manifest, 32, geometry="pad")))[0].numpy()[0]
     assert np.all(pad[:8] == 0) and np.all(pad[24:] == 0)  # 64x32 -> 32x16, 8 rows each side
     np.testing.assert_allclose(pad[8:24, :14], np.broadcast_to(RED, (16, 14, 3)), atol=1e-3)
 
@@ -263,8 +290,8 @@ def test_bad_arguments_raise_clear_errors(tmp_path):
         make_train_dataset(manifest, classes_per_batch=3)
     with pytest.raises(ValueError, match="image_size"):
         make_eval_dataset(manifest, image_size=0)
-    with pytest.raises(ValueError, match="square"):
-        make_eval_dataset(manifest, square="stretch")
+    with pytest.raises(ValueError, match="geometry"):
+        make_eval_dataset(manifest, geometry="stretch")
     with pytest.raises(ValueError, match="Manifest"):
         make_train_dataset(str(tmp_path))
     singles = Manifest(["a.jpg", "b.jpg"], [0, 1], ["a", "b"])
@@ -295,7 +322,7 @@ def test_training_runs_through_bad_and_odd_files_and_reports_them(tmp_path, caps
         manifest, image_size=64, classes_per_batch=2, images_per_class=4, bad_files=log
     )
     keras.utils.set_random_seed(0)
-    model = REMAP("mobilenet", input_shape=(64, 64, 3), levels=2, backbone_kwargs={"alpha": 0.25})
+    model = REMAP("mobilenet", levels=2, backbone_kwargs={"alpha": 0.25})
     model.compile(optimizer=keras.optimizers.Adam(1e-3), loss=TripletLoss())
     with caplog.at_level(logging.WARNING, logger="remap.training"):
         history = model.fit(
@@ -320,7 +347,8 @@ def test_training_runs_through_bad_and_odd_files_and_reports_them(tmp_path, caps
     # Evaluation keeps every file in its place; bad ones get BAD_LABEL and a black image.
     eval_log = BadFileLog()
     images, labels = [], []
-    for x, y in make_eval_dataset(manifest, image_size=32, batch_size=5, bad_files=eval_log):
+    squares = make_eval_dataset(manifest, 32, 5, bad_files=eval_log, geometry="crop")
+    for x, y in squares:
         images.append(x.numpy())
         labels.append(y.numpy())
     images, labels = np.concatenate(images), np.concatenate(labels)

@@ -152,3 +152,34 @@ def test_small_maps_warn_and_name_the_smallest_input():
 def test_the_package_data_lists_the_weights():
     setup = (Path(__file__).resolve().parent.parent / "setup.py").read_text()
     assert '"weights/*.weights.h5"' in setup and '"weights/NOTICE"' in setup
+
+
+def test_a_trained_model_exports_with_any_size_and_scales(tmp_path):
+    """`build_model(config)` takes any size; its export honours --image-size and --scales; a
+    640x480 image's exported descriptor equals Keras on the aspect-kept resizes (within
+    1e-4); remap.json tells the truth."""
+    from remap_tf.contract import read_export_metadata
+    from remap_tf.export.graph import resize_images
+    from remap_tf.export.saved_model import export_model
+    from remap_tf.serving.client import LocalEmbedder
+    from remap_tf.training.config import TrainConfig
+    from remap_tf.training.fit import build_model
+
+    config = TrainConfig.from_dict(
+        {"model": {"backbone": "mobilenet", "backbone_kwargs": {"alpha": 0.25}, "levels": 2}}
+    )
+    model = build_model(config)
+    assert model.input_shape == (None, None, None, 3)
+    version = export_model(model, tmp_path / "remap", image_size=160, scales=(1.0, 1.4))
+    metadata = read_export_metadata(version)
+    assert metadata["fixed_size"] is None and metadata["image_size"] == 160
+    assert metadata["scales"] == [1.0, 1.4]
+    pixels = np.random.default_rng(0).integers(0, 256, (480, 640, 3), dtype=np.uint8)
+    exported = LocalEmbedder(version, signature="embed_pixels").embed([pixels])[0]
+    parts = []
+    for long_side in (160, 224):
+        resized = resize_images(pixels[None], long_side)
+        assert tuple(resized.shape[1:3]) == (round(480 * long_side / 640), long_side)
+        parts.append(np.asarray(model(resized))[0])
+    expected = np.sum(parts, axis=0)
+    np.testing.assert_allclose(exported, expected / np.linalg.norm(expected), atol=1e-4)

@@ -20,6 +20,7 @@ import tensorflow as tf
 from remap_tf.errors import InvalidInputError
 from remap_tf.evaluation import label_map
 from remap_tf.io import atomic_save, atomic_write_text
+from remap_tf.training.pipeline import embed_dataset
 
 VAL_MAP = "val_map"
 
@@ -81,26 +82,12 @@ class RetrievalEvaluation(keras.callbacks.Callback):
         self.verbose = verbose
         self.initial_map: float | None = None
         self.history: list[tuple[int, float]] = []
-        self._embed = None
 
     def evaluate(self) -> float:
         """mAP of the current model on the validation set."""
         if self.before_evaluate is not None:
             self.before_evaluate()
-        if self._embed is None:
-            model = self.model
-
-            @tf.function(reduce_retracing=True)
-            def embed(images):
-                return model(images, training=False)
-
-            self._embed = embed
-        descriptors, labels = [], []
-        for images, batch_labels in self._dataset:
-            descriptors.append(np.asarray(self._embed(tf.cast(images, tf.float32)), np.float32))
-            labels.append(np.asarray(batch_labels))
-        descriptors = np.concatenate(descriptors) if descriptors else np.zeros((0, 1))
-        labels = np.concatenate(labels) if labels else np.zeros((0,), np.int32)
+        descriptors, labels = embed_dataset(self.model, self._dataset)
         keep = labels >= 0
         if keep.sum() < 2:
             raise InvalidInputError("The validation set has fewer than two readable images.")

@@ -59,7 +59,9 @@ class DataConfig:
 
     train: str = ""  # folder of class folders, `path,label` CSV, or GLDv2 train_clean.csv
     validation: str | None = None  # same formats; None: no validation mAP
-    image_size: int = 224  # images are resized to image_size × image_size
+    # Long side of the training images, aspect kept (random crops of 4:3, 1:1 or 3:4 per
+    # batch); export with the same --image-size so serving sees the same geometry.
+    image_size: int = 224
     classes_per_batch: int = 8  # P, per replica
     images_per_class: int = 2  # K, per replica
     augment: bool = True

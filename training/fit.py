@@ -83,9 +83,8 @@ class TrainResult:
 
 
 def build_model(config: TrainConfig):
-    """The REMAP model of ``config.model`` at ``config.data.image_size``; build it in scope."""
+    """The REMAP model of ``config.model``, for images of any size; build it in scope."""
     m = config.model
-    size = config.data.image_size
     model = REMAP(
         m.backbone,
         pooling=m.pooling,
@@ -94,7 +93,7 @@ def build_model(config: TrainConfig):
         grid_shape=tuple(m.grid_shape),
         dim=m.dim,
         weights=m.weights,
-        input_shape=(size, size, 3),
+        input_shape=(None, None, 3),  # any size: training, export and serving keep aspect
         backbone_kwargs=dict(m.backbone_kwargs) or None,
     )
     if m.freeze_backbone:
@@ -541,7 +540,8 @@ def _check_descriptors(model, images, config: TrainConfig) -> None:
 
 
 def _init_sample(manifest, config: TrainConfig, bad_files):
-    """``config.init.num_images`` un-augmented training images, P×K class-balanced."""
+    """``config.init.num_images`` un-augmented training images, P×K class-balanced, as 4:3
+    crops with the run's long side (one array)."""
     per_batch = config.data.classes_per_batch * config.data.images_per_class
     batches = max(1, -(-config.init.num_images // per_batch))
     dataset = pipeline.make_train_dataset(
@@ -552,6 +552,7 @@ def _init_sample(manifest, config: TrainConfig, bad_files):
         augment=False,
         seed=config.seed + 1,
         bad_files=bad_files,
+        aspects=(4 / 3,),  # one shape, so the sample is one array
     )
     images, labels = [], []
     for batch_images, batch_labels in dataset.take(batches):

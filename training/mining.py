@@ -33,9 +33,10 @@ from remap_tf.errors import InvalidInputError
 from remap_tf.training.data import Manifest
 from remap_tf.training.pipeline import (
     BadFileLog,
+    check_geometry,
     check_manifest,
     check_size,
-    check_square,
+    embed_dataset,
     gated,
     images_from_indices,
     make_eval_dataset,
@@ -172,7 +173,7 @@ class OfflineHardNegativeMining(keras.callbacks.Callback):
 
     Args:
         manifest: a `training.data.Manifest`.
-        image_size: side of the square images (training and embedding).
+        image_size: the long side of the images (training and embedding).
         tuples_per_batch: tuples per batch; a batch has ``tuples_per_batch * (2 + num_negatives)``
             images (make it divisible by the number of replicas).
         num_negatives: hard negatives per anchor.
@@ -182,7 +183,7 @@ class OfflineHardNegativeMining(keras.callbacks.Callback):
         augment: augment the training images (as `make_train_dataset`).
         seed: seed of every random choice.
         bad_files: a `training.pipeline.BadFileLog`.
-        square: ``"crop"`` or ``"pad"``.
+        geometry: ``"aspect"`` (default), ``"crop"`` or ``"pad"`` (see `training.pipeline`).
 
     Reference: Radenović, Tolias & Chum, "Fine-tuning CNN image retrieval with no human
     annotation", TPAMI 2018 (Sec. 3.3); Husain & Bober, REMAP, IEEE TIP 2019.
@@ -201,7 +202,7 @@ class OfflineHardNegativeMining(keras.callbacks.Callback):
         augment: bool = True,
         seed: int = 0,
         bad_files: BadFileLog | None = None,
-        square: str = "crop",
+        geometry: str = "aspect",
     ):
         super().__init__()
         self.manifest = check_manifest(manifest).drop_small_classes(2)
@@ -216,7 +217,7 @@ class OfflineHardNegativeMining(keras.callbacks.Callback):
         self.augment = bool(augment)
         self.seed = int(seed)
         self.bad_files = resolve_log(bad_files)
-        self.square = check_square(square)
+        self.geometry = check_geometry(geometry)
         present = int(np.count_nonzero(self.manifest.class_counts()))
         if present <= self.num_negatives:
             raise InvalidInputError(
@@ -249,10 +250,10 @@ class OfflineHardNegativeMining(keras.callbacks.Callback):
             image_size=self.image_size,
             batch_size=self.embed_batch_size,
             bad_files=self.bad_files,
-            square=self.square,
+            geometry=self.geometry,
         )
-        descriptors = np.asarray(model.predict(dataset.map(lambda x, y: x), verbose=0))
-        readable = np.concatenate([y.numpy() for _, y in dataset]) >= 0
+        descriptors, labels = embed_dataset(model, dataset)
+        readable = labels >= 0
         row = {int(index): i for i, index in enumerate(embedded)}
 
         labels = manifest.labels
@@ -351,7 +352,7 @@ class OfflineHardNegativeMining(keras.callbacks.Callback):
             image_size=self.image_size,
             augment=self.augment,
             seed=self.seed,
-            square=self.square,
+            geometry=self.geometry,
             bad_files=self.bad_files,
         )
 

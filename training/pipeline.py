@@ -10,13 +10,20 @@ palette and CMYK are converted, RGBA/LA/transparent palettes are composited over
 samples are scaled to 8 bits (``round(v / 257)``), EXIF orientation is applied, GIFs give their
 first frame.
 
-Geometry (``square``): ``"crop"`` (the default) resizes the shorter side to ``image_size``,
-keeping the aspect ratio, and crops the centre square (a random square in training);
-``"pad"`` resizes the longer side to ``image_size`` and pads with black to a centred square.
+Geometry (``geometry``):
+
+- ``"aspect"`` (the default): the geometry an exported model sees. Evaluation images are
+  resized, aspect kept, so that their long side is ``image_size`` (`remap_tf.ops
+  .resized_shape`, the rule the exported graph uses), one image per batch. Training batches
+  take one aspect ratio each (4:3, 1:1 or 3:4, drawn per batch), long side ``image_size``:
+  every image is cropped to that aspect (in training a random crop of 64-100% of the largest
+  such rectangle, in the middle otherwise) and resized, never stretched.
+- ``"crop"`` resizes the shorter side to ``image_size`` and crops the centre square (a random
+  square in training); ``"pad"`` resizes the longer side and pads with black to a square.
 
 Training augmentation (light, seeded per image with stateless random ops, so the same seed gives
-the same batches): a random crop keeping 80-100% of each side, a horizontal flip, brightness
-+-10%, contrast and saturation x[0.9, 1.1].
+the same batches): the random crop above (``"crop"``/``"pad"``: 80-100% of each side), a
+horizontal flip, brightness +-10%, contrast and saturation x[0.9, 1.1].
 
 Batches are class balanced, ``P x K`` (``classes_per_batch`` classes, ``images_per_class``
 images of each), as in Hermans et al., "In defense of the triplet loss" (2017).
@@ -36,11 +43,15 @@ import tensorflow as tf
 from PIL import Image, ImageOps
 
 from remap_tf.errors import InvalidInputError
+from remap_tf.ops import resized_shape
 from remap_tf.training.data import Manifest
 
 logger = logging.getLogger("remap.training")
 
-SQUARE_MODES = ("crop", "pad")
+GEOMETRIES = ("aspect", "crop", "pad")
+# Width / height of a training batch in "aspect" geometry: one of these per batch.
+BATCH_ASPECTS = (4 / 3, 1.0, 3 / 4)
+_MIN_CROP_AREA = 0.64  # a training crop keeps 64-100% of the largest rectangle of its aspect
 BAD_LABEL = -1  # the label `make_eval_dataset` gives a file it could not decode
 _DRAFT_MARGIN = 1.25  # decode JPEGs at >= 1/0.8 of the target size: the random crop keeps 80%
 
@@ -352,22 +363,79 @@ def _to_square(image, size: int, square: str, crop_seed=None):
     return tf.image.stateless_random_crop(image, [size, size, 3], seed=crop_seed)
 
 
-def _augment(image, size: int, square: str, seed):
-    """Light augmentation of one uint8 image with stateless ops; returns float32 0-255."""
-    seeds = tf.random.experimental.stateless_split(seed, num=6)
-    shape = tf.shape(image)[:2]
-    fraction = tf.random.stateless_uniform([], seeds[0], minval=0.8, maxval=1.0)
-    crop = tf.maximum(tf.cast(tf.cast(shape, tf.float32) * fraction, tf.int32), 1)
-    image = tf.image.stateless_random_crop(image, tf.concat([crop, [3]], 0), seed=seeds[1])
-    image = _to_square(tf.cast(image, tf.float32), size, square, crop_seed=seeds[2])
-    image = tf.image.stateless_random_flip_left_right(image, seeds[3]) / 255.0
-    image = tf.image.stateless_random_brightness(image, 0.1, seeds[4])
-    jitter = tf.random.stateless_uniform([2], seeds[5], minval=0.9, maxval=1.1)
+def batch_shape(long_side: int, seed: int, step, aspects=BATCH_ASPECTS):
+    """``(height, width)`` of training batch ``step`` in "aspect" geometry: one of ``aspects``
+    (width / height), drawn per batch from ``(seed, step)``."""
+    shapes = [
+        (round(long_side / a), long_side) if a >= 1 else (long_side, round(long_side * a))
+        for a in aspects
+    ]
+    pick = tf.random.stateless_uniform(
+        [], tf.stack([tf.constant(seed, tf.int64), tf.cast(step, tf.int64)]), 0,
+        len(shapes), dtype=tf.int64,
+    )  # fmt: skip
+    return tf.gather(tf.constant(shapes, tf.int32), pick)
+
+
+def _aspect_crop(image, size, seed=None):
+    """A crop of ``image`` with the aspect of ``size`` = ``(h, w)``, resized to ``size``.
+
+    The crop is the largest rectangle of that aspect inside the image, shrunk to a random
+    64-100% of its area at a random place when ``seed`` is given (in the middle otherwise).
+    """
+    shape = tf.cast(tf.shape(image)[:2], tf.float32)
+    target = tf.cast(size, tf.float32)
+    fit = tf.reduce_min(shape / target)  # the largest rectangle of this aspect
+    if seed is not None:
+        seeds = tf.random.experimental.stateless_split(seed, num=2)
+        area = tf.random.stateless_uniform([], seeds[0], _MIN_CROP_AREA, 1.0)
+        fit = fit * tf.sqrt(area)
+    crop = tf.maximum(tf.cast(tf.round(target * fit), tf.int32), 1)
+    crop = tf.minimum(crop, tf.shape(image)[:2])
+    if seed is not None:
+        image = tf.image.stateless_random_crop(image, tf.concat([crop, [3]], 0), seed=seeds[1])
+    else:
+        offset = (tf.shape(image)[:2] - crop) // 2
+        image = tf.slice(image, tf.concat([offset, [0]], 0), tf.concat([crop, [3]], 0))
+    return tf.image.resize(tf.cast(image, tf.float32), size, antialias=True)
+
+
+def _long_side(image, size: int):
+    """The whole image, aspect kept, long side ``size`` (the exported graph's rule)."""
+    shape = tf.shape(image)
+    target = tf.stack(resized_shape(shape[0], shape[1], size))
+    return tf.clip_by_value(
+        tf.image.resize(tf.cast(image, tf.float32), target, antialias=True), 0, 255
+    )
+
+
+def _jitter(image, seeds):
+    """Flip, brightness, contrast and saturation of a float 0-255 image."""
+    image = tf.image.stateless_random_flip_left_right(image, seeds[0]) / 255.0
+    image = tf.image.stateless_random_brightness(image, 0.1, seeds[1])
+    jitter = tf.random.stateless_uniform([2], seeds[2], minval=0.9, maxval=1.1)
     mean = tf.reduce_mean(image, axis=[0, 1, 2], keepdims=True)
     image = (image - mean) * jitter[0] + mean  # contrast
     gray = tf.reduce_mean(image, axis=2, keepdims=True)
     image = (image - gray) * jitter[1] + gray  # saturation
     return tf.clip_by_value(image, 0.0, 1.0) * 255.0
+
+
+def _augment(image, size, geometry: str, seed):
+    """Light augmentation of one uint8 image with stateless ops; returns float32 0-255.
+
+    ``size`` is the batch's ``(h, w)`` in "aspect" geometry, the square's side otherwise.
+    """
+    seeds = tf.random.experimental.stateless_split(seed, num=6)
+    if geometry == "aspect":
+        image = _aspect_crop(image, size, seed=seeds[0])
+        return _jitter(image, seeds[3:])
+    shape = tf.shape(image)[:2]
+    fraction = tf.random.stateless_uniform([], seeds[0], minval=0.8, maxval=1.0)
+    crop = tf.maximum(tf.cast(tf.cast(shape, tf.float32) * fraction, tf.int32), 1)
+    image = tf.image.stateless_random_crop(image, tf.concat([crop, [3]], 0), seed=seeds[1])
+    image = _to_square(tf.cast(image, tf.float32), size, geometry, crop_seed=seeds[2])
+    return _jitter(image, seeds[3:])
 
 
 def check_size(name: str, value, minimum: int) -> int:
@@ -376,10 +444,10 @@ def check_size(name: str, value, minimum: int) -> int:
     return int(value)
 
 
-def check_square(square) -> str:
-    if square not in SQUARE_MODES:
-        raise InvalidInputError(f"`square` must be one of {SQUARE_MODES}, received {square!r}.")
-    return square
+def check_geometry(geometry) -> str:
+    if geometry not in GEOMETRIES:
+        raise InvalidInputError(f"`geometry` must be one of {GEOMETRIES}, received {geometry!r}.")
+    return geometry
 
 
 def check_manifest(manifest) -> Manifest:
@@ -439,9 +507,22 @@ def balanced_batch_indices(labels, classes_per_batch: int, images_per_class: int
 
 
 def images_from_indices(
-    index_batches, manifest, *, batch: int, image_size, augment, seed, square, bad_files
+    index_batches,
+    manifest,
+    *,
+    batch: int,
+    image_size,
+    augment,
+    seed,
+    geometry,
+    bad_files,
+    aspects=BATCH_ASPECTS,
 ):
-    """``index_batches`` (int64 ``(batch,)`` each) -> ``(images, labels)`` training batches."""
+    """``index_batches`` (int64 ``(batch,)`` each) -> ``(images, labels)`` training batches.
+
+    In "aspect" geometry each batch has its own shape (`batch_shape`); a batch that lost an
+    image (every image of a class unreadable) is dropped rather than mixed into the next.
+    """
     loader = _Loader(
         manifest,
         bad_files,
@@ -452,22 +533,32 @@ def images_from_indices(
 
     def load(position, index):
         image, label, ok = _decode_op(loader, index, position)
+        step = position // batch
+        size = batch_shape(image_size, seed, step, aspects) if geometry == "aspect" else image_size
         if augment:
             element_seed = tf.stack([tf.constant(seed, tf.int64), position])
-            image = _augment(image, image_size, square, element_seed)
+            image = _augment(image, size, geometry, element_seed)
+        elif geometry == "aspect":
+            image = _aspect_crop(image, size)
         else:
-            image = _to_square(tf.cast(image, tf.float32), image_size, square)
-        return image, label, ok
+            image = _to_square(tf.cast(image, tf.float32), image_size, geometry)
+        return image, label, ok, step
 
-    return (
+    elements = (
         index_batches.unbatch()
         .enumerate()
         .map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-        .filter(lambda image, label, ok: ok)
-        .map(lambda image, label, ok: (image, label))
-        .batch(batch, drop_remainder=True)
-        .prefetch(tf.data.AUTOTUNE)
+        .filter(lambda image, label, ok, step: ok)
     )
+    if geometry == "aspect":  # a batch holds the images of one step, all of one shape
+        batches = elements.group_by_window(
+            key_func=lambda image, label, ok, step: step,
+            reduce_func=lambda key, window: window.batch(batch, drop_remainder=True),
+            window_size=batch,
+        )
+    else:
+        batches = elements.batch(batch, drop_remainder=True)
+    return batches.map(lambda image, label, ok, step: (image, label)).prefetch(tf.data.AUTOTUNE)
 
 
 def resolve_log(bad_files) -> BadFileLog:
@@ -513,8 +604,9 @@ def make_train_dataset(
     augment: bool = True,
     seed: int = 0,
     bad_files: BadFileLog | None = None,
-    square: str = "crop",
+    geometry: str = "aspect",
     shard: tuple[int, int] | None = None,
+    aspects: tuple[float, ...] = BATCH_ASPECTS,
 ) -> tf.data.Dataset:
     """An infinite dataset of class-balanced ``P x K`` training batches.
 
@@ -525,13 +617,16 @@ def make_train_dataset(
 
     Args:
         manifest: a `training.data.Manifest`.
-        image_size: side ``S`` of the square images (see the module docstring).
+        image_size: the long side ``S`` of the images (the side of the squares in
+            ``"crop"``/``"pad"`` geometry; see the module docstring).
         classes_per_batch: ``P`` (>= 2: negatives need another class).
         images_per_class: ``K`` (>= 2: positives need another image of the class).
         augment: apply the light augmentation.
         seed: seed of the class sampling and of the augmentation.
         bad_files: a `BadFileLog` to record skipped files in; None logs each as found.
-        square: ``"crop"`` or ``"pad"``.
+        geometry: ``"aspect"`` (default), ``"crop"`` or ``"pad"``.
+        aspects: the aspect ratios (width / height) batches draw from in ``"aspect"``
+            geometry; one value gives every batch the same shape.
         shard: ``(num_shards, index)``: keep only slice ``index`` of every global ``P x K``
             batch, for one input pipeline per worker (``(ctx.num_input_pipelines,
             ctx.input_pipeline_id)`` of a ``tf.distribute.InputContext``). All shards draw the
@@ -540,7 +635,8 @@ def make_train_dataset(
             divisible by ``num_shards``.
 
     Returns:
-        a ``tf.data.Dataset`` of ``(images, labels)``: float32 ``(B, S, S, 3)`` RGB 0-255 and
+        a ``tf.data.Dataset`` of ``(images, labels)``: float32 ``(B, H, W, 3)`` RGB 0-255
+        (``H, W`` the batch's shape, long side ``S``; ``S x S`` for squares) and
         int32 ``(B,)`` labels (indices into ``manifest.class_names``), ``B = P * K`` (divided by
         ``num_shards`` with ``shard``); repeats forever, so give ``model.fit`` a
         ``steps_per_epoch``.
@@ -554,7 +650,7 @@ def make_train_dataset(
     image_size = check_size("image_size", image_size, 1)
     p = check_size("classes_per_batch", classes_per_batch, 2)
     k = check_size("images_per_class", images_per_class, 2)
-    square = check_square(square)
+    geometry = check_geometry(geometry)
     if len(manifest) == 0:
         raise InvalidInputError(
             "No class has two or more images: triplet training needs positives."
@@ -572,9 +668,34 @@ def make_train_dataset(
         image_size=image_size,
         augment=bool(augment),
         seed=int(seed),
-        square=square,
+        geometry=geometry,
         bad_files=resolve_log(bad_files),
+        aspects=tuple(aspects),
     )
+
+
+def embed_dataset(model, dataset) -> tuple[np.ndarray, np.ndarray]:
+    """Descriptors and labels of a dataset of ``(images, labels)`` batches, in order.
+
+    Runs ``model`` in inference mode through one ``tf.function`` that tolerates batches of
+    different shapes (``reduce_retracing``), as "aspect" geometry gives, where
+    ``model.predict`` would trace a new graph for every shape.
+
+    Returns:
+        ``(descriptors float32 (n, dim), labels int32 (n,))``.
+    """
+
+    @tf.function(reduce_retracing=True)
+    def embed(images):
+        return model(images, training=False)
+
+    descriptors, labels = [], []
+    for images, batch_labels in dataset:
+        descriptors.append(np.asarray(embed(tf.cast(images, tf.float32)), np.float32))
+        labels.append(np.asarray(batch_labels))
+    if not descriptors:
+        return np.zeros((0, 0), np.float32), np.zeros((0,), np.int32)
+    return np.concatenate(descriptors), np.concatenate(labels)
 
 
 def make_eval_dataset(
@@ -582,37 +703,41 @@ def make_eval_dataset(
     image_size: int = 224,
     batch_size: int = 16,
     bad_files: BadFileLog | None = None,
-    square: str = "crop",
+    geometry: str = "aspect",
 ) -> tf.data.Dataset:
     """A finite dataset of the manifest's images in order, without augmentation.
 
     A bad file is recorded in ``bad_files`` and keeps its place: its image is all zeros and its
-    label is `BAD_LABEL` (-1), so batch ``b`` row ``i`` is always manifest image
-    ``b * batch_size + i``; drop rows with ``labels < 0`` before scoring.
+    label is `BAD_LABEL` (-1), so row ``i`` of the concatenated batches is always manifest
+    image ``i``; drop rows with ``labels < 0`` before scoring.
 
     Args:
         manifest: a `training.data.Manifest`.
-        image_size: side ``S`` of the square images.
-        batch_size: images per batch; the last batch may be smaller.
+        image_size: the long side ``S`` (the square's side in ``"crop"``/``"pad"``).
+        batch_size: images per batch; the last batch may be smaller. In ``"aspect"``
+            geometry every image keeps its own shape, so batches hold one image.
         bad_files: a `BadFileLog`; None logs each bad file as found.
-        square: ``"crop"`` or ``"pad"`` (see the module docstring).
+        geometry: ``"aspect"`` (default: what an exported model sees), ``"crop"`` or
+            ``"pad"`` (see the module docstring).
 
     Returns:
-        a ``tf.data.Dataset`` of ``(images float32 (b, S, S, 3) 0-255, labels int32 (b,))``.
+        a ``tf.data.Dataset`` of ``(images float32 (b, h, w, 3) 0-255, labels int32 (b,))``.
     """
     manifest = check_manifest(manifest)
     image_size = check_size("image_size", image_size, 1)
     batch_size = check_size("batch_size", batch_size, 1)
-    square = check_square(square)
+    geometry = check_geometry(geometry)
     loader = _Loader(manifest, resolve_log(bad_files), 0, draft_size=image_size, substitute=False)
 
     def load(index):
         image, label, _ = _decode_op(loader, index, index)
-        return _to_square(tf.cast(image, tf.float32), image_size, square), label
+        if geometry == "aspect":
+            return _long_side(image, image_size), label
+        return _to_square(tf.cast(image, tf.float32), image_size, geometry), label
 
     return (
         tf.data.Dataset.range(len(manifest))
         .map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-        .batch(batch_size)
+        .batch(1 if geometry == "aspect" else batch_size)
         .prefetch(tf.data.AUTOTUNE)
     )

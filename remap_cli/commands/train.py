@@ -104,7 +104,7 @@ def add_parser(subparsers) -> None:
     parser.add_argument(
         "--image-size",
         type=int_at_least(MIN_IMAGE_SIZE),
-        help="square training image side, pixels",
+        help="long side of the training images, px (aspect kept; export with the same size)",
     )
     parser.add_argument("--strategy", help=f"one of {', '.join(STRATEGIES)}")
     parser.add_argument("--devices", help="comma-separated devices for one_device/mirrored")
