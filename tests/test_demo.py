@@ -58,20 +58,22 @@ def check_html(path: Path) -> list[str]:
     return checker.images
 
 
-def tiny_config(out: Path, poolings) -> DemoConfig:
+def tiny_config(out: Path, models) -> DemoConfig:
+    """The demo at a small size: random-init MobileNet 0.25, 6 photos, 2 steps per model."""
     return DemoConfig(
         out_dir=str(out),
         steps=2,
         minutes=3.0,
         backbone="mobilenet",
         alpha=0.25,
-        image_size=64,
+        weights=None,
+        image_size=96,
         views_per_photo=3,
         distractors_per_photo=1,
         images_per_class=2,
         classes_per_batch=2,
         photos=TINY_PHOTOS,
-        poolings=poolings,
+        models=models,
         top_k=4,
     )
 
@@ -84,19 +86,20 @@ def test_demo_end_to_end_at_tiny_size_and_again_over_its_leftovers(tmp_path, mon
     monkeypatch.chdir(tmp_path)
     out = Path("demo")
     lines: list[str] = []
-    result = run_demo(tiny_config(out, ("remap", "gem")), log=lines.append)
+    result = run_demo(tiny_config(out, ("spoc", "remap_kl_lw", "gem_ft", "remap_ft")), lines.append)
 
     text = "\n".join(lines)
     assert "test mAP" in text
     assert [row["model"] for row in result.table] == [
-        "untrained REMAP (= R-MAC, random init)",
-        "REMAP trained (KL-initialised)",
-        "GeM trained",
+        "SPoC",
+        "REMAP, KL + learned whitening",
+        "GeM, fine-tuned",
+        "REMAP, KL + learned whitening, fine-tuned",
     ]
     for row in result.table:
         assert 0.0 <= row["mAP"] <= 1.0
         assert row["model"] in text and f"{row['mAP']:.3f}" in text
-    assert [row["steps"] for row in result.table] == [0, 2, 2]
+    assert [row["steps"] for row in result.table] == [0, 0, 2, 2]
     # The exported graph decodes JPEGs with TensorFlow, the Keras reference with Pillow.
     assert result.max_export_difference < 0.1
 
@@ -116,20 +119,21 @@ def test_demo_end_to_end_at_tiny_size_and_again_over_its_leftovers(tmp_path, mon
 
     index = load_index(out / "index")
     groups = json.loads((out / "data" / "test_groups.json").read_text())
-    expected = sum(len(g["images"]) for g in groups["groups"]) + len(groups["distractors"])
-    assert len(index) == expected
+    queries = [g["images"][0] for g in groups["groups"]]  # the query crops
+    expected = sum(len(g["images"]) - 1 for g in groups["groups"]) + len(groups["distractors"])
+    assert len(index) == expected and not set(queries) & set(index.ids)
     assert all((out / "data" / image_id).is_file() for image_id in index.ids)
 
     report = out / "report.html"
     images = check_html(report)
     assert {"figures/training_curve.svg", "figures/region_weights.svg"} <= set(images)
-    assert len(images) >= 2 + len(groups["groups"]) * 5  # figures + query and top-4 rows
+    assert len(images) == 2 + len(groups["groups"]) * 5  # figures + query and top-4 rows
     for src in images:
         assert (report.parent / src).is_file(), src
     for svg in (out / "figures").glob("*.svg"):
         ET.parse(svg)  # well-formed XML
     page = report.read_text()
-    assert "GeM trained" in page and "untrained REMAP" in page
+    assert "GeM, fine-tuned" in page and "SPoC" in page
     assert sorted(p.name for p in out.iterdir() if p.is_file()) == ["report.html", "results.json"]
     with browser.page() as tab:
         seen = browser.load_file(tab, tmp_path / "demo" / "report.html")
@@ -137,12 +141,12 @@ def test_demo_end_to_end_at_tiny_size_and_again_over_its_leftovers(tmp_path, mon
     assert seen["overflow"] <= 0, seen
 
     lines.clear()
-    again = run_demo(tiny_config(out, ("remap",)), log=lines.append)
+    again = run_demo(tiny_config(out, ("spoc", "remap_ft")), log=lines.append)
     assert again.paths["saved_model"] == out / "models" / "remap" / "2"
-    assert [row["model"] for row in again.table][:2] == [row["model"] for row in result.table][:2]
-    # Same seed, same data, same initial weights: the untrained model scores the same.
-    assert again.table[0]["mAP"] == pytest.approx(result.table[0]["mAP"])
-    assert "GeM trained" not in report.read_text()
+    # Same seed and data, op determinism on: the same figures, to the last digit.
+    assert again.table[0]["mAP"] == result.table[0]["mAP"]
+    assert again.table[1]["mAP"] == result.table[3]["mAP"]
+    assert "GeM, fine-tuned" not in report.read_text()
     check_html(report)
 
 

@@ -245,6 +245,7 @@ def initialise(model, images, labels, config: TrainConfig) -> dict:
             labels,
             method=config.init.whitening,
             batch_size=config.data.validation_batch_size,
+            shrinkage=config.init.whitening_shrinkage,
         )
         done["whitening"] = config.init.whitening
     return done
@@ -361,6 +362,7 @@ def make_training_dataset(
             augment=config.data.augment,
             seed=config.seed,
             bad_files=bad_files,
+            min_crop_area=config.data.min_crop_area,
         )
     options = tf.data.Options()
     options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA

@@ -16,13 +16,14 @@ Geometry (``geometry``):
   resized, aspect kept, so that their long side is ``image_size`` (`remap_tf.ops
   .resized_shape`, the rule the exported graph uses), one image per batch. Training batches
   take one aspect ratio each (4:3, 1:1 or 3:4, drawn per batch), long side ``image_size``:
-  every image is cropped to that aspect (in training a random crop of 64-100% of the largest
-  such rectangle, in the middle otherwise) and resized, never stretched.
+  every image is cropped to that aspect (in training a random crop of `MIN_CROP_AREA`-100%
+  of the largest such rectangle, the whole middle one otherwise) and resized, never stretched.
 - ``"crop"`` resizes the shorter side to ``image_size`` and crops the centre square (a random
   square in training); ``"pad"`` resizes the longer side and pads with black to a square.
 
 Training augmentation (light, seeded per image with stateless random ops, so the same seed gives
-the same batches): the random crop above (``"crop"``/``"pad"``: 80-100% of each side), a
+the same batches): the random crop above (25-100% of the largest rectangle of the batch's
+aspect; ``"crop"``/``"pad"``: 80-100% of each side), a
 horizontal flip, brightness +-10%, contrast and saturation x[0.9, 1.1].
 
 Batches are class balanced, ``P x K`` (``classes_per_batch`` classes, ``images_per_class``
@@ -51,7 +52,9 @@ logger = logging.getLogger("remap.training")
 GEOMETRIES = ("aspect", "crop", "pad")
 # Width / height of a training batch in "aspect" geometry: one of these per batch.
 BATCH_ASPECTS = (4 / 3, 1.0, 3 / 4)
-_MIN_CROP_AREA = 0.64  # a training crop keeps 64-100% of the largest rectangle of its aspect
+# A training crop keeps this to 100% of the largest rectangle of its aspect: down to a
+# quarter of the frame, so training sees the partial views retrieval queries often are.
+MIN_CROP_AREA = 0.25
 BAD_LABEL = -1  # the label `make_eval_dataset` gives a file it could not decode
 _DRAFT_MARGIN = 1.25  # decode JPEGs at >= 1/0.8 of the target size: the random crop keeps 80%
 
@@ -377,18 +380,19 @@ def batch_shape(long_side: int, seed: int, step, aspects=BATCH_ASPECTS):
     return tf.gather(tf.constant(shapes, tf.int32), pick)
 
 
-def _aspect_crop(image, size, seed=None):
+def _aspect_crop(image, size, seed=None, min_area: float = MIN_CROP_AREA):
     """A crop of ``image`` with the aspect of ``size`` = ``(h, w)``, resized to ``size``.
 
     The crop is the largest rectangle of that aspect inside the image, shrunk to a random
-    64-100% of its area at a random place when ``seed`` is given (in the middle otherwise).
+    ``min_area``-100% of its area at a random place when ``seed`` is given (in the middle,
+    whole, otherwise).
     """
     shape = tf.cast(tf.shape(image)[:2], tf.float32)
     target = tf.cast(size, tf.float32)
     fit = tf.reduce_min(shape / target)  # the largest rectangle of this aspect
     if seed is not None:
         seeds = tf.random.experimental.stateless_split(seed, num=2)
-        area = tf.random.stateless_uniform([], seeds[0], _MIN_CROP_AREA, 1.0)
+        area = tf.random.stateless_uniform([], seeds[0], min_area, 1.0)
         fit = fit * tf.sqrt(area)
     crop = tf.maximum(tf.cast(tf.round(target * fit), tf.int32), 1)
     crop = tf.minimum(crop, tf.shape(image)[:2])
@@ -421,14 +425,14 @@ def _jitter(image, seeds):
     return tf.clip_by_value(image, 0.0, 1.0) * 255.0
 
 
-def _augment(image, size, geometry: str, seed):
+def _augment(image, size, geometry: str, seed, min_area: float = MIN_CROP_AREA):
     """Light augmentation of one uint8 image with stateless ops; returns float32 0-255.
 
     ``size`` is the batch's ``(h, w)`` in "aspect" geometry, the square's side otherwise.
     """
     seeds = tf.random.experimental.stateless_split(seed, num=6)
     if geometry == "aspect":
-        image = _aspect_crop(image, size, seed=seeds[0])
+        image = _aspect_crop(image, size, seed=seeds[0], min_area=min_area)
         return _jitter(image, seeds[3:])
     shape = tf.shape(image)[:2]
     fraction = tf.random.stateless_uniform([], seeds[0], minval=0.8, maxval=1.0)
@@ -517,6 +521,7 @@ def images_from_indices(
     geometry,
     bad_files,
     aspects=BATCH_ASPECTS,
+    min_area: float = MIN_CROP_AREA,
 ):
     """``index_batches`` (int64 ``(batch,)`` each) -> ``(images, labels)`` training batches.
 
@@ -537,7 +542,7 @@ def images_from_indices(
         size = batch_shape(image_size, seed, step, aspects) if geometry == "aspect" else image_size
         if augment:
             element_seed = tf.stack([tf.constant(seed, tf.int64), position])
-            image = _augment(image, size, geometry, element_seed)
+            image = _augment(image, size, geometry, element_seed, min_area)
         elif geometry == "aspect":
             image = _aspect_crop(image, size)
         else:
@@ -607,6 +612,7 @@ def make_train_dataset(
     geometry: str = "aspect",
     shard: tuple[int, int] | None = None,
     aspects: tuple[float, ...] = BATCH_ASPECTS,
+    min_crop_area: float = MIN_CROP_AREA,
 ) -> tf.data.Dataset:
     """An infinite dataset of class-balanced ``P x K`` training batches.
 
@@ -627,6 +633,7 @@ def make_train_dataset(
         geometry: ``"aspect"`` (default), ``"crop"`` or ``"pad"``.
         aspects: the aspect ratios (width / height) batches draw from in ``"aspect"``
             geometry; one value gives every batch the same shape.
+        min_crop_area: the smallest share of the frame a training crop keeps (``"aspect"``).
         shard: ``(num_shards, index)``: keep only slice ``index`` of every global ``P x K``
             batch, for one input pipeline per worker (``(ctx.num_input_pipelines,
             ctx.input_pipeline_id)`` of a ``tf.distribute.InputContext``). All shards draw the
@@ -671,6 +678,7 @@ def make_train_dataset(
         geometry=geometry,
         bad_files=resolve_log(bad_files),
         aspects=tuple(aspects),
+        min_area=float(min_crop_area),
     )
 
 

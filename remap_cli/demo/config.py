@@ -11,68 +11,97 @@ import os
 from pathlib import Path
 
 from remap_tf.errors import BadPathError, InvalidInputError
-from remap_tf.specs import POOLINGS, check_choice, get_spec
+from remap_tf.specs import check_choice, get_spec
 
 DEFAULT_OUT = "demo_out"
-DEFAULT_BACKBONE = "mobilenet_v2"
-# Width multiplier used for the MobileNets unless --alpha says otherwise: 0.35 is the
-# smallest MobileNetV2 with ImageNet weights in keras.applications.
-DEFAULT_ALPHA = {"mobilenet_v2": 0.35, "mobilenet": 0.25}
-TRAINED = ("remap", "rmac", "gem", "mac")
+DEFAULT_BACKBONE = "mobilenet"
+# Width multiplier used for the MobileNets unless --alpha says otherwise: 0.75 is the
+# MobileNet v1 whose ImageNet weights ship with remap-tf (the offline default).
+DEFAULT_ALPHA = {"mobilenet": 0.75, "mobilenet_v2": 0.35}
 # REMAP's region grid: 4 scales on a 24x32 reference map, the paper's 40 regions.
 LEVELS, GRID_SHAPE = 4, (24, 32)
 
 
+@dataclasses.dataclass(frozen=True)
+class DemoModel:
+    """One row of the demo's table: a pooling, how it is prepared, whether it is trained."""
+
+    key: str
+    label: str
+    pooling: str
+    init: str = "none"  # "none", "kl" (KL region weights) or "kl+lw" (+ learned whitening)
+    fine_tune: bool = False
+
+
+# The table of issue 10: off-the-shelf poolings, REMAP's initialisations, then R-MAC, GeM
+# and REMAP fine-tuned with the same budget. The last row is exported, indexed and reported.
+MODELS = (
+    DemoModel("spoc", "SPoC", "spoc"),
+    DemoModel("mac", "MAC", "mac"),
+    DemoModel("gem", "GeM", "gem"),
+    DemoModel("rmac", "R-MAC", "rmac"),
+    DemoModel("remap_kl", "REMAP, KL weights", "remap", "kl"),
+    DemoModel("remap_kl_lw", "REMAP, KL + learned whitening", "remap", "kl+lw"),
+    DemoModel("rmac_ft", "R-MAC, fine-tuned", "rmac", fine_tune=True),
+    DemoModel("gem_ft", "GeM, fine-tuned", "gem", fine_tune=True),
+    DemoModel("remap_ft", "REMAP, KL + learned whitening, fine-tuned", "remap", "kl+lw", True),
+)
+MODEL_KEYS = tuple(model.key for model in MODELS)
+REPORTED = "remap_ft"
+
+
 @dataclasses.dataclass
 class DemoConfig:
-    """Everything `run_demo` needs; the CLI flags map one to one onto these fields.
+    """Everything `run_demo` needs; the CLI flags map onto these fields.
 
     Attributes:
         out_dir: the folder everything is written to.
-        seed: fixes the photo set, the initial weights and the training batches.
-        minutes: training time limit per model, in minutes: a cap that keeps the demo
-            under 10 minutes on a slow or busy machine. Training normally stops after
-            ``steps`` steps, so that the seed, not the machine's speed, decides the numbers.
-        steps: training steps per model.
-        backbone: a `remap_tf.backbones.BACKBONES` name.
+        seed: fixes the photo set, the training batches and the initial head; TensorFlow's
+            op determinism is turned on, so one seed gives one table.
+        minutes: training time limit per fine-tuned model, a cap that keeps the demo under
+            10 minutes on a slow or busy machine (normally ``steps`` ends training first).
+        steps: training steps of each fine-tuned model (the same budget for each).
+        backbone: a `remap_tf.specs.BACKBONES` name.
         alpha: width multiplier for the MobileNets (None: `DEFAULT_ALPHA`).
-        weights: backbone weights: None (random init), ``"imagenet"`` or a file.
+        weights: backbone weights: ``"imagenet"`` (the default: bundled for MobileNet v1
+            0.75, no download), None (random init) or a weights file.
         serving: ``host:port`` of a TF Serving gRPC endpoint serving ``out_dir/models/remap``
             (the demo waits for it to load the version it exported); None embeds in-process.
-        image_size: side of the square views, in pixels.
-        views_per_photo: views of each photo (each test group: 1 query + the rest).
+        image_size: long side of the views, px (4:3). 384 px gives stride-32 maps of 12x9
+            cells, where all 40 regions of the grid differ (they do from 9 cells on, 288 px;
+            at 96 px the old demo's 3x3 maps had 15 distinct regions).
+        views_per_photo: views of each photo (each test group: 1 query crop + the rest).
         distractors_per_photo: views of each training photo added to the test database.
-        test_fraction: fraction of the photos held out for test.
-        photos: names from `training.photoset.PHOTOS` (None: all 18).
-        poolings: the trained models, REMAP first.
+        test_fraction: fraction of the photos held out for test (never trained on).
+        query_scale: a query is a crop of this share of the photo's side (``(0.45, 0.65)``:
+            20-42% of the area), a database view of 60-100%.
+        photos: names from `remap_cli.demo.photoset.PHOTOS` (None: all 18).
+        models: keys of `MODELS` to run, in table order; must include ``"remap_ft"``.
         classes_per_batch, images_per_class: the P×K batch.
-        learning_rate: Adam's peak learning rate (cosine decay over ``steps``).
+        learning_rate: Adam's learning rate (cosine decay over ``steps``).
         margin: triplet margin.
-        mining: online mining of `remap_tf.losses.TripletLoss`. Measured on the default
-            set (REMAP, 200 steps, seed 0, untrained test mAP 0.469): batch-hard at 1e-3
-            gave 0.725, semi-hard at 1e-3 0.690; at 1e-4 batch-hard 0.571, semi-hard 0.601,
-            batch-all 0.616. PCA whitening initialised from the training views lowered it
-            (0.610): 144 views are too few to estimate a 1376-dimensional whitening.
+        mining: online mining of `remap_tf.losses.TripletLoss`.
         top_k: results per query shown in the report.
     """
 
     out_dir: str = DEFAULT_OUT
     seed: int = 0
-    minutes: float = 1.5
-    steps: int = 200
+    minutes: float = 2.0
+    steps: int = 60
     backbone: str = DEFAULT_BACKBONE
     alpha: float | None = None
-    weights: str | None = None
+    weights: str | None = "imagenet"
     serving: str | None = None
-    image_size: int = 96
-    views_per_photo: int = 12
-    distractors_per_photo: int = 2
+    image_size: int = 384
+    views_per_photo: int = 8
+    distractors_per_photo: int = 3
     test_fraction: float = 0.35
+    query_scale: tuple[float, float] = (0.45, 0.65)
     photos: list[str] | None = None
-    poolings: tuple[str, ...] = TRAINED
+    models: tuple[str, ...] = MODEL_KEYS
     classes_per_batch: int = 6
-    images_per_class: int = 4
-    learning_rate: float = 1e-3
+    images_per_class: int = 3
+    learning_rate: float = 1e-5
     margin: float = 0.1
     mining: str = "batch_hard"
     top_k: int = 8
@@ -109,18 +138,29 @@ class DemoConfig:
             raise BadPathError(
                 f"--weights {self.weights!r} is neither 'imagenet' nor an existing weights file."
             )
-        if not self.poolings or self.poolings[0] != "remap":
+        for key in self.models:
+            check_choice("demo model", key, MODEL_KEYS)
+        if REPORTED not in self.models:
+            raise InvalidInputError(f"models must include {REPORTED!r}, received {self.models!r}.")
+        low, high = self.query_scale
+        if not 0 < low <= high <= 1:
             raise InvalidInputError(
-                f"poolings must start with 'remap', received {self.poolings!r}."
+                f"query_scale must be 0 < low <= high <= 1, got {self.query_scale}"
             )
-        for pooling in self.poolings:
-            check_choice("pooling", pooling, POOLINGS)
         if self.serving is not None and ":" not in self.serving:
             raise InvalidInputError(f"--serving must be host:port, received {self.serving!r}.")
         out = Path(self.out_dir)
         if out.exists() and not out.is_dir():
             raise InvalidInputError(f"--out {self.out_dir!r} exists and is not a folder.")
         return self
+
+    def selected(self) -> list[DemoModel]:
+        """The `MODELS` this run builds, in table order."""
+        return [model for model in MODELS if model.key in self.models]
+
+    def view_size(self) -> tuple[int, int]:
+        """``(height, width)`` of the views: 4:3 at ``image_size`` long side."""
+        return round(self.image_size * 3 / 4), self.image_size
 
     def backbone_kwargs(self) -> dict:
         alpha = self.alpha if self.alpha is not None else DEFAULT_ALPHA.get(self.backbone)
@@ -132,8 +172,8 @@ class DemoResult:
     """What `run_demo` produced.
 
     Attributes:
-        table: rows ``{"model", "pooling", "trained", "mAP", "mP@1", "mP@5", "steps",
-            "train_seconds", "stopped_by_time_limit"}``, untrained first.
+        table: rows ``{"key", "model", "pooling", "trained", "mAP", "mP@1", "mP@5",
+            "steps", "train_seconds", "stopped_by_time_limit"}``, in `MODELS` order.
         paths: name -> path of everything written (data, SavedModel, index, report, ...).
         seconds: wall-clock seconds of the whole run.
         max_export_difference: largest absolute difference between the exported model's

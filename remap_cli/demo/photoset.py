@@ -90,6 +90,7 @@ PHOTOS: dict[str, Callable[[], list[np.ndarray]]] = {
 }
 
 _SPLIT_CODES = {"train": 1, "val": 2, "test": 3, "distractors": 4}
+VIEW_SCALE = (0.6, 1.0)  # a view is a crop of 60-100% of the photo's side
 
 
 @dataclasses.dataclass(frozen=True)
@@ -132,6 +133,7 @@ def make_photo_views(
     val_fraction: float = 0.0,
     distractors_per_photo: int = 2,
     photos: Sequence[str] | None = None,
+    query_scale: tuple[float, float] | None = None,
 ) -> PhotoViews:
     """Writes the scikit-image photo retrieval set into ``out_dir`` (see the module doc).
 
@@ -148,6 +150,10 @@ def make_photo_views(
         distractors_per_photo: views of each training photo added to the test database as
             distractors, >= 0.
         photos: names from `PHOTOS` to use (default: all 18); at least 4.
+        query_scale: when given, each test group's first view (its query) is a crop of
+            this range of the photo's side (e.g. ``(0.45, 0.65)``: 20-42% of the area)
+            instead of an ordinary view (``0.6-1.0`` of the side), as retrieval queries
+            often show part of what the database holds.
 
     Returns:
         a `PhotoViews` naming the folders and files written.
@@ -168,7 +174,12 @@ def make_photo_views(
     train_rows = writer.rows("train", train, views_per_photo)
     val_rows = writer.rows("val", val, views_per_photo)
     groups = [
-        {"name": photo, "images": writer.relative(writer.write("test", photo, views_per_photo))}
+        {
+            "name": photo,
+            "images": writer.relative(
+                writer.write("test", photo, views_per_photo, first_scale=query_scale)
+            ),
+        }
         for photo in test
     ]
     distractors = writer.relative(
@@ -176,6 +187,7 @@ def make_photo_views(
     )
     settings = {
         "format_version": FORMAT_VERSION,
+        "query_scale": list(query_scale) if query_scale else None,
         "seed": seed,
         "views_per_photo": views_per_photo,
         "image_size": [height, width],
@@ -233,14 +245,16 @@ class _ViewWriter:
     def relative(self, paths) -> list[str]:
         return [p.relative_to(self.root).as_posix() for p in paths]
 
-    def write(self, split: str, photo: str, count: int) -> list[Path]:
-        """Writes ``count`` views of ``photo``: ``split/photo/`` (``distractors/`` flat)."""
+    def write(self, split: str, photo: str, count: int, first_scale=None) -> list[Path]:
+        """Writes ``count`` views of ``photo``: ``split/photo/`` (``distractors/`` flat); the
+        first is a crop of ``first_scale`` of the side when given."""
         folder = self.root / split if split == "distractors" else self.root / split / photo
         paths = []
         for index in range(count):
             rng = np.random.default_rng([self.seed, _stable_id(photo), _SPLIT_CODES[split], index])
             path = folder / f"{photo}_{index:03d}.jpg"
-            _write_if_changed(path, _render_view(self.sources[photo], self.size, rng))
+            scale = first_scale if index == 0 and first_scale else VIEW_SCALE
+            _write_if_changed(path, _render_view(self.sources[photo], self.size, rng, scale))
             self.written.add(path)
             paths.append(path)
         return paths
@@ -342,15 +356,15 @@ def _prepared_sources(name: str, long_side: int) -> list[Image.Image]:
     return images
 
 
-def _render_view(sources: list[Image.Image], size: tuple[int, int], rng) -> bytes:
+def _render_view(sources: list[Image.Image], size: tuple[int, int], rng, scale=(0.6, 1.0)) -> bytes:
     """One random view, as JPEG bytes: crop+scale+rotation+perspective, blur, colour, JPEG."""
     height, width = size
     source = sources[int(rng.integers(len(sources)))]
     sw, sh = source.size
     aspect = width / height
-    # The largest crop of the output's aspect that fits, scaled by 0.6-1.0 per side.
+    # The largest crop of the output's aspect that fits, scaled by `scale` per side.
     full_w = min(sw, sh * aspect)
-    scale = rng.uniform(0.6, 1.0)
+    scale = rng.uniform(*scale)
     crop_w, crop_h = full_w * scale, full_w * scale / aspect
     cx = rng.uniform(crop_w / 2, sw - crop_w / 2)
     cy = rng.uniform(crop_h / 2, sh - crop_h / 2)

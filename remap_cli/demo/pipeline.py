@@ -1,38 +1,32 @@
-"""`remap demo`: train, export, index and search REMAP on the photos inside scikit-image.
+"""`remap demo`: REMAP against its baselines on the photos inside scikit-image, end to end.
 
 One command, offline, on a laptop CPU, shows the whole path of this project:
 
-1. **data**: `remap_cli.demo.photoset.make_photo_views` turns the photographs bundled with
-   scikit-image into an instance-retrieval set (views of each photo; train and test split by
-   photo; test groups plus distractors);
-2. **models**: REMAP on a small random-initialised backbone (or ``--weights``), and the
-   R-MAC, GeM and MAC baselines on the same backbone, the same initial weights and the same
-   training budget;
-3. **initialise** REMAP's region weights by KL divergence
-   (`remap_tf.region_weights.init_region_weights`);
-4. **train** each with ``model.fit`` (`remap_tf.training.fit.fit_model`: triplet loss with
-   batch-hard mining on class-balanced P×K batches from
-   `remap_tf.training.pipeline.make_train_dataset`), for ``steps`` steps or ``minutes``
-   minutes, whichever comes first;
-5. **export** the trained REMAP in TF Serving layout (`remap_tf.export.saved_model.export_model`);
-6. **embed** the test database through the exported SavedModel
-   (`remap_tf.serving.client.LocalEmbedder`) or through a running TF Serving
+1. **data**: `remap_cli.demo.photoset.make_photo_views` turns the 18 photographs bundled with
+   scikit-image into an instance-retrieval set: views of each photo (crops, rotation,
+   perspective, colour, blur, JPEG), split by photo so that the test photos are never seen in
+   training; each test photo's query is a crop of 20-42% of its area, its database views
+   show 36-100%, and views of the training photos are distractors;
+2. **models**, all on ImageNet MobileNet v1 (alpha 0.75, the weights that ship with remap-tf)
+   at 384 px long side: off-the-shelf SPoC, MAC, GeM and R-MAC; REMAP with KL-divergence
+   region weights (`remap_tf.region_weights.init_region_weights`), then also with learned
+   whitening (`remap_tf.whitening.init_whitening`), both fitted on the training photos;
+   then R-MAC, GeM and REMAP fine-tuned with ``model.fit`` and a triplet loss
+   (`remap_tf.training.fit.fit_model`) for the same number of steps;
+3. **export** the fine-tuned REMAP in TF Serving layout
+   (`remap_tf.export.saved_model.export_model`) and **embed** the test set through the
+   SavedModel (`remap_tf.serving.client.LocalEmbedder`) or a running TF Serving
    (``--serving host:port``);
-7. **index** the descriptors with ScaNN (`remap_tf.serving.index.ScannIndex`) and **search** every
-   test image against the rest;
-8. **evaluate** mAP (`remap_tf.evaluation`, every image of a group is a query against all the
-   others, as in INRIA Holidays) and **report**: a table of test mAP, ``report.html`` with
-   the queries' top results (`remap_tf.serving.report.write_report`), the training curves and the
-   region weights (`remap_cli.demo.figures`).
+4. **index** with ScaNN (`remap_tf.serving.index.ScannIndex`), **search** every query and
+   **evaluate** mAP (`remap_tf.evaluation`) for every model;
+5. **report**: the table, ``report.html`` with the queries' top results
+   (`remap_tf.serving.report.write_report`), the training curves and the region weights
+   (`remap_cli.demo.figures`).
 
-The untrained row is REMAP as built, before KL initialisation and training (all region weights
-1, i.e. R-MAC pooling on the random backbone), so the table shows what training bought.
-
-BatchNorm: the random backbone is used with its BatchNorm layers frozen at their initial
-statistics (identity), during training too. Recalibrating them on the training photos
-(`remap_tf.recalibrate_batch_norm`) lowered the untrained and the trained mAP on this data
-(measured: test mAP 0.47 -> 0.27 untrained, and training then stalled), and letting them
-train makes inference use stale moving averages after a few hundred steps.
+Deterministic: TensorFlow's op determinism is on and every model starts from
+``keras.utils.set_random_seed(seed)``, so one seed gives one table. BatchNorm layers stay in
+inference mode (their ImageNet statistics) during fine-tuning: batches of 18 images would
+estimate them badly.
 
 Everything is written under ``out_dir``; running again over an earlier run reuses the photo
 set, adds a new SavedModel version and replaces the index, report and results atomically.
@@ -43,7 +37,9 @@ for image retrieval", IEEE TIP 2019.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import json
 import os
 import time
 import warnings
@@ -55,22 +51,32 @@ import numpy as np
 import tensorflow as tf
 from PIL import Image
 
-from remap_cli.demo.config import GRID_SHAPE, LEVELS, DemoConfig, DemoResult, config_json
+from remap_cli.demo.config import (
+    GRID_SHAPE,
+    LEVELS,
+    REPORTED,
+    DemoConfig,
+    DemoModel,
+    DemoResult,
+    config_json,
+)
 from remap_cli.demo.photoset import PhotoViews, load_images, make_photo_views
 from remap_cli.demo.report import RemapOutcome, format_table, table_row, write_outputs
+from remap_tf import evaluation
 from remap_tf.backbones import batch_norm_layers
-from remap_tf.datasets import RetrievalDataset, load_groups_json
 from remap_tf.errors import InvalidInputError, ModelNotFoundError
 from remap_tf.export.saved_model import export_model
 from remap_tf.model import REMAP, get_region_weights
 from remap_tf.region_weights import init_region_weights
 from remap_tf.serving.client import LocalEmbedder, make_embedder
 from remap_tf.serving.index import ScannIndex
-from remap_tf.specs import POOLING_NAMES
 from remap_tf.training.config import TrainConfig
 from remap_tf.training.data import load_manifest
 from remap_tf.training.fit import fit_model
 from remap_tf.training.pipeline import make_train_dataset
+from remap_tf.whitening import init_whitening
+
+WHITENING_SHRINKAGE = 0.5  # as remap train's default (init.whitening_shrinkage)
 
 
 class _Status:
@@ -90,17 +96,22 @@ class DemoData:
 
     Attributes:
         views: the photo set on disk.
-        test: the test groups + distractors, as a retrieval dataset.
-        ids: database ids: paths relative to the photo set ("test/coffee/coffee_001.jpg").
-        pixels: database images, float32 (h, w, 3) 0-255, decoded by Pillow.
-        train_images: float32 (num_train, h, w, 3), for the KL initialisation.
-        train_labels: int32 (num_train,).
+        queries: the query crops' paths, one per test photo.
+        database: the database paths: the test photos' other views, then the distractors.
+        positives: per query, the database rows of its photo.
+        ids: database ids, paths relative to the photo set ("test/coffee/coffee_003.jpg").
+        query_pixels, database_pixels: decoded float32 ``(1, h, w, 3)`` each.
+        train_images: float32 ``(num_train, h, w, 3)`` training views (KL and whitening).
+        train_labels: int ``(num_train,)``.
     """
 
     views: PhotoViews
-    test: RetrievalDataset
-    ids: list
-    pixels: list
+    queries: list[str]
+    database: list[str]
+    positives: list[list[int]]
+    ids: list[str]
+    query_pixels: list
+    database_pixels: list
     train_images: np.ndarray
     train_labels: np.ndarray
 
@@ -124,9 +135,9 @@ def run_demo(config: DemoConfig, log: Callable[[str], None] = _print) -> DemoRes
     """Runs the demo end to end (see the module docstring) and writes ``config.out_dir``.
 
     Each model is built after ``keras.backend.clear_session()`` and
-    ``keras.utils.set_random_seed(config.seed)``, so that all start from the same backbone
-    weights; models the caller built before are not affected, but Keras' layer-name counters
-    restart.
+    ``keras.utils.set_random_seed(config.seed)``; models the caller built before are not
+    affected, but Keras' layer-name counters restart. Turns on TensorFlow's op determinism
+    for the rest of the process.
 
     Args:
         config: a `DemoConfig`.
@@ -139,6 +150,7 @@ def run_demo(config: DemoConfig, log: Callable[[str], None] = _print) -> DemoRes
         remap_tf.errors.RemapError: a bad option (named), or an unreachable ``serving``.
     """
     config.validate()
+    tf.config.experimental.enable_op_determinism()
     status = _Status(log)
     if config.serving:
         _check_server(config.serving)
@@ -147,25 +159,16 @@ def run_demo(config: DemoConfig, log: Callable[[str], None] = _print) -> DemoRes
     out.mkdir(parents=True, exist_ok=True)
     data = _make_data(config, out, status)
     curves: dict[str, tuple[list[int], list[float]]] = {}
-    logger, level = tf.get_logger(), tf.get_logger().level
-    with warnings.catch_warnings():
-        # Noise, not news, for a demo user: Keras notes that tf.data datasets are not
-        # shuffled by fit, and tf.function notes the retracing of predict for each model.
-        warnings.filterwarnings("ignore", message=r".*`shuffle=True` was passed")
-        logger.setLevel("ERROR")
-        try:
-            remap = _run_remap(config, out, data, curves, status)
-            baselines = [
-                _run_baseline(pooling, config, data, curves, status)
-                for pooling in config.poolings[1:]
-            ]
-        finally:
-            logger.setLevel(level)
+    rows, remap = [], None
+    with _quiet_tensorflow():
+        for spec in config.selected():
+            row, outcome = _run_model(spec, config, out, data, curves, status)
+            rows.append(row)
+            remap = outcome or remap
     paths: dict[str, Path] = {"data": data.views.root, "saved_model": remap.version_dir}
     paths["index"] = remap.index.save(out / "index")
     status("index", f"ScaNN index of {len(data.ids)} REMAP descriptors saved to {paths['index']}")
-    paths.update(write_outputs(config, out, data, remap, baselines, curves))
-    rows = [remap.untrained, remap.trained, *baselines]
+    paths.update(write_outputs(config, out, data, remap, rows, curves))
     seconds = time.monotonic() - status.start
     for line in ["", format_table(rows), "", "Wrote:"]:
         log(line)
@@ -177,112 +180,148 @@ def run_demo(config: DemoConfig, log: Callable[[str], None] = _print) -> DemoRes
     )
 
 
+@contextlib.contextmanager
+def _quiet_tensorflow():
+    """Keras' note that tf.data datasets are not shuffled by fit, and tf.function's notes on
+    retracing, are noise, not news, for a demo user."""
+    logger, level = tf.get_logger(), tf.get_logger().level
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".*`shuffle=True` was passed")
+        logger.setLevel("ERROR")
+        try:
+            yield
+        finally:
+            logger.setLevel(level)
+
+
 def _make_data(config: DemoConfig, out: Path, status) -> DemoData:
     """Writes (or refreshes) the photo set under ``out/data`` and loads what is needed."""
     views = make_photo_views(
         out / "data",
         seed=config.seed,
         views_per_photo=config.views_per_photo,
-        image_size=config.image_size,
+        image_size=config.view_size(),
         test_fraction=config.test_fraction,
         distractors_per_photo=config.distractors_per_photo,
         photos=config.photos,
+        query_scale=config.query_scale,
     )
     images, labels, _ = load_images(views.train_csv)
-    test = load_groups_json(views.test_groups_json)
+    spec = json.loads(views.test_groups_json.read_text(encoding="utf-8"))
+    queries = [str(views.root / g["images"][0]) for g in spec["groups"]]
+    database, positives = [], []
+    for group in spec["groups"]:
+        start = len(database)
+        database += [str(views.root / p) for p in group["images"][1:]]
+        positives.append(list(range(start, len(database))))
+    database += [str(views.root / p) for p in spec["distractors"]]
     status(
         "data",
         f"{len(views.train_photos)} training photos ({len(images)} views), "
-        f"{len(views.test_photos)} test photos + {test.info['distractors']} distractors "
-        f"({len(test.database)} database images) in {views.root}",
+        f"{len(views.test_photos)} test photos: {len(queries)} query crops against "
+        f"{len(database)} database images ({len(spec['distractors'])} distractors), in "
+        f"{views.root}",
     )
     return DemoData(
         views=views,
-        test=test,
-        ids=[Path(os.path.relpath(p, views.root)).as_posix() for p in test.database],
-        pixels=_load_pixels(test.database),
+        queries=queries,
+        database=database,
+        positives=positives,
+        ids=[Path(os.path.relpath(p, views.root)).as_posix() for p in database],
+        query_pixels=_load_pixels(queries),
+        database_pixels=_load_pixels(database),
         train_images=images,
         train_labels=labels,
     )
 
 
-def _fresh_model(config: DemoConfig, pooling: str, status):
-    """The model for ``pooling`` from the seed's initial weights (same backbone for all)."""
+def _run_model(spec: DemoModel, config: DemoConfig, out: Path, data: DemoData, curves, status):
+    """Builds, initialises, (fine-tunes,) embeds and scores one row of the table.
+
+    Returns:
+        ``(row, outcome)``: the table row, and for the reported model (fine-tuned REMAP) the
+        `RemapOutcome` the report draws (else None).
+    """
     keras.backend.clear_session()
-    keras.utils.set_random_seed(config.seed)
-    model = _build_model(config, pooling)
-    status(POOLING_NAMES[pooling], f"built {model.name}: {model.count_params():,} weights")
-    return model
+    keras.utils.set_random_seed(config.seed)  # every model starts from the same head
+    model = _build_model(config, spec.pooling)
+    initial = _initialise(model, spec, data, status)
+    training = None
+    if spec.fine_tune:
+        training = _train(model, config, data.views.train_csv, spec.label, curves, status)
+    if spec.key == REPORTED:
+        return _run_reported(model, spec, config, out, data, initial, training, status)
+    queries = _embed_in_process(model, data.query_pixels)
+    database = _embed_in_process(model, data.database_pixels)
+    row = _evaluate(spec, queries, database, data)[0]
+    _record_training(row, training)
+    status(spec.label, f"test mAP {row['mAP']:.3f}")
+    return row, None
 
 
-def _run_remap(config: DemoConfig, out: Path, data: DemoData, curves, status) -> RemapOutcome:
-    """REMAP: evaluated untrained, KL-initialised, trained, exported, embedded through the
-    export (or TF Serving), indexed with ScaNN and evaluated."""
-    name = POOLING_NAMES["remap"]
-    model = _fresh_model(config, "remap", status)
-    untrained = _embed_in_process(model, data.pixels)
-    untrained_row = _evaluate("untrained REMAP (= R-MAC, random init)", "remap", untrained, data)[0]
-    untrained_row["trained"] = False
-    status(name, f"untrained test mAP {untrained_row['mAP']:.3f}")
+def _initialise(model, spec: DemoModel, data: DemoData, status):
+    """KL region weights (and learned whitening) from the training views; the KL weights."""
+    if spec.init == "none":
+        return None
     started = time.monotonic()
-    initial = init_region_weights(
-        model, data.train_images, data.train_labels, batch_size=32, seed=config.seed
-    )
+    initial = init_region_weights(model, data.train_images, data.train_labels, batch_size=16)
+    if spec.init == "kl+lw":
+        init_whitening(
+            model,
+            data.train_images,
+            data.train_labels,
+            batch_size=16,
+            shrinkage=WHITENING_SHRINKAGE,
+        )
     status(
-        name,
-        f"region weights initialised by KL divergence ({initial.shape[0]} layers x "
-        f"{initial.shape[1]} regions, {time.monotonic() - started:.1f}s)",
+        spec.label,
+        f"{spec.init.replace('kl', 'KL region weights').replace('+lw', ' and learned whitening')}"
+        f" from {len(data.train_images)} training views ({time.monotonic() - started:.1f}s)",
     )
-    training = _train(model, config, data.views.train_csv, name, curves, status)
-    reference = _embed_in_process(model, data.pixels)
-    version_dir, descriptors, where = _export_and_embed(model, config, out, data, status)
-    difference = float(np.abs(descriptors - reference).max())
+    return initial
+
+
+def _run_reported(model, spec, config, out, data, initial, training, status):
+    """The fine-tuned REMAP: export, embed through the export, ScaNN, and the report's data."""
+    reference = _embed_in_process(model, data.database_pixels)
+    version_dir, embedded, where = _export_and_embed(model, config, out, data, status)
+    database, queries = embedded[: len(data.database)], embedded[len(data.database) :]
+    difference = float(np.abs(database - reference).max())
     status(
         "export",
         f"exported vs Keras descriptors: max |difference| {difference:.1e} "
         "(TF's and Pillow's JPEG decoders differ slightly)",
     )
-    row, index, rankings = _evaluate("REMAP trained (KL-initialised)", "remap", descriptors, data)
+    row, index, rankings = _evaluate(spec, queries, database, data)
     _record_training(row, training)
-    status(name, f"test mAP {row['mAP']:.3f} after {training.done} steps ({training.seconds:.0f}s)")
-    return RemapOutcome(
-        untrained=untrained_row,
-        trained=row,
+    status(spec.label, f"test mAP {row['mAP']:.3f}")
+    outcome = RemapOutcome(
+        row=row,
         initial_weights=initial,
         learned_weights=get_region_weights(model),
-        similarity_before=_mean_similarity(untrained),
-        similarity_after=_mean_similarity(descriptors),
         version_dir=version_dir,
         embedded_through=where,
         export_difference=difference,
         index=index,
         rankings=rankings,
-        descriptors=descriptors,
+        queries=queries,
+        descriptors=database,
     )
+    return row, outcome
 
 
-def _run_baseline(pooling: str, config: DemoConfig, data: DemoData, curves, status) -> dict:
-    """A baseline pooling trained with the same budget and evaluated in process."""
-    name = POOLING_NAMES[pooling]
-    model = _fresh_model(config, pooling, status)
-    training = _train(model, config, data.views.train_csv, name, curves, status)
-    descriptors = _embed_in_process(model, data.pixels)
-    row = _evaluate(f"{name} trained", pooling, descriptors, data)[0]
-    _record_training(row, training)
-    status(name, f"test mAP {row['mAP']:.3f} after {training.done} steps ({training.seconds:.0f}s)")
-    return row
-
-
-def _record_training(row: dict, training: _Training) -> None:
-    row.update(
-        steps=training.done,
-        train_seconds=round(training.seconds, 1),
-        stopped_by_time_limit=training.stopped,
-    )
+def _record_training(row: dict, training: _Training | None) -> None:
+    if training is not None:
+        row.update(
+            trained=True,
+            steps=training.done,
+            train_seconds=round(training.seconds, 1),
+            stopped_by_time_limit=training.stopped,
+        )
 
 
 def _build_model(config: DemoConfig, pooling: str):
-    """The model for ``pooling``, its BatchNorm layers frozen (see the module docstring)."""
+    """The model for ``pooling`` on the configured backbone, BatchNorm in inference mode."""
     model = REMAP(
         config.backbone,
         pooling=pooling,
@@ -332,7 +371,7 @@ def _train(model, config: DemoConfig, train_csv: Path, name: str, curves, status
         images_per_class=config.images_per_class,
         seed=config.seed,
     )
-    progress = _progress_callback(config.steps, f"  training {name}")
+    progress = _Progress(config.steps, f"  training {name}")
     started = time.monotonic()
     history = fit_model(model, dataset, train_config, callbacks=[progress])
     seconds = time.monotonic() - started
@@ -343,8 +382,7 @@ def _train(model, config: DemoConfig, train_csv: Path, name: str, curves, status
     curves[name] = (steps, losses)
     if stopped:
         status(
-            name,
-            f"the {config.minutes:g}-minute time limit stopped training at step {progress.step}",
+            name, f"the {config.minutes:g}-minute limit stopped training at step {progress.step}"
         )
     return _Training(steps, losses, progress.step, seconds, stopped)
 
@@ -371,40 +409,36 @@ class _Progress(keras.callbacks.Callback):
             self.bar.update(self.step, values=[("loss", self.loss)], finalize=True)
 
 
-def _progress_callback(total: int, label: str) -> _Progress:
-    return _Progress(total, label)
-
-
 def _load_pixels(paths) -> list:
-    """Decodes images to float32 RGB arrays ``(h, w, 3)`` 0-255 with Pillow."""
+    """Decodes images to float32 RGB batches ``(1, h, w, 3)`` 0-255 with Pillow."""
     pixels = []
     for path in paths:
         with Image.open(path) as image:
-            pixels.append(np.asarray(image.convert("RGB"), dtype=np.float32))
+            pixels.append(np.asarray(image.convert("RGB"), dtype=np.float32)[None])
     return pixels
 
 
 def _embed_in_process(model, pixels) -> np.ndarray:
-    """Descriptors ``(num_images, dim)`` of same-sized images from the Keras model."""
-    batch = np.stack(pixels)
-    return np.asarray(model.predict(batch, batch_size=32, verbose=0), dtype=np.float32)
+    """Descriptors ``(num_images, dim)`` from the Keras model, one image per call (the views
+    and the query crops have different shapes)."""
+    embed = tf.function(lambda x: model(x, training=False), reduce_retracing=True)
+    return np.concatenate([np.asarray(embed(x), np.float32) for x in pixels])
 
 
 def _export_and_embed(model, config: DemoConfig, out: Path, data: DemoData, status):
-    """Exports ``model`` as a new version of ``out/models/remap`` and embeds the database.
+    """Exports ``model`` as a new version of ``out/models/remap`` and embeds the database
+    and the queries through it.
 
     Returns:
-        ``(version_dir, descriptors (len(database), dim) from the exported model, where they
-        were computed)``.
+        ``(version_dir, descriptors (len(database) + len(queries), dim), where)``.
     """
     started = time.monotonic()
-    database = data.test.database
     version_dir = export_model(
         model,
         out / "models" / "remap",
         image_size=config.image_size,
         config={"demo": config_json(config)},
-        warmup_images=database[:4],
+        warmup_images=data.database[:4],
         model_name="remap",
     )
     status("export", f"SavedModel written to {version_dir} ({time.monotonic() - started:.0f}s)")
@@ -416,12 +450,10 @@ def _export_and_embed(model, config: DemoConfig, out: Path, data: DemoData, stat
     else:
         embedder = LocalEmbedder(version_dir)
         where = "the exported SavedModel in this process"
+    images = data.database + data.queries
     with embedder:
-        descriptors = embedder.embed(database)
-    status(
-        "embed",
-        f"{len(database)} database images through {where} ({time.monotonic() - started:.1f}s)",
-    )
+        descriptors = embedder.embed(images)
+    status("embed", f"{len(images)} images through {where} ({time.monotonic() - started:.1f}s)")
     return version_dir, descriptors, where
 
 
@@ -459,27 +491,18 @@ def _wait_for_version(client, version: int, target: str, timeout: float = 120.0)
     )
 
 
-def _mean_similarity(descriptors) -> float:
-    """Mean cosine similarity over all pairs of distinct rows of L2-normalised descriptors."""
-    n = len(descriptors)
-    gram = descriptors @ descriptors.T
-    return float((gram.sum() - gram.trace()) / max(n * (n - 1), 1))
-
-
-def _evaluate(label: str, pooling: str, descriptors, data: DemoData):
-    """Indexes ``descriptors`` with ScaNN, searches every test query, scores the rankings.
+def _evaluate(spec: DemoModel, queries, database, data: DemoData):
+    """Indexes the database with ScaNN, searches every query, scores the rankings.
 
     Returns:
-        ``(row, index, rankings)``: the table row (``mAP``, ``mP@1``, ``mP@5``, per-query
-        ``ap``), the `remap_tf.serving.index.ScannIndex` and the ``(num_queries,
-        num_database)`` rankings (database indices, best first; the query itself included,
-        as junk).
+        ``(row, index, rankings)``: the table row, the `remap_tf.serving.index.ScannIndex`
+        and the ``(num_queries, num_database)`` rankings (database rows, best first).
     """
-    index = ScannIndex(dim=descriptors.shape[1])
-    index.add(data.ids, descriptors)
+    index = ScannIndex(dim=database.shape[1])
+    index.add(data.ids, database)
     positions = {i: n for n, i in enumerate(data.ids)}
-    query_rows = [data.test.database.index(q.path) for q in data.test.queries]
-    found, _ = index.search(descriptors[query_rows], k=len(data.ids))
+    found, _ = index.search(queries, k=len(data.ids))
     rankings = np.array([[positions[i] for i in row] for row in found], dtype=np.int64)
-    scores = data.test.evaluate(rankings)["default"]
-    return table_row(label, pooling, scores), index, rankings
+    junk = [[] for _ in data.queries]
+    scores = evaluation.mean_average_precision(rankings, data.positives, junk, (1, 5))
+    return table_row(spec, scores), index, rankings

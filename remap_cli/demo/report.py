@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import html
+import os
 from pathlib import Path
 
 import numpy as np
@@ -23,46 +24,41 @@ from remap_tf.specs import get_spec
 
 @dataclasses.dataclass
 class RemapOutcome:
-    """Everything the demo learnt about REMAP, for the table and the report.
+    """What the report shows of the fine-tuned REMAP, beyond its table row.
 
     Attributes:
-        untrained, trained: table rows (see `table_row`) before and after training.
+        row: its table row (see `table_row`).
         initial_weights, learned_weights: region weights ``(layers, regions)`` after the KL
-            initialisation and after training.
-        similarity_before, similarity_after: mean cosine similarity of two database images.
+            initialisation and after fine-tuning.
         version_dir: the exported SavedModel version.
-        embedded_through: where the database descriptors were computed.
-        export_difference: largest |exported - Keras| descriptor difference.
-        index: the ScaNN index of the trained descriptors.
+        embedded_through: where the test descriptors were computed.
+        export_difference: largest |exported - Keras| database descriptor difference.
+        index: the ScaNN index of the database descriptors.
         rankings: ``(num_queries, num_database)`` database rows, best first.
-        descriptors: ``(num_database, dim)`` trained descriptors.
+        queries: ``(num_queries, dim)`` query descriptors.
+        descriptors: ``(num_database, dim)`` database descriptors.
     """
 
-    untrained: dict
-    trained: dict
+    row: dict
     initial_weights: np.ndarray
     learned_weights: np.ndarray
-    similarity_before: float
-    similarity_after: float
     version_dir: Path
     embedded_through: str
     export_difference: float
     index: object
     rankings: np.ndarray
+    queries: np.ndarray
     descriptors: np.ndarray
 
-    @property
-    def scores_uninformative(self) -> bool:
-        """True when the trained descriptors are so alike that similarities print as 1.000."""
-        return self.similarity_after > 0.995
 
-
-def table_row(label: str, pooling: str, scores: dict) -> dict:
-    """A row of the mAP table from `remap_tf.datasets.RetrievalDataset.evaluate` scores."""
+def table_row(model, scores: dict) -> dict:
+    """A row of the mAP table for a `remap_cli.demo.config.DemoModel` and its scores
+    (`remap_tf.evaluation.mean_average_precision` with kappas 1 and 5)."""
     return {
-        "model": label,
-        "pooling": pooling,
-        "trained": True,
+        "key": model.key,
+        "model": model.label,
+        "pooling": model.pooling,
+        "trained": False,
         "mAP": scores["mAP"],
         "mP@1": scores["mP@1"],
         "mP@5": scores["mP@5"],
@@ -75,28 +71,25 @@ def table_row(label: str, pooling: str, scores: dict) -> dict:
 
 def format_table(rows) -> str:
     """The mAP table as aligned text."""
-    header = f"{'model':<40} {'test mAP':>8} {'mP@1':>6} {'mP@5':>6} {'steps':>6} {'train s':>8}"
+    header = f"{'model':<44} {'test mAP':>8} {'mP@1':>6} {'mP@5':>6} {'steps':>6} {'train s':>8}"
     lines = [header, "-" * len(header)]
     for row in rows:
         note = " (time limit)" if row["stopped_by_time_limit"] else ""
         lines.append(
-            f"{row['model']:<40} {row['mAP']:>8.3f} {row['mP@1']:>6.3f} {row['mP@5']:>6.3f} "
+            f"{row['model']:<44} {row['mAP']:>8.3f} {row['mP@1']:>6.3f} {row['mP@5']:>6.3f} "
             f"{row['steps']:>6d} {row['train_seconds']:>8.0f}{note}"
         )
     return "\n".join(lines)
 
 
-def write_outputs(config: DemoConfig, out: Path, data, remap: RemapOutcome, baselines, curves):
+def write_outputs(config: DemoConfig, out: Path, data, remap: RemapOutcome, rows, curves):
     """Figures, report.html (+ report_files/) and results.json; returns their paths by name."""
     paths = _write_figures(config, out / "figures", remap, curves)
-    paths["report"] = _write_query_report(config, out, data, remap, baselines)
+    paths["report"] = _write_query_report(config, out, data, remap, rows)
     paths["report_png"] = out / "report_files" / "report.png"
     results = {
         "config": config_json(config),
-        "table": [
-            {k: v for k, v in row.items() if k != "ap"}
-            for row in (remap.untrained, remap.trained, *baselines)
-        ],
+        "table": [{k: v for k, v in row.items() if k != "ap"} for row in rows],
         "saved_model": str(remap.version_dir),
         "embedded_through": remap.embedded_through,
         "max_export_difference": remap.export_difference,
@@ -109,64 +102,58 @@ def write_outputs(config: DemoConfig, out: Path, data, remap: RemapOutcome, base
 
 def _write_figures(config: DemoConfig, figures: Path, remap: RemapOutcome, curves) -> dict:
     mining = config.mining.replace("_", "-")
-    paths = {
-        "training_curve": write_svg(
+    paths = {}
+    if curves:
+        paths["training_curve"] = write_svg(
             figures / "training_curve.svg",
-            training_curve_svg(curves, title=f"Training loss ({mining} triplet, mean per epoch)"),
+            training_curve_svg(curves, title=f"Fine-tuning loss ({mining} triplet, per epoch)"),
         )
-    }
     taps = get_spec(config.backbone).taps
     region_rows = []
-    for layer in range(remap.initial_weights.shape[0]):
+    for layer in range(remap.learned_weights.shape[0]):
         tap = taps[layer] if layer < len(taps) else str(layer)
         region_rows.append((f"layer {layer + 1}: {tap}\nKL init", remap.initial_weights[layer]))
-        region_rows.append((f"layer {layer + 1}: {tap}\nlearned", remap.learned_weights[layer]))
+        region_rows.append((f"layer {layer + 1}: {tap}\nfine-tuned", remap.learned_weights[layer]))
     paths["region_weights"] = write_svg(
         figures / "region_weights.svg",
         region_weights_svg(
             region_rows,
             rmac_regions(*GRID_SHAPE, LEVELS),
             grid_shape=GRID_SHAPE,
-            title="REMAP region weights: KL-divergence initialisation and after training",
+            title="REMAP region weights: KL-divergence initialisation and after fine-tuning",
         ),
     )
     return paths
 
 
-def _write_query_report(config: DemoConfig, out: Path, data, remap: RemapOutcome, baselines):
-    """report.html: one query per test photo (its first view) with its top results.
+def _write_query_report(config: DemoConfig, out: Path, data, remap: RemapOutcome, rows):
+    """report.html: every query crop with its top results from the fine-tuned REMAP.
 
     Images are read from their files; captions are their ids (paths relative to the photo
-    set, "test/coffee/coffee_001.jpg"), as the index and the terminal show them.
+    set, "test/coffee/coffee_003.jpg"), as the index and the terminal show them.
     """
-    test, ids = data.test, data.ids
-    first: dict[str, int] = {}
-    for q, query in enumerate(test.queries):
-        first.setdefault(query.name.split(":", 1)[0], q)
-    queries, results, names, relevance, aps, scores, captions = [], [], [], [], [], [], []
-    for photo, q in first.items():
-        query = test.queries[q]
-        row = test.database.index(query.path)
-        positives = set(query.groundtruth["default"][0])
-        top = [int(i) for i in remap.rankings[q] if int(i) != row][: config.top_k]
-        queries.append(test.database[row])
-        results.append([test.database[i] for i in top])
-        names.append([ids[i] for i in top])
-        relevance.append([i in positives for i in top])
-        aps.append(float(remap.trained["ap"][q]))
-        scores.append([float(remap.descriptors[row] @ remap.descriptors[i]) for i in top])
-        captions.append(f"{photo}: {ids[row]}")
+    results, names, relevance, scores = [], [], [], []
+    for q, positives in enumerate(data.positives):
+        top = [int(i) for i in remap.rankings[q][: config.top_k]]
+        results.append([data.database[i] for i in top])
+        names.append([data.ids[i] for i in top])
+        relevance.append([i in set(positives) for i in top])
+        scores.append([float(remap.queries[q] @ remap.descriptors[i]) for i in top])
+    captions = [
+        f"{photo}: {Path(os.path.relpath(path, data.views.root)).as_posix()}"
+        for photo, path in zip(data.views.test_photos, data.queries, strict=True)
+    ]
     return write_report(
         out / "report.html",
-        queries=queries,
+        queries=data.queries,
         results=results,
         result_names=names,
         relevance=relevance,
-        ap=aps,
-        scores=None if remap.scores_uninformative else scores,
+        ap=[float(a) for a in remap.row["ap"]],
+        scores=scores,
         query_names=captions,
         title="remap demo: REMAP on the photos inside scikit-image",
-        extra_sections_html=_sections_html(config, data, remap, baselines),
+        extra_sections_html=_sections_html(config, data, remap, rows),
         thumb_size=128,
     )
 
@@ -184,80 +171,73 @@ p.note { color: #444; max-width: 60em; }
 def _metrics_table_html(rows) -> str:
     table = [
         "<table class=metrics><tr><th>model</th><th>test mAP</th><th>mP@1</th>"
-        "<th>mP@5</th><th>training steps</th><th>training time</th></tr>"
+        "<th>mP@5</th><th>fine-tuning steps</th><th>fine-tuning time</th></tr>"
     ]
+    best = max(row["mAP"] for row in rows)
     for row in rows:
-        strong = " style='font-weight:bold'" if row["pooling"] == "remap" and row["trained"] else ""
+        strong = " style='font-weight:bold'" if row["mAP"] == best else ""
         note = " (time limit)" if row["stopped_by_time_limit"] else ""
+        time_cell = f"{row['train_seconds']:.0f} s{note}" if row["trained"] else "&mdash;"
         table.append(
             f"<tr{strong}><td style='text-align:left'>{html.escape(row['model'])}</td>"
             f"<td>{row['mAP']:.3f}</td><td>{row['mP@1']:.3f}</td><td>{row['mP@5']:.3f}</td>"
-            f"<td>{row['steps']}</td><td>{row['train_seconds']:.0f} s{note}</td></tr>"
+            f"<td>{row['steps'] or '&mdash;'}</td><td>{time_cell}</td></tr>"
         )
     table.append("</table>")
     return "".join(table)
 
 
-def _verdict(remap: RemapOutcome, baselines) -> str:
-    before, after = remap.untrained["mAP"], remap.trained["mAP"]
-    if after > before:
-        verdict = f"Training raised REMAP's test mAP from {before:.3f} to {after:.3f}"
-    else:
-        verdict = (
-            f"Training did not raise REMAP's test mAP ({before:.3f} before, {after:.3f} after)"
+def _verdict(rows) -> str:
+    by = {row["key"]: row for row in rows}
+    best = max(rows, key=lambda row: row["mAP"])
+    verdict = f"Best row: {best['model']} ({best['mAP']:.3f})."
+    off, tuned = by.get("remap_kl_lw"), by.get("remap_ft")
+    if off is not None and tuned is not None:
+        change = "raised" if tuned["mAP"] > off["mAP"] else "did not raise"
+        verdict += (
+            f" Fine-tuning {change} REMAP's test mAP ({off['mAP']:.3f} off the shelf, "
+            f"{tuned['mAP']:.3f} fine-tuned)."
         )
-    best = max(baselines, key=lambda r: r["mAP"], default=None)
-    if best is not None:
-        verdict += f"; the best baseline, {best['model']}, reached {best['mAP']:.3f}."
     return verdict
 
 
-def _sections_html(config: DemoConfig, data, remap: RemapOutcome, baselines) -> str:
+def _sections_html(config: DemoConfig, data, remap: RemapOutcome, rows) -> str:
     """The report's sections above the query grid: mAP table, figures, what was run."""
-    views, test = data.views, data.test
-    collapse_note = ""
-    score_note = "its rank, its cosine similarity to the query and its id"
-    if remap.scores_uninformative:
-        collapse_note = (
-            " A random backbone maps every image to almost the same descriptor, so distances "
-            f"are tiny next to the triplet margin ({config.margin:g}) and the loss can stay near "
-            "the margin while the rankings, and the mAP, already improve."
-        )
-        score_note = (
-            "its rank and id (not its similarity to the query: they would all print as 1.000)"
-        )
+    views = data.views
     alpha = config.backbone_kwargs().get("alpha")
     backbone = config.backbone + (f" (alpha {alpha})" if alpha else "")
-    weights = config.weights or "random initialisation"
-    table = _metrics_table_html([remap.untrained, remap.trained, *baselines])
+    weights = {None: "random initialisation", "imagenet": "ImageNet weights"}.get(
+        config.weights, str(config.weights)
+    )
+    low, high = config.query_scale
+    curves = (
+        "<h2>Fine-tuning curves</h2>"
+        '<div class=figure><img src="figures/training_curve.svg" alt="training loss"></div>'
+        if any(row["trained"] for row in rows)
+        else ""
+    )
     return f"""
 {_STYLE}
 <h2>Test mAP</h2>
 <p class=note>{len(views.test_photos)} test photos never seen in training
-({html.escape(", ".join(views.test_photos))}), {config.views_per_photo} views each, plus
-{test.info["distractors"]} distractor views of the training photos: {len(test.database)} database
-images. Every test view is a query against all the other images (INRIA Holidays-style mAP).
-Backbone {html.escape(backbone)}, {html.escape(weights)},
-{config.image_size}&times;{config.image_size} px; each model trained with the same budget
-({config.steps} steps of
-{config.classes_per_batch}&times;{config.images_per_class} images, at most {config.minutes:g}
-min) from the same initial weights.</p>
-{table}
-<p class=note>{html.escape(_verdict(remap, baselines))}</p>
-<h2>Training curves</h2>
-<div class=figure><img src="figures/training_curve.svg" alt="training loss per step"></div>
-<p class=note>Mean cosine similarity between two database images: {remap.similarity_before:.4f}
-before training, {remap.similarity_after:.4f} after it (REMAP).{collapse_note}</p>
+({html.escape(", ".join(views.test_photos))}): each has one query, a crop of
+{low * low:.0%}-{high * high:.0%} of its area, against its {config.views_per_photo - 1} other
+views in a database of {len(data.database)} images (with
+{len(data.database) - sum(len(p) for p in data.positives)} distractor views of the
+{len(views.train_photos)} training photos). Backbone {html.escape(backbone)},
+{html.escape(weights)}, images at {config.image_size} px long side. KL weights and learned
+whitening come from the training views; fine-tuned models trained {config.steps} steps of
+{config.classes_per_batch}&times;{config.images_per_class} images.</p>
+{_metrics_table_html(rows)}
+<p class=note>{html.escape(_verdict(rows))}</p>
+{curves}
 <h2>Region weights</h2>
-<p class=note>REMAP's weight for each of the 40 R-MAC regions in each tapped layer, before
-(KL-divergence initialisation) and after training. Each panel is one scale; a tile stands for
+<p class=note>REMAP's weight for each of the 40 R-MAC regions in each tapped layer, after the
+KL-divergence initialisation and after fine-tuning. Each panel is one scale; a tile stands for
 one region at its place in the image (regions of a scale overlap by about 40%).</p>
 <div class=figure><img src="figures/region_weights.svg" alt="region weight heatmaps"></div>
-<h2>Queries and their top {config.top_k} results (trained REMAP, ScaNN)</h2>
-<p class=note>The first view of each test photo, embedded through
-{html.escape(remap.embedded_through)} and searched in the ScaNN index; under each result,
-{score_note}. The AP under a query is that query's over the
-whole database; the mAP in the line at the top of the page averages only the
-{len(views.test_photos)} queries shown here, while the table above averages every test view
-as a query.</p>
+<h2>Queries and their top {config.top_k} results (fine-tuned REMAP, ScaNN)</h2>
+<p class=note>Every query crop, embedded through {html.escape(remap.embedded_through)} and
+searched in the ScaNN index; under each result, its rank, its cosine similarity to the query
+and its id. Green: a view of the query's photo; red: another photo.</p>
 """

@@ -1,0 +1,338 @@
+"""Retrieval quality on real multi-view photos of scenes never seen in training.
+
+    python -m bench.quality --data ../shared/data/multiview [--long-side 512]
+                            [--steps 300] [--train-long-side 384] [--write]
+
+The data (``multiview/``: real photos of 38 scenes, ``splits.json`` with 27 train and 11 val
+scenes, 129 distractors; not part of the project) is an argument. Everything that learns (KL
+region weights, learned whitening, fine-tuning) sees the train scenes only. Evaluation: the
+database is every val image plus the distractors; each val image is a query, once whole and
+once as a seeded random crop of 25% of its area, against the database (its own image is junk,
+the other images of its scene are the positives); mAP and mP@10, images resized to
+``--long-side`` keeping aspect (the exported graph's rule). Every model is ImageNet
+MobileNet v1 (alpha 0.75, the bundled weights) with the default taps (conv_pw_12 and
+conv_pw_13, BatchNorm output through a plain ReLU); tap variants are rows of their own.
+
+Rows: off-the-shelf SPoC, MAC, GeM, R-MAC, REMAP (KL weights), REMAP (KL weights + learned
+whitening); the tap variants; then R-MAC, GeM and REMAP (KL + learned whitening) fine-tuned
+with ``model.fit`` and a triplet loss for the same number of steps. Writes the "quality"
+section of docs/benchmarks.md with ``--write``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import keras
+import numpy as np
+import tensorflow as tf
+from PIL import Image
+
+from bench.report import machine_line, write_section
+from remap_tf import REMAP, evaluation, init_region_weights, init_whitening
+from remap_tf.export.graph import resize_images
+from remap_tf.training.config import TrainConfig
+from remap_tf.training.data import load_manifest
+from remap_tf.training.fit import fit_model
+from remap_tf.training.pipeline import make_train_dataset
+
+BACKBONE = {"backbone": "mobilenet", "weights": "imagenet", "backbone_kwargs": {"alpha": 0.75}}
+CROP_AREA = 0.25
+
+
+@dataclasses.dataclass
+class Row:
+    """One model: how it is built and prepared, and what it scored."""
+
+    label: str
+    pooling: str
+    init: str = "none"  # "none", "kl", "kl+lw"
+    fine_tune: bool = False
+    taps: tuple[str, ...] | None = None
+    scores: dict = dataclasses.field(default_factory=dict)
+    seconds: float = 0.0
+
+
+def rows(fine_tune: bool) -> list[Row]:
+    table = [
+        Row("SPoC", "spoc"),
+        Row("MAC", "mac"),
+        Row("GeM (p=3)", "gem"),
+        Row("R-MAC", "rmac"),
+        Row("REMAP, KL weights", "remap", "kl"),
+        Row("REMAP, KL weights + learned whitening", "remap", "kl+lw"),
+        Row("MAC, ReLU6 taps (clipped)", "mac", taps=("conv_pw_12_relu", "conv_pw_13_relu")),
+        Row("R-MAC, ReLU6 taps (clipped)", "rmac", taps=("conv_pw_12_relu", "conv_pw_13_relu")),
+        Row("R-MAC, taps conv_pw_11 + conv_pw_13", "rmac", taps=("conv_pw_11_bn", "conv_pw_13_bn")),
+    ]
+    if fine_tune:
+        table += [
+            Row("R-MAC, fine-tuned", "rmac", fine_tune=True),
+            Row("GeM, fine-tuned", "gem", fine_tune=True),
+            Row("REMAP, KL + learned whitening, fine-tuned", "remap", "kl+lw", fine_tune=True),
+        ]
+    return table
+
+
+# --- data ---------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Data:
+    """The split, as the benchmark uses it."""
+
+    root: Path
+    train: list[tuple[str, str]]  # (path, scene)
+    database: list[tuple[str, str]]  # val images and distractors ("" scene)
+    queries: list[tuple[str, str]]  # val images
+
+
+def load_data(root: Path) -> Data:
+    gt = json.loads((root / "groundtruth.json").read_text())
+    splits = json.loads((root / "splits.json").read_text())
+    groups = {g["name"]: g["images"] for g in gt["groups"]}
+    train = [(p, name) for name in splits["train"] for p in groups[name]]
+    val = [(p, name) for name in splits["val"] for p in groups[name]]
+    return Data(root, train, val + [(p, "") for p in gt["distractors"]], val)
+
+
+def read(root: Path, path: str) -> np.ndarray:
+    with Image.open(root / path) as image:
+        return np.asarray(image.convert("RGB"))
+
+
+def crop(pixels: np.ndarray, rng, area: float = CROP_AREA) -> np.ndarray:
+    """A random crop of ``area`` of the image, of the image's aspect."""
+    h, w = pixels.shape[:2]
+    side = np.sqrt(area)
+    ch, cw = max(1, int(h * side)), max(1, int(w * side))
+    top, left = rng.integers(0, h - ch + 1), rng.integers(0, w - cw + 1)
+    return pixels[top : top + ch, left : left + cw]
+
+
+def prepared(data: Data, long_side: int) -> dict:
+    """Resized pixels: database, whole and cropped queries, and 4:3 training views for the
+    initialisation (one array)."""
+    rng = np.random.default_rng(0)
+    database = [resize_images(read(data.root, p)[None], long_side) for p, _ in data.database]
+    whole = [database[i] for i in range(len(data.queries))]  # val images come first
+    crops = [resize_images(crop(read(data.root, p), rng)[None], long_side) for p, _ in data.queries]
+    height = round(long_side * 3 / 4)
+    train = np.stack(
+        [
+            tf.image.resize(_centre_4_3(read(data.root, p)), (height, long_side), antialias=True)
+            for p, _ in data.train
+        ]
+    )
+    labels = np.unique([scene for _, scene in data.train], return_inverse=True)[1]
+    return {"database": database, "whole": whole, "crops": crops, "train": (train, labels)}
+
+
+def _centre_4_3(pixels: np.ndarray) -> np.ndarray:
+    h, w = pixels.shape[:2]
+    if w * 3 >= h * 4:
+        cw = h * 4 // 3
+        return pixels[:, (w - cw) // 2 : (w - cw) // 2 + cw]
+    ch = w * 3 // 4
+    return pixels[(h - ch) // 2 : (h - ch) // 2 + ch]
+
+
+# --- one model ------------------------------------------------------------------------------
+
+
+def embed(model, images: list) -> np.ndarray:
+    function = tf.function(lambda x: model(x, training=False), reduce_retracing=True)
+    return np.concatenate([np.asarray(function(x), np.float32) for x in images])
+
+
+def score(data: Data, descriptors: dict) -> dict:
+    database = descriptors["database"]
+    scenes = np.array([scene for _, scene in data.database])
+    result = {}
+    for kind in ("whole", "crops"):
+        rankings = evaluation.rank_database(descriptors[kind], database)
+        positives, junk = [], []
+        for q, (_, scene) in enumerate(data.queries):
+            positives.append([i for i in np.flatnonzero(scenes == scene) if i != q])
+            junk.append([q])
+        figures = evaluation.mean_average_precision(rankings, positives, junk, (10,))
+        result[kind] = (100 * figures["mAP"], 100 * figures["mP@10"])
+    return result
+
+
+def fine_tune(model, train_csv: Path, args) -> float:
+    config = TrainConfig.from_dict(
+        {
+            "epochs": max(1, args.steps // 25),
+            "steps_per_epoch": min(25, args.steps),
+            "verbose": 0,
+            "seed": 0,
+            "optimizer": {"learning_rate": args.learning_rate, "warmup_steps": 0},
+            "loss": {"margin": args.margin, "mining": "batch_hard"},
+            "data": {
+                "train": str(train_csv),
+                "image_size": args.train_long_side,
+                "classes_per_batch": args.classes_per_batch,
+                "images_per_class": args.images_per_class,
+            },
+        }
+    ).validate()
+    dataset = make_train_dataset(
+        load_manifest(train_csv),
+        image_size=args.train_long_side,
+        classes_per_batch=args.classes_per_batch,
+        images_per_class=args.images_per_class,
+        seed=0,
+    )
+    history = fit_model(model, dataset, config)
+    return float(history.history["loss"][-1])
+
+
+def run_row(row: Row, data: Data, pixels: dict, train_csv: Path, args) -> Row:
+    started = time.monotonic()
+    keras.utils.set_random_seed(0)
+    model = REMAP(**BACKBONE, pooling=row.pooling, taps=row.taps)
+    for layer in model.get_layer("backbone").layers:  # BatchNorm in inference mode
+        if isinstance(layer, keras.layers.BatchNormalization):
+            layer.trainable = False
+    images, labels = pixels["train"]
+    if row.init in ("kl", "kl+lw"):
+        init_region_weights(model, images, labels, batch_size=8, max_pairs=4000)
+    if row.init == "kl+lw":
+        init_whitening(model, images, labels, batch_size=8, shrinkage=0.5)
+    if row.fine_tune:
+        row.scores["final loss"] = fine_tune(model, train_csv, args)
+    descriptors = {k: embed(model, pixels[k]) for k in ("database", "whole", "crops")}
+    row.scores.update(score(data, descriptors))
+    row.seconds = time.monotonic() - started
+    print(
+        f"{row.label:<45} whole {row.scores['whole'][0]:6.2f}  crops {row.scores['crops'][0]:6.2f}"
+        f"  ({row.seconds:.0f} s)",
+        flush=True,
+    )
+    keras.backend.clear_session()
+    return row
+
+
+def write_train_csv(data: Data, folder: Path) -> Path:
+    path = folder / "train.csv"
+    with open(path, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["path", "label"])
+        for image, scene in data.train:
+            writer.writerow([str(data.root / image), scene])
+    return path
+
+
+# --- report ---------------------------------------------------------------------------------
+
+
+def goals(table: list[Row]) -> list[str]:
+    by = {row.label: row for row in table}
+    crops = {row.label: row.scores["crops"][0] for row in table}
+    remap = by.get("REMAP, KL + learned whitening, fine-tuned")
+    baselines = ["SPoC", "MAC", "GeM (p=3)", "R-MAC", "R-MAC, fine-tuned", "GeM, fine-tuned"]
+    baselines = [b for b in baselines if b in crops]
+    lines = []
+    if remap is not None:
+        best = max(baselines, key=crops.get)
+        gap = crops[remap.label] - crops[best]
+        best_row = max(crops, key=crops.get)
+        met = gap >= 2.0 and best_row == remap.label
+        lines.append(
+            f"Fine-tuned REMAP is the best row on cropped queries, >= +2 mAP over the best "
+            f"baseline ({best}, {crops[best]:.2f}): {crops[remap.label]:.2f}, "
+            f"{gap:+.2f} -> **{'met' if met else 'missed'}**."
+        )
+        off = by["REMAP, KL weights + learned whitening"]
+        for kind, name in (("crops", "cropped"), ("whole", "whole")):
+            delta = remap.scores[kind][0] - off.scores[kind][0]
+            lines.append(
+                f"Fine-tuning raises REMAP's mAP on {name} queries: {off.scores[kind][0]:.2f} -> "
+                f"{remap.scores[kind][0]:.2f} ({delta:+.2f}) -> "
+                f"**{'met' if delta > 0 else 'missed'}**."
+            )
+    kl, rmac = by["REMAP, KL weights"], by["R-MAC"]
+    for kind, name in (("crops", "cropped"), ("whole", "whole")):
+        delta = kl.scores[kind][0] - rmac.scores[kind][0]
+        lines.append(
+            f"KL initialisation alone does not lose to unit weights (R-MAC) on {name} queries: "
+            f"{rmac.scores[kind][0]:.2f} -> {kl.scores[kind][0]:.2f} ({delta:+.2f}) -> "
+            f"**{'met' if delta >= 0 else 'missed'}**."
+        )
+    return lines
+
+
+def markdown(table: list[Row], data: Data, args, seconds: float, load) -> str:
+    lines = [
+        "## Retrieval quality on real multi-view photos",
+        "",
+        f"Command: `python -m bench.quality --data {args.data} --long-side {args.long_side} "
+        f"--steps {args.steps} --train-long-side {args.train_long_side}` · {machine_line()} · "
+        f"load average {load[0]:.1f} at the start, {load[1]:.1f} at the end · "
+        f"{seconds / 60:.0f} min in all.",
+        "",
+        f"Data: `multiview/` ({len(data.train)} training images of "
+        f"{len({s for _, s in data.train})} scenes; database of {len(data.database)} images: "
+        f"{len(data.queries)} of 11 unseen val scenes and "
+        f"{len(data.database) - len(data.queries)} distractors). Each val image is a query whole "
+        f"and as a random crop of {CROP_AREA:.0%} of its area (its own image is junk). Images at "
+        f"{args.long_side} px long side, aspect kept. ImageNet MobileNet v1 (alpha 0.75, bundled "
+        "weights), taps conv_pw_12 + conv_pw_13 (BatchNorm output, plain ReLU) unless the row "
+        "says otherwise. KL weights and learned whitening (shrinkage 0.5) from the training "
+        f"scenes; fine-tuning: {args.steps} steps of {args.classes_per_batch} x "
+        f"{args.images_per_class} images at {args.train_long_side} px long side (aspect-kept "
+        f"random crops of 25-100%), Adam {args.learning_rate:g}, triplet margin {args.margin:g}, "
+        "batch-hard mining, BatchNorm frozen.",
+        "",
+        "| model | mAP whole | mP@10 whole | mAP crops | mP@10 crops | seconds |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for row in table:
+        (w, w10), (c, c10) = row.scores["whole"], row.scores["crops"]
+        lines.append(
+            f"| {row.label} | {w:.2f} | {w10:.2f} | {c:.2f} | {c10:.2f} | {row.seconds:.0f} |"
+        )
+    lines += ["", "Goals (issue 10), each from this run:", ""]
+    lines += [f"- {line}" for line in goals(table)]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", required=True, help="the multiview folder")
+    parser.add_argument("--long-side", type=int, default=512)
+    parser.add_argument("--train-long-side", type=int, default=384)
+    parser.add_argument("--steps", type=int, default=300, help="fine-tuning steps (0: none)")
+    parser.add_argument("--learning-rate", type=float, default=1e-5)
+    parser.add_argument("--margin", type=float, default=0.1)
+    parser.add_argument("--classes-per-batch", type=int, default=6)
+    parser.add_argument("--images-per-class", type=int, default=3)
+    parser.add_argument("--only", nargs="*", default=None, help="labels of the rows to run")
+    parser.add_argument("--write", action="store_true", help="write docs/benchmarks.md")
+    args = parser.parse_args(argv)
+    started, load_before = time.monotonic(), os.getloadavg()[0]
+    data = load_data(Path(args.data))
+    pixels = prepared(data, args.long_side)
+    table = [r for r in rows(args.steps > 0) if not args.only or r.label in args.only]
+    with tempfile.TemporaryDirectory() as folder:
+        train_csv = write_train_csv(data, Path(folder))
+        table = [run_row(row, data, pixels, train_csv, args) for row in table]
+    md = markdown(table, data, args, time.monotonic() - started, (load_before, os.getloadavg()[0]))
+    print(md)
+    if args.write:
+        write_section("quality", md)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
