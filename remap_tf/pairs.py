@@ -223,10 +223,13 @@ class ImageSample:
     per class seen.
 
     Example:
-        >>> sample = ImageSample(max_images=2)
-        >>> rows, slots = sample.offer([7, 7, 8])
-        >>> sample.kept()[1]
-        array([7, 7])
+        >>> sample = ImageSample(max_images=4, per_class=2)
+        >>> sample.offer([7, 7, 7])
+        (array([0, 1, 2]), array([0, 1, 2]))
+        >>> sample.offer([8, 8])  # a new class's pair displaces class 7's third image
+        (array([0, 1]), array([2, 3]))
+        >>> sample.kept()
+        (array([0, 1, 2, 3]), array([7, 7, 8, 8]))
     """
 
     def __init__(self, max_images: int, seed: int = 0, per_class: int = 4):
