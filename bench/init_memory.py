@@ -8,16 +8,18 @@ functions (`remap_tf.kl_region_weights_from_stream`,
 `remap_tf.learned_whitening_from_stream`, imported before measuring, as they load
 TensorFlow), so what is measured is the initialisation, not the data: the generators reuse
 one block of noise. Peak memory is the growth of the process's peak resident set (VmHWM,
-reset through ``/proc/self/clear_refs`` before each step), which counts what tracemalloc
-does not see (LAPACK's workspace); the pair sampler is measured with tracemalloc. Each
-figure is set against the bound the docstrings state and against what holding everything in
-memory would take. Writes the "init_memory" section of docs/benchmarks.md.
+reset through ``/proc/self/clear_refs``; each step in its own process), which counts what
+tracemalloc does not see (LAPACK's workspace); the pair sampler is measured with
+tracemalloc. Each figure is set against the bound the docstrings state and against what
+holding everything in memory would take. Writes the "init_memory" section of docs/benchmarks.md.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import subprocess
+import sys
 import time
 import tracemalloc
 from pathlib import Path
@@ -137,18 +139,33 @@ def measure_whitening(num_images: int, dim: int) -> str:
     )
 
 
+def run_step(step: str, args) -> str:
+    """One step's table row, measured in a fresh process: memory freed by an earlier step
+    stays resident in the allocator and would hide a later step's growth."""
+    command = [sys.executable, "-m", "bench.init_memory", "--step", step]
+    command += ["--images", str(args.images), "--labels", str(args.labels)]
+    command += ["--dim", str(args.dim)]
+    out = subprocess.run(command, capture_output=True, text=True, check=True).stdout
+    return next(line for line in out.splitlines() if line.startswith("| "))
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=100_000)
     parser.add_argument("--labels", type=int, default=1_000_000)
     parser.add_argument("--dim", type=int, default=sum(TAPS))
+    parser.add_argument("--step", choices=("pairs", "kl", "whitening"), default=None)
     args = parser.parse_args(argv)
+    if args.step:
+        steps = {
+            "pairs": lambda: measure_pairs(args.labels),
+            "kl": lambda: measure_kl(args.images),
+            "whitening": lambda: measure_whitening(args.images, args.dim),
+        }
+        print(steps[args.step]())
+        return
     load_before = os.getloadavg()
-    rows = [
-        measure_pairs(args.labels),
-        measure_kl(args.images),
-        measure_whitening(args.images, args.dim),
-    ]
+    rows = [run_step(step, args) for step in ("pairs", "kl", "whitening")]
     body = "\n".join(
         [
             "## Initialisation memory on 100k images",
@@ -157,7 +174,8 @@ def main(argv=None) -> None:
             f"{os.getloadavg()[0]:.1f} after (shared machine). `python -m bench.init_memory`.",
             "Synthetic streams with MobileNet v1 α=0.75 shapes, read once a batch at a time, "
             f"{CLASSES:,} classes; defaults (KL: 512 images kept, 2000 pairs of each kind; "
-            "whitening: 4096 descriptors kept, 20000 matching pairs).",
+            "whitening: 4096 descriptors kept, 20000 matching pairs). Each step runs in its "
+            "own process.",
             "",
             "| step | time | peak memory (RSS growth) | stated bound (+ the batch) "
             "| everything in memory |",

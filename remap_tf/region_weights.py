@@ -14,8 +14,8 @@ without listing all N² pairs. Memory, whatever the number of images:
 ``max_images × regions × channels × 4`` bytes per tapped layer, plus 3 MB of temporaries,
 ``max_pairs × regions × 24`` bytes per layer for the distances, one batch, and (streams)
 about 200 bytes per class seen. With the defaults (``max_images=512``, 40 regions):
-MobileNet v1 α=0.75 (384 + 768 channels) 94 MB (measured peak RSS growth 97 MiB);
-ResNet50 (1024 + 2048 channels) 252 MB.
+MobileNet v1 α=0.75 (384 + 768 channels) 94 MB (peak RSS growth 110 MiB measured on 100k
+images by `bench.init_memory`); ResNet50 (1024 + 2048 channels) 252 MB.
 """
 
 from __future__ import annotations

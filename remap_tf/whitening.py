@@ -308,8 +308,9 @@ def learned_whitening_from_stream(
     while streaming (plus one batch); at the end at most ``3 × D² × 8 + max_images × D × 4``
     bytes of NumPy arrays, and LAPACK's own copies and workspace during the
     eigen-decomposition (about ``3.5 × D² × 8`` more, unseen by tracemalloc). Measured peak
-    RSS growth with the defaults (``max_images=4096``): 75 MiB for D = 1152 (MobileNet v1
-    α=0.75: 384 + 768), 471 MiB for D = 3072 (ResNet50: 1024 + 2048).
+    RSS growth with the defaults (``max_images=4096``): 80 MiB for D = 1152 (MobileNet v1
+    α=0.75: 384 + 768) on 100k descriptors (`bench.init_memory`), 465 MiB for D = 3072
+    (ResNet50: 1024 + 2048).
 
     Args:
         batches: iterable of ``(descriptors (batch, D), labels (batch,))``.
