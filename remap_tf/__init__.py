@@ -50,11 +50,14 @@ _API = {
     "region_model": "remap_tf.model",
     "init_region_weights": "remap_tf.region_weights",
     "kl_divergence_per_region": "remap_tf.region_weights",
+    "kl_region_weights_from_stream": "remap_tf.region_weights",
     "relative_regions": "remap_tf.regions",
     "rmac_regions": "remap_tf.regions",
     "init_whitening": "remap_tf.whitening",
     "learned_whitening": "remap_tf.whitening",
+    "learned_whitening_from_stream": "remap_tf.whitening",
     "pca_whitening": "remap_tf.whitening",
+    "pca_whitening_from_stream": "remap_tf.whitening",
     "set_whitening": "remap_tf.whitening",
 }
 # Every module that registers Keras serializables (`keras.saving.register_keras_serializable`).
@@ -78,8 +81,11 @@ __all__ = [
     "init_region_weights",
     "init_whitening",
     "kl_divergence_per_region",
+    "kl_region_weights_from_stream",
     "learned_whitening",
+    "learned_whitening_from_stream",
     "pca_whitening",
+    "pca_whitening_from_stream",
     "pre_whitening_model",
     "recalibrate_batch_norm",
     "region_model",
@@ -138,12 +144,18 @@ if TYPE_CHECKING:  # for type checkers and IDEs; at run time the names load lazi
         region_model,
         set_region_weights,
     )
-    from remap_tf.region_weights import init_region_weights, kl_divergence_per_region
+    from remap_tf.region_weights import (
+        init_region_weights,
+        kl_divergence_per_region,
+        kl_region_weights_from_stream,
+    )
     from remap_tf.regions import relative_regions, rmac_regions
     from remap_tf.specs import BACKBONES, POOLINGS
     from remap_tf.whitening import (
         init_whitening,
         learned_whitening,
+        learned_whitening_from_stream,
         pca_whitening,
+        pca_whitening_from_stream,
         set_whitening,
     )

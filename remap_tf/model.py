@@ -14,8 +14,11 @@ with pooling one of ``"remap"`` (region max pooling, learned non-negative region
 
 from __future__ import annotations
 
+import weakref
+
 import keras
 import numpy as np
+import tensorflow as tf
 
 from remap_tf.backbones import build_backbone, tap_model
 from remap_tf.contract import MIN_IMAGE_SIZE
@@ -36,6 +39,8 @@ from remap_tf.specs import POOLINGS, check_choice, get_spec
 WHITENING_LAYER = "whitening"
 DESCRIPTOR_LAYER = "descriptor"
 CONCAT_LAYER = "layer_descriptors"
+# batch_predictor's traced functions, per model (weakly: they die with the model).
+_PREDICTORS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def REMAP(  # the public name the users asked for
@@ -185,13 +190,42 @@ def region_model(model: keras.Model) -> keras.Model:
             f"Model {model.name!r} has no region pooling (pooling is not remap)."
         )
     layers.sort(key=lambda layer: int(layer.name.rsplit("_", 1)[-1]))
-    return keras.Model(model.inputs, [layer.output for layer in layers], name="regions")
+    return keras.Model(model.input, [layer.output for layer in layers], name="regions")
 
 
 def pre_whitening_model(model: keras.Model) -> keras.Model:
     """A model from images to the concatenated layer descriptors fed to the whitening."""
-    return keras.Model(model.inputs, model.get_layer(CONCAT_LAYER).output, name="pre_whitening")
+    return keras.Model(model.input, model.get_layer(CONCAT_LAYER).output, name="pre_whitening")
 
 
 def whitening_layer(model: keras.Model) -> Whitening:
     return model.get_layer(WHITENING_LAYER)
+
+
+def batch_predictor(model: keras.Model, part: str):
+    """A function ``images (b, h, w, 3) -> outputs`` (NumPy; a list for several taps) of
+    ``part`` of ``model`` in inference mode: ``"regions"`` (`region_model`) or
+    ``"pre_whitening"`` (`pre_whitening_model`), for batches of any size and images of any
+    size the model accepts. Inputs are cast to float32 (the model's RGB 0-255 input).
+
+    Traced once per model and part, for an unknown batch and image size, and kept while
+    the model lives: ``model.predict_on_batch`` traces again for every new input shape,
+    which a stream of mixed-size batches would pay on every batch.
+    """
+    parts = _PREDICTORS.setdefault(model, {})
+    if part not in parts:
+        builders = {"regions": region_model, "pre_whitening": pre_whitening_model}
+        extractor = builders[part](model)
+        signature = tf.TensorSpec((None, *extractor.input_shape[1:]), tf.float32)
+        forward = tf.function(
+            lambda images: extractor(images, training=False), input_signature=[signature]
+        )
+
+        def predict(images):
+            outputs = forward(tf.cast(images, tf.float32))
+            if isinstance(outputs, (list, tuple)):
+                return [np.asarray(output) for output in outputs]
+            return np.asarray(outputs)
+
+        parts[part] = predict
+    return parts[part]
