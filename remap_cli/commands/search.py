@@ -29,11 +29,13 @@ def add_parser(subparsers) -> None:
 
 def run(args) -> int:
     from remap_tf.io import atomic_write_json
-    from remap_tf.serving.index import load_index
+    from remap_tf.serving.changelog import load_current
     from remap_tf.serving.report import write_report
     from remap_tf.serving.search import image_path, search_images
 
-    index = load_index(args.index)  # fail on a bad index before loading the model
+    # The snapshot plus the changes a `remap serve` logged beside it; a bad index fails here,
+    # before the model is loaded.
+    index = load_current(args.index)
     for query in args.queries:
         if not os.path.isfile(query):
             what = "is a folder, not an image file" if os.path.isdir(query) else "does not exist"
