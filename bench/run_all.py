@@ -1,6 +1,6 @@
 """Runs every benchmark in turn, each in its own process, and rewrites docs/benchmarks.md.
 
-    python -m bench.run_all [--only model training serving ann]
+    python -m bench.run_all [--only model training serving ann search]
 
 Each benchmark writes its own section; one that fails is reported and the others still run.
 The ANN benchmark needs the ``bench`` extra (``pip install -e ".[bench]"``: faiss-cpu,
@@ -19,6 +19,7 @@ BENCHMARKS = {
     "training": "bench.train_throughput",
     "serving": "bench.serving_latency",
     "ann": "bench.ann",
+    "search": "bench.search_load",
 }
 
 

@@ -83,3 +83,15 @@ def test_settings_are_validated_once():
         ServiceSettings(max_batch=0)
     with pytest.raises(InvalidInputError, match="API key is empty"):
         ServiceSettings(api_key="  ")
+
+
+def test_a_lone_image_does_not_wait_for_company_that_is_not_coming():
+    embedder = CountingEmbedder()
+    arriving = {"n": 0}
+    batcher = EmbedBatcher(embedder.embed, window_s=0.5, arriving=lambda: arriving["n"])
+    (alone,) = asyncio.run(_gather(batcher, [b"1"]))
+    assert alone.queue_s < 0.25  # no one else was reading a body: no window
+    arriving["n"] = 1  # someone is: the window is worth it
+    batcher = EmbedBatcher(embedder.embed, window_s=0.5, arriving=lambda: arriving["n"])
+    (waited,) = asyncio.run(_gather(batcher, [b"2"]))
+    assert waited.queue_s >= 0.45

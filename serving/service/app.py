@@ -230,13 +230,15 @@ def _add_api_routes(app: FastAPI, service: SearchService) -> None:
     @app.post("/v1/search")
     async def search(request: Request):
         params = request.query_params
-        if request.headers.get("content-type", "").startswith("multipart/form-data"):
-            async with request.form(max_files=1, max_fields=8) as form:
-                image = await _form_image(form)
-                k_text, qe_text = form.get("k", params.get("k")), form.get("qe", params.get("qe"))
-        else:
-            image = await request.body()
-            k_text, qe_text = params.get("k"), params.get("qe")
+        async with service.receiving():
+            if request.headers.get("content-type", "").startswith("multipart/form-data"):
+                async with request.form(max_files=1, max_fields=8) as form:
+                    image = await _form_image(form)
+                    k_text = form.get("k", params.get("k"))
+                    qe_text = form.get("qe", params.get("qe"))
+            else:
+                image = await request.body()
+                k_text, qe_text = params.get("k"), params.get("qe")
         k = _parse_int("k", k_text, 10, 1, settings.max_k)
         qe = _parse_int("qe", qe_text, 0, 0, min(settings.max_qe, k))
         return await service.search(image, k=k, qe=qe)
@@ -248,7 +250,7 @@ def _add_api_routes(app: FastAPI, service: SearchService) -> None:
             raise ServiceError(
                 400, "not a form", "send a multipart form with fields 'id' and 'image'"
             )
-        async with request.form(max_files=1, max_fields=8) as form:
+        async with service.receiving(), request.form(max_files=1, max_fields=8) as form:
             item = form.get("id")
             if not isinstance(item, str):
                 raise ServiceError(400, "no id", "the form has no text field 'id'")

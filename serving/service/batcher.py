@@ -1,9 +1,11 @@
 """Micro-batching: images that arrive together are embedded in one model call.
 
 A request awaits `EmbedBatcher.embed(image)`. The first image of a batch waits up to
-``window_s`` for others (not at all when a full batch is already queued), then the batch goes
-to the model in a worker thread; while ``workers`` batches are in flight, new images queue
-up and leave together as the next batch, so batches grow with the load by themselves.
+``window_s`` for others, but only while other requests are on their way (``arriving``: still
+reading their bodies) and the batch is not full, so a lone query does not wait for nobody;
+then the batch goes to the model in a worker thread. While ``workers`` batches are in flight,
+new images queue up and leave together as the next batch, so batches grow with the load by
+themselves.
 
 One bad image does not fail its batch: the embedders raise `ImageRejectedError` naming the
 image's position, which is answered alone, and the others are embedded again without it.
@@ -86,6 +88,8 @@ class EmbedBatcher:
         max_batch: most images per call.
         workers: calls in flight at once.
         on_batch: called with ``(batch size, seconds)`` after each call (metrics).
+        arriving: how many requests are on their way to `embed` (None: assume some are, and
+            always wait the window).
 
     Use `start` and `stop` inside the running event loop (the app's lifespan).
     """
@@ -97,12 +101,14 @@ class EmbedBatcher:
         max_batch: int = 32,
         workers: int = 1,
         on_batch: Callable[[int, float], None] | None = None,
+        arriving: Callable[[], int] | None = None,
     ):
         self._embed = embed
         self.window_s = float(window_s)
         self.max_batch = int(max_batch)
         self.workers = int(workers)
         self._on_batch = on_batch
+        self._arriving = arriving
         self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="remap-embed")
         self._queue: asyncio.Queue | None = None
         self._slots: asyncio.Semaphore | None = None
@@ -137,13 +143,18 @@ class EmbedBatcher:
         while True:
             await self._slots.acquire()
             batch = [await self._queue.get()]
-            if self.window_s > 0 and self._queue.qsize() + 1 < self.max_batch:
+            if self._worth_waiting():
                 await asyncio.sleep(self.window_s)
             while len(batch) < self.max_batch and not self._queue.empty():
                 batch.append(self._queue.get_nowait())
             task = asyncio.create_task(self._run(batch))
             self._running.add(task)
             task.add_done_callback(self._running.discard)
+
+    def _worth_waiting(self) -> bool:
+        if self.window_s <= 0 or self._queue.qsize() + 1 >= self.max_batch:
+            return False
+        return self._arriving is None or self._arriving() > 0
 
     async def _run(self, batch: list[_Item]) -> None:
         try:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import io
 import logging
 import os
@@ -150,12 +151,14 @@ class SearchService:
         self.metrics = Metrics()
         root = settings.image_root or store.metadata.get(IMAGE_ROOT)
         self.image_root = Path(root).resolve() if root else None
+        self.arriving = 0  # requests reading their bodies: they may join a batch soon
         self.batcher = EmbedBatcher(
             embedder.embed,
             window_s=settings.batch_window_ms / 1000.0,
             max_batch=settings.max_batch,
             workers=settings.embed_workers,
             on_batch=self.metrics.observe_batch,
+            arriving=lambda: self.arriving,
         )
         self._search_pool = ThreadPoolExecutor(settings.search_threads, "remap-search")
         self._write_pool = ThreadPoolExecutor(1, "remap-write")
@@ -232,6 +235,16 @@ class SearchService:
         self.metrics.log_records.set(self.store.log.records)
 
     # -- operations --------------------------------------------------------------------
+
+    @contextlib.asynccontextmanager
+    async def receiving(self):
+        """Counts a request as on its way to the model while it reads its body (the event
+        loop's thread only, so no lock)."""
+        self.arriving += 1
+        try:
+            yield
+        finally:
+            self.arriving -= 1
 
     async def _embed(self, image: bytes):
         if self._model_broken:
