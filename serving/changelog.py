@@ -599,6 +599,11 @@ class DurableIndex:
                 "seq": self.seq,
             }
 
+    @property
+    def compacting(self) -> bool:
+        """Whether an automatic compaction is running in the background."""
+        return self._compacting
+
     def _maybe_compact(self) -> None:
         if not self.compact_after or self.log.records < self.compact_after:
             return
