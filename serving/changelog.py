@@ -243,6 +243,7 @@ class ChangeLog:
             data = _read_all(fd)
             if not data:  # new, or created but never written (a crash right at creation)
                 _rewrite(fd, _header(base), 0)
+                fsync_directory(path.parent)  # the new file's name is durable too
                 data = _header(base)
             scan = scan_log(path, data)
             if scan.torn:
