@@ -484,6 +484,7 @@ class DurableIndex:
         self.lock = ReadWriteLock()  # searches share it; applying a change holds it alone
         self._changes = threading.Lock()  # one change (or compaction) at a time
         self._compacting = False
+        self._retry_at = 0  # after a failed automatic compaction: wait for more changes
         self.compactions = 0
         self.replayed = 0
 
@@ -606,7 +607,8 @@ class DurableIndex:
         return self._compacting
 
     def _maybe_compact(self) -> None:
-        if not self.compact_after or self.log.records < self.compact_after:
+        threshold = max(self.compact_after, self._retry_at)
+        if not self.compact_after or self.log.records < threshold:
             return
         with self._changes:
             if self._compacting:
@@ -617,15 +619,19 @@ class DurableIndex:
     def _compact_in_background(self) -> None:
         try:
             result = self.compact()
+            self._retry_at = 0
             logger.info("compacted %s: %d change(s) folded", self.directory, result["folded"])
         except Exception:  # logged; the log keeps every change, nothing is lost
+            self._retry_at = self.log.records + self.compact_after
             logger.exception("automatic compaction of %s failed", self.directory)
         finally:
             self._compacting = False
 
     def close(self) -> None:
-        """Releases the log (and its lock); the index stays usable in memory."""
-        self.log.close()
+        """Waits for a change or compaction in progress, then releases the log (and its
+        lock); the index stays usable in memory."""
+        with self._changes:
+            self.log.close()
 
     def __enter__(self):
         return self

@@ -368,9 +368,17 @@ class SearchService:
                     "the image under another id",
                 )
             return
-        if path.exists():
-            raise ServiceError(409, "file exists", f"{item!r} is a folder in the collection root")
-        atomic_write_bytes(path, image)
+        try:
+            atomic_write_bytes(path, image)
+        except (FileExistsError, IsADirectoryError, NotADirectoryError) as error:
+            raise ServiceError(
+                409, "file exists", f"cannot store {item!r} in the collection root: {error}"
+            ) from None
+        except OSError as error:  # a full disk, no permission: the operator must act
+            logger.error("cannot store %r under %s: %s", item, self.image_root, error)
+            raise ServiceError(
+                500, "storage error", f"cannot store {item!r}: {error.strerror or error}"
+            ) from None
 
     async def delete_image(self, item: str) -> dict:
         """Logs the deletion of ``item`` and applies it (the file stays in the collection)."""
