@@ -5,8 +5,7 @@ from __future__ import annotations
 import os
 
 from remap_cli.args import MODEL_HELP, add_command, float_above, int_at_least, positive_int
-
-_API_KEY_ENV = "REMAP_API_KEY"  # remap_tf.serving.service.settings.API_KEY_ENV
+from remap_tf.serving.service.settings import API_KEY_ENV  # standard library only
 
 
 def add_parser(subparsers) -> None:
@@ -31,7 +30,7 @@ def add_parser(subparsers) -> None:
     parser.add_argument(
         "--api-key",
         default=None,
-        help=f"bearer token the write endpoints require (default: ${_API_KEY_ENV}; unset: none)",
+        help=f"bearer token the write endpoints require (default: ${API_KEY_ENV}; unset: none)",
     )
     parser.add_argument(
         "--batch-window-ms",
@@ -87,7 +86,7 @@ def run(args) -> int:
         max_body_bytes=int(args.max_body_mb * 1024 * 1024),
         max_k=args.max_k,
         compact_after=args.compact_after,
-        api_key=args.api_key or os.environ.get(_API_KEY_ENV) or None,
+        api_key=args.api_key or os.environ.get(API_KEY_ENV) or None,
         cors_origins=tuple(args.cors_origin),
         image_root=args.image_root,
     )
