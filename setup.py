@@ -22,12 +22,17 @@ setup(
         "remap_tf.training",
         "remap_tf.export",
         "remap_tf.serving",
+        "remap_tf.serving.service",
         "remap_cli",
         "remap_cli.commands",
         "remap_cli.demo",
     ],
-    # The bundled ImageNet MobileNet v1 0.75 weights (offline default) and their NOTICE.
-    package_data={"remap_tf": ["weights/*.weights.h5", "weights/NOTICE"]},
+    package_data={
+        # The bundled ImageNet MobileNet v1 0.75 weights (offline default) and their NOTICE.
+        "remap_tf": ["weights/*.weights.h5", "weights/NOTICE"],
+        # The search page (plain HTML, CSS and JavaScript, no build step).
+        "remap_tf.serving.service": ["static/*.html", "static/*.css", "static/*.js"],
+    },
     package_dir={
         "remap_tf.training": "training",
         "remap_tf.export": "export",
@@ -49,13 +54,25 @@ setup(
         "scikit-image>=0.22",
         # Image decoding for tf.data fallback paths (CMYK JPEG, 16-bit PNG) and report images.
         "pillow>=10",
+        # `remap serve` (issue 11): an ASGI app (FastAPI on Starlette, multipart forms through
+        # python-multipart) run by uvicorn, with Prometheus metrics.
+        "fastapi>=0.110",
+        "uvicorn>=0.29",
+        "python-multipart>=0.0.9",
+        "prometheus-client>=0.20",
     ],
     extras_require={
-        # playwright drives Debian's Chromium (/usr/bin/chromium) in the browser tests;
-        # .ci/run installs Chromium where it is missing.
-        "dev": ["pytest>=8", "pytest-timeout>=2.3", "ruff>=0.6", "playwright>=1.40"],
+        "dev": [
+            "pytest>=8",
+            "pytest-timeout>=2.3",
+            "ruff>=0.6",
+            # The service tests talk HTTP through httpx and drive Debian's Chromium through
+            # Playwright (`.ci/run` installs /usr/bin/chromium; `playwright install` is not used).
+            "httpx>=0.27",
+            "playwright>=1.40",
+        ],
         # Benchmark-only competitors for the ANN comparison; never imported by the package.
-        "bench": ["faiss-cpu", "hnswlib"],
+        "bench": ["faiss-cpu", "hnswlib", "httpx>=0.27"],
     },
     entry_points={"console_scripts": ["remap=remap_cli.main:main"]},
 )

@@ -1,6 +1,6 @@
 """Runs every benchmark in turn, each in its own process, and rewrites docs/benchmarks.md.
 
-    python -m bench.run_all [--only model training serving ann init_memory]
+    python -m bench.run_all [--only model training serving ann init_memory search quality]
 
 Each benchmark writes its own section; one that fails is reported and the others still run.
 The ANN benchmark needs the ``bench`` extra (``pip install -e ".[bench]"``: faiss-cpu,
@@ -20,6 +20,7 @@ BENCHMARKS = {
     "serving": "bench.serving_latency",
     "ann": "bench.ann",
     "init_memory": "bench.init_memory",
+    "search": "bench.search_load",
 }
 
 

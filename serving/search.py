@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from remap_tf.errors import BadPathError, InvalidInputError
+from remap_tf.serving.changelog import DurableIndex, pending_changes
 from remap_tf.serving.collection import list_images
 from remap_tf.serving.embedding_store import embed_collection, embed_skipping
 from remap_tf.serving.index import Index, load_index, make_index
@@ -151,20 +152,22 @@ def add_images(index_dir, embedder, paths) -> dict:
 
     Raises:
         InvalidInputError: an image outside the image root, or an id already indexed.
+        remap_tf.serving.changelog.LogInUseError: a `remap serve` has the index open.
     """
-    index = load_index(index_dir)
-    check_embedder(index, embedder)
-    paths = [str(p) for p in paths]
-    ids = [image_id(index, p) for p in paths]
-    present = [i for i in ids if i in index]
-    if present:
-        raise InvalidInputError(
-            f"already in the index (delete them first): {', '.join(present[:5])}"
-        )
-    kept, descriptors, skipped = embed_skipping(embedder, paths)
-    if kept:
-        index.add([ids[i] for i in kept], descriptors)
-        index.save(index_dir)
+    with DurableIndex.open(index_dir) as store:  # folds in changes a service logged
+        index = store.index
+        check_embedder(index, embedder)
+        paths = [str(p) for p in paths]
+        ids = [image_id(index, p) for p in paths]
+        present = [i for i in ids if i in index]
+        if present:
+            raise InvalidInputError(
+                f"already in the index (delete them first): {', '.join(present[:5])}"
+            )
+        kept, descriptors, skipped = embed_skipping(embedder, paths)
+        if kept:
+            index.add([ids[i] for i in kept], descriptors)
+            store.compact()
     return {
         "added": [ids[i] for i in kept],
         "skipped": [{"image": paths[i], "reason": reason} for i, reason in skipped],
@@ -174,15 +177,16 @@ def add_images(index_dir, embedder, paths) -> dict:
 
 def delete_images(index_dir, ids) -> dict:
     """Removes ids from a saved index, then saves it. ``{"deleted": [ids], "count"}``."""
-    index = load_index(index_dir)
     ids = list(ids)
-    index.delete(ids)
-    index.save(index_dir)
-    return {"deleted": ids, "count": len(index)}
+    with DurableIndex.open(index_dir) as store:  # folds in changes a service logged
+        store.index.delete(ids)
+        store.compact()
+        return {"deleted": ids, "count": len(store)}
 
 
 def index_info(index_dir) -> dict:
-    """What a saved index holds: kind, size, configuration, metadata, bytes on disk."""
+    """What a saved index holds: kind, size, configuration, metadata, bytes on disk, and the
+    changes logged beside it that are not in it yet."""
     index = load_index(index_dir)
     directory = Path(index_dir)
     size = sum(p.stat().st_size for p in directory.rglob("*") if p.is_file())
@@ -194,6 +198,9 @@ def index_info(index_dir) -> dict:
         "config": index.config,
         "metadata": dict(index.metadata),
         "bytes": size,
+        # Changes a `remap serve` logged that the snapshot does not hold yet (count and
+        # configuration above are the snapshot's); `remap index compact` folds them in.
+        "pending_changes": pending_changes(index_dir, index),
     }
 
 

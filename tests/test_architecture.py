@@ -276,4 +276,6 @@ def test_the_wheel_installs_only_project_names(tmp_path):
     assert top == {"remap_tf", "remap_cli"}, top
     assert "remap_tf/training/fit.py" in names and "remap_tf/serving/index.py" in names
     assert "remap_tf/export/saved_model.py" in names
+    for page in ("index.html", "app.js", "style.css"):  # `remap serve`'s page, package data
+        assert f"remap_tf/serving/service/static/{page}" in names
     assert "remap = remap_cli.main:main" in scripts

@@ -1,6 +1,7 @@
-"""``remap index build|add|delete|info``: a searchable index of an image collection.
+"""``remap index build|add|delete|info|compact``: a searchable index of an image collection.
 
-Handlers call `remap_tf.serving.search` (build_index, add_images, delete_images, index_info).
+Handlers call `remap_tf.serving.search` (build_index, add_images, delete_images, index_info)
+and `remap_tf.serving.changelog.compact_index`.
 """
 
 from __future__ import annotations
@@ -49,6 +50,17 @@ def add_parser(subparsers) -> None:
     )
     info.add_argument("--index", required=True, help="an index directory (remap index build)")
     info.add_argument("--json", action="store_true", help="print the information as JSON")
+    compact = add_command(
+        actions,
+        "compact",
+        "fold the changes `remap serve` logged into the index",
+        "Applies the change log beside the index (<index>.wal, written by `remap serve`) and "
+        "saves a new snapshot atomically, then empties the log. Crash-safe at every step; "
+        "refused while a service has the index open (the service compacts by itself past "
+        "--compact-after changes).",
+        run=run_compact,
+    )
+    compact.add_argument("--index", required=True, help="an index directory (remap index build)")
 
 
 def _add_build(actions) -> None:
@@ -204,4 +216,19 @@ def run_info(args) -> int:
     print(f"model       {metadata.get('model') or 'not recorded'}")
     print(f"image root  {metadata.get('image_root') or 'not recorded'}")
     print(f"size        {info['bytes'] / 1e6:.1f} MB on disk")
+    if info["pending_changes"]:
+        print(f"log         {info['pending_changes']} change(s) not compacted yet")
+    return 0
+
+
+def run_compact(args) -> int:
+    from remap_tf.serving.changelog import compact_index
+
+    result = compact_index(args.index)
+    if result["folded"]:
+        print(
+            f"compacted {args.index}: {result['folded']} change(s) folded, {result['count']} images"
+        )
+    else:
+        print(f"{args.index}: nothing to compact ({result['count']} images)")
     return 0

@@ -41,10 +41,12 @@ def _check(args) -> None:
 
 def run(args) -> int:
     _check(args)
-    from remap_tf.serving.index import load_index
+    from remap_tf.serving.changelog import load_current
 
-    with paths.naming("--index"):  # a bad index fails before the model is loaded
-        index = load_index(args.index)
+    # The snapshot plus the changes a `remap serve` logged beside it; a bad index fails here,
+    # before the model is loaded.
+    with paths.naming("--index"):
+        index = load_current(args.index)
     from remap_tf.io import atomic_write_json
     from remap_tf.serving.report import format_scores, write_report
     from remap_tf.serving.search import image_path, search_images

@@ -151,15 +151,12 @@ def make_photo_views(
             distractors, >= 0.
         photos: names from `PHOTOS` to use (default: all 18); at least 4.
         query_scale: when given, each test group's first view (its query) is a crop of
-            this range of the photo's side (e.g. ``(0.45, 0.65)``: 20-42% of the area)
-            instead of an ordinary view (``0.6-1.0`` of the side), as retrieval queries
-            often show part of what the database holds.
+            this range of the photo's side (``(0.45, 0.65)``: 20-42% of the area), not an
+            ordinary view (0.6-1.0 of the side): queries often show part of a photo.
 
     Returns:
-        a `PhotoViews` naming the folders and files written.
-
-    Raises:
-        ValueError: a bad argument, named with the value received.
+        a `PhotoViews` naming the folders and files written (InvalidInputError, naming the
+        value, for a bad argument).
     """
     views_per_photo = _check_int("views_per_photo", views_per_photo, 2)
     distractors_per_photo = _check_int("distractors_per_photo", distractors_per_photo, 0)
@@ -176,28 +173,20 @@ def make_photo_views(
     groups = [
         {
             "name": photo,
-            "images": writer.relative(
-                writer.write("test", photo, views_per_photo, first_scale=query_scale)
-            ),
+            "images": writer.relative(writer.write("test", photo, views_per_photo, query_scale)),
         }
         for photo in test
     ]
     distractors = writer.relative(
         [p for photo in train for p in writer.write("distractors", photo, distractors_per_photo)]
     )
-    settings = {
-        "format_version": FORMAT_VERSION,
-        "query_scale": list(query_scale) if query_scale else None,
-        "seed": seed,
-        "views_per_photo": views_per_photo,
-        "image_size": [height, width],
-        "test_fraction": float(test_fraction),
-        "val_fraction": float(val_fraction),
-        "distractors_per_photo": distractors_per_photo,
-        "train_photos": list(train),
-        "val_photos": list(val),
-        "test_photos": list(test),
-    }
+    settings = dict(
+        format_version=FORMAT_VERSION, query_scale=list(query_scale) if query_scale else None,
+        seed=seed, views_per_photo=views_per_photo, image_size=[height, width],
+        test_fraction=float(test_fraction), val_fraction=float(val_fraction),
+        distractors_per_photo=distractors_per_photo, train_photos=list(train),
+        val_photos=list(val), test_photos=list(test),
+    )  # fmt: skip
     train_csv, val_csv, test_json = _write_lists(
         root, settings, train_rows, val_rows, {"groups": groups, "distractors": distractors}
     )
