@@ -243,7 +243,7 @@ def goals(table: list[Row]) -> list[str]:
     baselines = ["SPoC", "MAC", "GeM (p=3)", "R-MAC", "R-MAC, fine-tuned", "GeM, fine-tuned"]
     baselines = [b for b in baselines if b in crops]
     lines = []
-    if remap is not None:
+    if remap is not None and baselines:
         best = max(baselines, key=crops.get)
         gap = crops[remap.label] - crops[best]
         best_row = max(crops, key=crops.get)
@@ -253,16 +253,16 @@ def goals(table: list[Row]) -> list[str]:
             f"baseline ({best}, {crops[best]:.2f}): {crops[remap.label]:.2f}, "
             f"{gap:+.2f} -> **{'met' if met else 'missed'}**."
         )
-        off = by["REMAP, KL weights + learned whitening"]
-        for kind, name in (("crops", "cropped"), ("whole", "whole")):
+        off = by.get("REMAP, KL weights + learned whitening")
+        for kind, name in (("crops", "cropped"), ("whole", "whole")) if off else ():
             delta = remap.scores[kind][0] - off.scores[kind][0]
             lines.append(
                 f"Fine-tuning raises REMAP's mAP on {name} queries: {off.scores[kind][0]:.2f} -> "
                 f"{remap.scores[kind][0]:.2f} ({delta:+.2f}) -> "
                 f"**{'met' if delta > 0 else 'missed'}**."
             )
-    kl, rmac = by["REMAP, KL weights"], by["R-MAC"]
-    for kind, name in (("crops", "cropped"), ("whole", "whole")):
+    kl, rmac = by.get("REMAP, KL weights"), by.get("R-MAC")
+    for kind, name in (("crops", "cropped"), ("whole", "whole")) if kl and rmac else ():
         delta = kl.scores[kind][0] - rmac.scores[kind][0]
         lines.append(
             f"KL initialisation alone does not lose to unit weights (R-MAC) on {name} queries: "

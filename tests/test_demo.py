@@ -74,6 +74,7 @@ def tiny_config(out: Path, models) -> DemoConfig:
         classes_per_batch=2,
         photos=TINY_PHOTOS,
         models=models,
+        queries_per_photo=2,
         top_k=4,
     )
 
@@ -119,15 +120,16 @@ def test_demo_end_to_end_at_tiny_size_and_again_over_its_leftovers(tmp_path, mon
 
     index = load_index(out / "index")
     groups = json.loads((out / "data" / "test_groups.json").read_text())
-    queries = [g["images"][0] for g in groups["groups"]]  # the query crops
-    expected = sum(len(g["images"]) - 1 for g in groups["groups"]) + len(groups["distractors"])
+    queries = [p for g in groups["groups"] for p in g["images"][: g["queries"]]]  # crops
+    expected = sum(len(g["images"]) - g["queries"] for g in groups["groups"])
+    expected += len(groups["distractors"])
     assert len(index) == expected and not set(queries) & set(index.ids)
     assert all((out / "data" / image_id).is_file() for image_id in index.ids)
 
     report = out / "report.html"
     images = check_html(report)
     assert {"figures/training_curve.svg", "figures/region_weights.svg"} <= set(images)
-    assert len(images) == 2 + len(groups["groups"]) * 5  # figures + query and top-4 rows
+    assert len(images) == 2 + len(queries) * 5  # figures + each query and its top 4
     for src in images:
         assert (report.parent / src).is_file(), src
     for svg in (out / "figures").glob("*.svg"):

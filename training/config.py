@@ -48,9 +48,9 @@ class ModelConfig:
     dim: int | None = None  # whitened descriptor size; None keeps the concatenated size
     backbone_kwargs: dict = dataclasses.field(default_factory=dict)  # e.g. {"alpha": 0.35}
     freeze_backbone: bool = False  # train only region weights and whitening
-    # BatchNorm layers not trained and run in inference mode (their statistics stay fixed);
-    # helps random-init backbones on small data (see remap_cli/demo/pipeline.py).
-    freeze_batch_norm: bool = False
+    # BatchNorm layers not trained and run in inference mode (their statistics stay fixed,
+    # e.g. ImageNet's): per-replica batches of a few dozen images estimate them badly.
+    freeze_batch_norm: bool = True
 
 
 @dataclasses.dataclass

@@ -134,6 +134,7 @@ def make_photo_views(
     distractors_per_photo: int = 2,
     photos: Sequence[str] | None = None,
     query_scale: tuple[float, float] | None = None,
+    queries_per_photo: int = 1,
 ) -> PhotoViews:
     """Writes the scikit-image photo retrieval set into ``out_dir`` (see the module doc).
 
@@ -153,6 +154,8 @@ def make_photo_views(
         query_scale: when given, each test group's first view (its query) is a crop of
             this range of the photo's side (``(0.45, 0.65)``: 20-42% of the area), not an
             ordinary view (0.6-1.0 of the side): queries often show part of a photo.
+        queries_per_photo: with ``query_scale``, how many of each test group's first views
+            are such query crops (``"queries"`` in the group's JSON).
 
     Returns:
         a `PhotoViews` naming the folders and files written (InvalidInputError, naming the
@@ -170,13 +173,13 @@ def make_photo_views(
     writer = _ViewWriter(root, seed, (height, width), names)
     train_rows = writer.rows("train", train, views_per_photo)
     val_rows = writer.rows("val", val, views_per_photo)
+    queries = _check_int("queries_per_photo", queries_per_photo, 1) if query_scale else 1
     groups = [
-        {
-            "name": photo,
-            "images": writer.relative(writer.write("test", photo, views_per_photo, query_scale)),
-        }
+        {"name": photo, "queries": queries, "images": writer.relative(
+            writer.write("test", photo, views_per_photo + queries - 1, query_scale, queries)
+        )}
         for photo in test
-    ]
+    ]  # fmt: skip
     distractors = writer.relative(
         [p for photo in train for p in writer.write("distractors", photo, distractors_per_photo)]
     )
@@ -192,18 +195,10 @@ def make_photo_views(
     )
     _remove_leftovers(root, writer.written)
     return PhotoViews(
-        root=root,
-        train_dir=root / "train",
-        train_csv=train_csv,
-        val_dir=root / "val",
-        val_csv=val_csv,
-        test_groups_json=test_json,
-        train_photos=tuple(train),
-        val_photos=tuple(val),
-        test_photos=tuple(test),
-        image_size=(height, width),
-        seed=seed,
-    )
+        root=root, train_dir=root / "train", train_csv=train_csv, val_dir=root / "val",
+        val_csv=val_csv, test_groups_json=test_json, train_photos=tuple(train),
+        val_photos=tuple(val), test_photos=tuple(test), image_size=(height, width), seed=seed,
+    )  # fmt: skip
 
 
 def _write_lists(root: Path, settings: dict, train_rows, val_rows, test_groups: dict):
@@ -234,15 +229,15 @@ class _ViewWriter:
     def relative(self, paths) -> list[str]:
         return [p.relative_to(self.root).as_posix() for p in paths]
 
-    def write(self, split: str, photo: str, count: int, first_scale=None) -> list[Path]:
+    def write(self, split: str, photo: str, count: int, first_scale=None, first=1):
         """Writes ``count`` views of ``photo``: ``split/photo/`` (``distractors/`` flat); the
-        first is a crop of ``first_scale`` of the side when given."""
+        ``first`` ones are crops of ``first_scale`` of the side when it is given."""
         folder = self.root / split if split == "distractors" else self.root / split / photo
         paths = []
         for index in range(count):
             rng = np.random.default_rng([self.seed, _stable_id(photo), _SPLIT_CODES[split], index])
             path = folder / f"{photo}_{index:03d}.jpg"
-            scale = first_scale if index == 0 and first_scale else VIEW_SCALE
+            scale = first_scale if index < first and first_scale else VIEW_SCALE
             _write_if_changed(path, _render_view(self.sources[photo], self.size, rng, scale))
             self.written.add(path)
             paths.append(path)

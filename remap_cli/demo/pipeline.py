@@ -96,7 +96,8 @@ class DemoData:
 
     Attributes:
         views: the photo set on disk.
-        queries: the query crops' paths, one per test photo.
+        queries: the query crops' paths, ``queries_per_photo`` per test photo.
+        owners: per query, the name of its photo.
         database: the database paths: the test photos' other views, then the distractors.
         positives: per query, the database rows of its photo.
         ids: database ids, paths relative to the photo set ("test/coffee/coffee_003.jpg").
@@ -107,6 +108,7 @@ class DemoData:
 
     views: PhotoViews
     queries: list[str]
+    owners: list[str]
     database: list[str]
     positives: list[list[int]]
     ids: list[str]
@@ -205,15 +207,19 @@ def _make_data(config: DemoConfig, out: Path, status) -> DemoData:
         distractors_per_photo=config.distractors_per_photo,
         photos=config.photos,
         query_scale=config.query_scale,
+        queries_per_photo=config.queries_per_photo,
     )
     images, labels, _ = load_images(views.train_csv)
     spec = json.loads(views.test_groups_json.read_text(encoding="utf-8"))
-    queries = [str(views.root / g["images"][0]) for g in spec["groups"]]
-    database, positives = [], []
+    queries, database, positives, owners = [], [], [], []
     for group in spec["groups"]:
+        count = int(group.get("queries", 1))
         start = len(database)
-        database += [str(views.root / p) for p in group["images"][1:]]
-        positives.append(list(range(start, len(database))))
+        database += [str(views.root / p) for p in group["images"][count:]]
+        for path in group["images"][:count]:
+            queries.append(str(views.root / path))
+            positives.append(list(range(start, len(database))))
+            owners.append(group["name"])
     database += [str(views.root / p) for p in spec["distractors"]]
     status(
         "data",
@@ -225,6 +231,7 @@ def _make_data(config: DemoConfig, out: Path, status) -> DemoData:
     return DemoData(
         views=views,
         queries=queries,
+        owners=owners,
         database=database,
         positives=positives,
         ids=[Path(os.path.relpath(p, views.root)).as_posix() for p in database],

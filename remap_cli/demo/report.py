@@ -141,7 +141,7 @@ def _write_query_report(config: DemoConfig, out: Path, data, remap: RemapOutcome
         scores.append([float(remap.queries[q] @ remap.descriptors[i]) for i in top])
     captions = [
         f"{photo}: {Path(os.path.relpath(path, data.views.root)).as_posix()}"
-        for photo, path in zip(data.views.test_photos, data.queries, strict=True)
+        for photo, path in zip(data.owners, data.queries, strict=True)
     ]
     return write_report(
         out / "report.html",
@@ -220,9 +220,9 @@ def _sections_html(config: DemoConfig, data, remap: RemapOutcome, rows) -> str:
 {_STYLE}
 <h2>Test mAP</h2>
 <p class=note>{len(views.test_photos)} test photos never seen in training
-({html.escape(", ".join(views.test_photos))}): each has one query, a crop of
-{low * low:.0%}-{high * high:.0%} of its area, against its {config.views_per_photo - 1} other
-views in a database of {len(data.database)} images (with
+({html.escape(", ".join(views.test_photos))}): each has {config.queries_per_photo} queries,
+crops of {low * low:.0%}-{high * high:.0%} of its area, against its
+{config.views_per_photo - 1} other views in a database of {len(data.database)} images (with
 {len(data.database) - sum(len(p) for p in data.positives)} distractor views of the
 {len(views.train_photos)} training photos). Backbone {html.escape(backbone)},
 {html.escape(weights)}, images at {config.image_size} px long side. KL weights and learned
