@@ -31,7 +31,9 @@ test-slow: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/remap demo --out demo_out
 
+# The benchmarks install their competitors (faiss-cpu, hnswlib) and psutil first.
 bench: $(STAMP)
+	$(BIN)/pip install --quiet -e ".[bench]"
 	$(BIN)/python -m bench.run_all
 
 clean:

@@ -60,6 +60,11 @@ setup(
         "uvicorn>=0.29",
         "python-multipart>=0.0.9",
         "prometheus-client>=0.20",
+        # `remap embed` and the sharded index build run on Apache Beam (issue 13): locally on
+        # its in-process FnApiRunner, or on Dataflow / Flink / Spark. A core dependency, not
+        # an extra, because `remap embed` is a core command. 2.77 resolves with TF 2.20 (it
+        # takes protobuf < 7 and pillow < 13; `pip check` clean).
+        "apache-beam>=2.77,<3",
     ],
     extras_require={
         "dev": [
@@ -71,8 +76,10 @@ setup(
             "httpx>=0.27",
             "playwright>=1.40",
         ],
-        # Benchmark-only competitors for the ANN comparison; never imported by the package.
-        "bench": ["faiss-cpu", "hnswlib", "httpx>=0.27"],
+        # Benchmark-only: competitors for the ANN comparison (never imported by the package),
+        # httpx for the search-service load test, psutil for the memory figures of
+        # bench/scale.py. `make bench` installs them.
+        "bench": ["faiss-cpu", "hnswlib", "httpx>=0.27", "psutil"],
     },
     entry_points={"console_scripts": ["remap=remap_cli.main:main"]},
 )

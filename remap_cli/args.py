@@ -142,6 +142,34 @@ def number_list(text: str) -> tuple[float, ...]:
     return tuple(values)
 
 
+_UNITS = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12}
+_UNITS.update({"ki": 2**10, "mi": 2**20, "gi": 2**30, "ti": 2**40})
+
+
+def byte_size(text: str) -> int:
+    """An argparse type: a size in bytes such as ``4GiB``, ``500M``, ``2g`` or ``1048576``."""
+    cleaned = text.strip().lower().removesuffix("b").removesuffix("ytes")
+    number = cleaned.rstrip("kmgti")
+    unit = cleaned[len(number) :]
+    try:
+        value = float(number) * _UNITS[unit]
+    except (ValueError, KeyError):
+        raise argparse.ArgumentTypeError(
+            f"expected a size like 4GiB, 500M or 2g, received {text!r}"
+        ) from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive size, received {text!r}")
+    return int(value)
+
+
+def recall_target(text: str) -> float:
+    """An argparse type: a recall in (0, 1], or 0 for none (no tuning)."""
+    value = _number(text, float)
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], or 0 for none, received {text!r}")
+    return value
+
+
 MODEL_HELP = (
     "an exported model folder (remap export; its highest version is used) or a TF Serving "
     "gRPC address 'host:port[/name]'"

@@ -25,10 +25,10 @@ import tempfile
 import traceback
 
 from remap_cli import args as cli_args
-from remap_cli.commands import demo, evaluate, export, index, search, serve, train
+from remap_cli.commands import demo, embed, evaluate, export, index, search, serve, train
 from remap_tf.errors import RemapError
 
-COMMANDS = (train, export, index, search, serve, evaluate, demo)
+COMMANDS = (train, export, embed, index, search, serve, evaluate, demo)
 
 
 def build_parser() -> cli_args.Parser:

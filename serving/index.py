@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import abc
 import dataclasses
-import hashlib
 import json
 import math
 import os
@@ -53,20 +52,18 @@ import numpy as np
 
 from remap_tf.errors import (
     BadPathError,
-    FileFormatError,
     InvalidInputError,
     OutputExistsError,
     UnknownIdError,
 )
 from remap_tf.io import atomic_write_json, uninterruptible
+from remap_tf.serving.manifest import IndexFormatError, check_files, sha256_file
+from remap_tf.serving.tuning import REORDER_CANDIDATES, leaves_candidates, tune_search
 
 FORMAT = "remap-index"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
-
-
-class IndexFormatError(FileFormatError):
-    """A saved index is missing, truncated, altered or not an index at all."""
+SHARDED_KIND = "sharded"  # a ShardedIndex's top-level manifest (remap_tf.serving.sharded)
 
 
 # ---------------------------------------------------------------------------------------
@@ -109,14 +106,6 @@ def _as_matrix(descriptors, dim: int | None, name: str) -> np.ndarray:
     if not np.all(np.isfinite(x)):
         raise InvalidInputError(f"{name} contain NaN or infinite values")
     return x
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _read_json(path: Path, what: str):
@@ -330,7 +319,7 @@ class Index(abc.ABC):
             files = {}
             for path in sorted(p for p in staging.rglob("*") if p.is_file()):
                 rel = path.relative_to(staging).as_posix()
-                files[rel] = {"sha256": _sha256(path), "bytes": path.stat().st_size}
+                files[rel] = {"sha256": sha256_file(path), "bytes": path.stat().st_size}
             manifest = {
                 "format": FORMAT,
                 "format_version": FORMAT_VERSION,
@@ -366,6 +355,10 @@ class Index(abc.ABC):
                 not one this version can read.
         """
         directory = Path(directory)
+        if saved_kind(directory) == SHARDED_KIND:
+            raise IndexFormatError(
+                f"{directory} holds a sharded index; use serving.index.load_index to load it"
+            )
         manifest = verify_index(directory)
         kind = manifest["kind"]
         implementations = {sub.kind: sub for sub in (ExactIndex, ScannIndex)}
@@ -421,30 +414,37 @@ def verify_index(directory: str | os.PathLike) -> dict:
     for required in ("ids.json", "config.json"):
         if required not in manifest["files"]:
             raise IndexFormatError(f"{manifest_path} does not list {required}")
-    root = directory.resolve()
-    for rel, entry in manifest["files"].items():
-        path = (directory / rel).resolve()
-        if root not in path.parents:
-            raise IndexFormatError(f"{manifest_path} lists a path outside the index: {rel!r}")
-        if not isinstance(entry, dict) or "sha256" not in entry or "bytes" not in entry:
-            raise IndexFormatError(f"{manifest_path}: entry for {rel!r} is invalid")
-        if not path.is_file():
-            raise IndexFormatError(f"{directory}: file {rel} is missing (index incomplete)")
-        size = path.stat().st_size
-        if size != entry["bytes"]:
-            raise IndexFormatError(
-                f"{directory}: {rel} has {size} bytes but the manifest says {entry['bytes']} "
-                "(truncated or altered)"
-            )
-        if _sha256(path) != entry["sha256"]:
-            raise IndexFormatError(
-                f"{directory}: {rel} does not match its SHA-256 checksum (altered or corrupt)"
-            )
+    check_files(directory, manifest["files"], str(manifest_path))
     return manifest
 
 
-def load_index(directory: str | os.PathLike) -> Index:
-    """Loads a saved index of any kind (see ``Index.load``)."""
+def saved_kind(directory: str | os.PathLike) -> str | None:
+    """The ``kind`` a saved index's manifest declares (None when there is no readable one)."""
+    path = Path(directory) / MANIFEST
+    if not path.is_file():
+        return None
+    manifest = _read_json(path, MANIFEST)
+    return manifest.get("kind") if isinstance(manifest, dict) else None
+
+
+def load_index(directory: str | os.PathLike, shards=None):
+    """Loads a saved index of any kind: the one entry point for every index on disk.
+
+    Args:
+        directory: a directory written by ``Index.save`` or ``ShardedIndex.save``.
+        shards: for a sharded index, the shard numbers to load (default all); a plain index
+            refuses it.
+
+    Returns:
+        An ``Index`` (``ScannIndex`` / ``ExactIndex``), or a
+        `remap_tf.serving.sharded.ShardedIndex` (same interface) for a sharded manifest.
+    """
+    if saved_kind(directory) == SHARDED_KIND:
+        from remap_tf.serving.sharded import ShardedIndex
+
+        return ShardedIndex.load(directory, load_shard=Index.load, shards=shards)
+    if shards is not None:
+        raise InvalidInputError(f"{directory} is not a sharded index; it has no shards to pick")
     return Index.load(directory)
 
 
@@ -543,6 +543,13 @@ class ScannConfig:
             tree; at least k at search).
         num_threads: search and training threads (0 = all CPUs).
         batch_size: queries per parallel search batch.
+        target_recall: after building (except brute force), hold out ``tuning_queries`` of
+            the collection's own vectors as queries and choose ``num_leaves_to_search`` and
+            ``reorder`` as the fastest setting whose recall@10 against brute force reaches
+            this (`remap_tf.serving.tuning`); a knob given explicitly is kept fixed. None:
+            no tuning, the fixed size-chosen defaults above.
+        tuning_queries: held-out queries the tuning measures recall on.
+        tuning: set by the build: what the tuning chose and measured (recall, queries/s).
     """
 
     mode: str = "auto"
@@ -556,6 +563,9 @@ class ScannConfig:
     reorder: int | None = None
     num_threads: int = 0
     batch_size: int = 256
+    target_recall: float | None = 0.95
+    tuning_queries: int = 1000
+    tuning: dict | None = None
 
     MODES = ("auto", "brute_force", "ah", "tree_ah")
 
@@ -575,6 +585,14 @@ class ScannConfig:
             )
         if self.num_threads < 0:
             raise InvalidInputError(f"ScannConfig.num_threads must be >= 0, got {self.num_threads}")
+        if self.target_recall is not None and not 0.0 < self.target_recall <= 1.0:
+            raise InvalidInputError(
+                f"ScannConfig.target_recall must be in (0, 1] (or None), got {self.target_recall}"
+            )
+        if self.tuning_queries < 2:
+            raise InvalidInputError(
+                f"ScannConfig.tuning_queries must be >= 2, got {self.tuning_queries}"
+            )
 
     def resolved(self, count: int) -> ScannConfig:
         """A copy with mode and every size-dependent knob fixed for ``count`` vectors."""
@@ -675,7 +693,8 @@ class ScannIndex(Index):
         self._searcher.searcher.delete(self._delete_swapping_last(ids))
 
     def build(self) -> None:
-        """Trains and builds the ScaNN searcher from every vector added so far."""
+        """Trains and builds the ScaNN searcher from every vector added so far, then (with a
+        ``target_recall``) tunes its search-time knobs on vectors held out of the training."""
         from scann.scann_ops.py import scann_ops_pybind
 
         if not self._ids:
@@ -683,8 +702,18 @@ class ScannIndex(Index):
         data = np.concatenate(self._pending) if self._pending else None
         if data is None or data.shape[0] != len(self._ids):
             raise RuntimeError("the ScaNN index is already built")
-        config = self._requested.resolved(data.shape[0])
-        builder = scann_ops_pybind.builder(data, 10, "dot_product")
+        n = data.shape[0]
+        config = self._requested.resolved(n)
+        held = 0
+        if config.mode != "brute_force" and config.target_recall is not None:
+            held = min(config.tuning_queries, n // 4)
+        if held >= 2:  # the held-out rows go last, trained on by nothing, upserted after
+            data = self._move_to_end(data, held)
+        else:
+            held = 0
+        if config.training_sample_size:
+            config.training_sample_size = min(config.training_sample_size, n - held)
+        builder = scann_ops_pybind.builder(data[: n - held], 10, "dot_product")
         builder.set_n_training_threads(self._threads())
         if config.mode == "tree_ah":
             builder = builder.tree(
@@ -705,6 +734,57 @@ class ScannIndex(Index):
         self._pool_threads = self._threads()
         self._resolved = config
         self._pending = []
+        if held:
+            rows = self._searcher.searcher.upsert([None] * held, data[n - held :], 1)
+            if list(rows) != list(range(n - held, n)):
+                raise RuntimeError(f"ScaNN upsert returned rows {list(rows)[:5]}...")
+            self._tune(data, np.arange(n - held, n))
+
+    def _move_to_end(self, data: np.ndarray, count: int) -> np.ndarray:
+        """Moves ``count`` random rows (and their ids) to the end; returns the reordered data.
+
+        They become the tuning queries: built into the index after training, so the tree
+        and codebooks were fitted without them, as they were without any future query.
+        """
+        n = data.shape[0]
+        held = np.random.default_rng(0).choice(n, count, replace=False)
+        rest = np.ones(n, dtype=bool)
+        rest[held] = False
+        order = np.concatenate([np.flatnonzero(rest), np.sort(held)])
+        self._ids = [self._ids[i] for i in order]
+        self._positions = {i: row for row, i in enumerate(self._ids)}
+        self._id_array = None
+        return np.ascontiguousarray(data[order])
+
+    def _tune(self, data: np.ndarray, query_rows: np.ndarray) -> None:
+        """Chooses leaves_to_search and reorder for the target recall (see ``ScannConfig``)."""
+        config, requested = self._resolved, self._requested
+        leaves = [None]
+        if config.mode == "tree_ah":
+            fixed = requested.num_leaves_to_search
+            leaves = (
+                [config.num_leaves_to_search] if fixed else leaves_candidates(config.num_leaves)
+            )
+        reorders = [config.reorder] if requested.reorder else REORDER_CANDIDATES
+        threads = self._threads()
+
+        def search(queries, k, leaves, reorder):
+            if threads > 1:
+                rows, _ = self._searcher.search_batched_parallel(
+                    queries, k, max(reorder, k), leaves, batch_size=config.batch_size
+                )
+            else:
+                rows, _ = self._searcher.search_batched(queries, k, max(reorder, k), leaves)
+            return rows
+
+        result = tune_search(
+            search, data, config.target_recall, k=10, query_rows=query_rows,
+            leaves=leaves, reorders=reorders,
+        )  # fmt: skip
+        if config.mode == "tree_ah":
+            config.num_leaves_to_search = int(result["leaves"])
+        config.reorder = int(result["reorder"])
+        config.tuning = {key: v for key, v in result.items() if key not in ("leaves", "reorder")}
 
     def search(
         self,
@@ -730,7 +810,11 @@ class ScannIndex(Index):
         config = self._resolved
         reorder = reorder or config.reorder
         pre = max(reorder, k) if reorder and config.mode != "brute_force" else None
-        leaves = leaves_to_search if config.mode == "tree_ah" else None
+        # Always pass the configured leaves: a loaded searcher's own default is the value it
+        # was built with, before tuning.
+        leaves = (
+            (leaves_to_search or config.num_leaves_to_search) if config.mode == "tree_ah" else None
+        )
         threads = self._threads() if num_threads is None else int(num_threads)
         if threads > 1 and q.shape[0] > 1:
             if threads != self._pool_threads:  # rebuilding ScaNN's pool costs ~25% at 100k
@@ -750,6 +834,8 @@ class ScannIndex(Index):
         return self._results(rows, scores)
 
     def _write_payload(self, directory: Path) -> None:
+        if not self._ids:  # an empty index (e.g. a shard no id hashed to): nothing to build
+            return
         if self._searcher is None:
             self.build()
         target = directory / "scann"
@@ -765,6 +851,11 @@ class ScannIndex(Index):
         from scann.scann_ops.py import scann_ops_pybind
 
         assets = "scann/scann_assets.pbtxt"
+        if manifest["count"] == 0:  # saved empty: vectors added later build it
+            try:
+                return cls(manifest["dim"], ScannConfig.from_dict(config))
+            except (TypeError, ValueError) as error:
+                raise IndexFormatError(f"{directory}/config.json: {error}") from None
         if assets not in manifest["files"]:
             raise IndexFormatError(f"{directory}/{MANIFEST} does not list {assets}")
         try:

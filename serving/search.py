@@ -20,7 +20,9 @@ from remap_tf.errors import BadPathError, InvalidInputError
 from remap_tf.serving.changelog import DurableIndex, pending_changes
 from remap_tf.serving.collection import list_images
 from remap_tf.serving.embedding_store import embed_collection, embed_skipping
+from remap_tf.serving.embeddings import is_remote, load_embeddings, read_manifest
 from remap_tf.serving.index import Index, load_index, make_index
+from remap_tf.serving.sharded import ShardedIndex
 
 # Metadata keys an index built here records.
 IMAGE_ROOT = "image_root"
@@ -46,6 +48,7 @@ def build_index(
     batch_size: int = 32,
     progress: bool = True,
     model: str | None = None,
+    shards: int | None = None,
 ) -> dict:
     """Embeds a folder or manifest of images (resumably) and saves an index of them.
 
@@ -61,6 +64,8 @@ def build_index(
         progress: show a progress bar.
         model: the model (export folder or TF Serving address), recorded in the index so that
             later searches and additions use the same one.
+        shards: split the index into this many shards by id hash
+            (`remap_tf.serving.sharded.ShardedIndex`); None: one index.
 
     Returns:
         ``{"index": path, "count", "dim", "skipped": [{"image", "reason"}], "config"}``.
@@ -77,7 +82,7 @@ def build_index(
     if not collection.images:
         raise InvalidInputError(f"none of the {len(paths)} images under {images} could be embedded")
     id_of = dict(zip(paths, ids, strict=True))
-    index = make_index(kind, int(embedder.dim), **(scann_config or {}))
+    index = _new_index(kind, int(embedder.dim), scann_config, shards)
     index.add([id_of[p] for p in collection.images], collection.descriptors)
     source = Path(images).resolve()
     index.metadata = {
@@ -94,6 +99,73 @@ def build_index(
         "skipped": collection.skipped,
         "resumed_shards": collection.resumed_shards,
         "config": index.config,
+    }
+
+
+def _new_index(kind: str, dim: int, scann_config: dict | None, shards: int | None):
+    if shards:
+        config = scann_config or {}
+        return ShardedIndex(dim, shards, make_shard=lambda: make_index(kind, dim, **config))
+    return make_index(kind, dim, **(scann_config or {}))
+
+
+def _image_root(source: str | None) -> str | None:
+    """Where ids lead back to files: a local folder, a list's folder, a glob's fixed part."""
+    if not source or is_remote(source):
+        return None
+    for char in "*?[":
+        if char in source:
+            source = source[: source.find(char)].rpartition("/")[0] or "."
+    path = Path(source).resolve()
+    return str(path if path.is_dir() else path.parent)
+
+
+def build_index_from_embeddings(
+    folders,
+    out,
+    kind: str = "scann",
+    scann_config: dict | None = None,
+    shards: int | None = None,
+    memory_budget: int | None = None,
+    workers: int = 1,
+    beam_args=(),
+) -> dict:
+    """Builds an index of ``remap embed`` output: one index, or sharded (``shards`` or a
+    ``memory_budget`` in bytes per shard build) with one Beam task per shard.
+
+    The index records the model and image root of the (first) embedding folder.
+
+    Returns:
+        ``{"index", "count", "dim", "config", "num_shards"}`` (num_shards None: one index).
+    """
+    from remap_tf.serving.beam_index import build_sharded_index  # Beam loads only when used
+
+    folders = [str(f) for f in ([folders] if isinstance(folders, str | os.PathLike) else folders)]
+    first = read_manifest(folders[0])
+    metadata = {
+        "images": first.get("source"),
+        IMAGE_ROOT: _image_root(first.get("source")),
+        MODEL: first.get("model"),
+        "embeddings": [str(Path(f).resolve()) for f in folders],
+        "skipped": sum(read_manifest(f)["dead"] for f in folders),
+    }
+    if shards is not None or memory_budget is not None:
+        summary = build_sharded_index(
+            folders, out, num_shards=shards, memory_budget=memory_budget, kind=kind,
+            scann_config=scann_config, workers=workers, beam_args=beam_args, metadata=metadata,
+        )  # fmt: skip
+        return summary
+    ids, rows, info = load_embeddings(folders)
+    index = make_index(kind, info["dim"], **(scann_config or {}))
+    index.add(ids, rows)
+    index.metadata = metadata
+    index.save(out)
+    return {
+        "index": str(out),
+        "count": len(index),
+        "dim": index.dim,
+        "config": index.config,
+        "num_shards": None,
     }
 
 

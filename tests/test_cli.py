@@ -187,7 +187,7 @@ def test_remap_help_lists_every_command():
     result = subprocess.run(
         [sys.executable, "-m", "remap_cli", "--help"], capture_output=True, text=True, check=True
     )
-    for command in ("train", "export", "index", "search", "evaluate", "demo", "--debug"):
+    for command in ("train", "export", "embed", "index", "search", "evaluate", "demo", "--debug"):
         assert command in result.stdout
     index_help = subprocess.run(
         [sys.executable, "-m", "remap_cli", "index", "--help"],

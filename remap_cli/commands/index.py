@@ -10,8 +10,15 @@ import json
 from pathlib import Path
 
 from remap_cli import common, paths
-from remap_cli.args import MODEL_HELP, add_command, non_negative_int, positive_int
-from remap_tf.errors import InvalidInputError, RemapError
+from remap_cli.args import (
+    MODEL_HELP,
+    add_command,
+    byte_size,
+    non_negative_int,
+    positive_int,
+    recall_target,
+)
+from remap_tf.errors import InvalidInputError
 
 _SCANN_FLAGS = (
     ("scann_mode", "mode"),
@@ -19,6 +26,7 @@ _SCANN_FLAGS = (
     ("leaves_to_search", "num_leaves_to_search"),
     ("reorder", "reorder"),
     ("threads", "num_threads"),
+    ("target_recall", "target_recall"),
 )
 
 
@@ -67,15 +75,37 @@ def _add_build(actions) -> None:
     build = add_command(
         actions,
         "build",
-        "embed a folder or manifest of images and save a ScaNN index",
+        "embed a folder or manifest of images (or take remap embed output) and save an index",
         "Embeds images with a progress bar into resumable shards (a crash or Ctrl-C resumes "
         "where it stopped), skips and lists unreadable images, then builds and saves the index "
-        "atomically. The index records the model, so later searches need no --model.",
+        "atomically; or, with --from-embeddings, indexes the output of remap embed. --shards "
+        "(or --shard-memory) splits the index by id hash, one Beam task per shard (Beam "
+        "options after --). The index records the model, so later searches need no --model.",
         run=run_build,
     )
-    build.add_argument("--model", required=True, help=MODEL_HELP)
+    build.add_argument("--model", default=None, help=MODEL_HELP + " (with --images)")
+    build.add_argument("--images", help="an image folder, or a .txt/.csv manifest of paths")
     build.add_argument(
-        "--images", required=True, help="an image folder, or a .txt/.csv manifest of paths"
+        "--from-embeddings",
+        nargs="+",
+        metavar="DIR",
+        default=None,
+        help="index the output of remap embed (one or more folders) instead of --images",
+    )
+    build.add_argument(
+        "--shards", type=positive_int, default=None, help="split the index into N shards by id"
+    )
+    build.add_argument(
+        "--shard-memory",
+        type=byte_size,
+        default=None,
+        help="as many shards as needed for each build to fit this memory (e.g. 8GiB)",
+    )
+    build.add_argument(
+        "--workers",
+        type=positive_int,
+        default=1,
+        help="local worker processes building shards (with --from-embeddings and --shards)",
     )
     build.add_argument("--out", required=True, help="the index directory to write")
     build.add_argument(
@@ -97,31 +127,62 @@ def _add_build(actions) -> None:
     build.add_argument("--reorder", type=int, help="candidates re-scored exactly")
     build.add_argument("--threads", type=non_negative_int, help="search threads (0 = all CPUs)")
     build.add_argument(
+        "--target-recall",
+        type=recall_target,
+        default=None,
+        help="ScaNN: tune leaves-to-search and reorder to this recall@10 on held-out vectors "
+        "(default 0.95; 0: no tuning, the fixed defaults)",
+    )
+    build.add_argument(
         "--shard-size", type=positive_int, default=512, help="images per resumable shard"
     )
     build.add_argument("--batch-size", type=positive_int, default=32, help="images per call")
     build.add_argument("--quiet", action="store_true", help="no progress bar")
+    build.add_argument(
+        "beam_args", nargs="*", metavar="-- BEAM_OPTION", help="Beam pipeline options, after --"
+    )
 
 
 def _scann_overrides(args) -> dict:
-    return {
+    overrides = {
         key: getattr(args, flag)
         for flag, key in _SCANN_FLAGS
         if getattr(args, flag, None) is not None
     }
+    if overrides.get("target_recall") == 0:
+        overrides["target_recall"] = None  # no tuning: the fixed defaults
+    return overrides
+
+
+def _check_sources(args) -> None:
+    """--images and --model, or --from-embeddings; the shard flags that go with each."""
+    from remap_tf.serving.collection import list_images
+
+    if args.from_embeddings:
+        if args.images or args.model:
+            raise InvalidInputError("--from-embeddings replaces --images and --model")
+        for folder in args.from_embeddings:
+            paths.input_dir("--from-embeddings", folder)
+    else:
+        if not args.images or not args.model:
+            raise InvalidInputError("give --images and --model, or --from-embeddings")
+        paths.exported_model("--model", args.model)
+        paths.input_path("--images", args.images)
+        with paths.naming("--images"):
+            list_images(args.images)
+        if args.shard_memory is not None:
+            raise InvalidInputError("--shard-memory needs --from-embeddings (use --shards)")
+    if args.shards is not None and args.shard_memory is not None:
+        raise InvalidInputError("give --shards or --shard-memory, not both")
+    if args.beam_args and not args.from_embeddings:
+        raise InvalidInputError("Beam options (after --) need --from-embeddings")
 
 
 def _check_build(args) -> dict:
     """Every argument of ``index build`` before the model is loaded; the ScaNN overrides."""
-    from remap_tf.serving.collection import list_images
     from remap_tf.serving.index import ScannConfig
 
-    paths.exported_model("--model", args.model)
-    paths.input_path("--images", args.images)
-    try:
-        list_images(args.images)
-    except RemapError as error:
-        raise type(error)(f"--images: {error}") from None
+    _check_sources(args)
     paths.output_dir("--out", args.out, "an index", lambda d: (d / "manifest.json").is_file())
     if args.embeddings is not None:
         paths.output_dir(
@@ -143,25 +204,42 @@ def _check_build(args) -> dict:
 
 def run_build(args) -> int:
     overrides = _check_build(args)
-    from remap_tf.serving.search import build_index
+    from remap_tf.serving.search import build_index, build_index_from_embeddings
 
-    images, out = Path(args.images), Path(args.out)
-    summary = build_index(
-        embedder=common.embedder_for(args.model),
-        images=images,
-        out=out,
-        embeddings_dir=args.embeddings,
-        kind=args.kind,
-        scann_config=overrides,
-        shard_size=args.shard_size,
-        batch_size=args.batch_size,
-        progress=not args.quiet,
-        model=args.model,
-    )
+    if args.from_embeddings:
+        summary = build_index_from_embeddings(
+            folders=args.from_embeddings,
+            out=args.out,
+            kind=args.kind,
+            scann_config=overrides,
+            shards=args.shards,
+            memory_budget=args.shard_memory,
+            workers=args.workers,
+            beam_args=args.beam_args,
+        )
+    else:
+        summary = build_index(
+            embedder=common.embedder_for(args.model),
+            images=Path(args.images),
+            out=Path(args.out),
+            embeddings_dir=args.embeddings,
+            kind=args.kind,
+            scann_config=overrides,
+            shard_size=args.shard_size,
+            batch_size=args.batch_size,
+            progress=not args.quiet,
+            model=args.model,
+            shards=args.shards,
+        )
     config = summary["config"]
     mode = f" ({config['mode']})" if "mode" in config else ""
-    print(f"indexed {summary['count']} images ({summary['dim']}-d) into {out}: {args.kind}{mode}")
-    _print_skipped(summary["skipped"])
+    shards = summary.get("num_shards") or args.shards
+    layout = f", {shards} shard(s)" if shards else ""
+    print(
+        f"indexed {summary['count']} images ({summary['dim']}-d) into {args.out}: "
+        f"{args.kind}{mode}{layout}"
+    )
+    _print_skipped(summary.get("skipped", []))
     return 0
 
 
@@ -211,7 +289,11 @@ def run_info(args) -> int:
         return 0
     metadata = info["metadata"]
     print(f"index       {info['index']}")
-    print(f"kind        {info['kind']} ({info['config'].get('mode', 'exhaustive')})")
+    config = info["config"]
+    detail = config.get("mode", "exhaustive")
+    if info["kind"] == "sharded":
+        detail = f"{config['num_shards']} shards by id hash {config['hash']}"
+    print(f"kind        {info['kind']} ({detail})")
     print(f"images      {info['count']} ({info['dim']}-d descriptors)")
     print(f"model       {metadata.get('model') or 'not recorded'}")
     print(f"image root  {metadata.get('image_root') or 'not recorded'}")
