@@ -91,6 +91,8 @@ def main(argv=None) -> int:
             if interrupts.requested:  # a KeyboardInterrupt mangled by a library
                 return _interrupted(prog, args.debug)
             return _internal_error(prog, error, args.debug)
+        if interrupts.requested and getattr(args, "signal_stops_cleanly", False):
+            return code  # a server stopped by its signal, gracefully (remap serve)
         if interrupts.requested:  # a library swallowed the interrupt; the result is complete
             print(
                 f"{prog}: interrupted (the work had completed; its output is whole)",

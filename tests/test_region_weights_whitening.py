@@ -56,26 +56,31 @@ def test_sample_pairs_needs_two_classes_with_several_images():
 
 
 def test_init_region_weights_favours_the_region_that_holds_the_object():
-    """Each image is one of 4 'objects' (a fixed random texture) pasted in the top-left
-    quarter over fresh noise. The top-left regions see the object, so matching pairs are
-    close there and the KL weights of top-left regions must exceed those of bottom-right
-    regions, in both tapped layers."""
+    """Each image is one of 4 'objects' (a scikit-image photograph, shrunk to a quarter of
+    the image) pasted in the top-left quarter over fresh noise. The top-left region sees the
+    object, so matching pairs are close there and the KL weight of the top-left region must
+    exceed that of the bottom-right one, in both tapped layers of the bundled ImageNet
+    MobileNet. (Random textures do not work as objects: ImageNet features at stride 32 see
+    every patch of uniform noise alike, so matching and non-matching pairs are as far apart.)
+    """
+    import skimage.data
+    import tensorflow as tf
+
+    side, half = 384, 192
     rng = np.random.default_rng(0)
-    objects = rng.uniform(0, 255, size=(4, 64, 64, 3))
+    photos = [skimage.data.astronaut(), skimage.data.coffee(), skimage.data.chelsea()]
+    photos.append(skimage.data.rocket())
+    objects = np.stack([tf.image.resize(photo, (half, half)).numpy() for photo in photos])
     labels = np.repeat(np.arange(4), 5)
-    images = rng.uniform(0, 255, size=(20, 128, 128, 3))
-    images[:, :64, :64] = objects[labels] + rng.normal(0, 8, size=(20, 64, 64, 3))
+    images = rng.uniform(0, 255, size=(20, side, side, 3))
+    images[:, :half, :half] = objects[labels] + rng.normal(0, 8, size=(20, half, half, 3))
     images = np.clip(images, 0, 255).astype("float32")
-    model = remap_tf.REMAP(
-        "mobilenet", backbone_kwargs={"alpha": 0.25}, grid_shape=(4, 4), levels=2
-    )
-    remap_tf.recalibrate_batch_norm(model, images, batch_size=20)
+    model = remap_tf.REMAP("mobilenet", grid_shape=(12, 12), levels=2)  # stride 32
     weights = remap_tf.init_region_weights(model, images, labels, max_pairs=500)
     assert weights.shape == (2, 5)
     np.testing.assert_allclose(weights.mean(axis=1), 1.0, rtol=1e-5)
     np.testing.assert_array_equal(remap_tf.get_region_weights(model), weights)
-    # Grid of a 4x4 reference map, L=2: [whole map, top-left, top-right, bottom-left,
-    # bottom-right] quadrants.
+    # Grid of a 12x12 map, L=2: [whole map, top-left, top-right, bottom-left, bottom-right].
     top_left, bottom_right = 1, 4
     assert np.all(weights[:, top_left] > weights[:, bottom_right])
 
@@ -132,7 +137,8 @@ def test_init_whitening_sets_the_model_layer():
     model = remap_tf.REMAP("mobilenet", backbone_kwargs={"alpha": 0.25}, dim=16)
     remap_tf.recalibrate_batch_norm(model, images, batch_size=24)
     kernel, bias = remap_tf.init_whitening(model, images, labels, method="learned")
-    assert kernel.shape == (384, 16) and bias.shape == (16,)
+    # Taps conv_pw_12 and conv_pw_13 of MobileNet alpha 0.25: 256 + 256 channels.
+    assert kernel.shape == (512, 16) and bias.shape == (16,)
     np.testing.assert_array_equal(model.get_layer("whitening").kernel.numpy(), kernel)
     out = model.predict(images, verbose=0)
     np.testing.assert_allclose(np.linalg.norm(out, axis=1), 1.0, rtol=1e-5)

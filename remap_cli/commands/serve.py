@@ -72,6 +72,9 @@ def add_parser(subparsers) -> None:
         "--log-level", choices=("debug", "info", "warning", "error"), default="info"
     )
     parser.add_argument("--access-log", action="store_true", help="log every request")
+    # SIGTERM/Ctrl-C is how a server is stopped: once serving, a signal ends it with a graceful
+    # shutdown and exit 0, not as "interrupted" (130). A signal during start-up still is one.
+    parser.set_defaults(signal_stops_cleanly=True)
 
 
 def run(args) -> int:
