@@ -49,9 +49,11 @@ from apache_beam.ml.inference.base import (
 )
 from apache_beam.options.pipeline_options import PipelineOptions
 
+from remap_tf.contract import IMAGE_EXTENSIONS
 from remap_tf.errors import BadPathError, InvalidInputError
 from remap_tf.serving import embeddings
-from remap_tf.serving.embedding_store import IMAGE_EXTENSIONS, embed_skipping, list_images
+from remap_tf.serving.collection import list_images
+from remap_tf.serving.embedding_store import embed_skipping
 
 GLOB_CHARACTERS = "*?["
 MAX_IMAGE_BYTES = 256 * 1024 * 1024  # larger files go to the dead letters unread
@@ -63,7 +65,7 @@ MAX_IMAGE_BYTES = 256 * 1024 * 1024  # larger files go to the dead letters unrea
 def list_sources(source: str) -> tuple[list[str], list[str]]:
     """``(paths, ids)`` of a folder, a glob or a list file, local or on any Beam filesystem.
 
-    - a local folder or a local ``.txt`` / ``.csv`` list: as `embedding_store.list_images`
+    - a local folder or a local ``.txt`` / ``.csv`` list: as `collection.list_images`
       (ids relative to the folder, or as written in the list);
     - a glob (``photos/**.jpg``, ``gs://bucket/photos/*/*.png``): ids relative to the folder
       before the first wildcard;

@@ -202,7 +202,7 @@ def test_index_build_from_embeddings_sharded_then_search_add_delete(tmp_path, mo
     from remap_cli import main as cli
     from remap_tf.serving.beam_embed import list_sources
     from remap_tf.serving.embeddings import write_embeddings
-    from tests.test_commands import ThumbnailEmbedder, _make_groups
+    from tests.test_commands import FAKE_MODEL, ThumbnailEmbedder, _make_groups
 
     embedder = ThumbnailEmbedder()
     monkeypatch.setattr(common, "embedder_for", lambda model: embedder)
@@ -252,13 +252,14 @@ def test_index_build_from_images_with_shards(tmp_path, monkeypatch, capsys):
     """``remap index build --model M --images DIR --shards 2``: embedded in process, then split."""
     from remap_cli import common
     from remap_cli import main as cli
-    from tests.test_commands import ThumbnailEmbedder, _make_groups
+    from tests.test_commands import FAKE_MODEL, ThumbnailEmbedder, _make_groups
 
     monkeypatch.setattr(common, "embedder_for", lambda model: ThumbnailEmbedder())
     _make_groups(tmp_path / "imgs", num_groups=3, per_group=3, distractors=1)
     monkeypatch.chdir(tmp_path)
     code = cli.main(
-        ["index", "build", "--model", "m", "--images", "imgs", "--out", "idx", "--shards", "2"]
+        ["index", "build", "--model", FAKE_MODEL, "--images", "imgs", "--out", "idx"]
+        + ["--shards", "2"]
         + ["--quiet"]
     )
     out, err = capsys.readouterr()
@@ -269,7 +270,7 @@ def test_index_build_from_images_with_shards(tmp_path, monkeypatch, capsys):
     assert sorted(len(index.shard(n)) for n in range(2)) == sorted(
         np.bincount(shard_of(index.ids, 2), minlength=2)
     )
-    code = cli.main(["index", "build", "--model", "m", "--images", "imgs", "--out", "x"]
+    code = cli.main(["index", "build", "--model", FAKE_MODEL, "--images", "imgs", "--out", "x"]
                     + ["--shard-memory", "1G"])  # fmt: skip
     assert code == 2 and "--shard-memory needs --from-embeddings" in capsys.readouterr().err
 
