@@ -8,6 +8,7 @@ Standard library only, so building the parser imports nothing heavy.
 from __future__ import annotations
 
 import argparse
+import logging
 import math
 import os
 import signal
@@ -174,3 +175,19 @@ MODEL_HELP = (
     "an exported model folder (remap export; its highest version is used) or a TF Serving "
     "gRPC address 'host:port[/name]'"
 )
+
+
+def quiet_beam_logs(debug: bool) -> None:
+    """Keeps Apache Beam's log records off a command's stderr (unless ``--debug``).
+
+    Beam logs a failing or interrupted step at ERROR with its whole traceback, and notes about
+    optional modules (apitools, resource) at WARNING on the root logger; the command reports
+    the same failure itself, in one line (or a traceback file for an internal error).
+    """
+    if debug:
+        return
+    logging.getLogger("apache_beam").setLevel(logging.CRITICAL)
+    root = logging.getLogger()
+    if root.level < logging.ERROR:
+        root.setLevel(logging.ERROR)
+    logging.getLogger("remap_tf").setLevel(logging.WARNING)  # the project's own warnings stay

@@ -36,6 +36,7 @@ GOOD = {
     "search": ["search", "--index", "index", "img.png"],
     "evaluate": ["evaluate", "--dataset", "groups.json", "--model", "export"],
     "demo": ["demo", "--out", "demo_out"],
+    "embed": ["embed", "--images", "imgs", "--model", "export", "--out", "emb"],
 }
 
 # (command, flag, bad value, words the message must contain)
@@ -113,6 +114,16 @@ PATH_CASES = [
     ("evaluate", "--json", "mine.json", "--overwrite"),
     ("evaluate", "--report", "notes/x.txt", "does not end in .html"),
     ("evaluate", "--embeddings", "notes", "holds other files"),
+    # remap embed
+    ("embed", "--images", "nope", "does not exist"),
+    ("embed", "--images", "empty_dir", "no images"),
+    ("embed", "--images", "empty.txt", "is empty"),
+    ("embed", "--images", "garbage.txt", "not a text manifest"),
+    ("embed", "--model", "nope", "neither an existing exported model"),
+    ("embed", "--model", "model.keras", "is a Keras model file"),
+    ("embed", "--model", "empty_dir", "neither a SavedModel"),
+    ("embed", "--out", "img.png", "is a file"),
+    ("embed", "--out", "notes", "holds other files"),
     # remap demo
     ("demo", "--out", "img.png", "is a file"),
     ("demo", "--out", "notes", "holds other files"),
@@ -149,6 +160,10 @@ VALUE_CASES = [
         ("evaluate", "--qe-alpha", ["0", "inf"]),
         ("evaluate", "--batch-size", ["0"]),
         ("evaluate", "--report-k", ["0"]),
+        ("embed", "--shard-size", ["0", "x"]),
+        ("embed", "--batch-size", ["-1"]),
+        ("embed", "--workers", ["0"]),
+        ("embed", "--threads", ["0"]),
         ("demo", "--minutes", ["0", "-2", "x"]),
         ("demo", "--steps", ["0"]),
         ("demo", "--seed", ["-1"]),
@@ -280,6 +295,7 @@ def _run_without_root_powers(argv, cwd):
         ("train", "--data", "locked_dir"),
         ("export", "--model", "locked.keras"),
         ("index build", "--images", "locked_dir"),
+        ("embed", "--images", "locked_dir"),
         ("search", "QUERY", "locked.png"),
         ("search", "--index", "locked_dir"),
         ("evaluate", "--dataset", "locked.json"),

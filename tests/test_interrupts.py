@@ -1,6 +1,6 @@
-"""Ctrl-C (SIGINT) or SIGTERM at several moments of ``remap export``, ``index build`` and
-``train``: the command says ``interrupted``, exits with 130, and leaves either the complete
-result or nothing of it (no half-written version, index or model, no staging leftovers).
+"""Ctrl-C (SIGINT) or SIGTERM at several moments of ``remap export``, ``index build``,
+``embed`` and ``train``: the command says ``interrupted``, exits with 130, and leaves either the
+complete result or nothing of it (no half-written version, index or model, no staging leftovers).
 
 Each moment is a milestone seen on disk (a staging folder appears, a shard is committed, a
 backup is written), not a fixed delay, so the test means the same on a fast or a loaded
@@ -139,6 +139,38 @@ def test_index_build_interrupted_then_resumed(work, tmp_path, moment, signum):
     stdout, err = again.communicate(timeout=240)
     assert again.returncode == 0, err[-2000:]
     assert "indexed 48 images" in stdout and verify_index(out)["count"] == 48
+
+
+@pytest.mark.parametrize(
+    "moment, signum", [("first shard", signal.SIGINT), ("later shard", signal.SIGTERM)]
+)
+def test_embed_interrupted_then_resumed(work, tmp_path, moment, signum):
+    """Beam's in-process runner: committed shards stay whole, the rerun does only the rest."""
+    import re
+
+    from remap_tf.serving.embeddings import load_embeddings, shard_complete
+
+    out = tmp_path / "emb"
+    argv = ["embed", "--images", str(work / "imgs"), "--model", str(work / "export")]
+    argv += ["--out", str(out), "--shard-size", "4", "--batch-size", "2"]
+    wanted = 1 if moment == "first shard" else 5
+
+    def committed():
+        names = [p.name for p in out.glob("shard-*.json")] if out.exists() else []
+        return sorted(int(n[6:11]) for n in names if re.fullmatch(r"shard-\d{5}\.json", n))
+
+    _assert_interrupted(
+        *_interrupt_when(_remap(argv, tmp_path), lambda: len(committed()) >= wanted, signum)
+    )
+    done = committed()
+    assert len(done) >= wanted and all(shard_complete(str(out), shard) for shard in done)
+    assert not (out / "manifest.json").exists()  # the run is not finished
+    again = _remap(argv, tmp_path)
+    stdout, err = again.communicate(timeout=240)
+    assert again.returncode == 0, err[-2000:]
+    assert f"{len(done)} already finished" in stdout, stdout
+    ids, descriptors, _ = load_embeddings([str(out)])
+    assert len(ids) == 48 and descriptors.shape[0] == 48
 
 
 @pytest.mark.parametrize("moment, signum", [("start", signal.SIGINT), ("backup", signal.SIGTERM)])

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from remap_cli.args import MODEL_HELP, add_command, positive_int
+from remap_cli import paths
+from remap_cli.args import MODEL_HELP, add_command, positive_int, quiet_beam_logs
 
 EPILOG = """\
 Beam options go after `--`. Without --runner the pipeline runs here on Beam's in-process
@@ -61,7 +62,38 @@ def add_parser(subparsers) -> None:
     )
 
 
+def _is_remote(value: str) -> bool:
+    """A path on a filesystem Beam reads (gs://, s3://, hdfs://...): checked by Beam itself."""
+    return "://" in value
+
+
+def _is_glob(value: str) -> bool:
+    return any(char in value for char in "*?[")
+
+
+def check(args) -> None:
+    """Local --images, --model and --out before Beam or TensorFlow starts (remote ones and
+    globs are resolved by Beam's filesystems, which name them in their own errors)."""
+    from remap_tf.serving.collection import list_images
+
+    if not _is_remote(args.images) and not _is_glob(args.images):
+        paths.input_path("--images", args.images)
+        with paths.naming("--images"):
+            list_images(args.images)
+    if not _is_remote(args.model):
+        paths.exported_model("--model", args.model)
+    if not _is_remote(args.out):
+        paths.output_dir(
+            "--out",
+            args.out,
+            "embeddings (remap embed)",
+            lambda folder: (folder / "embed.json").is_file(),
+        )
+
+
 def run(args) -> int:
+    check(args)
+    quiet_beam_logs(args.debug)
     from remap_tf.serving.beam_embed import embed_images
 
     summary = embed_images(

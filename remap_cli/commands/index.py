@@ -16,6 +16,7 @@ from remap_cli.args import (
     byte_size,
     non_negative_int,
     positive_int,
+    quiet_beam_logs,
     recall_target,
 )
 from remap_tf.errors import InvalidInputError
@@ -207,6 +208,7 @@ def run_build(args) -> int:
     from remap_tf.serving.search import build_index, build_index_from_embeddings
 
     if args.from_embeddings:
+        quiet_beam_logs(args.debug)
         summary = build_index_from_embeddings(
             folders=args.from_embeddings,
             out=args.out,
