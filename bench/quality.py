@@ -1,7 +1,7 @@
 """Retrieval quality on real multi-view photos of scenes never seen in training.
 
     python -m bench.quality --data ../shared/data/multiview [--long-side 512]
-                            [--steps 300] [--train-long-side 384] [--write]
+                            [--steps 200] [--train-long-side 384] [--write]
 
 The data (``multiview/``: real photos of 38 scenes, ``splits.json`` with 27 train and 11 val
 scenes, 129 distractors; not part of the project) is an argument. Everything that learns (KL
@@ -312,8 +312,8 @@ def main(argv=None) -> int:
     parser.add_argument("--data", required=True, help="the multiview folder")
     parser.add_argument("--long-side", type=int, default=512)
     parser.add_argument("--train-long-side", type=int, default=384)
-    parser.add_argument("--steps", type=int, default=300, help="fine-tuning steps (0: none)")
-    parser.add_argument("--learning-rate", type=float, default=1e-5)
+    parser.add_argument("--steps", type=int, default=200, help="fine-tuning steps (0: none)")
+    parser.add_argument("--learning-rate", type=float, default=5e-5)
     parser.add_argument("--margin", type=float, default=0.1)
     parser.add_argument("--classes-per-batch", type=int, default=6)
     parser.add_argument("--images-per-class", type=int, default=3)

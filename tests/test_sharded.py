@@ -202,7 +202,7 @@ def test_index_build_from_embeddings_sharded_then_search_add_delete(tmp_path, mo
     from remap_cli import main as cli
     from remap_tf.serving.beam_embed import list_sources
     from remap_tf.serving.embeddings import write_embeddings
-    from tests.test_commands import FAKE_MODEL, ThumbnailEmbedder, _make_groups
+    from tests.test_commands import ThumbnailEmbedder, _make_groups
 
     embedder = ThumbnailEmbedder()
     monkeypatch.setattr(common, "embedder_for", lambda model: embedder)
