@@ -142,7 +142,11 @@ def test_index_build_interrupted_then_resumed(work, tmp_path, moment, signum):
 
 
 @pytest.mark.parametrize(
-    "moment, signum", [("first shard", signal.SIGINT), ("later shard", signal.SIGTERM)]
+    "moment, signum",
+    [
+        ("first shard", signal.SIGINT),
+        pytest.param("later shard", signal.SIGTERM, marks=pytest.mark.slow),  # ~1 min more
+    ],
 )
 def test_embed_interrupted_then_resumed(work, tmp_path, moment, signum):
     """Beam's in-process runner: committed shards stay whole, the rerun does only the rest."""
