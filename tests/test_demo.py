@@ -136,6 +136,7 @@ def test_demo_end_to_end_at_tiny_size_and_again_over_its_leftovers(tmp_path, mon
         ET.parse(svg)  # well-formed XML
     page = report.read_text()
     assert "GeM, fine-tuned" in page and "SPoC" in page
+    assert f"with\n{len(groups['distractors'])} distractor views" in page
     assert sorted(p.name for p in out.iterdir() if p.is_file()) == ["report.html", "results.json"]
     with browser.page() as tab:
         seen = browser.load_file(tab, tmp_path / "demo" / "report.html")
@@ -210,6 +211,11 @@ def test_training_curve_svg_draws_one_line_per_run():
     lines = list(root.iter("{http://www.w3.org/2000/svg}polyline"))
     assert len(lines) == 2
     assert "REMAP" in svg and "GeM" in svg
+    # The legend right of the plot is wide enough for a long name (it was cut off).
+    long_name = "REMAP, KL + learned whitening, fine-tuned"
+    wide = ET.fromstring(training_curve_svg({long_name: ([1, 2], [0.2, 0.1])}))
+    texts = [t for t in wide.iter("{http://www.w3.org/2000/svg}text") if t.text == long_name]
+    assert float(wide.get("width")) >= float(texts[0].get("x")) + 7 * len(long_name)
     with pytest.raises(ValueError, match="2 steps but 1 values"):
         training_curve_svg({"bad": ([1, 2], [0.1])})
     with pytest.raises(ValueError, match="empty"):

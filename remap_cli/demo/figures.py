@@ -103,6 +103,9 @@ def training_curve_svg(
     all_x = np.concatenate([s for _, s, _ in series] + [np.zeros(1)])
     all_y = np.concatenate([v for _, _, v in series] + [np.zeros(1)])
     box = _PlotBox(64, 36, width - 64 - 150, height - 36 - 48)
+    # The legend sits right of the plot: widen the figure so the longest name fits
+    # (about 7 px per character at font-size 12, plus the colour swatch).
+    width = max(width, int(box.left + box.width + 14 + 28 + 7 * max(len(n) for n, _, _ in series)))
     box.x_max = float(all_x.max()) or 1.0
     box.y_max = float(all_y.max()) * 1.05 or 1.0
     parts = [

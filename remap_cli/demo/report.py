@@ -223,7 +223,7 @@ def _sections_html(config: DemoConfig, data, remap: RemapOutcome, rows) -> str:
 ({html.escape(", ".join(views.test_photos))}): each has {config.queries_per_photo} queries,
 crops of {low * low:.0%}-{high * high:.0%} of its area, against its
 {config.views_per_photo - 1} other views in a database of {len(data.database)} images (with
-{len(data.database) - sum(len(p) for p in data.positives)} distractor views of the
+{len(data.database) - len(set().union(*data.positives))} distractor views of the
 {len(views.train_photos)} training photos). Backbone {html.escape(backbone)},
 {html.escape(weights)}, images at {config.image_size} px long side. KL weights and learned
 whitening come from the training views; fine-tuned models trained {config.steps} steps of
