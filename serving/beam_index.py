@@ -31,10 +31,11 @@ from pathlib import Path
 import apache_beam as beam
 import numpy as np
 
-from remap_tf.errors import InvalidInputError, OutputExistsError
+from remap_tf.errors import InvalidInputError
 from remap_tf.serving import embeddings
 from remap_tf.serving.beam_embed import pipeline_options
 from remap_tf.serving.index import make_index
+from remap_tf.serving.manifest import staged_index_dir
 from remap_tf.serving.sharded import shard_of, write_top_level
 
 # Peak resident memory of a ScaNN tree-AH build (with its recall tuning), per byte of the
@@ -127,11 +128,9 @@ def build_sharded_index(
     if kind == "scann" and local and "num_threads" not in config:
         config["num_threads"] = max(1, (os.cpu_count() or 1) // min(workers, num_shards))
     out = Path(out)
-    _check_out(out)
-    staging = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
-    (staging / "routing").mkdir(parents=True)
     tasks = [(f, s) for f, m in enumerate(manifests) for s in range(m["num_shards"])]
-    try:
+    with staged_index_dir(out) as staging:
+        (staging / "routing").mkdir()
         with beam.Pipeline(options=pipeline_options(beam_args, workers)) as pipeline:
             routed = (
                 pipeline
@@ -152,10 +151,6 @@ def build_sharded_index(
         if sorted(names) != list(range(num_shards)):
             raise RuntimeError(f"built shards {sorted(names)} of {num_shards}")
         entries = write_top_level(staging, dim, num_shards, names, metadata or {})
-        _swap_into_place(staging, out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return {
         "index": str(out),
         "count": sum(e["count"] for e in entries),
@@ -164,21 +159,3 @@ def build_sharded_index(
         "shards": entries,
         "config": {"kind": "sharded", "shard_kind": kind, **config},
     }
-
-
-def _check_out(out: Path) -> None:
-    if out.exists() and not out.is_dir():
-        raise OutputExistsError(f"{out} exists and is not a directory")
-    if out.is_dir() and not (out / "manifest.json").is_file() and any(out.iterdir()):
-        raise OutputExistsError(f"{out} is a non-empty folder that is not an index")
-    out.parent.mkdir(parents=True, exist_ok=True)
-
-
-def _swap_into_place(staging: Path, out: Path) -> None:
-    if out.exists():
-        old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
-        os.replace(out, old)
-        os.replace(staging, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(staging, out)

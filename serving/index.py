@@ -43,8 +43,6 @@ import dataclasses
 import json
 import math
 import os
-import shutil
-import uuid
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -53,16 +51,20 @@ import numpy as np
 from remap_tf.errors import (
     BadPathError,
     InvalidInputError,
-    OutputExistsError,
     UnknownIdError,
 )
-from remap_tf.io import atomic_write_json, uninterruptible
-from remap_tf.serving.manifest import IndexFormatError, check_files, sha256_file
+from remap_tf.io import atomic_write_json
+from remap_tf.serving.manifest import (
+    MANIFEST,
+    IndexFormatError,
+    check_files,
+    sha256_file,
+    staged_index_dir,
+)
 from remap_tf.serving.tuning import REORDER_CANDIDATES, leaves_candidates, tune_search
 
 FORMAT = "remap-index"
 FORMAT_VERSION = 1
-MANIFEST = "manifest.json"
 SHARDED_KIND = "sharded"  # a ShardedIndex's top-level manifest (remap_tf.serving.sharded)
 
 
@@ -300,18 +302,7 @@ class Index(abc.ABC):
             The directory.
         """
         directory = Path(directory)
-        if directory.exists() and not directory.is_dir():
-            raise OutputExistsError(f"{directory} exists and is not a directory")
-        is_other = directory.is_dir() and not (directory / MANIFEST).is_file()
-        if is_other and any(directory.iterdir()):
-            raise OutputExistsError(
-                f"{directory} is a non-empty directory that is not an index; refusing to replace it"
-            )
-        directory.parent.mkdir(parents=True, exist_ok=True)
-        token = uuid.uuid4().hex[:8]
-        staging = directory.parent / f".{directory.name}.tmp-{token}"
-        staging.mkdir()
-        try:
+        with staged_index_dir(directory) as staging:
             self._write_payload(staging)
             atomic_write_json(staging / "ids.json", self._ids, indent=1)
             atomic_write_json(staging / "config.json", self.config, indent=1)
@@ -329,17 +320,6 @@ class Index(abc.ABC):
                 "files": files,
             }
             atomic_write_json(staging / MANIFEST, manifest, indent=1)
-            with uninterruptible():  # never an interrupt between the two renames
-                if directory.exists():
-                    old = directory.parent / f".{directory.name}.old-{token}"
-                    os.replace(directory, old)
-                    os.replace(staging, directory)
-                    shutil.rmtree(old, ignore_errors=True)
-                else:
-                    os.replace(staging, directory)
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
         return directory
 
     @classmethod

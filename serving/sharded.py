@@ -48,7 +48,7 @@ from pathlib import Path
 
 import numpy as np
 
-from remap_tf.errors import InvalidInputError, OutputExistsError, UnknownIdError
+from remap_tf.errors import InvalidInputError, UnknownIdError
 from remap_tf.io import atomic_write_json
 from remap_tf.serving.manifest import (
     IndexFormatError,
@@ -56,6 +56,7 @@ from remap_tf.serving.manifest import (
     file_entries,
     read_json,
     sha256_file,
+    staged_index_dir,
 )
 
 KIND = "sharded"
@@ -300,30 +301,10 @@ class ShardedIndex:
                 f"only shards {self.shards_loaded} of {self._num_shards} are loaded; a partial "
                 "index can only be saved back where it was loaded from"
             )
-        if directory.exists() and not directory.is_dir():
-            raise OutputExistsError(f"{directory} exists and is not a directory")
-        if directory.is_dir() and not (directory / MANIFEST).is_file() and any(directory.iterdir()):
-            raise OutputExistsError(
-                f"{directory} is a non-empty directory that is not an index; refusing to replace it"
-            )
-        directory.parent.mkdir(parents=True, exist_ok=True)
-        token = uuid.uuid4().hex[:8]
-        staging = directory.parent / f".{directory.name}.tmp-{token}"
-        staging.mkdir()
-        try:
+        with staged_index_dir(directory) as staging:
             self._shard_dirs = {}
             self._dirty = set(self._shards)
             self._save_in_place(staging)
-            if directory.exists():
-                old = directory.parent / f".{directory.name}.old-{token}"
-                os.replace(directory, old)
-                os.replace(staging, directory)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.replace(staging, directory)
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
         self._source = directory
         return directory
 
