@@ -84,6 +84,7 @@ class ImageRejectedError(ServingError, ValueError):
 
 
 _NODE_SUFFIX = re.compile(r"\s*\[\[\{\{.*$")
+_ASSERTION = re.compile(r"^assertion failed: \[(.*)\]$")  # tf.debugging.Assert's wrapper
 
 
 def clean_tf_message(message: str) -> str:
@@ -92,6 +93,8 @@ def clean_tf_message(message: str) -> str:
     Example:
         >>> clean_tf_message("Graph execution error:\\n\\nimages[2] is not JPEG\\n [[{{node A}}]]")
         'images[2] is not JPEG'
+        >>> clean_tf_message("assertion failed: [images[0] is not JPEG data]")
+        'images[0] is not JPEG data'
     """
     lines = []
     for line in str(message).splitlines():
@@ -100,5 +103,6 @@ def clean_tf_message(message: str) -> str:
             continue
         if line.startswith(("[[", "[Op:")):
             continue
-        lines.append(_NODE_SUFFIX.sub("", line))
+        line = _NODE_SUFFIX.sub("", line)
+        lines.append(_ASSERTION.sub(r"\1", line))
     return " ".join(lines) or str(message).strip()

@@ -288,7 +288,11 @@ def _run_without_root_powers(argv, cwd):
     )
 
 
-@pytest.mark.skipif(shutil.which("setpriv") is None and os.geteuid() == 0, reason="no setpriv")
+@pytest.mark.skipif(
+    shutil.which("setpriv") is None and os.geteuid() == 0,
+    reason="running as root without setpriv (util-linux): root reads any file, so "
+    "an unreadable file cannot be made",
+)
 @pytest.mark.parametrize(
     "command, flag, value",
     [

@@ -107,7 +107,9 @@ def run(args) -> int:
         beam_args=args.beam_args,
     )
     print(
-        f"embedded {summary['count']} images ({summary['dim']}-d) into {args.out}: "
+        f"embedded {summary['count']} images"
+        + (f" ({summary['dim']}-d)" if summary["dim"] else "")
+        + f" into {args.out}: "
         f"{summary['shards']} shard(s), {len(summary['embedded_shards'])} run now, "
         f"{len(summary['skipped_shards'])} already finished; {len(summary['dead'])} unreadable"
     )

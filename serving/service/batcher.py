@@ -26,7 +26,6 @@ import numpy as np
 from remap_tf.errors import ImageRejectedError
 
 _IMAGE_IN_BATCH = re.compile(r"images\[\d+\]")
-_ASSERTION = re.compile(r"^assertion failed: \[(.*)\]$", re.S)  # tf.debugging.Assert's wrapper
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,7 +48,6 @@ class _Item:
 def _alone(error: ImageRejectedError) -> ImageRejectedError:
     """The error as the image's own request should read it (no position in a batch)."""
     reason = _IMAGE_IN_BATCH.sub("the image", error.reason).strip()
-    reason = _ASSERTION.sub(r"\1", reason)
     return ImageRejectedError(reason, index=0, reason=reason)
 
 
