@@ -14,6 +14,7 @@ import numpy as np
 import tensorflow as tf
 
 from remap_tf import ops
+from remap_tf.checks import check_choice
 from remap_tf.errors import InvalidInputError
 from remap_tf.regions import distinct_regions, min_distinct_long_side, relative_regions
 
@@ -44,11 +45,7 @@ class ImagePreprocessing(keras.layers.Layer):
 
     def __init__(self, mode: str = "caffe", **kwargs):
         super().__init__(**kwargs)
-        if mode not in PREPROCESSING_MODES:
-            raise InvalidInputError(
-                f"Unknown preprocessing mode {mode!r}; expected one of {PREPROCESSING_MODES}."
-            )
-        self.mode = mode
+        self.mode = check_choice("preprocessing mode", mode, PREPROCESSING_MODES)
 
     def call(self, images):
         x = tf.cast(ops.check_feature_map(images, "images"), tf.float32)

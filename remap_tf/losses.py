@@ -28,8 +28,9 @@ from __future__ import annotations
 import keras
 import tensorflow as tf
 
+from remap_tf.checks import check_choice
 from remap_tf.errors import InvalidInputError
-from remap_tf.specs import MININGS, check_choice
+from remap_tf.specs import MININGS
 
 _PACKAGE = "remap_tf"
 

@@ -21,6 +21,7 @@ import numpy as np
 import tensorflow as tf
 
 from remap_tf.backbones import build_backbone, tap_model
+from remap_tf.checks import check_choice
 from remap_tf.contract import MIN_IMAGE_SIZE
 from remap_tf.errors import InvalidInputError
 from remap_tf.layers import (
@@ -34,7 +35,7 @@ from remap_tf.layers import (
     Whitening,
 )
 from remap_tf.regions import relative_regions
-from remap_tf.specs import POOLINGS, check_choice, get_spec
+from remap_tf.specs import POOLINGS, get_spec
 
 WHITENING_LAYER = "whitening"
 DESCRIPTOR_LAYER = "descriptor"

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from remap_tf.checks import check_int
 from remap_tf.errors import InvalidInputError
 
 # matching_pairs(max_pairs=None) enumerates every matching pair; beyond this it asks for a cap.
@@ -33,14 +34,6 @@ def _labels(labels) -> np.ndarray:
     if labels.ndim > 1 and labels.size != labels.shape[0]:
         raise InvalidInputError(f"`labels` must be (num_images,), received shape {labels.shape}.")
     return labels.reshape(-1)
-
-
-def _check_count(name: str, value, allow_none: bool = False, minimum: int = 0):
-    if value is None and allow_none:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise InvalidInputError(f"`{name}` must be an integer >= {minimum}, received {value!r}.")
-    return int(value)
 
 
 def _classes(labels: np.ndarray):
@@ -125,7 +118,7 @@ def matching_pairs(labels, max_pairs: int | None = 20000, seed: int = 0) -> np.n
         int64 ``(num_pairs, 2)``, rows sorted; empty if no class has two images.
     """
     labels = _labels(labels)
-    max_pairs = _check_count("max_pairs", max_pairs, allow_none=True)
+    max_pairs = check_int("max_pairs", max_pairs, minimum=0, allow_none=True)
     return _matching(labels, max_pairs, np.random.default_rng(seed))
 
 
@@ -149,7 +142,7 @@ def sample_pairs(labels, max_pairs: int = 2000, seed: int = 0):
         InvalidInputError: fewer than 2 pairs of either kind.
     """
     labels = _labels(labels)
-    max_pairs = _check_count("max_pairs", max_pairs)
+    max_pairs = check_int("max_pairs", max_pairs, minimum=0)
     classes = _classes(labels)
     rng = np.random.default_rng(seed)
     matching = _matching(labels, max_pairs, rng, classes)
@@ -190,8 +183,8 @@ def sample_images(labels, max_images: int, seed: int = 0, per_class: int = 4) ->
         int64 sorted indices into ``labels``. Memory O(N).
     """
     labels = _labels(labels)
-    max_images = _check_count("max_images", max_images, minimum=1)
-    per_class = _check_count("per_class", per_class, minimum=2)
+    max_images = check_int("max_images", max_images, minimum=1)
+    per_class = check_int("per_class", per_class, minimum=2)
     if labels.size <= max_images:
         return np.arange(labels.size, dtype=np.int64)
     _, first, inverse = np.unique(labels, return_index=True, return_inverse=True)
@@ -233,8 +226,8 @@ class ImageSample:
     """
 
     def __init__(self, max_images: int, seed: int = 0, per_class: int = 4):
-        self.max_images = _check_count("max_images", max_images, minimum=1)
-        self.per_class = _check_count("per_class", per_class, minimum=2)
+        self.max_images = check_int("max_images", max_images, minimum=1)
+        self.per_class = check_int("per_class", per_class, minimum=2)
         self._rng = np.random.default_rng(seed)
         self._classes: dict = {}  # label -> [images seen, priority]
         self._keys = np.empty((4, 0))  # rows: block, priority, rank, arrival; one column a slot

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from remap_tf.checks import check_int
 from remap_tf.errors import InvalidInputError
 from remap_tf.model import (
     batch_predictor,
@@ -31,7 +32,6 @@ from remap_tf.model import (
 from remap_tf.pairs import ImageSample, sample_images, sample_pairs
 from remap_tf.streams import (
     array_batches,
-    check_batch_size,
     image_array,
     is_stream,
     labelled_batches,
@@ -284,7 +284,9 @@ def region_pair_distances(
     else:
         images, labels = image_array(images, labels)
         rows = sample_images(labels, max_images, seed=seed, per_class=per_class)
-        batches = array_batches(images, labels, check_batch_size(batch_size), rows)
+        batches = array_batches(
+            images, labels, check_int("batch_size", batch_size, minimum=1), rows
+        )
         max_images = max(1, len(rows))
     vectors = _collect(batches, regions_of, max_images, seed, per_class)
     return vectors.distances(max_pairs, seed)

@@ -22,18 +22,13 @@ import math
 
 import numpy as np
 
+from remap_tf.checks import check_int
 from remap_tf.errors import InvalidInputError
 
 # Candidate region counts along the long side of the map at the coarsest scale, minus one
 # (R-MAC tries 2..7 regions and keeps the count whose overlap is closest to 40%).
 _STEPS = np.arange(2, 8, dtype=np.float64)
 _TARGET_OVERLAP = 0.4
-
-
-def _check_positive_int(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise InvalidInputError(f"`{name}` must be an integer >= 1, received {value!r}.")
-    return int(value)
 
 
 def rmac_regions(height: int, width: int, levels: int = 4) -> np.ndarray:
@@ -59,9 +54,9 @@ def rmac_regions(height: int, width: int, levels: int = 4) -> np.ndarray:
         >>> rmac_regions(24, 32, 4).shape   # a 1024x768 image at stride 32
         (40, 4)
     """
-    height = _check_positive_int("height", height)
-    width = _check_positive_int("width", width)
-    levels = _check_positive_int("levels", levels)
+    height = check_int("height", height, minimum=1)
+    width = check_int("width", width, minimum=1)
+    levels = check_int("levels", levels, minimum=1)
 
     short = min(height, width)
     extra = 0
@@ -103,7 +98,7 @@ def relative_regions(levels: int = 4, grid_shape: tuple[int, int] = (24, 32)) ->
     """
     if len(grid_shape) != 2:
         raise InvalidInputError(f"`grid_shape` must be (height, width), received {grid_shape!r}.")
-    h, w = (_check_positive_int("grid_shape", v) for v in grid_shape)
+    h, w = (check_int("grid_shape", v, minimum=1) for v in grid_shape)
     regions = rmac_regions(h, w, levels).astype(np.float64)
     return regions / np.array([h, w, h, w], dtype=np.float64)
 
@@ -123,8 +118,8 @@ def scale_regions(relative: np.ndarray, height: int, width: int) -> np.ndarray:
     Returns:
         int32 ``(num_regions, 4)`` of ``(top, left, bottom, right)``, bottom/right exclusive.
     """
-    height = _check_positive_int("height", height)
-    width = _check_positive_int("width", width)
+    height = check_int("height", height, minimum=1)
+    width = check_int("width", width, minimum=1)
     size = np.array([height, width, height, width], dtype=np.float64)
     scaled = np.asarray(relative, dtype=np.float64) * size
     start = np.floor(scaled[:, :2] + ROUNDING_SLACK)

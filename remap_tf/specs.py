@@ -10,9 +10,8 @@ docs/architecture.md.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 
-from remap_tf.errors import InvalidInputError
+from remap_tf.checks import check_choice
 
 # Poolings of `remap_tf.model.REMAP`, all on one code path.
 POOLINGS = ("remap", "rmac", "mac", "spoc", "gem")
@@ -91,21 +90,6 @@ def bundled_weights_file(backbone: str, constructor_kwargs: dict) -> str | None:
     kwargs = dict(constructor_kwargs)
     fits = all(kwargs.get(key) == value for key, value in arguments.items())
     return file_name if fits and set(kwargs) <= set(arguments) else None
-
-
-def closest(name, known) -> str:
-    """`` Did you mean 'x'?`` for the closest of ``known`` to ``name``, or ``""``."""
-    close = difflib.get_close_matches(str(name), list(known), n=1)
-    return f" Did you mean {close[0]!r}?" if close else ""
-
-
-def check_choice(what: str, value, choices) -> str:
-    """``value`` if it is one of ``choices``; else InvalidInputError naming ``what``."""
-    if value not in choices:
-        raise InvalidInputError(
-            f"Unknown {what} {value!r}; expected one of {sorted(choices)}.{closest(value, choices)}"
-        )
-    return value
 
 
 def get_spec(name: str) -> BackboneSpec:

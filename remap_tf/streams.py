@@ -14,6 +14,7 @@ from collections.abc import Iterable, Iterator
 
 import numpy as np
 
+from remap_tf.checks import check_int
 from remap_tf.errors import InvalidInputError
 
 
@@ -23,14 +24,6 @@ def is_stream(images) -> bool:
     if isinstance(images, (list, tuple, np.ndarray)) or hasattr(images, "__array__"):
         return False
     return isinstance(images, (Iterable, Iterator))
-
-
-def check_batch_size(batch_size) -> int:
-    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)):
-        raise InvalidInputError(f"`batch_size` must be an integer >= 1, received {batch_size!r}.")
-    if batch_size < 1:
-        raise InvalidInputError(f"`batch_size` must be an integer >= 1, received {batch_size!r}.")
-    return int(batch_size)
 
 
 def _check_images(images, where: str) -> np.ndarray:
@@ -93,7 +86,7 @@ def stream_batches(stream, need_labels: bool = True):
 def labelled_batches(images, labels, batch_size: int, need_labels: bool = True):
     """``(images, labels)`` NumPy batches from an array (with ``labels``) or a stream (whose
     batches carry their labels; ``labels`` must then be None)."""
-    batch_size = check_batch_size(batch_size)
+    batch_size = check_int("batch_size", batch_size, minimum=1)
     if is_stream(images):
         if labels is not None:
             raise InvalidInputError(

@@ -156,7 +156,7 @@ def test_demo_end_to_end_at_tiny_size_and_again_over_its_leftovers(tmp_path, mon
 @pytest.mark.parametrize(
     "flags, message",
     [
-        (["--backbone", "resnet5"], "Unknown backbone 'resnet5'"),
+        (["--backbone", "resnet5"], "backbone must be one of"),
         (["--weights", "missing.weights.h5"], "--weights 'missing.weights.h5'"),
         (["--minutes", "0"], "argument --minutes: must be a number > 0"),
         (["--steps", "0"], "argument --steps: must be an integer >= 1"),

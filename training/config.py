@@ -25,10 +25,11 @@ from pathlib import Path
 
 import yaml
 
+from remap_tf.checks import check_choice, check_int, check_number, closest
 from remap_tf.contract import MIN_IMAGE_SIZE
 from remap_tf.errors import BadPathError, FileFormatError, InvalidInputError
 from remap_tf.io import atomic_write_text
-from remap_tf.specs import BACKBONES, MININGS, POOLINGS, WHITENING_METHODS, closest
+from remap_tf.specs import BACKBONES, MININGS, POOLINGS, WHITENING_METHODS
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
 WHITENING_INIT = (*WHITENING_METHODS, "none")
@@ -173,14 +174,14 @@ class TrainConfig:
     def validate(self) -> TrainConfig:
         """Checks every field once; ValueError naming the field and the value received."""
         m, d, o, lo, i = self.model, self.data, self.optimizer, self.loss, self.init
-        _choice("model.pooling", m.pooling, POOLINGS)
-        _positive_int("model.levels", m.levels)
+        check_choice("model.pooling", m.pooling, POOLINGS)
+        check_int("model.levels", m.levels, minimum=1)
         if len(m.grid_shape) != 2 or any(int(v) != v or v < 1 for v in m.grid_shape):
             raise InvalidInputError(
                 f"model.grid_shape must be two positive ints, got {m.grid_shape!r}"
             )
         if m.dim is not None:
-            _positive_int("model.dim", m.dim)
+            check_int("model.dim", m.dim, minimum=1)
         if m.weights not in (None, "imagenet") and not os.path.isfile(str(m.weights)):
             raise InvalidInputError(
                 f"model.weights must be null, 'imagenet' or an existing file, got {m.weights!r}"
@@ -197,49 +198,51 @@ class TrainConfig:
             raise InvalidInputError(
                 f"data.image_size must be an int >= {MIN_IMAGE_SIZE}, got {d.image_size!r}"
             )
-        _positive_int("data.classes_per_batch", d.classes_per_batch, minimum=2)
-        _positive_int("data.images_per_class", d.images_per_class, minimum=2)
-        _positive_int("data.validation_batch_size", d.validation_batch_size)
-        _positive_int("data.validation_max_images", d.validation_max_images, minimum=2)
-        _choice("optimizer.name", o.name, OPTIMIZERS)
-        _positive_float("optimizer.learning_rate", o.learning_rate)
-        _range("optimizer.momentum", o.momentum, 0.0, 1.0)
-        _range("optimizer.weight_decay", o.weight_decay, 0.0, 1.0)
-        _positive_int("optimizer.warmup_steps", o.warmup_steps, minimum=0)
-        _range("optimizer.min_learning_rate_ratio", o.min_learning_rate_ratio, 0.0, 1.0)
+        check_int("data.classes_per_batch", d.classes_per_batch, minimum=2)
+        check_int("data.images_per_class", d.images_per_class, minimum=2)
+        check_int("data.validation_batch_size", d.validation_batch_size, minimum=1)
+        check_int("data.validation_max_images", d.validation_max_images, minimum=2)
+        check_choice("optimizer.name", o.name, OPTIMIZERS)
+        check_number("optimizer.learning_rate", o.learning_rate, minimum=0, open_minimum=True)
+        check_number("optimizer.momentum", o.momentum, minimum=0.0, maximum=1.0)
+        check_number("optimizer.weight_decay", o.weight_decay, minimum=0.0, maximum=1.0)
+        check_int("optimizer.warmup_steps", o.warmup_steps, minimum=0)
+        check_number(
+            "optimizer.min_learning_rate_ratio", o.min_learning_rate_ratio, minimum=0.0, maximum=1.0
+        )
         if o.clipnorm is not None:
-            _positive_float("optimizer.clipnorm", o.clipnorm)
-        _positive_float("loss.margin", lo.margin)
-        _choice("loss.mining", lo.mining, MININGS)
-        _positive_int("loss.offline_pool_size", lo.offline_pool_size, minimum=2)
-        _positive_int("loss.offline_num_anchors", lo.offline_num_anchors)
-        _positive_int("loss.offline_num_negatives", lo.offline_num_negatives)
-        _choice("init.whitening", i.whitening, WHITENING_INIT)
-        _positive_int("init.num_images", i.num_images, minimum=0)
-        _positive_int("init.max_pairs", i.max_pairs)
-        _range("init.whitening_shrinkage", i.whitening_shrinkage, 0.0, 10.0)
-        _range("data.min_crop_area", d.min_crop_area, 0.01, 1.0)
-        _positive_int("epochs", self.epochs)
-        _positive_int("steps_per_epoch", self.steps_per_epoch)
+            check_number("optimizer.clipnorm", o.clipnorm, minimum=0, open_minimum=True)
+        check_number("loss.margin", lo.margin, minimum=0, open_minimum=True)
+        check_choice("loss.mining", lo.mining, MININGS)
+        check_int("loss.offline_pool_size", lo.offline_pool_size, minimum=2)
+        check_int("loss.offline_num_anchors", lo.offline_num_anchors, minimum=1)
+        check_int("loss.offline_num_negatives", lo.offline_num_negatives, minimum=1)
+        check_choice("init.whitening", i.whitening, WHITENING_INIT)
+        check_int("init.num_images", i.num_images, minimum=0)
+        check_int("init.max_pairs", i.max_pairs, minimum=1)
+        check_number("init.whitening_shrinkage", i.whitening_shrinkage, minimum=0.0, maximum=10.0)
+        check_number("data.min_crop_area", d.min_crop_area, minimum=0.01, maximum=1.0)
+        check_int("epochs", self.epochs, minimum=1)
+        check_int("steps_per_epoch", self.steps_per_epoch, minimum=1)
         if o.warmup_steps >= self.total_steps() and o.warmup_steps > 0:
             raise InvalidInputError(
                 f"optimizer.warmup_steps ({o.warmup_steps}) must be below epochs × "
                 f"steps_per_epoch ({self.total_steps()})."
             )
-        _choice("strategy", self.strategy, STRATEGIES)
+        check_choice("strategy", self.strategy, STRATEGIES)
         if self.devices is not None and self.strategy not in ("one_device", "mirrored"):
             raise InvalidInputError(
                 f"devices only applies to one_device/mirrored, not {self.strategy!r}"
             )
-        _positive_int("seed", self.seed, minimum=0)
+        check_int("seed", self.seed, minimum=0)
         if not self.out_dir:
             raise InvalidInputError("out_dir is empty.")
         if self.backup_every_steps is not None:
-            _positive_int("backup_every_steps", self.backup_every_steps)
+            check_int("backup_every_steps", self.backup_every_steps, minimum=1)
         if self.time_limit is not None:
-            _positive_float("time_limit", self.time_limit)
-        _choice("verbose", self.verbose, (0, 1, 2))
-        _choice("model.backbone", m.backbone, tuple(sorted(BACKBONES)))
+            check_number("time_limit", self.time_limit, minimum=0, open_minimum=True)
+        check_choice("verbose", self.verbose, (0, 1, 2))
+        check_choice("model.backbone", m.backbone, tuple(sorted(BACKBONES)))
         if self.time_limit is not None and self.strategy == "multi_worker":
             raise InvalidInputError(
                 "time_limit cannot be used with strategy 'multi_worker': workers would stop at "
@@ -362,23 +365,3 @@ def _coerce(name: str, hint, value):
     if not isinstance(value, target):
         raise InvalidInputError(f"{name} must be a {target.__name__}, got {value!r}")
     return value
-
-
-def _choice(name, value, choices):
-    if value not in choices:
-        raise InvalidInputError(f"{name} must be one of {list(choices)}, got {value!r}")
-
-
-def _positive_int(name, value, minimum: int = 1):
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise InvalidInputError(f"{name} must be an integer >= {minimum}, got {value!r}")
-
-
-def _positive_float(name, value):
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-        raise InvalidInputError(f"{name} must be a number > 0, got {value!r}")
-
-
-def _range(name, value, low, high):
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
-        raise InvalidInputError(f"{name} must be in [{low}, {high}], got {value!r}")

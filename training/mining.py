@@ -29,13 +29,13 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from remap_tf.checks import check_choice, check_int
 from remap_tf.errors import InvalidInputError
 from remap_tf.training.data import Manifest
 from remap_tf.training.pipeline import (
+    GEOMETRIES,
     BadFileLog,
-    check_geometry,
     check_manifest,
-    check_size,
     embed_dataset,
     gated,
     images_from_indices,
@@ -105,8 +105,8 @@ def mine_hard_negatives(
                 f"`pool_descriptors` must be (pool_size, {anchors.shape[1]}) with one label "
                 f"each, received {pool.shape} and {pool_labels_arr.shape[0]} labels."
             )
-    num_negatives = check_size("num_negatives", num_negatives, 1)
-    chunk_size = check_size("chunk_size", chunk_size, 1)
+    num_negatives = check_int("num_negatives", num_negatives, minimum=1)
+    chunk_size = check_int("chunk_size", chunk_size, minimum=1)
     _check_enough_negatives(anchor_labels, pool_labels_arr, num_negatives, distinct_classes)
 
     # A random column order makes ties (e.g. duplicate images) fall to different candidates.
@@ -208,16 +208,16 @@ class OfflineHardNegativeMining(keras.callbacks.Callback):
         self.manifest = check_manifest(manifest).drop_small_classes(2)
         if len(self.manifest) == 0:
             raise InvalidInputError("No class has two or more images: tuples need positives.")
-        self.image_size = check_size("image_size", image_size, 1)
-        self.tuples_per_batch = check_size("tuples_per_batch", tuples_per_batch, 1)
-        self.num_negatives = check_size("num_negatives", num_negatives, 1)
-        self.num_anchors = check_size("num_anchors", num_anchors, 1)
-        self.pool_size = check_size("pool_size", pool_size, 1)
-        self.embed_batch_size = check_size("embed_batch_size", embed_batch_size, 1)
+        self.image_size = check_int("image_size", image_size, minimum=1)
+        self.tuples_per_batch = check_int("tuples_per_batch", tuples_per_batch, minimum=1)
+        self.num_negatives = check_int("num_negatives", num_negatives, minimum=1)
+        self.num_anchors = check_int("num_anchors", num_anchors, minimum=1)
+        self.pool_size = check_int("pool_size", pool_size, minimum=1)
+        self.embed_batch_size = check_int("embed_batch_size", embed_batch_size, minimum=1)
         self.augment = bool(augment)
         self.seed = int(seed)
         self.bad_files = resolve_log(bad_files)
-        self.geometry = check_geometry(geometry)
+        self.geometry = check_choice("geometry", geometry, GEOMETRIES)
         present = int(np.count_nonzero(self.manifest.class_counts()))
         if present <= self.num_negatives:
             raise InvalidInputError(

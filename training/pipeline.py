@@ -43,6 +43,7 @@ import numpy as np
 import tensorflow as tf
 from PIL import Image, ImageOps
 
+from remap_tf.checks import check_choice, check_int
 from remap_tf.errors import InvalidInputError
 from remap_tf.ops import resized_shape
 from remap_tf.training.data import Manifest
@@ -442,18 +443,6 @@ def _augment(image, size, geometry: str, seed, min_area: float = MIN_CROP_AREA):
     return _jitter(image, seeds[3:])
 
 
-def check_size(name: str, value, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise InvalidInputError(f"`{name}` must be an integer >= {minimum}, received {value!r}.")
-    return int(value)
-
-
-def check_geometry(geometry) -> str:
-    if geometry not in GEOMETRIES:
-        raise InvalidInputError(f"`geometry` must be one of {GEOMETRIES}, received {geometry!r}.")
-    return geometry
-
-
 def check_manifest(manifest) -> Manifest:
     if not isinstance(manifest, Manifest):
         raise InvalidInputError(
@@ -654,10 +643,10 @@ def make_train_dataset(
         >>> model.fit(dataset, steps_per_epoch=100, epochs=10)
     """
     manifest = check_manifest(manifest).drop_small_classes(2)
-    image_size = check_size("image_size", image_size, 1)
-    p = check_size("classes_per_batch", classes_per_batch, 2)
-    k = check_size("images_per_class", images_per_class, 2)
-    geometry = check_geometry(geometry)
+    image_size = check_int("image_size", image_size, minimum=1)
+    p = check_int("classes_per_batch", classes_per_batch, minimum=2)
+    k = check_int("images_per_class", images_per_class, minimum=2)
+    geometry = check_choice("geometry", geometry, GEOMETRIES)
     if len(manifest) == 0:
         raise InvalidInputError(
             "No class has two or more images: triplet training needs positives."
@@ -732,9 +721,9 @@ def make_eval_dataset(
         a ``tf.data.Dataset`` of ``(images float32 (b, h, w, 3) 0-255, labels int32 (b,))``.
     """
     manifest = check_manifest(manifest)
-    image_size = check_size("image_size", image_size, 1)
-    batch_size = check_size("batch_size", batch_size, 1)
-    geometry = check_geometry(geometry)
+    image_size = check_int("image_size", image_size, minimum=1)
+    batch_size = check_int("batch_size", batch_size, minimum=1)
+    geometry = check_choice("geometry", geometry, GEOMETRIES)
     loader = _Loader(manifest, resolve_log(bad_files), 0, draft_size=image_size, substitute=False)
 
     def load(index):

@@ -12,6 +12,7 @@ import os
 
 import tensorflow as tf
 
+from remap_tf.checks import check_choice
 from remap_tf.errors import InvalidInputError
 from remap_tf.training import keras_compat
 from remap_tf.training.config import STRATEGIES
@@ -38,8 +39,7 @@ def make_strategy(name: str = "default", devices=None, tpu: str | None = None):
         ValueError: unknown name, devices given where they make no sense, or a
             ``multi_worker`` run without a usable ``TF_CONFIG``.
     """
-    if name not in STRATEGIES:
-        raise InvalidInputError(f"Unknown strategy {name!r}; expected one of {STRATEGIES}.")
+    check_choice("strategy", name, STRATEGIES)
     if devices is not None and name not in ("one_device", "mirrored"):
         raise InvalidInputError(f"`devices` only applies to one_device and mirrored, not {name!r}.")
     if name == "default":

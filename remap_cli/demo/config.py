@@ -10,8 +10,9 @@ import json
 import os
 from pathlib import Path
 
+from remap_tf.checks import check_choice
 from remap_tf.errors import BadPathError, InvalidInputError
-from remap_tf.specs import check_choice, get_spec
+from remap_tf.specs import get_spec
 
 DEFAULT_OUT = "demo_out"
 DEFAULT_BACKBONE = "mobilenet"

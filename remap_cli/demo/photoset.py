@@ -45,6 +45,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageEnhance, ImageFilter
 
+from remap_tf.checks import check_int
 from remap_tf.errors import BadPathError, InvalidInputError
 from remap_tf.io import atomic_write_bytes
 
@@ -161,9 +162,9 @@ def make_photo_views(
         a `PhotoViews` naming the folders and files written (InvalidInputError, naming the
         value, for a bad argument).
     """
-    views_per_photo = _check_int("views_per_photo", views_per_photo, 2)
-    distractors_per_photo = _check_int("distractors_per_photo", distractors_per_photo, 0)
-    seed = _check_int("seed", seed, 0)
+    views_per_photo = check_int("views_per_photo", views_per_photo, minimum=2)
+    distractors_per_photo = check_int("distractors_per_photo", distractors_per_photo, minimum=0)
+    seed = check_int("seed", seed, minimum=0)
     height, width = _check_image_size(image_size)
     names = _check_photos(photos)
     train, val, test = split_photos(names, seed, test_fraction, val_fraction)
@@ -173,7 +174,7 @@ def make_photo_views(
     writer = _ViewWriter(root, seed, (height, width), names)
     train_rows = writer.rows("train", train, views_per_photo)
     val_rows = writer.rows("val", val, views_per_photo)
-    queries = _check_int("queries_per_photo", queries_per_photo, 1) if query_scale else 1
+    queries = check_int("queries_per_photo", queries_per_photo, minimum=1) if query_scale else 1
     groups = [
         {"name": photo, "queries": queries, "images": writer.relative(
             writer.write("test", photo, views_per_photo + queries - 1, query_scale, queries)
@@ -417,12 +418,6 @@ def _json_bytes(value) -> bytes:
 
 def _stable_id(name: str) -> int:
     return zlib.crc32(name.encode("utf-8"))
-
-
-def _check_int(name: str, value, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise InvalidInputError(f"`{name}` must be an integer >= {minimum}, received {value!r}.")
-    return int(value)
 
 
 def _check_image_size(image_size) -> tuple[int, int]:
