@@ -30,7 +30,6 @@ import datetime
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import keras
@@ -58,7 +57,10 @@ from remap_tf.errors import (
 )
 from remap_tf.export import graph, server_files, warmup
 from remap_tf.export.options import ExportOptions
-from remap_tf.io import atomic_write_json, uninterruptible
+from remap_tf.io import atomic_write_json, remove_stale, staging_name, uninterruptible
+
+# Versions are written aside under this prefix (a dot, so TF Serving never loads one).
+_STAGING_PREFIX = ".export-"
 
 
 def descriptor_dim(model: keras.Model) -> int:
@@ -199,7 +201,10 @@ def export_model(
     final = base / str(version)
     # Written aside in base_dir (same file system, so the rename is atomic); the name starts
     # with a dot and is not an integer, so TF Serving never loads it.
-    staging = Path(tempfile.mkdtemp(prefix=f".export-{version}-", dir=base))
+    # A kill -9 leaves its staging folder behind: the next export removes it.
+    remove_stale(base, _STAGING_PREFIX)
+    staging = base / staging_name(_STAGING_PREFIX)
+    staging.mkdir()
     try:
         saved = staging / "saved_model"
         _write_version(model, options, saved, name=name, config=config, warmup_images=warmup_images)

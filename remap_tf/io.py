@@ -19,7 +19,10 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import secrets
+import shutil
+import socket
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -33,6 +36,8 @@ __all__ = [
     "atomic_write_text",
     "defer_interrupt",
     "fsync_directory",
+    "remove_stale",
+    "staging_name",
     "uninterruptible",
 ]
 
@@ -42,6 +47,53 @@ _commit = threading.local()
 
 def _temporary_name(path: Path, suffix: str = ".tmp") -> Path:
     return path.parent / f".{path.name}.{secrets.token_hex(4)}{suffix}"
+
+
+def staging_name(prefix: str) -> str:
+    """``<prefix><pid>@<host>~<random>``: a name for work written aside before a rename.
+
+    The name says which process on which machine writes it, so that `remove_stale` can tell
+    a leftover of a killed process (``kill -9``, a power loss) from work in progress.
+    """
+    return f"{prefix}{os.getpid()}@{socket.gethostname()}~{secrets.token_hex(4)}"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: alive
+        return True
+    return True
+
+
+def remove_stale(folder, prefix: str) -> list[Path]:
+    """Removes the `staging_name` entries of ``prefix`` in ``folder`` whose writer is gone.
+
+    Only entries written on this machine by a process that no longer runs are removed; those
+    of running processes, of other machines (a shared file system) and any other name are
+    left alone.
+
+    Returns:
+        The entries removed.
+    """
+    pattern = re.compile(rf"{re.escape(prefix)}(\d+)@(.+)~[0-9a-f]+")
+    host, removed = socket.gethostname(), []
+    try:
+        entries = list(Path(folder).iterdir())
+    except OSError:
+        return removed
+    for entry in entries:
+        match = pattern.fullmatch(entry.name)
+        if match is None or match.group(2) != host or _alive(int(match.group(1))):
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+        removed.append(entry)
+    return removed
 
 
 def fsync_directory(directory) -> None:

@@ -417,3 +417,18 @@ def test_cli_exports_a_keras_file_and_reports_bad_input(tmp_path, capsys):
         err = capsys.readouterr().err
         assert message in err and "Traceback" not in err
         assert len(err.strip().splitlines()) == 1
+
+
+def test_an_export_killed_mid_way_is_cleaned_up_by_the_next(tmp_path):
+    """kill -9 during an export leaves its staging folder (issue 21, item 12: the hidden
+    ``.export-1-*`` folder stayed forever); the next export removes it and takes version 1."""
+    import socket
+
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    base = tmp_path / "remap"
+    leftover = base / f".export-{child.pid}@{socket.gethostname()}~deadbeef" / "saved_model"
+    leftover.mkdir(parents=True)
+    (leftover / "saved_model.pb").write_bytes(b"\0" * 1000)
+    assert sm.export_model(tiny_functional_model(), base, image_size=64) == base / "1"
+    assert sorted(p.name for p in base.iterdir() if p.name.startswith(".export")) == []

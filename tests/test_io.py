@@ -84,3 +84,35 @@ def test_an_interrupt_during_a_commit_step_waits_for_its_end():
         steps.append("second rename")  # still runs
     assert steps == ["first rename", "second rename"]
     assert not io.defer_interrupt(KeyboardInterrupt("now"))  # outside a step: not deferred
+
+
+def _dead_pid() -> int:
+    """The pid of a process that has exited (and been reaped)."""
+    import subprocess
+    import sys
+
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
+
+
+def test_remove_stale_removes_only_dead_writers_of_this_host(tmp_path):
+    """A kill -9 leaves ``<prefix><pid>@<host>~<token>``: removed once that pid is gone;
+    this process's own entry, another host's and any other name stay."""
+    import socket
+
+    host = socket.gethostname()
+    dead = tmp_path / f".export-{_dead_pid()}@{host}~0a1b2c3d"
+    (dead / "saved_model").mkdir(parents=True)
+    (dead / "saved_model" / "saved_model.pb").write_bytes(b"x" * 100)
+    mine = tmp_path / io.staging_name(".export-")
+    mine.mkdir()
+    other_host = tmp_path / f".export-{_dead_pid()}@not-{host}~0a1b2c3d"
+    other_host.mkdir()
+    users = [tmp_path / ".export-notes", tmp_path / "1"]
+    for path in users:
+        path.mkdir()
+    assert io.remove_stale(tmp_path, ".export-") == [dead]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        p.name for p in (mine, other_host, *users)
+    )
