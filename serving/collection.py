@@ -6,12 +6,48 @@ Standard library only, so the ``remap`` command checks ``--images`` before it lo
 from __future__ import annotations
 
 import csv
-from pathlib import Path
+import logging
+from pathlib import Path, PurePosixPath
 
 from remap_tf.contract import IMAGE_EXTENSIONS
 from remap_tf.errors import BadPathError, FileFormatError, InvalidInputError
 
 MANIFEST_SUFFIXES = (".txt", ".lst", ".csv", "")
+MAX_NAME_BYTES = 255  # a path component longer than this cannot be a file (NAME_MAX)
+
+logger = logging.getLogger("remap_tf.serving.collection")
+
+
+def id_problem(item: str) -> str | None:
+    """Why ``item`` cannot name an image of a collection folder, or None if it can.
+
+    The one rule for the ids of a folder: what `list_images` lists, and so what a rebuild of
+    the index from the folder finds again. An id is a relative path with ``/`` separators,
+    valid UTF-8 without control characters, no empty, ``.`` or ``..`` component, no component
+    starting with a dot (hidden files are not listed) or longer than 255 bytes, ending in an
+    image extension (`remap_tf.contract.IMAGE_EXTENSIONS`). ``remap serve`` refuses an added
+    id that breaks it, since a rebuild would silently drop that image.
+    """
+    if not isinstance(item, str) or not item:
+        return "an id must be a non-empty string"
+    try:
+        item.encode("utf-8")
+    except UnicodeEncodeError:
+        return "the name is not valid UTF-8"
+    if any(ord(c) < 32 or ord(c) == 127 for c in item):
+        return "the name contains a control character"
+    if item.startswith("/") or "\\" in item:
+        return "an id is a relative path with '/' separators"
+    parts = item.split("/")
+    if any(part in ("", ".", "..") for part in parts):
+        return "an id has no empty, '.' or '..' component"
+    if any(part.startswith(".") for part in parts):
+        return "a component starting with '.' is a hidden file, which a folder listing skips"
+    if any(len(part.encode("utf-8")) > MAX_NAME_BYTES for part in parts):
+        return f"a path component is longer than {MAX_NAME_BYTES} bytes"
+    if PurePosixPath(item).suffix.lower() not in IMAGE_EXTENSIONS:
+        return f"the name does not end in an image extension ({', '.join(IMAGE_EXTENSIONS)})"
+    return None
 
 
 def list_images(source) -> tuple[list[str], list[str]]:
@@ -27,13 +63,7 @@ def list_images(source) -> tuple[list[str], list[str]]:
     """
     source = Path(source)
     if source.is_dir():
-        paths = sorted(
-            p
-            for p in source.rglob("*")
-            if p.is_file()
-            and p.suffix.lower() in IMAGE_EXTENSIONS
-            and not any(part.startswith(".") for part in p.relative_to(source).parts)
-        )
+        paths = _folder_images(source)
         if not paths:
             raise BadPathError(
                 f"no images ({', '.join(IMAGE_EXTENSIONS)}) found under the folder {source}"
@@ -48,6 +78,32 @@ def list_images(source) -> tuple[list[str], list[str]]:
         raise InvalidInputError(f"the manifest {source} lists some images more than once")
     paths = [str(Path(e) if Path(e).is_absolute() else source.parent / e) for e in entries]
     return paths, entries
+
+
+def _folder_images(source: Path) -> list[Path]:
+    """The image files under ``source`` whose relative path is a valid id (`id_problem`);
+    files that look like images but cannot be ids (a name that is not UTF-8, say) are
+    skipped with one warning naming them, escaped."""
+    paths, unusable = [], []
+    for path in source.rglob("*"):
+        relative = path.relative_to(source)
+        if relative.suffix.lower() not in IMAGE_EXTENSIONS or not path.is_file():
+            continue
+        if any(part.startswith(".") for part in relative.parts):
+            continue  # hidden: never listed
+        problem = id_problem(relative.as_posix())
+        if problem is None:
+            paths.append(path)
+        else:
+            unusable.append(f"{relative.as_posix()!r} ({problem})")
+    if unusable:
+        logger.warning(
+            "skipped %d file(s) under %s that cannot be indexed: %s",
+            len(unusable),
+            source,
+            ", ".join(unusable[:5]) + (", ..." if len(unusable) > 5 else ""),
+        )
+    return sorted(paths)
 
 
 def _manifest_entries(source: Path) -> list[str]:
