@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from remap_tf.serving.index import ExactIndex, IndexFormatError, load_index, make_index
-from remap_tf.serving.sharded import ShardedIndex, merge_top_k, shard_of
+from remap_tf.serving.index.sharded import ShardedIndex, merge_top_k, shard_of
 from tests.test_index import clustered_unit_vectors
 
 DIM = 32
