@@ -22,6 +22,7 @@ setup(
         "remap_tf.training",
         "remap_tf.export",
         "remap_tf.serving",
+        "remap_tf.serving.index",
         "remap_tf.serving.service",
         "remap_cli",
         "remap_cli.commands",

@@ -1,7 +1,7 @@
 """Approximate nearest-neighbour search: recall@10 against queries per second, in one run.
 
 Methods: ScaNN through ``serving.index.ScannIndex`` (its default: tuned at build time to
-recall@10 >= 0.95 on held-out vectors, ``remap_tf.serving.tuning``; and the fixed settings
+recall@10 >= 0.95 on held-out vectors, ``remap_tf.serving.index.tuning``; and the fixed settings
 that were the default before tuning), exact NumPy (``serving.index``'s matmul + top-k),
 faiss ``IndexFlatIP``, faiss HNSW, faiss IVF-PQ (plain and with exact re-ranking) and
 hnswlib, on clustered L2-normalised vectors (dot product) of two distributions (cluster noise
@@ -520,9 +520,9 @@ def _markdown(total, num_queries, nq_flat, spreads, all_verdicts, sections, load
             "its recall tuning. 'index MB per 1M vectors' is the serialized index size scaled "
             "to a million vectors (for exact search, the float32 matrix itself).",
             "",
-            "ScaNN's default is now tuned at build time (`remap_tf.serving.tuning`): 1,000 of "
-            "the collection's own vectors are held out of training, inserted after it, and "
-            "searched as queries; the fastest (leaves, reorder) whose recall@10 against brute "
+            "ScaNN's default is now tuned at build time (`remap_tf.serving.index.tuning`): "
+            "1,000 of the collection's own vectors are held out of training, inserted after it, "
+            "and searched as queries; the fastest (leaves, reorder) whose recall@10 against brute "
             "force reaches 0.95 (lower 2-SE bound) is kept. 'old fixed default' is the same "
             "index searched with the settings that were the default before (a tenth of the "
             "leaves, reorder 100).",

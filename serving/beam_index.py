@@ -3,7 +3,7 @@
 Two stages in one pipeline, so that no process ever holds more than one shard:
 
 1. **route** (one task per embedding shard): read the shard (checksums checked), split its rows
-   by `remap_tf.serving.sharded.shard_of` and write one part per index shard under
+   by `remap_tf.serving.index.sharded.shard_of` and write one part per index shard under
    ``<staging>/routing/``;
 2. **build** (one task per index shard, after every route task): read that shard's parts,
    build its index (ScaNN, tuned to its recall target, or exact) and save it as
@@ -35,8 +35,8 @@ from remap_tf.errors import InvalidInputError
 from remap_tf.serving import embeddings
 from remap_tf.serving.beam_embed import pipeline_options
 from remap_tf.serving.index import make_index
-from remap_tf.serving.manifest import staged_index_dir
-from remap_tf.serving.sharded import shard_of, write_top_level
+from remap_tf.serving.index.files import staged_index_dir
+from remap_tf.serving.index.sharded import shard_of, write_top_level
 
 # Peak resident memory of a ScaNN tree-AH build (with its recall tuning), per byte of the
 # float32 vectors it indexes, above the ~0.9 GiB of Python + TensorFlow + ScaNN: 100k x 512

@@ -2,21 +2,16 @@
 
 A manifest lists files relative to a folder as ``{relative path: {"sha256", "bytes"}}``;
 `check_files` refuses a missing, truncated or altered file with an error naming it.
-`staged_index_dir` is how every kind of index folder is published.
+Index folders (`remap_tf.serving.index.files`) are built on these helpers.
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
-import os
-import shutil
-import uuid
 from pathlib import Path
 
-from remap_tf.errors import FileFormatError, OutputExistsError
-from remap_tf.io import uninterruptible
+from remap_tf.errors import FileFormatError
 
 MANIFEST = "manifest.json"
 
@@ -93,39 +88,3 @@ def check_files(directory, files: dict, where: str, error=IndexFormatError, hash
             raise error(
                 f"{directory}: {rel} does not match its SHA-256 checksum (altered or corrupt)"
             )
-
-
-@contextlib.contextmanager
-def staged_index_dir(directory: Path):
-    """Writes an index folder aside, then puts it in place of ``directory`` whole.
-
-    ``directory`` must be absent, an empty folder or an index (which is replaced). Yields
-    ``.<name>.tmp-<token>`` beside it; when the block ends without an error, the old folder
-    is renamed to ``.<name>.old-<token>``, the new one into place, and the old one removed,
-    with no interrupt between the two renames (``changelog.recover_interrupted_save`` puts
-    things right after a crash there). On an error the staging folder is removed.
-    """
-    directory = Path(directory)
-    if directory.exists() and not directory.is_dir():
-        raise OutputExistsError(f"{directory} exists and is not a directory")
-    if directory.is_dir() and not (directory / MANIFEST).is_file() and any(directory.iterdir()):
-        raise OutputExistsError(
-            f"{directory} is a non-empty directory that is not an index; refusing to replace it"
-        )
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    token = uuid.uuid4().hex[:8]
-    staging = directory.parent / f".{directory.name}.tmp-{token}"
-    staging.mkdir()
-    try:
-        yield staging
-        with uninterruptible():
-            if directory.exists():
-                old = directory.parent / f".{directory.name}.old-{token}"
-                os.replace(directory, old)
-                os.replace(staging, directory)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.replace(staging, directory)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise

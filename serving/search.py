@@ -17,12 +17,17 @@ from pathlib import Path
 import numpy as np
 
 from remap_tf.errors import BadPathError, InvalidInputError
-from remap_tf.serving.changelog import DurableIndex, pending_changes
 from remap_tf.serving.collection import list_images
 from remap_tf.serving.embedding_store import embed_collection, embed_skipping
 from remap_tf.serving.embeddings import is_remote, load_embeddings, read_manifest
-from remap_tf.serving.index import Index, load_index, make_index
-from remap_tf.serving.sharded import ShardedIndex
+from remap_tf.serving.index import (
+    DurableIndex,
+    Index,
+    ShardedIndex,
+    load_index,
+    make_index,
+    pending_changes,
+)
 
 # Metadata keys an index built here records.
 IMAGE_ROOT = "image_root"
@@ -65,7 +70,7 @@ def build_index(
         model: the model (export folder or TF Serving address), recorded in the index so that
             later searches and additions use the same one.
         shards: split the index into this many shards by id hash
-            (`remap_tf.serving.sharded.ShardedIndex`); None: one index.
+            (`remap_tf.serving.index.sharded.ShardedIndex`); None: one index.
 
     Returns:
         ``{"index": path, "count", "dim", "skipped": [{"image", "reason"}], "config"}``.
@@ -224,7 +229,7 @@ def add_images(index_dir, embedder, paths) -> dict:
 
     Raises:
         InvalidInputError: an image outside the image root, or an id already indexed.
-        remap_tf.serving.changelog.LogInUseError: a `remap serve` has the index open.
+        remap_tf.serving.index.changelog.LogInUseError: a `remap serve` has the index open.
     """
     with DurableIndex.open(index_dir) as store:  # folds in changes a service logged
         index = store.index

@@ -11,6 +11,11 @@ Every ``import`` statement counts, also those inside functions: moving an import
 function hides a dependency from the reader, not from this test. ``bench/`` and the library
 may not reach into another module's private names (``_name``). The installed distribution
 adds only ``remap_tf`` and ``remap_cli`` as top-level names.
+
+Kinds register instead of being listed: no class body names a subclass of a class defined in
+its module, other than the subclass's own body (a base class that names its subclasses must be
+edited for every new kind; ``remap_tf.serving.index.registry`` is the table that replaces such
+lists).
 """
 
 from __future__ import annotations
@@ -154,6 +159,156 @@ def cycles(edges: dict[str, set[str]]) -> list[list[str]]:
     return found
 
 
+def _namespace(module: str, path: Path, tree: ast.Module, known: set[str]) -> dict:
+    """Name -> ``("class", module, name)`` or ``("module", module)`` for a module's own classes
+    and everything it imports (at any depth, as for the import rule)."""
+    package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+    names = {}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ClassDef):
+            names[node.name] = ("class", module, node.name)
+        elif isinstance(node, ast.Import):
+            for alias in node.names:
+                if alias.asname and alias.name in known:
+                    names[alias.asname] = ("module", alias.name)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join([*anchor, base] if base else anchor)
+            for alias in node.names:
+                dotted = f"{base}.{alias.name}"
+                target = ("module", dotted) if dotted in known else ("class", base, alias.name)
+                names[alias.asname or alias.name] = target
+    return names
+
+
+def _resolve(target, namespaces: dict, depth: int = 0):
+    """Follows re-exports (``from .base import Index`` in a package) to where a class is."""
+    if target is None or target[0] != "class" or depth > 8:
+        return target
+    _, module, name = target
+    found = namespaces.get(module, {}).get(name)
+    if found is None or found == target:
+        return target
+    return _resolve(found, namespaces, depth + 1)
+
+
+def _refers_to(node, names: dict, namespaces: dict):
+    """The class an expression (``Name`` or ``module.Name``) refers to, or None."""
+    if isinstance(node, ast.Name):
+        return _resolve(names.get(node.id), namespaces)
+    if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name):
+        owner = names.get(node.value.id)
+        if owner is not None and owner[0] == "module":
+            return _resolve(("class", owner[1], node.attr), namespaces)
+    return None
+
+
+def base_classes_naming_subclasses(modules: dict[str, Path]) -> list[str]:
+    """``path:line`` of every place where a class body names a subclass of a class that its
+    module defines (a base class listing its implementations), other than that subclass's
+    own body. Module-level factory functions (``make_embedder``) are not class code."""
+    known = set(modules)
+    trees = {m: ast.parse(p.read_text(encoding="utf-8"), str(p)) for m, p in modules.items()}
+    namespaces = {m: _namespace(m, modules[m], trees[m], known) for m in modules}
+    parents = {}
+    for module, tree in trees.items():
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ClassDef):
+                bases = [_refers_to(b, namespaces[module], namespaces) for b in node.bases]
+                parents[("class", module, node.name)] = {b for b in bases if b is not None}
+    children = {c: {d for d in parents if _ancestor(c, d, parents)} for c in parents}
+    errors = []
+    for (_, module, name), subclasses in children.items():
+        if subclasses:
+            errors += _named_subclasses(module, modules[module], trees[module], name, subclasses,
+                                        namespaces)  # fmt: skip
+    return sorted(set(errors))
+
+
+def _ancestor(cls, other, parents: dict, depth: int = 0) -> bool:
+    """Whether ``cls`` is a (project) ancestor of ``other``."""
+    direct = parents.get(other, set())
+    if cls in direct:
+        return True
+    return depth < 16 and any(_ancestor(cls, p, parents, depth + 1) for p in direct)
+
+
+def _named_subclasses(module, path, tree, name, subclasses, namespaces) -> list[str]:
+    """Where class bodies of ``module``, other than the subclasses' own, name a subclass."""
+    where = path.relative_to(ROOT) if path.is_relative_to(ROOT) else path
+    errors, stack = [], [(tree, False)]
+    while stack:
+        node, in_class = stack.pop()
+        if isinstance(node, ast.ClassDef):
+            if ("class", module, node.name) in subclasses:
+                continue  # a subclass's own body may name itself and its siblings
+            in_class = True
+        target = _refers_to(node, namespaces[module], namespaces) if in_class else None
+        if target in subclasses:
+            errors.append(f"{where}:{node.lineno} names {target[2]}, a subclass of {name}")
+        stack.extend((child, in_class) for child in ast.iter_child_nodes(node))
+    return errors
+
+
+def test_no_class_names_its_subclasses():
+    errors = base_classes_naming_subclasses(source_modules())
+    assert not errors, "\n".join(errors)
+
+
+def test_the_checker_catches_a_base_class_naming_its_subclass(tmp_path):
+    """A base class that picks its implementation by name, in its module or across a package
+    re-export, is caught; a registry lookup, a subclass naming itself and a module-level
+    factory function are not."""
+    bad = tmp_path / "remap_tf" / "kinds.py"
+    bad.parent.mkdir(parents=True)
+    bad.write_text(
+        "class Base:\n"
+        "    @classmethod\n"
+        "    def load(cls, kind):\n"
+        "        return {'a': A, 'b': B}[kind]()\n"
+        "class A(Base):\n"
+        "    def copy(self):\n"
+        "        return A()\n"
+        "class B(A):\n"
+        "    pass\n"
+        "def make(kind):\n"
+        "    return A() if kind == 'a' else B()\n",
+        encoding="utf-8",
+    )
+    base = tmp_path / "remap_tf" / "pkg" / "base.py"
+    base.parent.mkdir()
+    (base.parent / "__init__.py").write_text("from remap_tf.pkg.impl import Impl\n")
+    base.write_text("import remap_tf.pkg as pkg\nclass Root:\n    x = pkg.Impl\n")
+    (base.parent / "impl.py").write_text(
+        "from remap_tf.pkg.base import Root\nclass Impl(Root):\n    pass\n"
+    )
+    good = tmp_path / "remap_tf" / "good.py"
+    good.write_text(
+        "KINDS = {}\nclass Base:\n    @classmethod\n    def load(cls, kind):\n"
+        "        return KINDS[kind]()\nclass A(Base):\n    def copy(self):\n"
+        "        return A()\n",
+        encoding="utf-8",
+    )
+    modules = {
+        "remap_tf.kinds": bad,
+        "remap_tf.pkg": base.parent / "__init__.py",
+        "remap_tf.pkg.base": base,
+        "remap_tf.pkg.impl": base.parent / "impl.py",
+        "remap_tf.good": good,
+    }
+    errors = base_classes_naming_subclasses(modules)
+    assert [e.split(" ", 1)[1] for e in errors] == [
+        "names A, a subclass of Base",
+        "names B, a subclass of A",
+        "names B, a subclass of Base",
+        "names Impl, a subclass of Root",
+    ], errors
+    places = {e.split(" ", 1)[0] for e in errors}
+    assert places == {f"{bad}:4", f"{base}:3"}, places
+
+
 def test_layers_import_only_downwards():
     layer_errors, _, _ = find_violations(source_modules())
     assert not layer_errors, "\n".join(layer_errors)
@@ -274,7 +429,7 @@ def test_the_wheel_installs_only_project_names(tmp_path):
         scripts = archive.read(entry_points).decode()
     top = {name.split("/")[0] for name in names if not name.split("/")[0].endswith(".dist-info")}
     assert top == {"remap_tf", "remap_cli"}, top
-    assert "remap_tf/training/fit.py" in names and "remap_tf/serving/index.py" in names
+    assert "remap_tf/training/fit.py" in names and "remap_tf/serving/index/base.py" in names
     assert "remap_tf/export/saved_model.py" in names
     for page in ("index.html", "app.js", "style.css"):  # `remap serve`'s page, package data
         assert f"remap_tf/serving/service/static/{page}" in names

@@ -1,4 +1,4 @@
-"""The change log beside an index (`remap_tf.serving.changelog`): replay, torn records,
+"""The change log beside an index (`remap_tf.serving.index.changelog`): replay, torn records,
 compaction at every crash point, the lock, and searches racing changes."""
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ import pytest
 
 from remap_cli import main as cli
 from remap_tf.errors import FileFormatError, InvalidInputError, UnknownIdError
-from remap_tf.serving import changelog
-from remap_tf.serving.changelog import (
+from remap_tf.serving.index import ExactIndex, ScannIndex, changelog, load_index
+from remap_tf.serving.index.changelog import (
     ChangeLog,
     DurableIndex,
     LogInUseError,
@@ -26,7 +26,6 @@ from remap_tf.serving.changelog import (
     log_path,
     scan_log,
 )
-from remap_tf.serving.index import ExactIndex, ScannIndex, load_index
 
 
 def _vectors(n, dim=8, seed=0):
@@ -101,7 +100,7 @@ def test_a_torn_last_record_is_dropped_with_a_warning(tmp_path, caplog, kind):
     good = path.read_bytes()
     record = changelog.encode_change(changelog.Change(2, "add", "torn.png", _vectors(1)[0]))
     path.write_bytes(good + _torn(kind, record))
-    with caplog.at_level(logging.WARNING, logger="remap_tf.serving.changelog"):
+    with caplog.at_level(logging.WARNING, logger="remap_tf.serving.index.changelog"):
         store = DurableIndex.open(directory)
     with store:
         assert "torn last record" in caplog.text

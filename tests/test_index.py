@@ -15,7 +15,10 @@ from remap_tf.serving.index import (
     IndexFormatError,
     ScannConfig,
     ScannIndex,
+    kinds,
     load_index,
+    make_index,
+    registry,
     verify_index,
 )
 
@@ -304,3 +307,34 @@ def test_many_random_updates_match_exact_search(tmp_path):
     scann.save(tmp_path / "index")
     again, _ = load_index(tmp_path / "index").search(queries, k=5)
     np.testing.assert_array_equal(again, want)
+
+
+def test_a_registered_kind_is_made_and_loaded_without_editing_any_other_class(
+    tmp_path, monkeypatch
+):
+    """A new kind is one decorated class: make_index and load_index find it by its name."""
+    monkeypatch.setattr(registry, "_KINDS", dict(registry._KINDS))  # forgotten after the test
+
+    @registry.register("test-exact")
+    class TestExact(ExactIndex):
+        pass
+
+    assert TestExact.kind == "test-exact" and "test-exact" in kinds()
+    index = make_index("test-exact", 4, chunk=2)
+    index.add(["a", "b", "c"], np.eye(4, dtype=np.float32)[:3])
+    index.save(tmp_path / "new")
+    assert json.loads((tmp_path / "new" / "manifest.json").read_text())["kind"] == "test-exact"
+    loaded = load_index(tmp_path / "new")
+    assert type(loaded) is TestExact and loaded.ids == ["a", "b", "c"]
+    assert loaded.config["chunk"] == 2
+    ExactIndex(4).save(tmp_path / "plain")
+    with pytest.raises(IndexFormatError, match="not a 'test-exact' index"):
+        TestExact.load(tmp_path / "plain")
+    with pytest.raises(ValueError, match=r"index kind must be one of \[.*'test-exact'.*got 'nope'"):
+        make_index("nope", 4)
+    with pytest.raises(ValueError, match="must be one of"):  # made with its own constructor
+        make_index("sharded", 4)
+    manifest = json.loads((tmp_path / "plain" / "manifest.json").read_text())
+    (tmp_path / "plain" / "manifest.json").write_text(json.dumps(manifest | {"kind": "nope"}))
+    with pytest.raises(IndexFormatError, match="unknown index kind 'nope'"):
+        load_index(tmp_path / "plain")

@@ -31,8 +31,7 @@ from PIL import Image
 
 from remap_cli import main as cli
 from remap_cli.demo.photoset import PHOTOS
-from remap_tf.serving import changelog
-from remap_tf.serving.index import load_index
+from remap_tf.serving.index import changelog, load_index
 
 ROOT = Path(__file__).resolve().parent.parent
 API_KEY = "test-key-7d1f"

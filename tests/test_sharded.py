@@ -8,8 +8,8 @@ import shutil
 import numpy as np
 import pytest
 
-from remap_tf.serving.index import ExactIndex, IndexFormatError, load_index, make_index
-from remap_tf.serving.sharded import ShardedIndex, merge_top_k, shard_of
+from remap_tf.serving.index import ExactIndex, Index, IndexFormatError, load_index, make_index
+from remap_tf.serving.index.sharded import ShardedIndex, merge_top_k, shard_of
 from tests.test_index import clustered_unit_vectors
 
 DIM = 32
@@ -156,6 +156,7 @@ def test_subset_of_shards_and_in_place_saves_rewrite_only_changed_shards(tmp_pat
 def test_tampering_and_misuse_are_refused(tmp_path):
     data = clustered_unit_vectors(200, DIM, 5, seed=8)
     sharded = ShardedIndex(DIM, 2, make_shard=lambda: ExactIndex(DIM))
+    assert isinstance(sharded, Index)  # the interface, inherited, not imitated
     sharded.add(_ids(200), data)
     path = sharded.save(tmp_path / "index")
     manifest = json.loads((path / "manifest.json").read_text())

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from remap_tf.serving.index import ExactIndex, ScannConfig, ScannIndex, load_index
-from remap_tf.serving.tuning import exact_neighbours, leaves_candidates, tune_search
+from remap_tf.serving.index.tuning import exact_neighbours, leaves_candidates, tune_search
 from tests.test_index import clustered_unit_vectors
 
 

@@ -1,7 +1,7 @@
 """``remap index build|add|delete|info|compact``: a searchable index of an image collection.
 
 Handlers call `remap_tf.serving.search` (build_index, add_images, delete_images, index_info)
-and `remap_tf.serving.changelog.compact_index`.
+and `remap_tf.serving.index.changelog.compact_index`.
 """
 
 from __future__ import annotations
@@ -306,7 +306,7 @@ def run_info(args) -> int:
 
 
 def run_compact(args) -> int:
-    from remap_tf.serving.changelog import compact_index
+    from remap_tf.serving.index.changelog import compact_index
 
     result = compact_index(args.index)
     if result["folded"]:

@@ -41,7 +41,7 @@ def _check(args) -> None:
 
 def run(args) -> int:
     _check(args)
-    from remap_tf.serving.changelog import load_current
+    from remap_tf.serving.index.changelog import load_current
 
     # The snapshot plus the changes a `remap serve` logged beside it; a bad index fails here,
     # before the model is loaded.

@@ -18,8 +18,8 @@ import socket
 import uvicorn
 
 from remap_tf.errors import InvalidInputError
-from remap_tf.serving.changelog import DurableIndex
 from remap_tf.serving.client import make_embedder
+from remap_tf.serving.index.changelog import DurableIndex
 from remap_tf.serving.search import check_embedder, recorded_model
 from remap_tf.serving.service.app import create_app
 from remap_tf.serving.service.settings import ServiceSettings

@@ -32,7 +32,7 @@ from PIL import Image
 from remap_tf import evaluation
 from remap_tf.errors import RemapError
 from remap_tf.io import atomic_write_bytes
-from remap_tf.serving.changelog import DurableIndex
+from remap_tf.serving.index.changelog import DurableIndex
 from remap_tf.serving.search import IMAGE_ROOT
 from remap_tf.serving.service.batcher import EmbedBatcher
 from remap_tf.serving.service.metrics import Metrics

@@ -20,7 +20,7 @@ the sample mean, so that a setting chosen on these queries keeps the target on f
 from the same distribution (tests/test_tuning.py checks that on queries it never saw).
 
 Pure NumPy on a ``search(queries, k, leaves, reorder) -> (num_queries, k) rows`` callable, so
-any searcher can be tuned; `remap_tf.serving.index.ScannIndex` calls it after every
+any searcher can be tuned; `remap_tf.serving.index.scann.ScannIndex` calls it after every
 non-brute-force build.
 """
 
@@ -33,6 +33,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from remap_tf.errors import InvalidInputError
+from remap_tf.serving.index.exact import top_k
 
 # Re-ordering depths tried (candidates re-scored exactly after AH), deepest first.
 REORDER_CANDIDATES = (1000, 600, 400, 250, 160, 100, 60, 40, 25)
@@ -51,11 +52,7 @@ def exact_neighbours(database: np.ndarray, queries: np.ndarray, k: int, chunk: i
     k = min(k, database.shape[0])
     out = np.empty((queries.shape[0], k), dtype=np.int64)
     for start in range(0, queries.shape[0], chunk):
-        scores = queries[start : start + chunk] @ database.T
-        part = np.argpartition(-scores, k - 1, axis=1)[:, :k]
-        values = np.take_along_axis(scores, part, axis=1)
-        order = np.argsort(-values, axis=1, kind="stable")
-        out[start : start + chunk] = np.take_along_axis(part, order, axis=1)
+        out[start : start + chunk] = top_k(queries[start : start + chunk] @ database.T, k)[0]
     return out
 
 

@@ -62,7 +62,15 @@ import numpy as np
 
 from remap_tf.errors import FileFormatError, InvalidInputError, UnknownIdError
 from remap_tf.io import fsync_directory
-from remap_tf.serving.index import Index, load_index, verify_index
+from remap_tf.serving.index.base import Index, load_index
+from remap_tf.serving.index.files import (
+    REPLACED,
+    WRITING,
+    staged_copies,
+    staging_path,
+    staging_token,
+    verify_index,
+)
 
 LOG_SUFFIX = ".wal"
 SEQ_KEY = "change_log_seq"  # index.metadata: the last log record the snapshot contains
@@ -71,7 +79,7 @@ _HEADER_BYTES = len(_MAGIC) + 32 + 1
 _RECORD = struct.Struct("<II")  # payload length, CRC-32 of the payload
 MAX_RECORD_BYTES = 64 << 20
 
-logger = logging.getLogger("remap_tf.serving.changelog")
+logger = logging.getLogger("remap_tf.serving.index.changelog")
 
 
 class LogInUseError(FileFormatError):
@@ -355,8 +363,9 @@ class ReadWriteLock:
 def recover_interrupted_save(directory) -> str | None:
     """Puts an index directory back after a crash inside ``Index.save``'s swap.
 
-    ``Index.save`` renames the old directory to ``.<name>.old-<token>`` and then the complete
-    new one from ``.<name>.tmp-<token>``; a crash between the two leaves no ``directory``.
+    ``Index.save`` (`remap_tf.serving.index.files.staged_index_dir`) renames the old directory
+    to ``.<name>.old-<token>`` and then the complete new one from ``.<name>.tmp-<token>``; a
+    crash between the two leaves no ``directory``.
     The new one is restored when it verifies, else the old one.
 
     Returns:
@@ -365,12 +374,8 @@ def recover_interrupted_save(directory) -> str | None:
     directory = Path(directory)
     if directory.exists() or not directory.parent.is_dir():
         return None
-    name = directory.name
-    for kind in ("tmp", "old"):
-        candidates = sorted(
-            directory.parent.glob(f".{name}.{kind}-*"), key=os.path.getmtime, reverse=True
-        )
-        for candidate in candidates:
+    for stage in (WRITING, REPLACED):
+        for candidate in staged_copies(directory, stage):
             try:
                 verify_index(candidate)
             except (OSError, FileFormatError):
@@ -380,9 +385,9 @@ def recover_interrupted_save(directory) -> str | None:
             logger.warning(
                 "%s was missing after an interrupted save; restored %s", directory, candidate.name
             )
-            if kind == "tmp":  # the save had finished writing: its predecessor can go
-                token = candidate.name.rpartition("-")[2]
-                shutil.rmtree(directory.parent / f".{name}.old-{token}", ignore_errors=True)
+            if stage == WRITING:  # the save had finished writing: its predecessor can go
+                old = staging_path(directory, REPLACED, staging_token(candidate))
+                shutil.rmtree(old, ignore_errors=True)
             return candidate.name
     return None
 

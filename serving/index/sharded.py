@@ -10,11 +10,10 @@ them or any subset, searches them in parallel threads and merges the per-shard t
 global top-k (exact for exact shards: the global top-k of a union is within the union of the
 per-shard top-k's).
 
-It has the interface of ``remap_tf.serving.index.Index`` (``add``, ``delete``, ``search``,
-``save``, ``ids``, ``metadata``, ``len``, ``in``, ``dim``, ``config``, ``kind``) and is
-loaded by ``remap_tf.serving.index.load_index``, the one entry point for indexes on disk. This
-module does not import ``index`` (``load_index`` imports it): shards are made and loaded by
-callables handed in (``make_shard``, ``load_shard``).
+It is an ``remap_tf.serving.index.base.Index`` (``add``, ``delete``, ``search``, ``save``,
+``ids``, ``metadata``, ``len``, ``in``, ``dim``, ``config``, ``kind``), registered as the kind
+"sharded", so ``load_index``, the one entry point for indexes on disk, loads it. Empty shards
+are made by a callable handed in (``make_shard``); saved shards load with ``Index.load``.
 
 On-disk layout::
 
@@ -50,20 +49,26 @@ import numpy as np
 
 from remap_tf.errors import InvalidInputError, UnknownIdError
 from remap_tf.io import atomic_write_json
+from remap_tf.serving.index.base import Index
+from remap_tf.serving.index.files import (
+    check_fields,
+    check_ids,
+    check_listed,
+    check_matrix,
+    staged_index_dir,
+    write_manifest,
+)
+from remap_tf.serving.index.registry import register
 from remap_tf.serving.manifest import (
+    MANIFEST,
     IndexFormatError,
-    check_files,
     file_entries,
     read_json,
     sha256_file,
-    staged_index_dir,
 )
 
 KIND = "sharded"
 HASH = "blake2b-64"
-FORMAT = "remap-index"
-FORMAT_VERSION = 1
-MANIFEST = "manifest.json"
 
 
 def shard_of(ids: Iterable[str], num_shards: int) -> np.ndarray:
@@ -84,33 +89,6 @@ def shard_of(ids: Iterable[str], num_shards: int) -> np.ndarray:
     )
 
 
-def _check_ids(ids) -> list[str]:
-    ids = [ids] if isinstance(ids, str) else list(ids)
-    bad = [i for i in ids if not isinstance(i, str)]
-    if bad:
-        raise InvalidInputError(f"ids must be strings, got {type(bad[0]).__name__} {bad[0]!r}")
-    if len(set(ids)) != len(ids):
-        raise InvalidInputError(
-            f"duplicate ids: {sorted({i for i in ids if ids.count(i) > 1})[:5]}"
-        )
-    return ids
-
-
-def _check_matrix(x, dim: int, name: str) -> np.ndarray:
-    x = np.asarray(x)
-    x = x[None, :] if x.ndim == 1 else x
-    if x.ndim != 2 or not np.issubdtype(x.dtype, np.number):
-        raise InvalidInputError(f"{name} must be a numeric (num, dim) matrix, got {x.shape}")
-    if x.shape[1] != dim:
-        raise InvalidInputError(
-            f"{name} have dimension {x.shape[1]} but the index has dimension {dim}"
-        )
-    x = np.ascontiguousarray(x, dtype=np.float32)
-    if not np.all(np.isfinite(x)):
-        raise InvalidInputError(f"{name} contain NaN or infinite values")
-    return x
-
-
 def merge_top_k(results: Sequence[tuple[np.ndarray, np.ndarray]], k: int):
     """Merges per-shard ``(ids, scores)`` (each ``(num_queries, k_s)``, best first, padded with
     None / -inf) into the overall best ``k``: ``(ids, scores)`` of ``(num_queries, k)``."""
@@ -120,7 +98,8 @@ def merge_top_k(results: Sequence[tuple[np.ndarray, np.ndarray]], k: int):
     return np.take_along_axis(ids, order, axis=1), np.take_along_axis(scores, order, axis=1)
 
 
-class ShardedIndex:
+@register(KIND, composite=True)
+class ShardedIndex(Index):
     """Shards of ordinary indexes behind the ``Index`` interface, routed by `shard_of`.
 
     Args:
@@ -136,12 +115,11 @@ class ShardedIndex:
         >>> ids, scores = load_index("photos.index").search(queries, k=10)
     """
 
-    kind = KIND
-
     def __init__(self, dim: int, num_shards: int, make_shard: Callable | None = None):
         if int(dim) <= 0 or int(num_shards) < 1:
             raise InvalidInputError(f"need dim > 0 and num_shards >= 1, got {dim}, {num_shards}")
-        self._dim, self._num_shards = int(dim), int(num_shards)
+        super().__init__(dim)
+        self._num_shards = int(num_shards)
         self._shards = {i: make_shard() for i in range(self._num_shards)} if make_shard else {}
         self._counts = {}  # shards not loaded: their size from the manifest
         self._dirty = set(self._shards)  # shards to write at the next save
@@ -149,13 +127,8 @@ class ShardedIndex:
         self._shard_dirs: dict[int, str] = {}
         self._pool: ThreadPoolExecutor | None = None  # kept: a new pool per query costs ms
         self._pool_workers = 0
-        self.metadata: dict = {}
 
     # -- the Index interface ------------------------------------------------------------
-
-    @property
-    def dim(self) -> int:
-        return self._dim
 
     @property
     def num_shards(self) -> int:
@@ -208,8 +181,8 @@ class ShardedIndex:
 
     def add(self, ids: Sequence[str], descriptors) -> None:
         """Adds rows under new ids, each to its shard. Nothing is added if any id is present."""
-        ids = _check_ids(ids)
-        x = _check_matrix(descriptors, self._dim, "descriptors")
+        ids = check_ids(ids)
+        x = check_matrix(descriptors, self._dim, "descriptors")
         if len(ids) != x.shape[0]:
             raise InvalidInputError(f"{len(ids)} ids for {x.shape[0]} descriptors")
         routes = self._route(ids)
@@ -222,7 +195,7 @@ class ShardedIndex:
 
     def delete(self, ids: Sequence[str]) -> None:
         """Removes ids from their shards (UnknownIdError, and nothing removed, if any is absent)."""
-        ids = _check_ids(ids)
+        ids = check_ids(ids)
         routes = self._route(ids)
         missing = [
             ids[p] for s, rows in routes.items() for p in rows if ids[p] not in self._shards[s]
@@ -247,9 +220,7 @@ class ShardedIndex:
         Returns:
             ``(ids, scores)``, each ``(num_queries, min(k, len))``, as ``Index.search``.
         """
-        if int(k) <= 0:
-            raise InvalidInputError(f"k must be a positive integer, got {k}")
-        q = _check_matrix(queries, self._dim, "queries")
+        q = self._check_queries(queries, k)
         shards = [self._shards[n] for n in sorted(self._shards) if len(self._shards[n])]
         k = min(int(k), len(self))
         if not shards or k == 0:
@@ -325,19 +296,19 @@ class ShardedIndex:
         self._source = directory
 
     @classmethod
-    def load(cls, directory, load_shard: Callable, shards: Iterable[int] | None = None):
-        """Loads all shards, or the listed ones, after checking every checksum.
+    def _from_saved(cls, directory: Path, manifest: dict, shards: Iterable[int] | None = None):
+        """Loads all shards, or the listed ones, after checking every checksum (through
+        ``Index.load(directory, shards=...)`` or ``load_index``).
 
         Args:
             directory: a directory written by ``save``.
-            load_shard: ``load_shard(path) -> Index`` (``remap_tf.serving.index.Index.load``).
+            manifest: its manifest, format and version checked.
             shards: shard numbers to load (default all).
 
         Raises:
             IndexFormatError: a missing, truncated or altered file, or a bad manifest.
         """
-        directory = Path(directory)
-        manifest = _verified_manifest(directory)
+        _check_manifest(directory, manifest)
         number = manifest["num_shards"]
         wanted = sorted(set(range(number) if shards is None else (int(s) for s in shards)))
         if not wanted or wanted[0] < 0 or wanted[-1] >= number:
@@ -355,7 +326,9 @@ class ShardedIndex:
                 raise IndexFormatError(
                     f"{directory}: {entry['dir']}/{MANIFEST} does not match its SHA-256 checksum"
                 )
-            shard = load_shard(path)
+            shard = Index.load(path)
+            if isinstance(shard, ShardedIndex):
+                raise IndexFormatError(f"{directory}: shard folder {entry['dir']} is sharded")
             if shard.dim != index.dim or len(shard) != entry["count"]:
                 raise IndexFormatError(
                     f"{directory}: shard {entry['shard']} holds {len(shard)} {shard.dim}-d "
@@ -394,36 +367,28 @@ def write_top_level(directory, dim: int, num_shards: int, shard_dirs: dict, meta
     config = {"kind": KIND, "dim": dim, "num_shards": num_shards, "hash": HASH}
     atomic_write_json(directory / "config.json", config | {"shards": configs}, indent=1)
     atomic_write_json(directory / "metadata.json", metadata, indent=1)
-    manifest = {
-        "format": FORMAT,
-        "format_version": FORMAT_VERSION,
-        "kind": KIND,
-        "dim": dim,
-        "count": sum(e["count"] for e in entries),
-        "num_shards": num_shards,
-        "hash": HASH,
-        "shards": entries,
-        "files": file_entries(directory, ["config.json", "metadata.json"]),
-    }
-    atomic_write_json(directory / MANIFEST, manifest, indent=1)
+    write_manifest(
+        directory,
+        KIND,
+        dim,
+        sum(e["count"] for e in entries),
+        file_entries(directory, ["config.json", "metadata.json"]),
+        num_shards=num_shards,
+        hash=HASH,
+        shards=entries,
+    )
     return entries
 
 
-def _verified_manifest(directory: Path) -> dict:
+def _check_manifest(directory: Path, manifest: dict) -> None:
+    """Checks the sharded fields of a manifest (`read_manifest` checked the format) and the
+    checksums of the top-level files."""
     path = directory / MANIFEST
-    manifest = read_json(path, MANIFEST)
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise IndexFormatError(f"{path} is not a {FORMAT} manifest")
-    if manifest.get("kind") != KIND:
-        raise IndexFormatError(f"{path} is not a sharded index manifest")
-    version = manifest.get("format_version")
-    if not isinstance(version, int) or version > FORMAT_VERSION:
-        raise IndexFormatError(f"{path}: format_version {version!r} is not supported")
     if manifest.get("hash") != HASH:
         raise IndexFormatError(f"{path}: unknown id hash {manifest.get('hash')!r}")
-    for key, kind in (("dim", int), ("num_shards", int), ("shards", list), ("files", dict)):
-        if not isinstance(manifest.get(key), kind):
-            raise IndexFormatError(f"{path}: field {key!r} is missing or invalid")
+    check_fields(
+        directory, manifest, {"dim": int, "num_shards": int, "shards": list, "files": dict}
+    )
     numbers = [e.get("shard") if isinstance(e, dict) else None for e in manifest["shards"]]
     if numbers != list(range(manifest["num_shards"])):
         raise IndexFormatError(f"{path}: the shard list does not cover 0..num_shards-1")
@@ -431,8 +396,4 @@ def _verified_manifest(directory: Path) -> dict:
         name = entry.get("dir")
         if not isinstance(name, str) or "/" in name or not name.startswith("shard-"):
             raise IndexFormatError(f"{path}: bad shard folder name {name!r}")
-    for required in ("config.json", "metadata.json"):
-        if required not in manifest["files"]:
-            raise IndexFormatError(f"{path} does not list {required}")
-    check_files(directory, manifest["files"], str(path))
-    return manifest
+    check_listed(directory, manifest, ("config.json", "metadata.json"))
