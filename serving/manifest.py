@@ -15,10 +15,9 @@ import shutil
 import uuid
 from pathlib import Path
 
+from remap_tf.contract import MANIFEST_FILE as MANIFEST
 from remap_tf.errors import FileFormatError, OutputExistsError
 from remap_tf.io import uninterruptible
-
-MANIFEST = "manifest.json"
 
 
 class IndexFormatError(FileFormatError):
