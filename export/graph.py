@@ -18,11 +18,13 @@ import tensorflow as tf
 
 from remap_tf.contract import (
     BYTES_SIGNATURE,
-    CHECK_PREFIX,
     IMAGE_SIGNATURES,
     INPUT_KEY,
+    NOT_AN_IMAGE,
     OUTPUT_KEY,
+    PIXEL_LIMIT,
     PIXELS_SIGNATURE,
+    check_message,
 )
 from remap_tf.ops import l2_normalize, resized_shape
 
@@ -88,7 +90,7 @@ def image_header_shape(data, index):
     )
     known = tf.reduce_any(tf.stack([is_jpeg, is_png, is_gif, is_bmp]))
     message = tf.strings.format(
-        CHECK_PREFIX + " (not an image): images[{}] is not JPEG, PNG, GIF or BMP data ({} bytes).",
+        check_message(NOT_AN_IMAGE) + "images[{}] is not JPEG, PNG, GIF or BMP data ({} bytes).",
         (index, tf.strings.length(data)),
     )
     check = tf.debugging.Assert(known, [message])
@@ -131,7 +133,7 @@ def check_pixels(height, width, index, max_pixels: int):
     )
     what, values = ("images[{}] is", [index]) if index is not None else ("images are", [])
     message = tf.strings.format(
-        f"{CHECK_PREFIX} (pixel limit): {what} {{}}x{{}} pixels; this export accepts 1 to "
+        check_message(PIXEL_LIMIT) + f"{what} {{}}x{{}} pixels; this export accepts 1 to "
         f"{max_pixels} pixels.",
         (*values, width, height),
     )

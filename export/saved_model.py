@@ -42,7 +42,9 @@ from remap_tf.contract import (
     DEFAULT_IMAGE_SIZE,
     DEFAULT_MAX_PIXELS,
     INPUT_KEY,
+    MODEL_FILE,
     OUTPUT_KEY,
+    SAVED_MODEL_FILE,
     WARMUP_FILE,
     check_model_name,
     export_metadata,
@@ -291,14 +293,14 @@ def load_keras_model(path):
 def _keras_file(path: Path) -> Path:
     """The ``.keras`` file for ``path``: itself, or the newest one in a folder."""
     if path.is_dir():
-        if (path / "model.keras").is_file():
-            return path / "model.keras"
+        if (path / MODEL_FILE).is_file():
+            return path / MODEL_FILE
         candidates = sorted(path.glob("*.keras"), key=lambda p: p.stat().st_mtime)
         if not candidates:
             hint = (
                 " (an exported model? export takes a .keras file)"
                 if (
-                    (path / "saved_model.pb").is_file()
+                    (path / SAVED_MODEL_FILE).is_file()
                     or any(p.name.isdigit() for p in path.iterdir())
                 )
                 else ""

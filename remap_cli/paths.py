@@ -20,7 +20,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 from remap_tf.contract import (
+    MANIFEST_FILE,
+    MODEL_FILE,
     REPORT_MARKER,
+    SAVED_MODEL_FILE,
     image_format,
     parse_serving_address,
     resolve_saved_model,
@@ -111,7 +114,7 @@ def weights_file(flag: str, value) -> Path:
 
 
 def keras_model(flag: str, value) -> Path:
-    """A ``.keras`` file, or a training folder holding ``model.keras`` (or another ``.keras``).
+    """A ``.keras`` file, or a training folder holding `MODEL_FILE` (or another ``.keras``).
 
     An exported SavedModel is refused with a pointer to the command that takes it.
     """
@@ -119,12 +122,12 @@ def keras_model(flag: str, value) -> Path:
     _exists(flag, path)
     if path.is_dir():
         _readable(flag, path)
-        if (path / "saved_model.pb").is_file() or any(p.name.isdigit() for p in path.iterdir()):
+        if (path / SAVED_MODEL_FILE).is_file() or any(p.name.isdigit() for p in path.iterdir()):
             raise InvalidInputError(
                 f"{flag} {str(path)!r} is an exported SavedModel, not a Keras model; give the "
                 ".keras file (or the remap train output folder)"
             )
-        candidates = [path / "model.keras"] if (path / "model.keras").is_file() else []
+        candidates = [path / MODEL_FILE] if (path / MODEL_FILE).is_file() else []
         candidates = candidates or sorted(path.glob("*.keras"))
         if not candidates:
             raise BadPathError(f"{flag} {str(path)!r} is a folder without a .keras file")
@@ -164,10 +167,10 @@ def exported_model(flag: str, value: str) -> str:
 
 
 def index_dir(flag: str, value) -> Path:
-    """A folder written by ``remap index build`` (it holds ``manifest.json``)."""
+    """A folder written by ``remap index build`` (it holds `MANIFEST_FILE`)."""
     path = input_dir(flag, value)
-    if not (path / "manifest.json").is_file():
-        raise BadPathError(f"{flag} {str(path)!r} is not an index (no manifest.json in it)")
+    if not (path / MANIFEST_FILE).is_file():
+        raise BadPathError(f"{flag} {str(path)!r} is not an index (no {MANIFEST_FILE} in it)")
     return path
 
 

@@ -4,6 +4,11 @@
 TF Serving serves it; each fact is stated once, here:
 
 - signature names and tensor keys of the exported SavedModel;
+- the tags of the graph's input checks (`check_message` writes them, `check_tag` reads them);
+- the file names the layers hand each other: ``model.keras`` (what ``remap train`` writes and
+  ``remap export`` reads), ``saved_model.pb``, ``remap.json``, ``manifest.json`` (the
+  checksummed manifest of every folder ``remap`` publishes: indexes, embeddings) and the
+  Keras package name of the project's registered objects;
 - image size limits;
 - the ``remap.json`` asset (its schema, `export_metadata` and `read_export_metadata`);
 - the version-folder layout TF Serving expects (`version_dirs`, `latest_version_dir`,
@@ -33,12 +38,29 @@ PIXELS_SIGNATURE = "embed_pixels"  # uint8 (batch, height, width, 3) RGB
 SIGNATURES = (BYTES_SIGNATURE, PIXELS_SIGNATURE)
 INPUT_KEY = "images"
 OUTPUT_KEY = "descriptors"  # float32 (batch, dim), L2-normalised
-# Prefix of the INVALID_ARGUMENT messages of the graph's input checks.
-CHECK_PREFIX = "remap input check failed"
 DEFAULT_MODEL_NAME = "remap"
 SAVED_MODEL_FILE = "saved_model.pb"
 CONFIG_ASSET = "remap.json"  # in <version>/assets/
 WARMUP_FILE = "tf_serving_warmup_requests"  # in <version>/assets.extra/
+
+# --- the graph's input checks ---------------------------------------------------------------
+# A failed check is an INVALID_ARGUMENT whose message reads
+# "remap input check failed (<tag>): <detail>" (remap_tf.export.graph writes it with
+# `check_message`); the tag names the check, and the search service picks its HTTP error from
+# it (`check_tag`).
+CHECK_PREFIX = "remap input check failed"
+NOT_AN_IMAGE = "not an image"  # bytes of none of the formats in IMAGE_SIGNATURES
+PIXEL_LIMIT = "pixel limit"  # height * width over the export's max_pixels
+_CHECK_TAG = re.compile(re.escape(CHECK_PREFIX) + r" \(([^()]+)\): ")
+
+# --- files the layers hand each other -------------------------------------------------------
+MODEL_FILE = "model.keras"  # what `remap train` writes in its output folder
+# The checksummed manifest (remap_tf.serving.manifest) of every folder `remap` publishes:
+# indexes (plain and sharded) and embedding outputs.
+MANIFEST_FILE = "manifest.json"
+# The package name of the project's registered Keras objects: a saved model.keras refers to
+# them as "remap_tf>TripletLoss", "remap_tf>Whitening", ...
+KERAS_PACKAGE = "remap_tf"
 
 # A TF Serving gRPC address, "host:port" or "host:port/model_name".
 _ADDRESS = re.compile(
@@ -64,6 +86,22 @@ def parse_serving_address(text: str) -> tuple[str, str | None] | None:
     """
     match = _ADDRESS.match(str(text))
     return (match.group("target"), match.group("model")) if match else None
+
+
+def check_message(tag: str) -> str:
+    """The start of a failed input check's message: ``"remap input check failed (<tag>): "``."""
+    return f"{CHECK_PREFIX} ({tag}): "
+
+
+def check_tag(message: str) -> str | None:
+    """The tag of the graph input check that ``message`` (a model's error) reports, or None.
+
+    Example:
+        >>> check_tag("images[0]: remap input check failed (pixel limit): images[0] is 9x9")
+        'pixel limit'
+    """
+    match = _CHECK_TAG.search(str(message))
+    return match.group(1) if match else None
 
 
 def image_format(header: bytes) -> str | None:

@@ -15,10 +15,9 @@ import tensorflow as tf
 
 from remap_tf import ops
 from remap_tf.checks import check_choice
+from remap_tf.contract import KERAS_PACKAGE
 from remap_tf.errors import InvalidInputError
 from remap_tf.regions import distinct_regions, min_distinct_long_side, relative_regions
-
-_PACKAGE = "remap_tf"
 
 # Per-channel means of the Caffe-trained ImageNet models, in BGR order.
 _CAFFE_MEAN_BGR = (103.939, 116.779, 123.68)
@@ -27,7 +26,7 @@ _TORCH_STD = (0.229, 0.224, 0.225)
 PREPROCESSING_MODES = ("caffe", "tf", "torch", "none")
 
 
-@keras.saving.register_keras_serializable(package=_PACKAGE)
+@keras.saving.register_keras_serializable(package=KERAS_PACKAGE)
 class ImagePreprocessing(keras.layers.Layer):
     """Maps raw RGB in [0, 255] to what a backbone was trained on, inside the model.
 
@@ -64,7 +63,7 @@ class ImagePreprocessing(keras.layers.Layer):
         return {**super().get_config(), "mode": self.mode}
 
 
-@keras.saving.register_keras_serializable(package=_PACKAGE)
+@keras.saving.register_keras_serializable(package=KERAS_PACKAGE)
 class RegionMaxPooling(keras.layers.Layer):
     """Max-pools a feature map in the R-MAC multi-scale regions, then L2-normalises each.
 
@@ -145,7 +144,7 @@ def warn_if_regions_collide(relative, height: int, width: int, levels: int, grid
     return True
 
 
-@keras.saving.register_keras_serializable(package=_PACKAGE)
+@keras.saving.register_keras_serializable(package=KERAS_PACKAGE)
 class RegionWeighting(keras.layers.Layer):
     """REMAP's region entropy weighting: a non-negative weighted sum of region vectors.
 
@@ -207,7 +206,7 @@ class RegionWeighting(keras.layers.Layer):
         }
 
 
-@keras.saving.register_keras_serializable(package=_PACKAGE)
+@keras.saving.register_keras_serializable(package=KERAS_PACKAGE)
 class MACPooling(keras.layers.Layer):
     """MAC: global max pooling, ``(batch, h, w, c) -> (batch, c)``, then L2 normalisation."""
 
@@ -218,7 +217,7 @@ class MACPooling(keras.layers.Layer):
         return (input_shape[0], input_shape[-1])
 
 
-@keras.saving.register_keras_serializable(package=_PACKAGE)
+@keras.saving.register_keras_serializable(package=KERAS_PACKAGE)
 class SPoCPooling(keras.layers.Layer):
     """SPoC: global average pooling, ``(batch, h, w, c) -> (batch, c)``, then L2 norm."""
 
@@ -229,7 +228,7 @@ class SPoCPooling(keras.layers.Layer):
         return (input_shape[0], input_shape[-1])
 
 
-@keras.saving.register_keras_serializable(package=_PACKAGE)
+@keras.saving.register_keras_serializable(package=KERAS_PACKAGE)
 class GeMPooling(keras.layers.Layer):
     """GeM pooling with a learnable exponent ``p``, then L2 normalisation.
 
@@ -281,7 +280,7 @@ class GeMPooling(keras.layers.Layer):
         }
 
 
-@keras.saving.register_keras_serializable(package=_PACKAGE)
+@keras.saving.register_keras_serializable(package=KERAS_PACKAGE)
 class L2Normalization(keras.layers.Layer):
     """L2-normalises along ``axis`` with the norm computed in float32."""
 
@@ -299,7 +298,7 @@ class L2Normalization(keras.layers.Layer):
         return {**super().get_config(), "axis": self.axis}
 
 
-@keras.saving.register_keras_serializable(package=_PACKAGE)
+@keras.saving.register_keras_serializable(package=KERAS_PACKAGE)
 class Whitening(keras.layers.Layer):
     """PCA whitening as an affine layer, ``x -> x @ kernel + bias``, computed in float32.
 

@@ -29,10 +29,9 @@ import keras
 import tensorflow as tf
 
 from remap_tf.checks import check_choice
+from remap_tf.contract import KERAS_PACKAGE
 from remap_tf.errors import InvalidInputError
 from remap_tf.specs import MININGS
-
-_PACKAGE = "remap_tf"
 
 
 def _check_mining(mining) -> str:
@@ -271,7 +270,7 @@ def _cross_replica_losses(labels, descriptors, margin: float, mining: str, conte
     return _anchor_losses(distances, positive, negative, margin, mining)
 
 
-@keras.saving.register_keras_serializable(package=_PACKAGE)
+@keras.saving.register_keras_serializable(package=KERAS_PACKAGE)
 class TripletLoss(keras.losses.Loss):
     """Triplet loss with online mining, for ``model.compile(loss=TripletLoss())``.
 

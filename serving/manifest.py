@@ -13,8 +13,6 @@ from pathlib import Path
 
 from remap_tf.errors import FileFormatError
 
-MANIFEST = "manifest.json"
-
 
 class IndexFormatError(FileFormatError):
     """A saved index is missing, truncated, altered or not an index at all."""

@@ -33,7 +33,7 @@ from tensorflow_serving.apis import (
     prediction_service_pb2_grpc,
 )
 
-from remap_tf.contract import latest_version_dir
+from remap_tf.contract import BYTES_SIGNATURE, SAVED_MODEL_FILE, latest_version_dir
 
 
 class _Servable:
@@ -43,7 +43,7 @@ class _Servable:
         self.version = int(self.path.name)
         self.loaded = tf.saved_model.load(str(self.path))
         proto = saved_model_pb2.SavedModel()
-        proto.ParseFromString((self.path / "saved_model.pb").read_bytes())
+        proto.ParseFromString((self.path / SAVED_MODEL_FILE).read_bytes())
         self.signature_defs = proto.meta_graphs[0].signature_def
 
 
@@ -74,7 +74,7 @@ class FakePredictionService(prediction_service_pb2_grpc.PredictionServiceService
         if self.delay_s:
             time.sleep(self.delay_s)
         _find(self.servable, request, context)
-        key = request.model_spec.signature_name or "serving_default"
+        key = request.model_spec.signature_name or BYTES_SIGNATURE
         if key not in self.servable.loaded.signatures:
             context.abort(
                 grpc.StatusCode.INVALID_ARGUMENT, f'Serving signature key "{key}" not found.'

@@ -16,12 +16,17 @@ Kinds register instead of being listed: no class body names a subclass of a clas
 its module, other than the subclass's own body (a base class that names its subclasses must be
 edited for every new kind; ``remap_tf.serving.index.registry`` is the table that replaces such
 lists).
+
+Each fact once: a format constant (a file name, a format tag, a file signature) is bound in
+one module, its owner (``remap_tf.contract`` for what the layers share), and every other
+module imports it; neither a second constant nor a bare literal may restate it.
 """
 
 from __future__ import annotations
 
 import ast
 import importlib
+import re
 import shutil
 import subprocess
 import sys
@@ -354,6 +359,145 @@ def _plant(folder: Path, name: str, line: str) -> Path:
     path = folder / "remap_tf" / name
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(f"def f():\n    {line}\n", encoding="utf-8")
+    return path
+
+
+# --- each fact once -------------------------------------------------------------------------
+CONSTANT_NAME = re.compile(r"_?[A-Z][A-Z0-9_]*")
+# The literals rule (ii) looks for elsewhere: file names ("manifest.json", ".wal") and format
+# tags ("remap-index", "blake2b-64"). Short generic words ("none", "sharded") and numbers
+# recur for unrelated reasons, so only the constants themselves are compared for those.
+FILE_NAME = re.compile(r"[\w.-]*\.[A-Za-z]\w*")
+FORMAT_TAG = re.compile(r"[a-z][a-z0-9]*(-[a-z0-9]+)+")
+
+
+def _where(path: Path, line: int) -> str:
+    return f"{path.relative_to(ROOT) if path.is_relative_to(ROOT) else path}:{line}"
+
+
+def _leaves(node):
+    """The str and bytes literals of a constant's value (nested tuples, lists, dicts)."""
+    if isinstance(node, ast.Constant) and isinstance(node.value, str | bytes):
+        yield node.value
+    elif isinstance(node, ast.Tuple | ast.List | ast.Set):
+        for element in node.elts:
+            yield from _leaves(element)
+    elif isinstance(node, ast.Dict):
+        for value in node.values:
+            yield from _leaves(value)
+
+
+def stated_constants(modules: dict[str, Path]) -> dict:
+    """``{value: [(module, "path:line NAME"), ...]}``: every string bound to an UPPER_CASE
+    module-level name, and every bytes literal (a file signature) in such a constant."""
+    stated = {}
+    for module, path in modules.items():
+        for node in ast.parse(path.read_text(encoding="utf-8"), str(path)).body:
+            targets = node.targets if isinstance(node, ast.Assign) else [getattr(node, "target", 0)]
+            if not isinstance(node, ast.Assign | ast.AnnAssign) or node.value is None:
+                continue
+            for target in targets:
+                if not (isinstance(target, ast.Name) and CONSTANT_NAME.fullmatch(target.id)):
+                    continue
+                values = [v for v in _leaves(node.value) if isinstance(v, bytes)]
+                if isinstance(node.value, ast.Constant) and isinstance(node.value.value, str):
+                    values.append(node.value.value)
+                for value in values:
+                    if len(value) > 1:
+                        site = f"{_where(path, node.lineno)} {target.id}"
+                        stated.setdefault(value, []).append((module, site))
+    return stated
+
+
+def restated_constants(stated: dict) -> list[str]:
+    """Rule (i): one value bound as a constant in more than one module."""
+    return [
+        f"{value!r} is a constant in {len({m for m, _ in sites})} modules: "
+        + ", ".join(site for _, site in sites)
+        for value, sites in stated.items()
+        if len({module for module, _ in sites}) > 1
+    ]
+
+
+def _docstrings(tree) -> set[int]:
+    kinds = ast.Module | ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef
+    return {
+        id(node.body[0].value)
+        for node in ast.walk(tree)
+        if isinstance(node, kinds)
+        and node.body
+        and isinstance(node.body[0], ast.Expr)
+        and isinstance(node.body[0].value, ast.Constant)
+    }
+
+
+def is_fact(value) -> bool:
+    """A literal worth one owner: a file signature, a file name or a format tag."""
+    if isinstance(value, bytes):
+        return len(value) > 1
+    return bool(FILE_NAME.fullmatch(value) or FORMAT_TAG.fullmatch(value))
+
+
+def bare_copies(modules: dict[str, Path], stated: dict) -> list[str]:
+    """Rule (ii): a file name, format tag or signature that a constant states, written as a
+    bare literal (not a docstring) in a module that does not own it."""
+    found = []
+    for module, path in modules.items():
+        tree = ast.parse(path.read_text(encoding="utf-8"), str(path))
+        docstrings = _docstrings(tree)
+        for node in ast.walk(tree):
+            if not isinstance(node, ast.Constant) or id(node) in docstrings:
+                continue
+            if not isinstance(node.value, str | bytes) or node.value not in stated:
+                continue
+            owners = stated[node.value]
+            if is_fact(node.value) and module not in {owner for owner, _ in owners}:
+                found.append(
+                    f"{_where(path, node.lineno)} writes {node.value!r}; import it from "
+                    + ", ".join(site for _, site in owners)
+                )
+    return found
+
+
+def test_each_fact_is_stated_once():
+    """A format constant is bound in one module, and no other module writes its literal."""
+    modules = source_modules()
+    stated = stated_constants(modules)
+    copies = restated_constants(stated) + bare_copies(
+        {**modules, **source_modules({"bench": "bench"})}, stated
+    )
+    assert not copies, "facts stated more than once:\n" + "\n".join(copies)
+
+
+def test_the_fact_check_catches_planted_copies(tmp_path):
+    """Both rules bite: a second FORMAT, a signature tuple, a bare file name; a docstring, a
+    generic word and the owner's own use do not count."""
+    owner = _plant_module(
+        tmp_path,
+        "contract.py",
+        'MANIFEST_FILE = "manifest.json"\nIMAGE_SIGNATURES = {"gif": (b"GIF87a", b"GIF89a")}\n'
+        'NONE = "none"\nFORMAT = "remap-index"\nPATH = MANIFEST_FILE or "manifest.json"\n',
+    )
+    copy = _plant_module(
+        tmp_path,
+        "index.py",
+        '"""Reads manifest.json."""\nFORMAT = "remap-index"\n_MAGIC = (b"GIF89a",)\n'
+        'def f(d):\n    """Looks for manifest.json."""\n    return d / "manifest.json", "none"\n',
+    )
+    modules = {"remap_tf.contract": owner, "remap_cli.paths": copy}
+    stated = stated_constants(modules)
+    restated = restated_constants(stated)
+    assert len(restated) == 2, restated
+    assert any("'remap-index' is a constant in 2 modules" in line for line in restated)
+    assert any("b'GIF89a'" in line and "_MAGIC" in line for line in restated)
+    bare = bare_copies(modules, stated)
+    assert len(bare) == 1 and "index.py:6 writes 'manifest.json'" in bare[0], bare
+    assert "MANIFEST_FILE" in bare[0]
+
+
+def _plant_module(folder: Path, name: str, text: str) -> Path:
+    path = folder / name
+    path.write_text(text, encoding="utf-8")
     return path
 
 

@@ -317,6 +317,7 @@ def test_input_guards_fail_with_invalid_argument(loaded, bad, check, details):
         serve(images=tf.constant([good, bad]))
     assert f"remap input check failed ({check})" in error.value.message
     assert details in error.value.message
+    assert contract.check_tag(error.value.message) == check  # what the service reads back
 
 
 def test_pixel_limit_is_the_one_set_at_export(loaded):

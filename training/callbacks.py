@@ -20,6 +20,7 @@ import tensorflow as tf
 from remap_tf.errors import InvalidInputError
 from remap_tf.evaluation import label_map
 from remap_tf.io import atomic_save, atomic_write_text
+from remap_tf.training.config import CONFIG_FILE
 from remap_tf.training.pipeline import embed_dataset
 
 VAL_MAP = "val_map"
@@ -166,7 +167,7 @@ class AtomicModelCheckpoint(keras.callbacks.ModelCheckpoint):
         else:
             atomic_save(filepath, lambda tmp: self.model.save(tmp, overwrite=True))
         if self._train_config is not None:
-            self._train_config.save(Path(filepath).parent / "config.yaml")
+            self._train_config.save(Path(filepath).parent / CONFIG_FILE)
         if self.verbose > 0:
             print(f"\nEpoch {epoch + 1}: saved {filepath}", flush=True)
 
@@ -198,7 +199,7 @@ class AtomicBackupAndRestore(keras.callbacks.BackupAndRestore):
         metadata = json.dumps({"epoch": self._current_epoch, "batch": self._last_batch_seen})
         atomic_write_text(self._training_metadata_path, metadata)
         if self._train_config is not None:
-            self._train_config.save(Path(self.backup_dir) / "config.yaml")
+            self._train_config.save(Path(self.backup_dir) / CONFIG_FILE)
 
     def on_train_begin(self, logs=None):
         # Keras only falls back to the previous backup on OSError; a truncated file can

@@ -34,6 +34,8 @@ from remap_tf.specs import BACKBONES, MININGS, POOLINGS, WHITENING_METHODS
 OPTIMIZERS = ("sgd", "adam", "adamw")
 WHITENING_INIT = (*WHITENING_METHODS, "none")
 STRATEGIES = ("default", "one_device", "mirrored", "multi_worker", "tpu")
+# The resolved config, written next to every checkpoint, backup and trained model.
+CONFIG_FILE = "config.yaml"
 
 
 @dataclasses.dataclass

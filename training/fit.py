@@ -33,6 +33,7 @@ import numpy as np
 import tensorflow as tf
 
 from remap_tf.backbones import batch_norm_layers, recalibrate_batch_norm
+from remap_tf.contract import MODEL_FILE
 from remap_tf.errors import InvalidInputError
 from remap_tf.io import atomic_save
 from remap_tf.losses import TripletLoss
@@ -40,13 +41,10 @@ from remap_tf.model import REMAP
 from remap_tf.region_weights import init_region_weights
 from remap_tf.training import callbacks as cb
 from remap_tf.training import keras_compat, pipeline, strategies
-from remap_tf.training.config import TrainConfig
+from remap_tf.training.config import CONFIG_FILE, TrainConfig
 from remap_tf.training.data import Manifest, load_manifest
 from remap_tf.training.mining import OfflineHardNegativeMining
 from remap_tf.whitening import init_whitening
-
-MODEL_FILE = "model.keras"
-CONFIG_FILE = "config.yaml"
 
 
 @dataclasses.dataclass

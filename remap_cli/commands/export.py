@@ -14,6 +14,7 @@ from remap_tf.contract import (
 )
 from remap_tf.errors import OutputExistsError
 from remap_tf.export.options import ExportOptions
+from remap_tf.export.server_files import MODELS_CONFIG
 
 
 def add_parser(subparsers) -> None:
@@ -60,7 +61,7 @@ def add_parser(subparsers) -> None:
 
 def _is_export_base(folder: Path) -> bool:
     """A folder ``remap export`` wrote: server files or integer version folders in it."""
-    return (folder / "models.config").is_file() or any(p.name.isdigit() for p in folder.iterdir())
+    return (folder / MODELS_CONFIG).is_file() or any(p.name.isdigit() for p in folder.iterdir())
 
 
 def _check(args) -> None:

@@ -19,6 +19,7 @@ from remap_cli.args import (
     quiet_beam_logs,
     recall_target,
 )
+from remap_tf.contract import MANIFEST_FILE
 from remap_tf.errors import InvalidInputError
 
 _SCANN_FLAGS = (
@@ -184,7 +185,7 @@ def _check_build(args) -> dict:
     from remap_tf.serving.index import ScannConfig
 
     _check_sources(args)
-    paths.output_dir("--out", args.out, "an index", lambda d: (d / "manifest.json").is_file())
+    paths.output_dir("--out", args.out, "an index", lambda d: (d / MANIFEST_FILE).is_file())
     if args.embeddings is not None:
         paths.output_dir(
             "--embeddings",

@@ -24,7 +24,13 @@ from remap_cli.args import (
 from remap_tf.contract import MIN_IMAGE_SIZE
 from remap_tf.errors import InvalidInputError, RemapError
 from remap_tf.specs import BACKBONES, MININGS, POOLINGS
-from remap_tf.training.config import OPTIMIZERS, STRATEGIES, TrainConfig, read_yaml
+from remap_tf.training.config import (
+    CONFIG_FILE,
+    OPTIMIZERS,
+    STRATEGIES,
+    TrainConfig,
+    read_yaml,
+)
 from remap_tf.training.data import load_manifest
 
 # flag dest -> config field (None values mean "flag not given").
@@ -174,7 +180,7 @@ def resolve_config(args: argparse.Namespace):
 
 def _is_training_run(folder: Path) -> bool:
     """A folder ``remap train`` wrote (or is writing): its config, backup or checkpoints."""
-    return any((folder / name).exists() for name in ("config.yaml", "backup", "checkpoints"))
+    return any((folder / name).exists() for name in (CONFIG_FILE, "backup", "checkpoints"))
 
 
 def _check_flag_paths(args) -> None:

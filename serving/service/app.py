@@ -34,6 +34,7 @@ from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from remap_tf.contract import NOT_AN_IMAGE, PIXEL_LIMIT, check_tag
 from remap_tf.errors import (
     ImageRejectedError,
     InvalidInputError,
@@ -153,9 +154,9 @@ def _parse_int(name: str, value, default: int, low: int, high: int) -> int:
 
 def _image_error(error: ImageRejectedError) -> tuple[str, str]:
     reason = error.reason or str(error)
-    if "(not an image)" in reason:
+    if check_tag(reason) == NOT_AN_IMAGE:
         return "not an image", reason
-    if "(pixel limit)" in reason:
+    if check_tag(reason) == PIXEL_LIMIT:
         return "too many pixels", reason
     return "bad image", f"the image could not be decoded: {reason}"
 

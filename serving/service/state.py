@@ -30,6 +30,7 @@ import numpy as np
 from PIL import Image
 
 from remap_tf import evaluation
+from remap_tf.contract import image_format
 from remap_tf.errors import RemapError
 from remap_tf.io import atomic_write_bytes
 from remap_tf.serving.index.changelog import DurableIndex
@@ -40,8 +41,6 @@ from remap_tf.serving.service.settings import ServiceSettings
 
 logger = logging.getLogger("remap_tf.serving.service")
 
-# Magic numbers of the formats the exported graph decodes (remap_tf.export.graph).
-_MAGIC = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"GIF87a", b"GIF89a", b"BM")
 MAX_ID_LENGTH = 1024
 
 
@@ -60,7 +59,7 @@ def check_image_bytes(data: bytes) -> None:
     """ServiceError unless ``data`` starts like a JPEG, PNG, GIF or BMP file."""
     if not data:
         raise ServiceError(400, "empty image", "the request carried no image bytes")
-    if not data.startswith(_MAGIC):
+    if image_format(data) is None:
         raise ServiceError(
             400,
             "not an image",
