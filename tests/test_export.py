@@ -382,6 +382,30 @@ def test_the_graph_walks_gif_blocks_as_the_reference_does():
     assert not imageheaders.gif_extent(cases["many sub-blocks"], max_blocks=30).complete
 
 
+def test_the_in_process_embedder_checks_gif_frames_for_an_older_export(tmp_path, monkeypatch):
+    """Exports made before the graph walked GIF frames read the screen only and decode any
+    frame; `LocalEmbedder` (``remap search``, ``remap embed``, ``remap serve`` with an export
+    folder) walks the frames itself (`imageheaders.check_gif`) before the graph sees them."""
+    from remap_tf.errors import ImageRejectedError
+    from remap_tf.serving.client import LocalEmbedder
+
+    def screen_only(data, max_blocks=0):  # the graph's GIF check before issue 21
+        header = tf.cast(tf.io.decode_raw(tf.strings.substr(data, 0, 10), tf.uint8), tf.int64)
+        return header[8] + 256 * header[9], header[6] + 256 * header[7], tf.constant(True)
+
+    monkeypatch.setattr(graph, "gif_extent", screen_only)
+    base = tmp_path / "remap"
+    sm.export_model(tiny_functional_model(), base, image_size=64, max_pixels=64 * 64, verify=False)
+    monkeypatch.undo()
+    bomb = gif_bombs.bomb(200, 200)  # 40000 pixels behind an 8x8 screen
+    old_graph = tf.saved_model.load(str(base / "1")).signatures["serving_default"]
+    assert old_graph(images=tf.constant([bomb]))["descriptors"].shape[0] == 1  # decoded
+    embedder = LocalEmbedder(base)
+    with pytest.raises(ImageRejectedError, match=r"Image 1 .*pixel limit.*images\[1\] is 200x200"):
+        embedder.embed([gif_bombs.gif(), bomb])
+    assert embedder.embed([gif_bombs.gif()]).shape == (1, 8)
+
+
 def test_pixel_limit_is_the_one_set_at_export(loaded):
     big_png = encode(smooth_image(200, 200, 9), "PNG")  # 40000 pixels > SMALL_MAX_PIXELS
     big_pixels = smooth_image(200, 200, 9)[np.newaxis]
