@@ -2,6 +2,9 @@
 
 - `image_header_shape`: the size of a JPEG, PNG, GIF or BMP read from its header, failing
   with INVALID_ARGUMENT for any other bytes, before any decoder sees them;
+- `gif_extent`: a GIF's largest width and height over its screen and every frame, from its
+  blocks (`remap_tf.imageheaders.gif_extent` in TensorFlow ops): what the GIF decoder
+  allocates, which its screen size alone does not bound;
 - `check_pixels`: the decompression-bomb guard (``height * width <= max_pixels``);
 - `decode_checked`: checks, then decodes to uint8 RGB;
 - `resize_images`: aspect-keeping resize to a long side (float32 0-255);
@@ -22,9 +25,17 @@ from remap_tf.contract import (
     INPUT_KEY,
     NOT_AN_IMAGE,
     OUTPUT_KEY,
-    PIXEL_LIMIT,
     PIXELS_SIGNATURE,
     check_message,
+)
+from remap_tf.imageheaders import (
+    GIF_EXTENSION,
+    GIF_IMAGE,
+    GIF_IMAGE_DESCRIPTOR,
+    GIF_MAX_BLOCKS,
+    GIF_SCREEN_END,
+    gif_blocks_reason,
+    pixel_limit_reason,
 )
 from remap_tf.ops import l2_normalize, resized_shape
 
@@ -66,6 +77,59 @@ def _matches(header, magic: bytes):
     return tf.reduce_all(tf.equal(header[: len(magic)], tf.constant(list(magic), tf.int64)))
 
 
+def _color_table_bytes(flags):
+    present = tf.bitwise.bitwise_and(flags, 0x80) > 0
+    return tf.where(present, tf.bitwise.left_shift(3, tf.bitwise.bitwise_and(flags, 7) + 1), 0)
+
+
+def gif_extent(data, max_blocks: int = GIF_MAX_BLOCKS):
+    """``(height, width, complete)`` of a GIF: its largest extent over screen and frames.
+
+    The block walk of `remap_tf.imageheaders.gif_extent` (the reference, in plain Python),
+    step for step: one loop step per block or sub-block, the sub-blocks skipped by their
+    length bytes, nothing decompressed, at most ``max_blocks`` steps (``complete`` is False
+    when blocks were left).
+
+    Args:
+        data: a scalar tf.string starting with a GIF signature.
+        max_blocks: loop steps at most.
+
+    Returns:
+        int64 height and width scalars and a bool scalar.
+    """
+    raw = tf.cast(tf.io.decode_raw(data, tf.uint8), tf.int32)
+    size = tf.size(raw)
+    padded = tf.concat([raw, tf.zeros([1], tf.int32)], 0)  # past the end reads 0
+
+    def byte(at):
+        return tf.gather(padded, tf.minimum(at, size))
+
+    def u16(at):
+        return byte(at) + 256 * byte(at + 1)
+
+    def step(at, in_sub_blocks, width, height, steps, done):
+        value = byte(at)
+        in_blocks = tf.logical_not(in_sub_blocks)
+        extension = tf.logical_and(in_blocks, tf.equal(value, GIF_EXTENSION))
+        image = tf.logical_and(in_blocks, tf.equal(value, GIF_IMAGE))
+        block = tf.logical_or(extension, image)
+        done = tf.logical_or(at >= size, tf.logical_and(in_blocks, tf.logical_not(block)))
+        width = tf.where(image, tf.maximum(width, u16(at + 5)), width)
+        height = tf.where(image, tf.maximum(height, u16(at + 7)), height)
+        image_end = at + GIF_IMAGE_DESCRIPTOR + _color_table_bytes(byte(at + 9)) + 1
+        at = tf.where(in_sub_blocks, at + 1 + value, tf.where(extension, at + 2, image_end))
+        in_sub_blocks = tf.where(in_sub_blocks, value > 0, block)
+        return at, in_sub_blocks, width, height, steps + 1, done
+
+    start = GIF_SCREEN_END + _color_table_bytes(byte(10))
+    state = (start, tf.constant(False), u16(6), u16(8), tf.constant(0), tf.constant(False))
+    at, _, width, height, _, done = tf.while_loop(
+        lambda *s: tf.logical_and(tf.logical_not(s[5]), s[4] < max_blocks), step, state
+    )
+    complete = tf.logical_or(done, at >= size)
+    return tf.cast(height, tf.int64), tf.cast(width, tf.int64), complete
+
+
 def image_header_shape(data, index):
     """Reads ``(height, width)`` from the header of a JPEG, PNG, GIF or BMP, without decoding.
 
@@ -103,8 +167,11 @@ def image_header_shape(data, index):
         def png():
             return _uint(header, 20, 4, True), _uint(header, 16, 4, True)
 
-        def gif():
-            return _uint(header, 8, 2, False), _uint(header, 6, 2, False)
+        def gif():  # every frame counts, not only the screen (remap_tf.imageheaders)
+            height, width, complete = gif_extent(data)
+            reason = tf.strings.format(gif_blocks_reason("images[{}] is"), (index,))
+            with tf.control_dependencies([tf.debugging.Assert(complete, [reason])]):
+                return tf.identity(height), tf.identity(width)
 
         def bmp():
             core = tf.equal(_uint(header, 14, 4, False), 12)  # BITMAPCOREHEADER: 16-bit sizes
@@ -133,9 +200,7 @@ def check_pixels(height, width, index, max_pixels: int):
     )
     what, values = ("images[{}] is", [index]) if index is not None else ("images are", [])
     message = tf.strings.format(
-        check_message(PIXEL_LIMIT) + f"{what} {{}}x{{}} pixels; this export accepts 1 to "
-        f"{max_pixels} pixels.",
-        (*values, width, height),
+        pixel_limit_reason(what, "{}", "{}", max_pixels), (*values, width, height)
     )
     return tf.debugging.Assert(ok, [message])
 

@@ -51,6 +51,7 @@ WARMUP_FILE = "tf_serving_warmup_requests"  # in <version>/assets.extra/
 CHECK_PREFIX = "remap input check failed"
 NOT_AN_IMAGE = "not an image"  # bytes of none of the formats in IMAGE_SIGNATURES
 PIXEL_LIMIT = "pixel limit"  # height * width over the export's max_pixels
+GIF_BLOCKS = "gif blocks"  # a GIF whose blocks are not all walked within the block limit
 _CHECK_TAG = re.compile(re.escape(CHECK_PREFIX) + r" \(([^()]+)\): ")
 
 # --- files the layers hand each other -------------------------------------------------------

@@ -56,6 +56,7 @@ from remap_tf.errors import (
     ServingError,
     clean_tf_message,
 )
+from remap_tf.imageheaders import check_gif
 
 _MAX_MESSAGE_BYTES = 256 * 1024 * 1024
 _INDEX_IN_MESSAGE = re.compile(r"images\[(\d+)\]")
@@ -276,6 +277,13 @@ class LocalEmbedder(_Embedder):
         return self._dim
 
     def run_batch(self, group) -> np.ndarray:
+        if self.signature == BYTES_SIGNATURE and self.config.get("max_pixels"):
+            # What the graph checks, before TF's GIF decoder sees every frame (exports made
+            # before the graph walked GIF frames decode them whatever their size).
+            for i, data in enumerate(group):
+                reason = check_gif(data, i, self.config["max_pixels"])
+                if reason is not None:
+                    raise _Rejected(reason)
         batch = _to_batch(self.signature, group)
         try:
             out = self.function(**{INPUT_KEY: tf.constant(batch, _tf_dtype(self.signature))})

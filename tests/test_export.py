@@ -21,9 +21,10 @@ from tensorflow_serving.config import model_server_config_pb2
 
 import remap_tf
 from remap_cli import main as cli
-from remap_tf import contract
+from remap_tf import contract, imageheaders
 from remap_tf.export import graph, server_files, warmup
 from remap_tf.export import saved_model as sm
+from tests import gif_bombs
 
 IMAGE_SIZE = 96
 SCALES = (1.0, 0.75)
@@ -318,6 +319,92 @@ def test_input_guards_fail_with_invalid_argument(loaded, bad, check, details):
     assert f"remap input check failed ({check})" in error.value.message
     assert details in error.value.message
     assert contract.check_tag(error.value.message) == check  # what the service reads back
+
+
+@pytest.mark.parametrize(
+    ("gif", "size"),
+    [
+        (gif_bombs.bomb(200, 200), "200x200"),  # an 8x8 screen, one 200x200 frame
+        (gif_bombs.gif(frames=((8, 8), (200, 1), (1, 200))), "200x200"),  # widest x tallest
+    ],
+)
+def test_a_gif_bomb_is_refused_by_its_largest_frame_not_decoded(loaded, gif, size):
+    """Issue 21: the graph read a GIF's screen size (8x8) only, and TensorFlow decodes the
+    largest frame (the output is the widest frame's width x the tallest one's height): these
+    GIFs were decoded and embedded. Now every frame counts: 200 x 200 = 40000 pixels is over
+    version 2's limit of 150 x 150, so the pixel check refuses them before decoding."""
+    assert decoded(gif).shape == (200, 200, 3)  # what TensorFlow would have decoded
+    serve = loaded[1].signatures["serving_default"]
+    good = sample_images()[0]
+    with pytest.raises(tf.errors.InvalidArgumentError) as error:
+        serve(images=tf.constant([good, gif]))
+    assert "remap input check failed (pixel limit)" in error.value.message
+    assert f"images[1] is {size} pixels" in error.value.message
+    small = gif_bombs.gif(screen=(120, 90), frames=((120, 90), (60, 30)))
+    assert serve(images=tf.constant([small]))["descriptors"].shape[0] == 1  # within the limit
+
+
+def test_the_default_limit_refuses_a_35_kb_gif_of_52_megapixels(loaded):
+    """A 7200x7200 frame (51.8 million pixels, 155 MB decoded) behind an 8x8 screen, in 35 KB:
+    over the default limit of 50 million, refused by version 1 from its header walk."""
+    bomb = gif_bombs.bomb(7200, 7200)
+    assert len(bomb) < 40_000
+    with pytest.raises(
+        tf.errors.InvalidArgumentError, match=r"pixel limit\): images\[0\] is 7200x7200"
+    ):
+        loaded[0].signatures["serving_default"](images=tf.constant([bomb]))
+
+
+def test_the_graph_walks_gif_blocks_as_the_reference_does():
+    """`graph.gif_extent` (TensorFlow ops) gives what `imageheaders.gif_extent` (Python) gives:
+    frames, extensions and local colour tables, a file cut short, and the block budget."""
+    comment = b"\x21\xfe\x05,,,,,\x00"  # a comment of five ',' (the image separator byte)
+    local = b"\x2c" + bytes([0, 0, 0, 0, 30, 0, 20, 0, 0x81]) + bytes(12) + b"\x02\x02\x44\x01\x00"
+    cases = {
+        "frames": gif_bombs.gif(frames=((8, 8), (300, 2), (5, 400))),
+        "comment and local table": gif_bombs.gif()[:-1] + comment + local + b";",
+        "cut short": gif_bombs.bomb(2000, 2000)[:-1000],
+        "cut in a descriptor": gif_bombs.gif()[:-1] + b"\x2c\x00\x00\x00\x00\x10",
+        "many sub-blocks": gif_bombs.gif()[:-1] + b"\x21\xfe" + b"\x01x" * 40 + b"\x00;",
+    }
+    walk = tf.function(graph.gif_extent, input_signature=[tf.TensorSpec((), tf.string)])
+    short = tf.function(lambda data: graph.gif_extent(data, max_blocks=30),
+                        input_signature=[tf.TensorSpec((), tf.string)])  # fmt: skip
+    for name, data in cases.items():
+        for function, budget in ((walk, imageheaders.GIF_MAX_BLOCKS), (short, 30)):
+            height, width, complete = (v.numpy() for v in function(tf.constant(data)))
+            expected = imageheaders.gif_extent(data, max_blocks=budget)
+            assert (int(width), int(height), bool(complete)) == (
+                expected.width,
+                expected.height,
+                expected.complete,
+            ), (name, budget)
+    assert imageheaders.gif_extent(cases["frames"]).width == 300
+    assert not imageheaders.gif_extent(cases["many sub-blocks"], max_blocks=30).complete
+
+
+def test_the_in_process_embedder_checks_gif_frames_for_an_older_export(tmp_path, monkeypatch):
+    """Exports made before the graph walked GIF frames read the screen only and decode any
+    frame; `LocalEmbedder` (``remap search``, ``remap embed``, ``remap serve`` with an export
+    folder) walks the frames itself (`imageheaders.check_gif`) before the graph sees them."""
+    from remap_tf.errors import ImageRejectedError
+    from remap_tf.serving.client import LocalEmbedder
+
+    def screen_only(data, max_blocks=0):  # the graph's GIF check before issue 21
+        header = tf.cast(tf.io.decode_raw(tf.strings.substr(data, 0, 10), tf.uint8), tf.int64)
+        return header[8] + 256 * header[9], header[6] + 256 * header[7], tf.constant(True)
+
+    monkeypatch.setattr(graph, "gif_extent", screen_only)
+    base = tmp_path / "remap"
+    sm.export_model(tiny_functional_model(), base, image_size=64, max_pixels=64 * 64, verify=False)
+    monkeypatch.undo()
+    bomb = gif_bombs.bomb(200, 200)  # 40000 pixels behind an 8x8 screen
+    old_graph = tf.saved_model.load(str(base / "1")).signatures["serving_default"]
+    assert old_graph(images=tf.constant([bomb]))["descriptors"].shape[0] == 1  # decoded
+    embedder = LocalEmbedder(base)
+    with pytest.raises(ImageRejectedError, match=r"Image 1 .*pixel limit.*images\[1\] is 200x200"):
+        embedder.embed([gif_bombs.gif(), bomb])
+    assert embedder.embed([gif_bombs.gif()]).shape == (1, 8)
 
 
 def test_pixel_limit_is_the_one_set_at_export(loaded):

@@ -11,6 +11,7 @@ acknowledged changes, a torn log tail, restart, compaction), and the page in a r
 
 from __future__ import annotations
 
+import errno
 import io
 import os
 import shutil
@@ -20,6 +21,7 @@ import subprocess
 import sys
 import threading
 import time
+import warnings
 import zlib
 from pathlib import Path
 
@@ -31,7 +33,8 @@ from PIL import Image
 
 from remap_cli import main as cli
 from remap_cli.demo.photoset import PHOTOS
-from remap_tf.serving.index import changelog, load_index
+from remap_tf.serving.index import ExactIndex, changelog, load_index
+from tests import gif_bombs
 
 ROOT = Path(__file__).resolve().parent.parent
 API_KEY = "test-key-7d1f"
@@ -174,7 +177,7 @@ def service(site):
     serve = Service(
         site,
         "--index", "photos.index", "--api-key", API_KEY, "--batch-window-ms", "150",
-        "--max-body-mb", "8", "--max-k", "50",
+        "--max-body-mb", "8", "--max-k", "50", "--image-root", "photos",
     )  # fmt: skip
     serve.wait()
     yield serve
@@ -211,6 +214,9 @@ def test_health_readiness_metrics_and_the_page(service):
     assert page.status_code == 200 and "<title>remap search</title>" in page.text
     assert "script-src 'self'" in page.headers["content-security-policy"]
     assert service.http.get("/static/app.js").status_code == 200
+    output = service.output()
+    assert "POST /v1/images and DELETE /v1/images/{id} require the API key" in output
+    assert "GET /v1/images/{id} serves files from photos only" in output
 
 
 def test_search_by_form_and_by_raw_body(service, site):
@@ -367,7 +373,10 @@ def test_a_dead_tf_serving_gives_503_and_the_service_keeps_serving(site):
         assert serve.http.get("/healthz").status_code == 200
     finally:
         assert serve.stop() == 0
-    assert "Traceback" not in serve.output()
+    output = serve.output()
+    assert "Traceback" not in output
+    assert "DELETE /v1/images/{id} are open to every local user: no API key" in output
+    assert "no --image-root: GET /v1/images/{id} serves no files" in output
 
 
 def test_acknowledged_changes_survive_kill_9_and_a_torn_log_tail_is_dropped(site):
@@ -376,6 +385,7 @@ def test_acknowledged_changes_survive_kill_9_and_a_torn_log_tail_is_dropped(site
     bearer = {"Authorization": "Bearer env-key"}
     images = {f"dur/{i}.png": _encoded(_photo(name, 150), "PNG") for i, name in enumerate(MORE)}
     args = ("--index", index, "--compact-after", "6", "--batch-window-ms", "1")
+    args += ("--image-root", "photos")
     first = Service(site, *args, env=env)
     first.wait()
     for item, data in images.items():
@@ -504,3 +514,176 @@ def test_the_example_compose_file_runs_valid_commands():
     assert 'ENTRYPOINT ["remap"]' in dockerfile
     for folder in ("remap_tf", "training", "export", "serving", "remap_cli"):
         assert f"COPY {folder} {folder}" in dockerfile  # every installed folder
+
+
+def test_a_gif_bomb_gets_4xx_from_the_service_and_one_line_from_remap_search(
+    service, site, monkeypatch, capsys
+):
+    """Issue 21: a 35 KB GIF with an 8x8 screen and one 7200x7200 frame (155 MB decoded)
+    passed the pixel check, which read the screen size, and was decoded by /v1/search and
+    `remap search`. Every frame counts now: 51.8 million pixels is over the 50 million limit."""
+    bomb = gif_bombs.bomb(7200, 7200)
+    response = service.http.post("/v1/search", content=bomb)
+    assert response.status_code == 400, response.text
+    body = response.json()
+    assert body["error"] == "too many pixels" and "7200x7200" in body["detail"]
+    form = service.http.post("/v1/search", files={"image": ("b.gif", bomb)})
+    assert form.status_code == 400 and form.json()["error"] == "too many pixels"
+    monkeypatch.chdir(site)
+    (site / "bomb.gif").write_bytes(bomb)
+    code = cli.main(["search", "--index", "photos.index", "bomb.gif"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and "Traceback" not in err
+    assert "'bomb.gif'" in err and "pixel limit" in err and "7200x7200" in err
+    assert _search(service.http, _query("moon"), k=1)["results"][0]["id"] == "moon.jpg"
+
+
+@pytest.mark.parametrize(
+    ("argv", "env", "message"),
+    [
+        (["--api-key", ""], {}, "--api-key is empty"),
+        (["--api-key", "  "], {}, "--api-key is blank"),
+        ([], {"REMAP_API_KEY": ""}, "$REMAP_API_KEY is empty"),
+        ([], {"REMAP_API_KEY": " \t"}, "$REMAP_API_KEY is blank"),
+        (["--port", "99999"], {}, "port must be an integer from 0 to 65535, got 99999"),
+        (["--port", "65536"], {}, "port must be an integer from 0 to 65535, got 65536"),
+    ],
+)
+def test_serve_refuses_an_empty_api_key_and_a_port_out_of_range(
+    tmp_path, monkeypatch, capsys, argv, env, message
+):
+    """Issue 21: ``--api-key ""`` (the docs' ``--api-key "$KEY"`` with KEY unset) turned
+    authentication off in silence, and ``--port 99999`` listened on port 99999 - 65536. Both
+    are one line and exit 2 before the service starts (the index is not even opened: a
+    missing one would say so)."""
+    monkeypatch.delenv("REMAP_API_KEY", raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    code = cli.main(["serve", "--index", str(tmp_path / "missing.index"), *argv])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert err.startswith("remap serve: error:") and message in err, err
+    assert "no index directory" not in err
+
+
+class _OnesEmbedder:
+    """A stand-in model: every image embeds to the same unit vector."""
+
+    def __init__(self, dim: int):
+        self.dim = dim
+
+    def embed(self, images):
+        return np.full((len(images), self.dim), 1 / np.sqrt(self.dim), np.float32)
+
+
+LONG_PART = "x" * 300 + ".png"  # over the 255-byte file name limit
+
+
+def _in_process(index_dir: Path, **settings):
+    """The app over ``index_dir`` in this process (no model, no port): a TestClient."""
+    with warnings.catch_warnings():  # starlette would rather have httpx2; httpx is installed
+        warnings.filterwarnings("ignore", message="Using `httpx` with `starlette.testclient`")
+        from fastapi.testclient import TestClient
+
+    from remap_tf.serving.service.app import create_app
+    from remap_tf.serving.service.settings import ServiceSettings
+    from remap_tf.serving.service.state import SearchService
+
+    store = changelog.DurableIndex.open(index_dir)
+    service = SearchService(store, _OnesEmbedder(store.dim), ServiceSettings(**settings))
+    return TestClient(create_app(service), raise_server_exceptions=False), service
+
+
+@pytest.fixture()
+def received_index(tmp_path):
+    """A received index: its metadata names '/' as the image root, and its ids include
+    'etc/passwd' (saved by the library, so every checksum is right), a symbolic link inside
+    the operator's root that leads out, and an id with a 300-byte part."""
+    index = ExactIndex(4)
+    ids = ["etc/passwd", "photo.png", "escape.png", f"long/{LONG_PART}"]
+    index.add(ids, np.eye(4, dtype=np.float32))
+    index.metadata = {"image_root": "/", "model": "models/remap"}
+    index.save(tmp_path / "received.index")
+    root = tmp_path / "photos"
+    root.mkdir()
+    (root / "photo.png").write_bytes(_encoded(_photo("coins", 64), "PNG"))
+    (root / "escape.png").symlink_to("/etc/passwd")
+    return tmp_path
+
+
+def test_a_received_index_cannot_publish_files_outside_the_operators_root(received_index):
+    """Issue 21: ``image_root: "/"`` in a received index's metadata and 'etc/passwd' in its
+    ids made ``GET /v1/images/etc/passwd`` return the file, without a key. Files are served
+    from ``--image-root`` only, and a path that resolves outside it is refused."""
+    assert Path("/etc/passwd").is_file()
+    client, _ = _in_process(received_index / "received.index")
+    with client:
+        response = client.get("/v1/images/etc/passwd")
+        assert response.status_code == 404 and response.json()["error"] == "no image root"
+        assert "--image-root" in response.json()["detail"]
+    root = str(received_index / "photos")
+    client, _ = _in_process(received_index / "received.index", image_root=root)
+    with client:
+        photo = client.get("/v1/images/photo.png")
+        assert photo.status_code == 200
+        assert photo.content == (received_index / "photos" / "photo.png").read_bytes()
+        passwd = client.get("/v1/images/etc/passwd")  # <root>/etc/passwd: no such file
+        assert passwd.status_code == 404 and passwd.json()["error"] == "file missing"
+        escape = client.get("/v1/images/escape.png")  # a symbolic link to /etc/passwd
+        assert escape.status_code == 403 and escape.json()["error"] == "outside root"
+        long = client.get(f"/v1/images/long/{LONG_PART}")  # a file name no disk stores
+        assert long.status_code == 404 and long.json()["error"] == "file missing"
+
+
+def test_an_id_with_a_300_byte_part_gets_400(received_index):
+    """Issue 21: a new id with a path component over 255 bytes got 500 (the file system
+    refuses the name, ENAMETOOLONG); it is a bad id."""
+    client, service = _in_process(
+        received_index / "received.index", image_root=str(received_index / "photos")
+    )
+    image = _encoded(_photo("coins", 64), "PNG")
+    with client:
+        response = client.post(
+            "/v1/images", data={"id": f"new/{LONG_PART}"}, files={"image": ("a.png", image)}
+        )
+        assert response.status_code == 400, response.text
+        assert response.json()["error"] == "bad id" and "255 bytes" in response.json()["detail"]
+        assert len(service.store) == 4
+        ok = client.post("/v1/images", data={"id": "new/ok.png"}, files={"image": ("a.png", image)})
+        assert ok.status_code == 201, ok.text
+
+
+@pytest.mark.parametrize(
+    ("code", "status", "error"),
+    [
+        (errno.ENOSPC, 507, "insufficient storage"),
+        (errno.EDQUOT, 507, "insufficient storage"),
+        (errno.EFBIG, 507, "insufficient storage"),
+        (errno.EIO, 503, "log unwritable"),
+    ],
+)
+def test_a_change_log_write_on_a_full_disk_gets_507_and_stops_changes(
+    received_index, monkeypatch, code, status, error
+):
+    """Issue 21: a change-log write on a full disk answered 500. It is 507 (503 for other
+    write errors) with the reason; the change is not applied, later changes get 503 (the
+    failed write may have left a partial record that a restart drops), searches go on."""
+    client, service = _in_process(received_index / "received.index")
+
+    def full(change):
+        raise OSError(code, os.strerror(code))
+
+    monkeypatch.setattr(service.store.log, "append", full)
+    image = _encoded(_photo("coins", 64), "PNG")
+    with client:
+        response = client.post("/v1/images", data={"id": "a.png"}, files={"image": ("a", image)})
+        assert response.status_code == status, response.text
+        body = response.json()
+        assert body["error"] == error and os.strerror(code) in body["detail"]
+        assert "'a.png' was not added" in body["detail"]
+        assert "a.png" not in service.store and len(service.store) == 4
+        later = client.delete("/v1/images/photo.png")
+        assert later.status_code == 503 and later.json()["error"] == "writes disabled"
+        assert "photo.png" in service.store
+        found = client.post("/v1/search", content=image)
+        assert found.status_code == 200 and len(found.json()["results"]) == 4

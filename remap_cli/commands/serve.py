@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import os
-
 from remap_cli.args import MODEL_HELP, add_command, float_above, int_at_least, positive_int
-from remap_tf.serving.service.settings import API_KEY_ENV  # standard library only
+from remap_tf.serving.service.settings import API_KEY_ENV, API_KEY_FLAG  # standard library only
 
 
 def add_parser(subparsers) -> None:
@@ -25,12 +23,16 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--model", default=None, help=MODEL_HELP + " (default: the index's model)")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (127.0.0.1)")
     parser.add_argument(
-        "--port", type=int_at_least(0), default=8080, help="port (default 8080; 0 = any free one)"
+        "--port",
+        type=int_at_least(0),
+        default=8080,
+        help="port 0-65535 (default 8080; 0 = any free one)",
     )
     parser.add_argument(
-        "--api-key",
+        API_KEY_FLAG,
         default=None,
-        help=f"bearer token the write endpoints require (default: ${API_KEY_ENV}; unset: none)",
+        help=f"bearer token the write endpoints require (default: ${API_KEY_ENV}; unset: none; "
+        "an empty or blank key is refused)",
     )
     parser.add_argument(
         "--batch-window-ms",
@@ -66,7 +68,10 @@ def add_parser(subparsers) -> None:
         help="allow browser calls from this origin (repeatable; default: CORS off)",
     )
     parser.add_argument(
-        "--image-root", default=None, help="the collection root (default: the index's)"
+        "--image-root",
+        default=None,
+        help="serve GET /v1/images/{id} from this folder and store added images in it "
+        "(default: no image files are served or stored; the root an index records is never used)",
     )
     parser.add_argument(
         "--log-level", choices=("debug", "info", "warning", "error"), default="info"
@@ -79,7 +84,7 @@ def add_parser(subparsers) -> None:
 
 def run(args) -> int:
     from remap_tf.serving.service.server import serve
-    from remap_tf.serving.service.settings import ServiceSettings
+    from remap_tf.serving.service.settings import ServiceSettings, resolve_api_key
 
     settings = ServiceSettings(
         batch_window_ms=args.batch_window_ms,
@@ -89,7 +94,7 @@ def run(args) -> int:
         max_body_bytes=int(args.max_body_mb * 1024 * 1024),
         max_k=args.max_k,
         compact_after=args.compact_after,
-        api_key=args.api_key or os.environ.get(API_KEY_ENV) or None,
+        api_key=resolve_api_key(args.api_key),
         cors_origins=tuple(args.cors_origin),
         image_root=args.image_root,
     )

@@ -7,9 +7,11 @@ Routes (errors in brackets):
   fields or in the query string), or the raw image as the body with ``?k=&qe=``; returns
   ids, scores, image URLs and the time per stage [400 bad image, k or qe; 413; 503 model];
 - ``POST /v1/images``: a multipart form with ``id`` and ``image``; embeds, stores the file
-  under the collection root, logs and adds; 201 [401; 400; 409 duplicate id; 413; 503];
+  under ``--image-root`` (if given), logs and adds; 201 [401; 400; 409 duplicate id; 413;
+  503; 507 disk full];
 - ``DELETE /v1/images/{id}``: logs and applies a deletion [401; 404 unknown id];
-- ``GET /v1/images/{id}``: the indexed image's file, from the collection root only [404];
+- ``GET /v1/images/{id}``: the indexed image's file, from ``--image-root`` only [403 outside
+  it; 404];
 - ``GET /healthz``: the process answers; ``GET /readyz``: 200 once the model answered its
   warm-up and the index is loaded, else 503 with the reason; ``GET /metrics``: Prometheus.
 

@@ -17,12 +17,13 @@ import socket
 
 import uvicorn
 
+from remap_tf.checks import check_int
 from remap_tf.errors import InvalidInputError
 from remap_tf.serving.client import make_embedder
 from remap_tf.serving.index.changelog import DurableIndex
-from remap_tf.serving.search import check_embedder, recorded_model
+from remap_tf.serving.search import IMAGE_ROOT, check_embedder, recorded_model
 from remap_tf.serving.service.app import create_app
-from remap_tf.serving.service.settings import ServiceSettings
+from remap_tf.serving.service.settings import API_KEY_ENV, ServiceSettings
 from remap_tf.serving.service.state import SearchService
 
 DEFAULT_HOST = "127.0.0.1"
@@ -45,8 +46,10 @@ def bind_socket(host: str, port: int) -> socket.socket:
     """A TCP socket bound to ``host:port`` (port 0: any free one), not yet listening.
 
     Raises:
-        InvalidInputError: the address cannot be bound (in use, not local, no permission).
+        InvalidInputError: the port is not 0-65535 (the resolver would take 99999 modulo
+            65536), or the address cannot be bound (in use, not local, no permission).
     """
+    check_int("port", port, minimum=0, maximum=65535)
     try:
         family, kind, proto, _, address = socket.getaddrinfo(
             host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
@@ -71,6 +74,34 @@ def _is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
+
+
+def _log_exposure(host: str, settings: ServiceSettings, recorded_root) -> None:
+    """Says at start whether the write endpoints need a key and which files are served."""
+    if settings.api_key is not None:
+        logger.info("POST /v1/images and DELETE /v1/images/{id} require the API key")
+    elif _is_loopback(host):
+        logger.info(
+            "POST /v1/images and DELETE /v1/images/{id} are open to every local user: no API "
+            "key (set --api-key or %s)",
+            API_KEY_ENV,
+        )
+    else:
+        logger.warning(
+            "listening on %s without an API key: anyone who reaches it can add and delete "
+            "images (set --api-key or %s)",
+            host,
+            API_KEY_ENV,
+        )
+    if settings.image_root is not None:
+        logger.info("GET /v1/images/{id} serves files from %s only", settings.image_root)
+    else:
+        hint = f" (the index records {recorded_root})" if recorded_root else ""
+        logger.info(
+            "no --image-root: GET /v1/images/{id} serves no files and added images are not "
+            "stored%s",
+            hint,
+        )
 
 
 def serve(
@@ -119,12 +150,7 @@ def serve(
         store.close()
         sock.close()
         raise
-    if not _is_loopback(host) and settings.api_key is None:
-        logger.warning(
-            "listening on %s without an API key: anyone who reaches it can add and delete "
-            "images (set --api-key or REMAP_API_KEY)",
-            host,
-        )
+    _log_exposure(host, settings, store.metadata.get(IMAGE_ROOT))
     bound_host, bound_port = sock.getsockname()[:2]
     shown = f"[{bound_host}]" if ":" in bound_host else bound_host
     print(

@@ -3,10 +3,38 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 
 from remap_tf.errors import InvalidInputError
 
 API_KEY_ENV = "REMAP_API_KEY"
+API_KEY_FLAG = "--api-key"
+
+
+def check_api_key(key: str | None, name: str = "the API key") -> str | None:
+    """``key`` unless it is empty or blank, which would turn authentication off in silence
+    (``--api-key "$KEY"`` with ``KEY`` unset passes ``""``); None stays None (no key).
+
+    Raises:
+        InvalidInputError: ``<name> is empty ...``, naming where the key came from.
+    """
+    if key is not None and not key.strip():
+        raise InvalidInputError(
+            f"{name} is {'empty' if not key else 'blank'}: give a token, or leave it unset to "
+            "serve without one (anyone who reaches the service can then add and delete images)"
+        )
+    return key
+
+
+def resolve_api_key(flag_value: str | None, environ=os.environ) -> str | None:
+    """The write endpoints' key: ``--api-key``, else ``$REMAP_API_KEY``, else None.
+
+    Raises:
+        InvalidInputError: the one given is empty or blank (`check_api_key`).
+    """
+    if flag_value is not None:
+        return check_api_key(flag_value, API_KEY_FLAG)
+    return check_api_key(environ.get(API_KEY_ENV), f"${API_KEY_ENV}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -27,8 +55,10 @@ class ServiceSettings:
             changes (0: only with ``remap index compact``).
         api_key: bearer token required by the write endpoints (None: no check).
         cors_origins: origins allowed to call the API from a browser (empty: CORS off).
-        image_root: the collection root, overriding the one the index recorded (e.g. inside
-            a container, where the collection is mounted elsewhere).
+        image_root: the folder ``GET /v1/images/{id}`` serves files from and ``POST
+            /v1/images`` stores them in, given by the operator (``--image-root``); None: no
+            files are served or stored. Never the root an index records: a received index
+            could name ``/`` and publish every file the service can read.
         warmup_retry_s: seconds between warm-up attempts while the model does not answer.
         descriptor_cache: descriptors of indexed images kept for query expansion.
     """
@@ -67,5 +97,4 @@ class ServiceSettings:
                 raise InvalidInputError(
                     f"service setting {name} is out of range: {getattr(self, name)!r}"
                 )
-        if self.api_key is not None and not self.api_key.strip():
-            raise InvalidInputError("the API key is empty; give a token or leave it unset")
+        check_api_key(self.api_key)

@@ -2,7 +2,8 @@
 
 `SearchService` holds the index (a `DurableIndex`: changes logged before they apply,
 replayed on start, compacted past a size), the embedder behind an `EmbedBatcher`, the
-readiness of the model, and the collection root the images are served from. Its ``search``,
+readiness of the model, and the image root (``--image-root``, never the index's) the
+images are served from. Its ``search``,
 ``add_image`` and ``delete_image`` coroutines are what the HTTP routes call; failures the
 client caused or can act on are `ServiceError`s (or `remap_tf.errors` types), mapped to
 status codes by `remap_tf.serving.service.app`.
@@ -17,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import errno
 import io
 import logging
 import os
@@ -34,7 +36,6 @@ from remap_tf.contract import image_format
 from remap_tf.errors import RemapError
 from remap_tf.io import atomic_write_bytes
 from remap_tf.serving.index.changelog import DurableIndex
-from remap_tf.serving.search import IMAGE_ROOT
 from remap_tf.serving.service.batcher import EmbedBatcher
 from remap_tf.serving.service.metrics import Metrics
 from remap_tf.serving.service.settings import ServiceSettings
@@ -42,6 +43,10 @@ from remap_tf.serving.service.settings import ServiceSettings
 logger = logging.getLogger("remap_tf.serving.service")
 
 MAX_ID_LENGTH = 1024
+MAX_ID_PART_BYTES = 255  # NAME_MAX: the longest file name most file systems store
+# A change log write failing with these means the disk (or a quota, or a size limit) is full:
+# 507 Insufficient Storage. Any other OSError is 503.
+_FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
 
 
 class ServiceError(Exception):
@@ -78,6 +83,7 @@ def check_new_id(item: str) -> str:
         or "\0" in item
         or "\\" in item
         or any(part in ("", ".", "..") for part in parts)
+        or any(len(part.encode("utf-8", "surrogatepass")) > MAX_ID_PART_BYTES for part in parts)
     )
     if bad:
         raise ServiceError(
@@ -85,7 +91,8 @@ def check_new_id(item: str) -> str:
             "bad id",
             f"id {item[:80]!r} is not a relative path inside the collection (like "
             "'folder/name.jpg': no leading '/', no '.', '..' or empty parts, no backslash, "
-            f"at most {MAX_ID_LENGTH} characters)",
+            f"at most {MAX_ID_LENGTH} characters, at most {MAX_ID_PART_BYTES} bytes between "
+            "slashes)",
         )
     return item
 
@@ -148,8 +155,11 @@ class SearchService:
         self.settings = settings
         self.model = model
         self.metrics = Metrics()
-        root = settings.image_root or store.metadata.get(IMAGE_ROOT)
+        # Only the operator's root: the one an index records came with the index, and a
+        # received index could name "/" (docs/serving.md, "Safe to load").
+        root = settings.image_root
         self.image_root = Path(root).resolve() if root else None
+        self.writes_problem = ""  # set when the change log could not be written
         self.arriving = 0  # requests reading their bodies: they may join a batch soon
         self.batcher = EmbedBatcher(
             embedder.embed,
@@ -332,7 +342,7 @@ class SearchService:
         return vector
 
     async def add_image(self, item: str, image: bytes) -> dict:
-        """Embeds ``image``, stores it at ``<collection root>/<item>`` (unless that file
+        """Embeds ``image``, stores it at ``<image root>/<item>`` (unless that file
         holds it already), logs the addition and applies it. Durable when this returns."""
         check_new_id(item)
         if item in self.store:
@@ -348,11 +358,36 @@ class SearchService:
 
     def _add(self, item: str, image: bytes, descriptor: np.ndarray) -> int:
         with self._writes:
+            self._check_writable()
             if item in self.store:
                 raise ServiceError(409, "duplicate id", f"{item!r} is already in the index")
             if self.image_root is not None:
                 self._store_file(item, image)
-            return self.store.add(item, descriptor)
+            with self._logging(f"{item!r} was not added"):
+                return self.store.add(item, descriptor)
+
+    def _check_writable(self) -> None:
+        if self.writes_problem:
+            raise ServiceError(503, "writes disabled", self.writes_problem)
+
+    @contextlib.contextmanager
+    def _logging(self, outcome: str):
+        """Turns a failed change-log write into 507 (disk full) or 503, and stops taking
+        changes: the failed write may have left a partial record at the log's end, which a
+        restart drops (`remap_tf.serving.changelog`) but a later record must not follow."""
+        try:
+            yield
+        except OSError as error:
+            reason = error.strerror or str(error)
+            self.writes_problem = (
+                f"the change log could not be written ({reason}); the service takes no more "
+                "changes until it is restarted (free space first); searches go on"
+            )
+            logger.error("change log write failed: %s; changes are disabled", reason)
+            status, name = (
+                (507, "insufficient storage") if error.errno in _FULL else (503, "log unwritable")
+            )
+            raise ServiceError(status, name, f"{outcome}: {self.writes_problem}") from None
 
     def _store_file(self, item: str, image: bytes) -> None:
         path = self.image_root / item
@@ -375,8 +410,11 @@ class SearchService:
             ) from None
         except OSError as error:  # a full disk, no permission: the operator must act
             logger.error("cannot store %r under %s: %s", item, self.image_root, error)
+            status, name = (
+                (507, "insufficient storage") if error.errno in _FULL else (503, "storage error")
+            )
             raise ServiceError(
-                500, "storage error", f"cannot store {item!r}: {error.strerror or error}"
+                status, name, f"cannot store {item!r}: {error.strerror or error}"
             ) from None
 
     async def delete_image(self, item: str) -> dict:
@@ -389,21 +427,37 @@ class SearchService:
 
     def _delete(self, item: str) -> int:
         with self._writes:
-            size = self.store.delete(item)  # UnknownIdError when absent
+            self._check_writable()
+            with self._logging(f"{item!r} was not deleted"):
+                size = self.store.delete(item)  # UnknownIdError when absent
             self._cache.drop(item)
             return size
 
     def image_file(self, item: str) -> Path:
-        """The file of an indexed image, inside the collection root; ServiceError (404) when
-        the id is unknown, there is no root, or the file is missing or outside it."""
+        """The file of an indexed image, inside the operator's root (``--image-root``).
+
+        Raises:
+            ServiceError: 404 when the id is unknown, the service has no root, or the file is
+                missing or unreadable; 403 when the path leads outside the root (``..``, an
+                absolute id, a symbolic link).
+        """
         if item not in self.store:
             raise ServiceError(404, "unknown id", f"{item!r} is not in the index")
         if self.image_root is None:
-            raise ServiceError(404, "no image root", "this index records no collection root")
-        path = (self.image_root / item).resolve()
-        if os.path.isabs(item) or not path.is_relative_to(self.image_root):
-            raise ServiceError(404, "outside root", f"{item!r} is not under the collection root")
-        if not path.is_file():
+            raise ServiceError(
+                404,
+                "no image root",
+                "this service serves no image files (it was started without --image-root)",
+            )
+        try:
+            path = (self.image_root / item).resolve()  # symbolic links and '..' resolved
+            inside = not os.path.isabs(item) and path.is_relative_to(self.image_root)
+            found = inside and path.is_file()
+        except (OSError, ValueError):  # a name too long, a NUL byte: no such file
+            inside, found = True, False
+        if not inside:
+            raise ServiceError(403, "outside root", f"{item!r} leads outside the image root")
+        if not found:
             raise ServiceError(
                 404, "file missing", f"the file of {item!r} is not in the collection"
             )
