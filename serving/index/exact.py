@@ -11,9 +11,10 @@ from pathlib import Path
 
 import numpy as np
 
+from remap_tf.contract import MANIFEST_FILE
 from remap_tf.serving.index.registry import register
 from remap_tf.serving.index.rows import RowIndex
-from remap_tf.serving.manifest import MANIFEST, IndexFormatError
+from remap_tf.serving.manifest import IndexFormatError
 
 
 def top_k(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -86,7 +87,7 @@ class ExactIndex(RowIndex):
     @classmethod
     def _from_payload(cls, directory, manifest, ids, config):
         if "descriptors.npy" not in manifest["files"]:
-            raise IndexFormatError(f"{directory}/{MANIFEST} does not list descriptors.npy")
+            raise IndexFormatError(f"{directory}/{MANIFEST_FILE} does not list descriptors.npy")
         try:
             vectors = np.load(directory / "descriptors.npy", allow_pickle=False)
         except ValueError as error:

@@ -1,6 +1,6 @@
 """The on-disk side of every index kind: format constants, input checks, verification, staging.
 
-Every saved index is a folder with a ``manifest.json`` (`remap_tf.serving.manifest.MANIFEST`)::
+Every saved index is a folder with a ``manifest.json`` (`remap_tf.serving.manifest.MANIFEST_FILE`)::
 
     {"format": "remap-index", "format_version": 1, "kind": <a registered kind>, "dim": D,
      "count": N, ...kind-specific fields..., "files": {relative path: {"sha256", "bytes"}}}
@@ -26,9 +26,10 @@ from pathlib import Path
 
 import numpy as np
 
+from remap_tf.contract import MANIFEST_FILE
 from remap_tf.errors import BadPathError, InvalidInputError, OutputExistsError
 from remap_tf.io import atomic_write_json, uninterruptible
-from remap_tf.serving.manifest import MANIFEST, IndexFormatError, check_files, read_json
+from remap_tf.serving.manifest import IndexFormatError, check_files, read_json
 
 FORMAT = "remap-index"
 FORMAT_VERSION = 1
@@ -104,10 +105,10 @@ def read_manifest(directory: str | os.PathLike) -> dict:
     directory = Path(directory)
     if not directory.is_dir():
         raise BadPathError(f"no index directory at {directory}")
-    path = directory / MANIFEST
+    path = directory / MANIFEST_FILE
     if not path.is_file():
-        raise BadPathError(f"{directory} is not an index: {MANIFEST} is missing")
-    manifest = read_json(path, MANIFEST)
+        raise BadPathError(f"{directory} is not an index: {MANIFEST_FILE} is missing")
+    manifest = read_json(path, MANIFEST_FILE)
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise IndexFormatError(f"{path} is not a {FORMAT} manifest")
     version = manifest.get("format_version")
@@ -125,14 +126,14 @@ def check_fields(directory: Path, manifest: dict, fields: dict[str, type]) -> No
     for key, kind in fields.items():
         if not isinstance(manifest.get(key), kind):
             raise IndexFormatError(
-                f"{Path(directory) / MANIFEST}: field {key!r} is missing or invalid"
+                f"{Path(directory) / MANIFEST_FILE}: field {key!r} is missing or invalid"
             )
 
 
 def check_listed(directory: Path, manifest: dict, required: Iterable[str]) -> None:
     """Checks that the manifest lists the ``required`` files, and every listed file's size and
     SHA-256 (IndexFormatError naming the first that is missing, truncated or altered)."""
-    path = Path(directory) / MANIFEST
+    path = Path(directory) / MANIFEST_FILE
     for name in required:
         if name not in manifest["files"]:
             raise IndexFormatError(f"{path} does not list {name}")
@@ -154,10 +155,10 @@ def verify_index(directory: str | os.PathLike) -> dict:
 
 def saved_kind(directory: str | os.PathLike) -> str | None:
     """The ``kind`` a saved index's manifest declares (None when there is no readable one)."""
-    path = Path(directory) / MANIFEST
+    path = Path(directory) / MANIFEST_FILE
     if not path.is_file():
         return None
-    manifest = read_json(path, MANIFEST)
+    manifest = read_json(path, MANIFEST_FILE)
     return manifest.get("kind") if isinstance(manifest, dict) else None
 
 
@@ -173,7 +174,7 @@ def write_manifest(directory: Path, kind: str, dim: int, count: int, files: dict
         **fields,
         "files": files,
     }
-    atomic_write_json(Path(directory) / MANIFEST, manifest, indent=1)
+    atomic_write_json(Path(directory) / MANIFEST_FILE, manifest, indent=1)
     return manifest
 
 
@@ -213,7 +214,11 @@ def staged_index_dir(directory: Path):
     directory = Path(directory)
     if directory.exists() and not directory.is_dir():
         raise OutputExistsError(f"{directory} exists and is not a directory")
-    if directory.is_dir() and not (directory / MANIFEST).is_file() and any(directory.iterdir()):
+    if (
+        directory.is_dir()
+        and not (directory / MANIFEST_FILE).is_file()
+        and any(directory.iterdir())
+    ):
         raise OutputExistsError(
             f"{directory} is a non-empty directory that is not an index; refusing to replace it"
         )

@@ -26,11 +26,12 @@ from pathlib import Path
 
 import numpy as np
 
+from remap_tf.contract import MANIFEST_FILE
 from remap_tf.errors import InvalidInputError
 from remap_tf.serving.index.registry import register
 from remap_tf.serving.index.rows import RowIndex
 from remap_tf.serving.index.tuning import REORDER_CANDIDATES, leaves_candidates, tune_search
-from remap_tf.serving.manifest import MANIFEST, IndexFormatError
+from remap_tf.serving.manifest import IndexFormatError
 
 
 @dataclasses.dataclass
@@ -363,7 +364,7 @@ class ScannIndex(RowIndex):
             except (TypeError, ValueError) as error:
                 raise IndexFormatError(f"{directory}/config.json: {error}") from None
         if assets not in manifest["files"]:
-            raise IndexFormatError(f"{directory}/{MANIFEST} does not list {assets}")
+            raise IndexFormatError(f"{directory}/{MANIFEST_FILE} does not list {assets}")
         try:
             requested = ScannConfig.from_dict(config)
         except (TypeError, ValueError) as error:

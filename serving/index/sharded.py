@@ -47,6 +47,7 @@ from pathlib import Path
 
 import numpy as np
 
+from remap_tf.contract import MANIFEST_FILE
 from remap_tf.errors import InvalidInputError, UnknownIdError
 from remap_tf.io import atomic_write_json
 from remap_tf.serving.index.base import Index
@@ -60,7 +61,6 @@ from remap_tf.serving.index.files import (
 )
 from remap_tf.serving.index.registry import register
 from remap_tf.serving.manifest import (
-    MANIFEST,
     IndexFormatError,
     file_entries,
     read_json,
@@ -320,11 +320,12 @@ class ShardedIndex(Index):
                 index._counts[entry["shard"]] = entry["count"]
                 continue
             path = directory / entry["dir"]
-            if not (path / MANIFEST).is_file():
+            if not (path / MANIFEST_FILE).is_file():
                 raise IndexFormatError(f"{directory}: shard folder {entry['dir']} is missing")
-            if sha256_file(path / MANIFEST) != entry["manifest_sha256"]:
+            if sha256_file(path / MANIFEST_FILE) != entry["manifest_sha256"]:
                 raise IndexFormatError(
-                    f"{directory}: {entry['dir']}/{MANIFEST} does not match its SHA-256 checksum"
+                    f"{directory}: {entry['dir']}/{MANIFEST_FILE} does not match its SHA-256 "
+                    "checksum"
                 )
             shard = Index.load(path)
             if isinstance(shard, ShardedIndex):
@@ -351,7 +352,7 @@ def write_top_level(directory, dim: int, num_shards: int, shard_dirs: dict, meta
     entries, configs = [], {}
     for number in range(num_shards):
         name = shard_dirs[number]
-        shard_manifest = read_json(directory / name / MANIFEST, MANIFEST)
+        shard_manifest = read_json(directory / name / MANIFEST_FILE, MANIFEST_FILE)
         if shard_manifest.get("dim") != dim:
             raise IndexFormatError(f"{directory / name} holds {shard_manifest.get('dim')}-d rows")
         configs[str(number)] = read_json(directory / name / "config.json", "config.json")
@@ -361,7 +362,7 @@ def write_top_level(directory, dim: int, num_shards: int, shard_dirs: dict, meta
                 "dir": name,
                 "count": shard_manifest["count"],
                 "kind": shard_manifest["kind"],
-                "manifest_sha256": sha256_file(directory / name / MANIFEST),
+                "manifest_sha256": sha256_file(directory / name / MANIFEST_FILE),
             }
         )
     config = {"kind": KIND, "dim": dim, "num_shards": num_shards, "hash": HASH}
@@ -383,7 +384,7 @@ def write_top_level(directory, dim: int, num_shards: int, shard_dirs: dict, meta
 def _check_manifest(directory: Path, manifest: dict) -> None:
     """Checks the sharded fields of a manifest (`read_manifest` checked the format) and the
     checksums of the top-level files."""
-    path = directory / MANIFEST
+    path = directory / MANIFEST_FILE
     if manifest.get("hash") != HASH:
         raise IndexFormatError(f"{path}: unknown id hash {manifest.get('hash')!r}")
     check_fields(
