@@ -108,6 +108,21 @@ def int_at_least(minimum: int):
     return parse
 
 
+def int_between(minimum: int, maximum: int):
+    """An argparse type: an integer from ``minimum`` to ``maximum`` (both included)."""
+
+    def parse(text: str) -> int:
+        value = _number(text, int)
+        if not minimum <= value <= maximum:
+            raise argparse.ArgumentTypeError(
+                f"must be an integer from {minimum} to {maximum}, received {text!r}"
+            )
+        return value
+
+    parse.__name__ = f"integer from {minimum} to {maximum}"
+    return parse
+
+
 def float_above(minimum: float, inclusive: bool = False):
     """An argparse type: a finite number > ``minimum`` (>= with ``inclusive``)."""
 

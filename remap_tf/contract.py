@@ -83,9 +83,15 @@ REPORT_MARKER = '<meta name="generator" content="remap-tf report">'
 MIN_IMAGE_SIZE = 64
 # Long side images are resized to by an export unless told otherwise.
 DEFAULT_IMAGE_SIZE = 512
+# The largest long side an export resizes images to, at any of its scales: at 4096 px the first
+# activations of a ResNet alone take 1 GiB per image (20000 px grew to ~20 GB and was killed).
+MAX_IMAGE_SIZE = 4096
 # 50 megapixels: larger than any camera photo users send for retrieval, far below a
 # decompression bomb (a 65535 x 65535 PNG is 4.3 gigapixels, 12.9 GB decoded).
 DEFAULT_MAX_PIXELS = 50_000_000
+# The largest max_pixels an export accepts: 500 megapixels decode to 1.5 GB of RGB, above the
+# largest camera photos (~200 MP); beyond it the guard would no longer guard anything.
+MAX_PIXELS_LIMIT = 500_000_000
 
 # --- remap.json -----------------------------------------------------------------------------
 EXPORT_FORMAT_VERSION = 1

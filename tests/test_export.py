@@ -381,6 +381,9 @@ def test_an_existing_version_is_never_overwritten(tmp_path):
     ("kwargs", "message"),
     [
         ({"image_size": 32}, "image_size"),
+        ({"image_size": 20000}, "`image_size` must be an integer from 64 to 4096"),
+        ({"image_size": 2048, "scales": (1.0, 2.5)}, "5120 px, above the 4096 px limit"),
+        ({"max_pixels": 10**12}, "max_pixels"),
         ({"scales": (1.0, -1.0)}, "scales"),
         ({"image_size": 96, "scales": (1.0, 0.5)}, "below 64"),
         ({"max_pixels": 0}, "max_pixels"),

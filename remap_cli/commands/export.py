@@ -5,10 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 
 from remap_cli import paths
-from remap_cli.args import add_command, int_at_least, number_list, positive_int
+from remap_cli.args import add_command, int_between, number_list, positive_int
 from remap_tf.contract import (
     DEFAULT_IMAGE_SIZE,
     DEFAULT_MAX_PIXELS,
+    MAX_IMAGE_SIZE,
+    MAX_PIXELS_LIMIT,
     MIN_IMAGE_SIZE,
     check_model_name,
 )
@@ -34,21 +36,24 @@ def add_parser(subparsers) -> None:
     )
     parser.add_argument(
         "--image-size",
-        type=int_at_least(MIN_IMAGE_SIZE),
+        type=int_between(MIN_IMAGE_SIZE, MAX_IMAGE_SIZE),
         default=DEFAULT_IMAGE_SIZE,
-        help=f"long side images are resized to, px (default {DEFAULT_IMAGE_SIZE})",
+        help=f"long side images are resized to, px, {MIN_IMAGE_SIZE} to {MAX_IMAGE_SIZE} "
+        f"(default {DEFAULT_IMAGE_SIZE}; memory grows with its square)",
     )
     parser.add_argument(
         "--scales",
         type=number_list,
         default=None,
-        help="multi-scale factors of --image-size, e.g. '1.0,1.25' (descriptors summed)",
+        help="multi-scale factors of --image-size, e.g. '1.0,1.25' (descriptors summed; each "
+        f"scaled side {MIN_IMAGE_SIZE} to {MAX_IMAGE_SIZE} px)",
     )
     parser.add_argument(
         "--max-pixels",
-        type=positive_int,
+        type=int_between(1, MAX_PIXELS_LIMIT),
         default=DEFAULT_MAX_PIXELS,
-        help="largest width*height accepted (decompression-bomb guard)",
+        help=f"largest width*height accepted (decompression-bomb guard; default "
+        f"{DEFAULT_MAX_PIXELS}, at most {MAX_PIXELS_LIMIT})",
     )
     parser.add_argument(
         "--name", default=None, help="served model name (default: the --out folder's name)"
