@@ -44,6 +44,13 @@ def _temporary_name(path: Path, suffix: str = ".tmp") -> Path:
     return path.parent / f".{path.name}.{secrets.token_hex(4)}{suffix}"
 
 
+def _blame(error: BaseException, path: Path, tmp: Path) -> None:
+    """Names ``path`` in an OSError raised while writing it: a write() that hits a full disk
+    names no file, and the temporary name means nothing to the user."""
+    if isinstance(error, OSError) and error.filename in (None, os.fspath(tmp)):
+        error.filename = os.fspath(path)
+
+
 def fsync_directory(directory) -> None:
     """Flushes a folder's entries (a rename into it) to disk; a no-op where unsupported."""
     try:
@@ -114,8 +121,9 @@ def atomic_write(path, write: Callable[[BinaryIO], object], fsync: bool = True) 
                 handle.flush()
                 os.fsync(handle.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as error:
         tmp.unlink(missing_ok=True)
+        _blame(error, path, tmp)
         raise
     if fsync:
         fsync_directory(path.parent)
@@ -140,8 +148,9 @@ def atomic_save(path, save: Callable[[str], object]) -> Path:
     try:
         save(os.fspath(tmp))
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as error:
         tmp.unlink(missing_ok=True)
+        _blame(error, path, tmp)
         raise
     fsync_directory(path.parent)
     return path

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from remap_cli import paths
-from remap_cli.args import add_command, int_between, number_list, positive_int
+from remap_cli.args import add_command, int_between, number_list, positive_int, printable
 from remap_tf.contract import (
     DEFAULT_IMAGE_SIZE,
     DEFAULT_MAX_PIXELS,
@@ -104,5 +104,5 @@ def run(args) -> int:
         warmup_images=args.warmup_images,
         model_name=args.name,
     )
-    print(f"Exported {args.model} to {path}")
+    print(f"Exported {printable(args.model)} to {printable(str(path))}")
     return 0
