@@ -61,9 +61,19 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".bmp")
 def parse_serving_address(text: str) -> tuple[str, str | None] | None:
     """``(host:port, model name or None)`` of a TF Serving address, or None if ``text`` is not
     one. Example: ``parse_serving_address("localhost:8500/remap") == ("localhost:8500", "remap")``.
+
+    Raises:
+        InvalidInputError: an address whose port is not from 1 to 65535 (it would be dialled).
     """
     match = _ADDRESS.match(str(text))
-    return (match.group("target"), match.group("model")) if match else None
+    if not match:
+        return None
+    port = int(match.group("target").rsplit(":", 1)[1])
+    if not 1 <= port <= 65535:
+        raise InvalidInputError(
+            f"TF Serving address {str(text)!r}: port {port} is not a port (1 to 65535)."
+        )
+    return match.group("target"), match.group("model")
 
 
 def image_format(header: bytes) -> str | None:
