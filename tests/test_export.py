@@ -342,6 +342,22 @@ def tiny_functional_model(dim=8):
     return keras.Model(images, remap_tf.L2Normalization()(x))
 
 
+def test_an_export_under_umask_002_is_group_writable_throughout(tmp_path):
+    """TensorFlow makes the SavedModel's folders 0755 whatever the umask; under a group's
+    umask 002 every folder is 0775 and every file 0664, as the user's other files are."""
+    previous = os.umask(0o002)
+    try:
+        sm.export_model(tiny_functional_model(), tmp_path / "remap", image_size=64, verify=False)
+    finally:
+        os.umask(previous)
+    modes = {str(p.relative_to(tmp_path)): p.stat().st_mode & 0o777 for p in tmp_path.rglob("*")}
+    folders = {name: mode for name, mode in modes.items() if (tmp_path / name).is_dir()}
+    files = {name: mode for name, mode in modes.items() if name not in folders}
+    assert {"remap/1", "remap/1/variables", "remap/1/assets"} <= set(folders)
+    assert set(folders.values()) == {0o775}, {k: oct(v) for k, v in folders.items()}
+    assert set(files.values()) == {0o664}, {k: oct(v) for k, v in files.items()}
+
+
 def test_failure_mid_export_leaves_no_partial_version(tmp_path):
     base = tmp_path / "remap"
     model = tiny_functional_model()
