@@ -332,3 +332,30 @@ def test_the_demo_report_is_whole_or_absent_when_the_disk_fills(tmp_path, monkey
     with pytest.raises(OSError, match="No space left"):
         demo_report.write_outputs(None, tmp_path, SimpleNamespace(views=views), remap, [], [])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mine.txt"]
+
+
+def test_an_export_onto_a_full_disk_is_one_line_and_leaves_nothing(tmp_path):
+    """TensorFlow's own writer hits `ulimit -f` (20 kB): its error is not an OSError, yet the
+    command says so in one line, exit 2, and no version, staging folder or --out is left."""
+    import keras
+
+    inputs = keras.Input((None, None, 3))
+    x = keras.layers.GlobalMaxPooling2D()(keras.layers.Conv2D(4, 3, strides=4)(inputs))
+    keras.Model(inputs, x).save(tmp_path / "model.keras")
+    before = _tree(tmp_path)
+    result = subprocess.run(
+        [sys.executable, "-m", "remap_cli", "export", "--model", "model.keras"]
+        + ["--out", "models/remap", "--image-size", "64"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=dict(_env(), TF_CPP_MIN_LOG_LEVEL="3"),  # TF's cuInit notice is not ours
+        preexec_fn=_limit_file_size(20_000),
+    )
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip().splitlines() == [
+        "remap export: error: models/remap: file too large (over the file size limit, see "
+        "`ulimit -f`)"
+    ]
+    assert _tree(tmp_path) == before

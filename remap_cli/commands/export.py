@@ -88,21 +88,39 @@ def _check(args) -> None:
         paths.image_file("--warmup-images", image)
 
 
+def _missing_folders(folder: Path) -> list[Path]:
+    """``folder`` and those of its parents that do not exist yet, deepest first."""
+    missing = []
+    while not folder.exists() and folder != folder.parent:
+        missing.append(folder)
+        folder = folder.parent
+    return missing
+
+
 def run(args) -> int:
     _check(args)
     from remap_tf.export.saved_model import export_model, load_keras_model
 
     model, config = load_keras_model(args.model)
-    path = export_model(
-        model,
-        args.out,
-        version=args.version,
-        image_size=args.image_size,
-        scales=args.scales,
-        max_pixels=args.max_pixels,
-        config=config,
-        warmup_images=args.warmup_images,
-        model_name=args.name,
-    )
+    created = _missing_folders(Path(args.out))
+    try:
+        path = export_model(
+            model,
+            args.out,
+            version=args.version,
+            image_size=args.image_size,
+            scales=args.scales,
+            max_pixels=args.max_pixels,
+            config=config,
+            warmup_images=args.warmup_images,
+            model_name=args.name,
+        )
+    except BaseException:  # a failed export (a full disk) leaves no empty --out behind
+        for folder in created:
+            try:
+                folder.rmdir()  # only if still empty
+            except OSError:
+                break
+        raise
     print(f"Exported {printable(args.model)} to {printable(str(path))}")
     return 0
