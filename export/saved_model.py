@@ -59,7 +59,13 @@ from remap_tf.errors import (
 )
 from remap_tf.export import graph, server_files, warmup
 from remap_tf.export.options import ExportOptions
-from remap_tf.io import atomic_write_json, remove_stale, staging_name, uninterruptible
+from remap_tf.io import (
+    atomic_write_json,
+    give_folders_the_umask,
+    remove_stale,
+    staging_name,
+    uninterruptible,
+)
 
 # Versions are written aside under this prefix (a dot, so TF Serving never loads one).
 _STAGING_PREFIX = ".export-"
@@ -210,6 +216,7 @@ def export_model(
     try:
         saved = staging / "saved_model"
         _write_version(model, options, saved, name=name, config=config, warmup_images=warmup_images)
+        give_folders_the_umask(saved)  # TensorFlow made its folders 0755
         if verify:
             _verify(saved, descriptor_dim(model))
         if _before_rename is not None:  # a test hook: fail here to check nothing is left

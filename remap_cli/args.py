@@ -25,9 +25,24 @@ class Parser(argparse.ArgumentParser):
 
 
 def one_line(error: BaseException) -> str:
-    """An exception's message on one line."""
-    text = " ".join(str(error).split())
+    """An exception's message on one line (control characters escaped, see `printable`)."""
+    text = printable(" ".join(str(error).split()))
     return text or type(error).__name__
+
+
+def printable(text: str) -> str:
+    """``text`` with its control characters escaped as Python writes them (``\\n``, ``\\t``,
+    ``\\x1b``, an undecodable byte of a file name as ``\\udcff``), so a file name or an id
+    that holds a newline stays on its own line of output. Other characters (accents, CJK,
+    spaces) are kept as they are.
+
+    Example:
+        >>> printable("a\\nb.jpg")
+        'a\\\\nb.jpg'
+    """
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 def add_command(subparsers, name: str, help: str, description: str | None = None, run=None):
@@ -105,6 +120,21 @@ def int_at_least(minimum: int):
         return value
 
     parse.__name__ = f"integer >= {minimum}"
+    return parse
+
+
+def int_between(minimum: int, maximum: int):
+    """An argparse type: an integer from ``minimum`` to ``maximum`` (both included)."""
+
+    def parse(text: str) -> int:
+        value = _number(text, int)
+        if not minimum <= value <= maximum:
+            raise argparse.ArgumentTypeError(
+                f"must be an integer from {minimum} to {maximum}, received {text!r}"
+            )
+        return value
+
+    parse.__name__ = f"integer from {minimum} to {maximum}"
     return parse
 
 

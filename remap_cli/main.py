@@ -11,6 +11,9 @@ Errors:
   and exits with status 2;
 - Ctrl-C (SIGINT) or SIGTERM prints ``interrupted`` and exits with status 130; every output
   is written atomically, so what an interrupted command leaves is complete or absent;
+- a write that ran out of room (a full disk, a quota, ``ulimit -f``: ENOSPC, EDQUOT, EFBIG,
+  from Python or TensorFlow) prints ``remap <command>: error: <path>: no space left on
+  device`` and exits with status 2; what was being written is removed, not left half-written;
 - anything else is a bug: ``remap <command>: internal error: ...`` names a file holding the
   traceback and exits with status 1.
 
@@ -19,6 +22,7 @@ Errors:
 
 from __future__ import annotations
 
+import errno
 import os
 import sys
 import tempfile
@@ -90,6 +94,12 @@ def main(argv=None) -> int:
         except Exception as error:
             if interrupts.requested:  # a KeyboardInterrupt mangled by a library
                 return _interrupted(prog, args.debug)
+            full = _disk_full(error, args)
+            if full is not None:  # not a bug: the user's disk, quota or `ulimit -f`
+                if args.debug:
+                    traceback.print_exc()
+                print(f"{prog}: error: {full}", file=sys.stderr)
+                return 2
             return _internal_error(prog, error, args.debug)
         if interrupts.requested and getattr(args, "signal_stops_cleanly", False):
             return code  # a server stopped by its signal, gracefully (remap serve)
@@ -100,6 +110,45 @@ def main(argv=None) -> int:
             )
             return 130
         return code
+
+
+# What a write can run out of, as the command says it (errno -> words).
+_NO_ROOM = {
+    errno.ENOSPC: "no space left on device",
+    errno.EDQUOT: "disk quota exceeded",
+    errno.EFBIG: "file too large (over the file size limit, see `ulimit -f`)",
+}
+# Flags naming what a command writes: the path named when the error does not carry one.
+_OUTPUT_FLAGS = ("out", "report", "json", "index")
+
+
+def _disk_full(error: BaseException, args) -> str | None:
+    """``"<path>: no space left on device"`` if ``error`` (or one it was raised from) is a
+    write that ran out of room; None otherwise.
+
+    Python's own writes raise OSError with the errno; TensorFlow's file system (a SavedModel,
+    a checkpoint) raises its own error whose message ends with the C library's words.
+    """
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, OSError) and error.errno in _NO_ROOM:
+            where = error.filename or _output_of(args)
+            return f"{cli_args.printable(str(where))}: {_NO_ROOM[error.errno]}"
+        for code, words in _NO_ROOM.items():
+            if not isinstance(error, OSError) and os.strerror(code) in str(error):
+                return f"{cli_args.printable(str(_output_of(args)))}: {words}"
+        error = error.__cause__ or error.__context__
+    return None
+
+
+def _output_of(args) -> str:
+    """The output the command was writing, as the user named it (for errors without a path)."""
+    for flag in _OUTPUT_FLAGS:
+        value = getattr(args, flag, None)
+        if isinstance(value, str | os.PathLike):
+            return os.fspath(value)
+    return "an output"
 
 
 def _interrupted(prog: str, debug: bool) -> int:

@@ -158,8 +158,9 @@ def exported_model(flag: str, value: str) -> str:
         except BadPathError as error:
             raise BadPathError(f"{flag}: {error}") from None
         return str(value)
-    if parse_serving_address(value) is not None:
-        return str(value)
+    with naming(flag):
+        if parse_serving_address(value) is not None:
+            return str(value)
     raise BadPathError(
         f"{flag} {value!r} is neither an existing exported model folder nor a TF Serving "
         "address host:port[/name]"

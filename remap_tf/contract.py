@@ -84,9 +84,19 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".bmp")
 def parse_serving_address(text: str) -> tuple[str, str | None] | None:
     """``(host:port, model name or None)`` of a TF Serving address, or None if ``text`` is not
     one. Example: ``parse_serving_address("localhost:8500/remap") == ("localhost:8500", "remap")``.
+
+    Raises:
+        InvalidInputError: an address whose port is not from 1 to 65535 (it would be dialled).
     """
     match = _ADDRESS.match(str(text))
-    return (match.group("target"), match.group("model")) if match else None
+    if not match:
+        return None
+    port = int(match.group("target").rsplit(":", 1)[1])
+    if not 1 <= port <= 65535:
+        raise InvalidInputError(
+            f"TF Serving address {str(text)!r}: port {port} is not a port (1 to 65535)."
+        )
+    return match.group("target"), match.group("model")
 
 
 def check_message(tag: str) -> str:
@@ -122,9 +132,15 @@ REPORT_MARKER = '<meta name="generator" content="remap-tf report">'
 MIN_IMAGE_SIZE = 64
 # Long side images are resized to by an export unless told otherwise.
 DEFAULT_IMAGE_SIZE = 512
+# The largest long side an export resizes images to, at any of its scales: at 4096 px the first
+# activations of a ResNet alone take 1 GiB per image (20000 px grew to ~20 GB and was killed).
+MAX_IMAGE_SIZE = 4096
 # 50 megapixels: larger than any camera photo users send for retrieval, far below a
 # decompression bomb (a 65535 x 65535 PNG is 4.3 gigapixels, 12.9 GB decoded).
 DEFAULT_MAX_PIXELS = 50_000_000
+# The largest max_pixels an export accepts: 500 megapixels decode to 1.5 GB of RGB, above the
+# largest camera photos (~200 MP); beyond it the guard would no longer guard anything.
+MAX_PIXELS_LIMIT = 500_000_000
 
 # --- remap.json -----------------------------------------------------------------------------
 EXPORT_FORMAT_VERSION = 1

@@ -36,6 +36,7 @@ __all__ = [
     "atomic_write_text",
     "defer_interrupt",
     "fsync_directory",
+    "give_folders_the_umask",
     "remove_stale",
     "staging_name",
     "uninterruptible",
@@ -94,6 +95,39 @@ def remove_stale(folder, prefix: str) -> list[Path]:
             entry.unlink(missing_ok=True)
         removed.append(entry)
     return removed
+
+
+def _blame(error: BaseException, path: Path, tmp: Path) -> None:
+    """Names ``path`` in an OSError raised while writing it: a write() that hits a full disk
+    names no file, and the temporary name means nothing to the user."""
+    if isinstance(error, OSError) and error.filename in (None, os.fspath(tmp)):
+        error.filename = os.fspath(path)
+
+
+def current_umask() -> int:
+    """The process umask, read without changing it where Linux's /proc tells it."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)  # elsewhere: the classic read (set, then put back at once)
+    os.umask(mask)
+    return mask
+
+
+def give_folders_the_umask(root) -> None:
+    """Sets ``root`` and every folder under it to ``0o777`` minus the umask, as ``mkdir`` does.
+
+    TensorFlow's file system creates folders with mode 0755 whatever the umask, so a
+    SavedModel written under a group-shared umask 002 got 755 folders in 775 ones; the files
+    it writes already honour the umask.
+    """
+    mode = 0o777 & ~current_umask()
+    for folder, _, _ in os.walk(root):
+        os.chmod(folder, mode)
 
 
 def fsync_directory(directory) -> None:
@@ -166,8 +200,9 @@ def atomic_write(path, write: Callable[[BinaryIO], object], fsync: bool = True) 
                 handle.flush()
                 os.fsync(handle.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as error:
         tmp.unlink(missing_ok=True)
+        _blame(error, path, tmp)
         raise
     if fsync:
         fsync_directory(path.parent)
@@ -192,8 +227,9 @@ def atomic_save(path, save: Callable[[str], object]) -> Path:
     try:
         save(os.fspath(tmp))
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as error:
         tmp.unlink(missing_ok=True)
+        _blame(error, path, tmp)
         raise
     fsync_directory(path.parent)
     return path

@@ -25,6 +25,7 @@ import html
 import io
 import math
 import os
+import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -139,32 +140,82 @@ def write_report(
         result_names=result_names,
     )
     files = path.parent / f"{path.stem}_files"
-    thumbnails = _Thumbnails(files, thumb_size)
+    written = _Written(files)
+    rows = dict(
+        relevance=relevance,
+        ap=ap,
+        scores=scores,
+        query_boxes=query_boxes,
+        query_names=query_names,
+        result_names=result_names,
+        title=title,
+        extra_sections_html=extra_sections_html,
+        max_png_queries=max_png_queries,
+    )
+    try:
+        _write_files_then_page(path, files, written, queries, results, thumb_size, png, **rows)
+    except BaseException:
+        written.remove()  # a failed report (a full disk, Ctrl-C) leaves no new file behind
+        raise
+    return path
+
+
+def _write_files_then_page(path, files, written, queries, results, thumb_size, png, **rows):
+    """The thumbnails and the PNG, then the page last: the page appears only when whole and
+    every file it points at is in place."""
+    thumbnails = _Thumbnails(files, thumb_size, written)
     rows_html, png_rows = [], []
     for qi in range(len(queries)):
-        q_name = query_names[qi] if query_names is not None else _label(queries[qi])
-        q_ap = ap[qi] if ap is not None else None
+        names = rows["query_names"]
+        q_name = names[qi] if names is not None else _label(queries[qi])
+        q_ap = rows["ap"][qi] if rows["ap"] is not None else None
         row_html, tiles = _query_row(
             thumbnails,
             queries[qi],
             q_name,
             q_ap,
-            box=query_boxes[qi] if query_boxes is not None else None,
+            box=_nth(rows["query_boxes"], qi),
             results=results[qi],
-            names=result_names[qi] if result_names is not None else None,
-            relevance=relevance[qi] if relevance is not None else None,
-            scores=format_scores(scores[qi]) if scores is not None else None,
+            names=_nth(rows["result_names"], qi),
+            relevance=_nth(rows["relevance"], qi),
+            scores=format_scores(rows["scores"][qi]) if rows["scores"] is not None else None,
         )
         rows_html.append(row_html)
         png_rows.append((q_name, q_ap, tiles))
-    summary = _summary(len(queries), ap)
-    page = _page(title, summary, extra_sections_html, rows_html, thumb_size)
-    atomic_write_bytes(path, page.encode("utf-8"))
+    summary = _summary(len(queries), rows["ap"])
+    page = _page(rows["title"], summary, rows["extra_sections_html"], rows_html, thumb_size)
     if png and png_rows:
-        _write_png(
-            files / f"{path.stem}.png", title, summary, png_rows[:max_png_queries], thumb_size
-        )
-    return path
+        png_path = files / f"{path.stem}.png"
+        written.add(png_path)
+        rows_png = png_rows[: rows["max_png_queries"]]
+        _write_png(png_path, rows["title"], summary, rows_png, thumb_size)
+    written.add(path)
+    atomic_write_bytes(path, page.encode("utf-8"))
+
+
+def _nth(per_query, qi):
+    return per_query[qi] if per_query is not None else None
+
+
+class _Written:
+    """The files and folders a report creates (not those it replaces), to remove if it fails
+    half-way: the old report, if any, stays as it was."""
+
+    def __init__(self, folder: Path):
+        self.new_folder = None  # the outermost folder of `folder`'s path that is not there yet
+        while not folder.exists() and folder != folder.parent:
+            self.new_folder, folder = folder, folder.parent
+        self.created: list[Path] = []
+
+    def add(self, path: Path) -> None:
+        if not path.exists():
+            self.created.append(path)
+
+    def remove(self) -> None:
+        for path in self.created:
+            path.unlink(missing_ok=True)
+        if self.new_folder is not None:
+            shutil.rmtree(self.new_folder, ignore_errors=True)
 
 
 def _summary(num_queries: int, ap) -> str:
@@ -186,9 +237,10 @@ def _check_lengths(num_queries: int, **per_query) -> None:
 class _Thumbnails:
     """Writes each distinct thumbnail once into ``folder``; hands out (relative path, image)."""
 
-    def __init__(self, folder: Path, size: int):
+    def __init__(self, folder: Path, size: int, written: _Written):
         self.folder = folder
         self.size = size
+        self.written = written
         self._cache: dict[tuple, tuple[str, Image.Image]] = {}
 
     def __call__(self, item, box=None) -> tuple[str, Image.Image]:
@@ -202,6 +254,7 @@ class _Thumbnails:
             name = hashlib.sha1(repr(key).encode()).hexdigest()[:16] + ".jpg"
             buffer = io.BytesIO()
             image.save(buffer, format="JPEG", quality=85)
+            self.written.add(self.folder / name)
             atomic_write_bytes(self.folder / name, buffer.getvalue())
             self._cache[key] = (f"{self.folder.name}/{name}", image)
         return self._cache[key]

@@ -15,3 +15,13 @@ def _seed_and_policy():
     keras.utils.set_random_seed(1234)
     yield
     keras.config.set_dtype_policy("float32")
+
+
+@pytest.fixture(scope="session")
+def chromium() -> str:
+    """The Chromium the browser tests drive (tests/browser.py). Checked once per session,
+    before a test's expensive set-up: where it is missing, every browser test fails with the
+    same one line (how to install it), not a Playwright traceback."""
+    from tests import browser
+
+    return browser.require_chromium()

@@ -4,6 +4,7 @@ unless ``--debug``, bugs say so, and the index verbs (build, add, delete, info) 
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import subprocess
@@ -197,3 +198,164 @@ def test_remap_help_lists_every_command():
     ).stdout
     for action in ("build", "add", "delete", "info"):
         assert action in index_help
+
+
+# `remap` in a subprocess with the in-process fake embedder (no model, no server).
+_FAKE_REMAP = """
+import sys
+from remap_cli import common, main
+from tests.test_commands import ThumbnailEmbedder
+
+common.embedder_for = lambda model: ThumbnailEmbedder()
+sys.exit(main.main(sys.argv[1:]))
+"""
+
+
+def _limit_file_size(limit: int):
+    """For preexec_fn: files may not grow past ``limit`` bytes (``ulimit -f``); the write that
+    would gets EFBIG instead of the SIGXFSZ that would kill the process."""
+    import resource
+    import signal
+
+    def apply():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    return apply
+
+
+def _tree(root: Path) -> dict:
+    return {str(p.relative_to(root)): p.stat().st_mtime_ns for p in root.rglob("*")}
+
+
+def test_a_full_disk_is_one_line_exit_2_and_leaves_no_half_written_report(tmp_path, fake, capsys):
+    """Under `ulimit -f` (40 kB) the report's PNG cannot be written: before, the page was left
+    without it and the command said 'internal error ... a bug in remap-tf' (exit 1)."""
+    _make_groups(tmp_path / "imgs", num_groups=3, per_group=4, distractors=0)
+    build = ["index", "build", "--model", FAKE_MODEL, "--images", "imgs", "--out", "index"]
+    os.chdir(tmp_path)  # paths as a user types them
+    try:
+        assert _run([*build, "--quiet", "--kind", "exact"], capsys)[0] == 0
+    finally:
+        os.chdir(ROOT)
+    before = _tree(tmp_path)
+    query = "imgs/group0/img0.png"
+    argv = ["search", "--index", "index", query, "--report", "out/search.html"]
+    result = subprocess.run(
+        [sys.executable, "-c", _FAKE_REMAP, *argv],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=dict(_env(), PYTHONPATH=str(ROOT)),
+        preexec_fn=_limit_file_size(40_000),
+    )
+    (line,) = result.stderr.strip().splitlines()
+    assert result.returncode == 2, result.stderr
+    assert line.startswith("remap search: error: out/search_files/"), line
+    assert line.endswith(": file too large (over the file size limit, see `ulimit -f`)"), line
+    assert _tree(tmp_path) == before  # no out/, no page, no thumbnails
+
+
+@pytest.mark.parametrize(
+    ("raised", "expected"),
+    [
+        (OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), "out/x.npy"), "out/x.npy: no space"),
+        (OSError(errno.EDQUOT, os.strerror(errno.EDQUOT)), "r.html: disk quota exceeded"),
+        # TensorFlow's file system: its own error type, the C library's words in the message
+        (RuntimeError("writing foo/variables: No space left on device"), "r.html: no space"),
+    ],
+)
+def test_no_room_anywhere_in_a_command_is_one_line_exit_2(capsys, monkeypatch, raised, expected):
+    def full(args):
+        try:
+            raise raised
+        except Exception as error:
+            raise ValueError("a library wrapped it") from error
+
+    monkeypatch.setattr(search_command, "run", full)
+    code, _, err = _run(["search", "--index", "x", "--report", "r.html", "q.jpg"], capsys)
+    (line,) = err.strip().splitlines()
+    assert code == 2 and line.startswith(f"remap search: error: {expected}"), err
+
+
+def test_an_atomic_write_that_runs_out_of_room_names_its_file(tmp_path, capsys, monkeypatch):
+    """write() on a full disk names no file; the error names the output, and nothing is left."""
+    from remap_tf.io import atomic_write
+
+    def full_disk(handle):
+        handle.write(b"half")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    target = tmp_path / "results.json"
+    monkeypatch.setattr(search_command, "run", lambda args: atomic_write(target, full_disk))
+    code, _, err = _run(["search", "--index", "x", "q.jpg"], capsys)
+    assert code == 2 and err.strip() == f"remap search: error: {target}: no space left on device"
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_search_prints_a_name_holding_a_newline_on_its_own_line(tmp_path, fake, capsys):
+    _make_groups(tmp_path / "imgs", num_groups=2, per_group=2, distractors=0)
+    odd = tmp_path / "imgs" / "group0" / "two\nlines\x1b[31m.png"
+    (tmp_path / "imgs" / "group0" / "img0.png").rename(odd)
+    index = tmp_path / "index"
+    build = ["index", "build", "--model", FAKE_MODEL, "--images", str(tmp_path / "imgs")]
+    assert _run([*build, "--out", str(index), "--quiet", "--kind", "exact"], capsys)[0] == 0
+    code, out, err = _run(["search", "--index", str(index), str(odd), "--k", "2"], capsys)
+    assert code == 0, err
+    lines = out.splitlines()
+    assert len(lines) == 3, out  # the query, then one line per result
+    assert lines[0] == str(odd).replace("\n", "\\n").replace("\x1b", "\\x1b")
+    assert lines[1].split()[-1] == "group0/two\\nlines\\x1b[31m.png", lines
+    assert "\x1b" not in out
+
+
+def test_the_demo_report_is_whole_or_absent_when_the_disk_fills(tmp_path, monkeypatch):
+    """Figures and results.json written, then the page hits a full disk: before, they stayed
+    beside no report.html; now what this run created is removed."""
+    from types import SimpleNamespace
+
+    from remap_cli.demo import report as demo_report
+
+    def figures(config, folder, remap, curves):
+        return {"training_curve": demo_report.write_svg(folder / "curve.svg", "<svg/>")}
+
+    def page(*args):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), "report.html")
+
+    monkeypatch.setattr(demo_report, "_write_figures", figures)
+    monkeypatch.setattr(demo_report, "_write_query_report", page)
+    monkeypatch.setattr(demo_report, "config_json", lambda config: {})
+    views = SimpleNamespace(train_photos=["a"], test_photos=["b"])
+    remap = SimpleNamespace(version_dir="m/1", embedded_through="x", export_difference=0.0)
+    (tmp_path / "mine.txt").write_text("kept\n")
+    with pytest.raises(OSError, match="No space left"):
+        demo_report.write_outputs(None, tmp_path, SimpleNamespace(views=views), remap, [], [])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine.txt"]
+
+
+def test_an_export_onto_a_full_disk_is_one_line_and_leaves_nothing(tmp_path):
+    """TensorFlow's own writer hits `ulimit -f` (20 kB): its error is not an OSError, yet the
+    command says so in one line, exit 2, and no version, staging folder or --out is left."""
+    import keras
+
+    inputs = keras.Input((None, None, 3))
+    x = keras.layers.GlobalMaxPooling2D()(keras.layers.Conv2D(4, 3, strides=4)(inputs))
+    keras.Model(inputs, x).save(tmp_path / "model.keras")
+    before = _tree(tmp_path)
+    result = subprocess.run(
+        [sys.executable, "-m", "remap_cli", "export", "--model", "model.keras"]
+        + ["--out", "models/remap", "--image-size", "64"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=dict(_env(), TF_CPP_MIN_LOG_LEVEL="3"),  # TF's cuInit notice is not ours
+        preexec_fn=_limit_file_size(20_000),
+    )
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip().splitlines() == [
+        "remap export: error: models/remap: file too large (over the file size limit, see "
+        "`ulimit -f`)"
+    ]
+    assert _tree(tmp_path) == before

@@ -203,7 +203,7 @@ def test_index_build_and_search_commands(tmp_path, fake, capsys):
     assert sorted(p.name for p in report.parent.iterdir()) == ["search.html", "search_files"]
 
 
-def test_evaluate_groups_json_matches_label_map(tmp_path, fake, capsys):
+def test_evaluate_groups_json_matches_label_map(chromium, tmp_path, fake, capsys):
     groups = _make_groups(tmp_path / "imgs", num_groups=5, per_group=3, distractors=0)
     spec = {
         "groups": [

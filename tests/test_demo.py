@@ -79,7 +79,7 @@ def tiny_config(out: Path, models) -> DemoConfig:
     )
 
 
-def test_demo_end_to_end_at_tiny_size_and_again_over_its_leftovers(tmp_path, monkeypatch):
+def test_demo_end_to_end_at_tiny_size_and_again_over_its_leftovers(chromium, tmp_path, monkeypatch):
     """A few images, 2 training steps per model, the smallest MobileNet: every file and the
     table are checked, the report is opened in Chromium (every image loads, the page fits its
     width), then a second run into the same folder must succeed and refresh them. The output

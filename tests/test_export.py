@@ -430,6 +430,22 @@ def tiny_functional_model(dim=8):
     return keras.Model(images, remap_tf.L2Normalization()(x))
 
 
+def test_an_export_under_umask_002_is_group_writable_throughout(tmp_path):
+    """TensorFlow makes the SavedModel's folders 0755 whatever the umask; under a group's
+    umask 002 every folder is 0775 and every file 0664, as the user's other files are."""
+    previous = os.umask(0o002)
+    try:
+        sm.export_model(tiny_functional_model(), tmp_path / "remap", image_size=64, verify=False)
+    finally:
+        os.umask(previous)
+    modes = {str(p.relative_to(tmp_path)): p.stat().st_mode & 0o777 for p in tmp_path.rglob("*")}
+    folders = {name: mode for name, mode in modes.items() if (tmp_path / name).is_dir()}
+    files = {name: mode for name, mode in modes.items() if name not in folders}
+    assert {"remap/1", "remap/1/variables", "remap/1/assets"} <= set(folders)
+    assert set(folders.values()) == {0o775}, {k: oct(v) for k, v in folders.items()}
+    assert set(files.values()) == {0o664}, {k: oct(v) for k, v in files.items()}
+
+
 def test_failure_mid_export_leaves_no_partial_version(tmp_path):
     base = tmp_path / "remap"
     model = tiny_functional_model()
@@ -469,6 +485,9 @@ def test_an_existing_version_is_never_overwritten(tmp_path):
     ("kwargs", "message"),
     [
         ({"image_size": 32}, "image_size"),
+        ({"image_size": 20000}, "`image_size` must be an integer from 64 to 4096"),
+        ({"image_size": 2048, "scales": (1.0, 2.5)}, "5120 px, above the 4096 px limit"),
+        ({"max_pixels": 10**12}, "max_pixels"),
         ({"scales": (1.0, -1.0)}, "scales"),
         ({"image_size": 96, "scales": (1.0, 0.5)}, "below 64"),
         ({"max_pixels": 0}, "max_pixels"),

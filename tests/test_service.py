@@ -35,20 +35,12 @@ from remap_cli import main as cli
 from remap_cli.demo.photoset import PHOTOS
 from remap_tf.serving.index import ExactIndex, changelog, load_index
 from tests import gif_bombs
+from tests.browser import ARGS as CHROMIUM_ARGS
 
 ROOT = Path(__file__).resolve().parent.parent
 API_KEY = "test-key-7d1f"
 SCENES = ["astronaut", "coffee", "chelsea", "rocket", "camera", "coins", "moon"]
 MORE = ["hubble_deep_field", "immunohistochemistry", "retina"]  # ids with a folder: more/...
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
 
 
 def _photo(name: str, long_side: int) -> Image.Image:
@@ -435,18 +427,17 @@ def test_acknowledged_changes_survive_kill_9_and_a_torn_log_tail_is_dropped(site
     assert changelog.pending_changes(site / index, load_index(site / index)) == 0
 
 
-def test_the_page_in_a_real_browser(service, site, tmp_path):
+def test_the_page_in_a_real_browser(chromium, service, site, tmp_path):
     """Chromium uploads a photo, waits for the grid, checks the first result is the same
     scene, clicks a result to search by it, and saves a screenshot that is not blank."""
     from playwright.sync_api import expect, sync_playwright
 
-    assert Path(CHROMIUM).exists(), "Chromium is missing: apt-get install -y chromium"
     query = tmp_path / "my photo.png"
     query.write_bytes(_query("astronaut"))
     shot = tmp_path / "page.png"
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(
-            executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS
+            executable_path=chromium, headless=True, args=CHROMIUM_ARGS
         )
         try:
             page = browser.new_page(viewport={"width": 1100, "height": 900})

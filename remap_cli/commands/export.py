@@ -5,10 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 
 from remap_cli import paths
-from remap_cli.args import add_command, int_at_least, number_list, positive_int
+from remap_cli.args import add_command, int_between, number_list, positive_int, printable
 from remap_tf.contract import (
     DEFAULT_IMAGE_SIZE,
     DEFAULT_MAX_PIXELS,
+    MAX_IMAGE_SIZE,
+    MAX_PIXELS_LIMIT,
     MIN_IMAGE_SIZE,
     check_model_name,
 )
@@ -35,21 +37,24 @@ def add_parser(subparsers) -> None:
     )
     parser.add_argument(
         "--image-size",
-        type=int_at_least(MIN_IMAGE_SIZE),
+        type=int_between(MIN_IMAGE_SIZE, MAX_IMAGE_SIZE),
         default=DEFAULT_IMAGE_SIZE,
-        help=f"long side images are resized to, px (default {DEFAULT_IMAGE_SIZE})",
+        help=f"long side images are resized to, px, {MIN_IMAGE_SIZE} to {MAX_IMAGE_SIZE} "
+        f"(default {DEFAULT_IMAGE_SIZE}; memory grows with its square)",
     )
     parser.add_argument(
         "--scales",
         type=number_list,
         default=None,
-        help="multi-scale factors of --image-size, e.g. '1.0,1.25' (descriptors summed)",
+        help="multi-scale factors of --image-size, e.g. '1.0,1.25' (descriptors summed; each "
+        f"scaled side {MIN_IMAGE_SIZE} to {MAX_IMAGE_SIZE} px)",
     )
     parser.add_argument(
         "--max-pixels",
-        type=positive_int,
+        type=int_between(1, MAX_PIXELS_LIMIT),
         default=DEFAULT_MAX_PIXELS,
-        help="largest width*height accepted (decompression-bomb guard)",
+        help=f"largest width*height accepted (decompression-bomb guard; default "
+        f"{DEFAULT_MAX_PIXELS}, at most {MAX_PIXELS_LIMIT})",
     )
     parser.add_argument(
         "--name", default=None, help="served model name (default: the --out folder's name)"
@@ -84,21 +89,39 @@ def _check(args) -> None:
         paths.image_file("--warmup-images", image)
 
 
+def _missing_folders(folder: Path) -> list[Path]:
+    """``folder`` and those of its parents that do not exist yet, deepest first."""
+    missing = []
+    while not folder.exists() and folder != folder.parent:
+        missing.append(folder)
+        folder = folder.parent
+    return missing
+
+
 def run(args) -> int:
     _check(args)
     from remap_tf.export.saved_model import export_model, load_keras_model
 
     model, config = load_keras_model(args.model)
-    path = export_model(
-        model,
-        args.out,
-        version=args.version,
-        image_size=args.image_size,
-        scales=args.scales,
-        max_pixels=args.max_pixels,
-        config=config,
-        warmup_images=args.warmup_images,
-        model_name=args.name,
-    )
-    print(f"Exported {args.model} to {path}")
+    created = _missing_folders(Path(args.out))
+    try:
+        path = export_model(
+            model,
+            args.out,
+            version=args.version,
+            image_size=args.image_size,
+            scales=args.scales,
+            max_pixels=args.max_pixels,
+            config=config,
+            warmup_images=args.warmup_images,
+            model_name=args.name,
+        )
+    except BaseException:  # a failed export (a full disk) leaves no empty --out behind
+        for folder in created:
+            try:
+                folder.rmdir()  # only if still empty
+            except OSError:
+                break
+        raise
+    print(f"Exported {printable(args.model)} to {printable(str(path))}")
     return 0

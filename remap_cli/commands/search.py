@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from remap_cli import common, paths
-from remap_cli.args import MODEL_HELP, add_command, add_overwrite, positive_int
+from remap_cli.args import MODEL_HELP, add_command, add_overwrite, positive_int, printable
 
 
 def add_parser(subparsers) -> None:
@@ -61,10 +61,10 @@ def run(args) -> int:
             if i is not None
         ]
         results.append({"query": query, "results": hits})
-        print(query)
+        print(printable(query))  # a name holding a newline must not split the result lines
         texts = format_scores([hit["score"] for hit in hits])
         for rank, (hit, text) in enumerate(zip(hits, texts, strict=True), 1):
-            print(f"  {rank:>3}  {text}  {hit['id']}")
+            print(f"  {rank:>3}  {text}  {printable(hit['id'])}")
     if args.json:
         atomic_write_json(args.json, results)
     if args.report:
@@ -76,5 +76,5 @@ def run(args) -> int:
             result_names=[[h["id"] for h in r["results"]] for r in results],
             title=f"remap search: {len(args.queries)} queries in {args.index}",
         )
-        print(f"report: {args.report}")
+        print(f"report: {printable(args.report)}")
     return 0

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import html
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -83,20 +84,34 @@ def format_table(rows) -> str:
 
 
 def write_outputs(config: DemoConfig, out: Path, data, remap: RemapOutcome, rows, curves):
-    """Figures, report.html (+ report_files/) and results.json; returns their paths by name."""
-    paths = _write_figures(config, out / "figures", remap, curves)
-    paths["report"] = _write_query_report(config, out, data, remap, rows)
+    """Figures, results.json, then report.html (+ report_files/); returns their paths by name.
+
+    The page, which points at the figures, comes last. If any of them cannot be written (a
+    full disk), those this call created are removed, so a run leaves its whole report or none.
+    """
+    candidates = [out / "figures", out / "results.json"]
+    fresh = [path for path in candidates if not path.exists()]
+    try:
+        paths = _write_figures(config, out / "figures", remap, curves)
+        results = {
+            "config": config_json(config),
+            "table": [{k: v for k, v in row.items() if k != "ap"} for row in rows],
+            "saved_model": str(remap.version_dir),
+            "embedded_through": remap.embedded_through,
+            "max_export_difference": remap.export_difference,
+            "train_photos": list(data.views.train_photos),
+            "test_photos": list(data.views.test_photos),
+        }
+        paths["results"] = atomic_write_json(out / "results.json", results)
+        paths["report"] = _write_query_report(config, out, data, remap, rows)  # cleans itself
+    except BaseException:
+        for path in fresh:
+            if path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
+        raise
     paths["report_png"] = out / "report_files" / "report.png"
-    results = {
-        "config": config_json(config),
-        "table": [{k: v for k, v in row.items() if k != "ap"} for row in rows],
-        "saved_model": str(remap.version_dir),
-        "embedded_through": remap.embedded_through,
-        "max_export_difference": remap.export_difference,
-        "train_photos": list(data.views.train_photos),
-        "test_photos": list(data.views.test_photos),
-    }
-    paths["results"] = atomic_write_json(out / "results.json", results)
     return paths
 
 
