@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from remap_cli import paths
+from remap_cli import common, paths
 from remap_cli.args import MODEL_HELP, add_command, positive_int, quiet_beam_logs
 
 EPILOG = """\
@@ -83,18 +83,14 @@ def check(args) -> None:
     if not _is_remote(args.model):
         paths.exported_model("--model", args.model)
     if not _is_remote(args.out):
-        paths.output_dir(
-            "--out",
-            args.out,
-            "embeddings (remap embed)",
-            lambda folder: (folder / "embed.json").is_file(),
-        )
+        common.embeddings_output("--out", args.out)
 
 
 def run(args) -> int:
     check(args)
     quiet_beam_logs(args.debug)
     from remap_tf.serving.beam_embed import embed_images
+    from remap_tf.serving.embeddings import DEAD_LETTER
 
     summary = embed_images(
         source=args.images,
@@ -116,5 +112,5 @@ def run(args) -> int:
     for item in summary["dead"][:20]:
         print(f"  {item['image']}: {item['reason']}")
     if len(summary["dead"]) > 20:
-        print(f"  ... {len(summary['dead']) - 20} more in {args.out}/dead_letter.jsonl")
+        print(f"  ... {len(summary['dead']) - 20} more in {args.out}/{DEAD_LETTER}")
     return 0
