@@ -52,10 +52,9 @@ from apache_beam.options.pipeline_options import PipelineOptions
 from remap_tf.contract import IMAGE_EXTENSIONS
 from remap_tf.errors import BadPathError, InvalidInputError
 from remap_tf.serving import embeddings
-from remap_tf.serving.collection import list_images
+from remap_tf.serving.collection import glob_base, is_glob, list_images
 from remap_tf.serving.local_embed import embed_skipping
 
-GLOB_CHARACTERS = "*?["
 MAX_IMAGE_BYTES = 256 * 1024 * 1024  # larger files go to the dead letters unread
 
 
@@ -72,12 +71,11 @@ def list_sources(source: str) -> tuple[list[str], list[str]]:
     - a folder or list file on another filesystem (``gs://bucket/photos``).
     """
     source = str(source)
-    if any(c in source for c in GLOB_CHARACTERS):
+    if is_glob(source):
         paths = _match(source)
         if not paths:
             raise BadPathError(f"the pattern {source} matches no files")
-        cut = min(source.find(c) for c in GLOB_CHARACTERS if c in source)
-        base = source[:cut].rpartition("/")[0]
+        base = glob_base(source)
         return paths, [p[len(base) :].lstrip("/") for p in paths]
     if not embeddings.is_remote(source):
         return list_images(source)

@@ -19,7 +19,7 @@ import numpy as np
 from remap_tf.errors import BadPathError, InvalidInputError
 from remap_tf.serving import embeddings
 from remap_tf.serving.changelog import DurableIndex, pending_changes
-from remap_tf.serving.collection import list_images
+from remap_tf.serving.collection import glob_base, is_glob, list_images
 from remap_tf.serving.index import Index, load_index, make_index
 from remap_tf.serving.local_embed import embed_collection, embed_skipping
 
@@ -115,9 +115,8 @@ def _image_root(source: str | None) -> str | None:
     """Where ids lead back to files: a local folder, a list's folder, a glob's fixed part."""
     if not source or embeddings.is_remote(source):
         return None
-    for char in "*?[":
-        if char in source:
-            source = source[: source.find(char)].rpartition("/")[0] or "."
+    if is_glob(source):
+        source = glob_base(source) or "."
     path = Path(source).resolve()
     return str(path if path.is_dir() else path.parent)
 

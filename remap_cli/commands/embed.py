@@ -62,27 +62,19 @@ def add_parser(subparsers) -> None:
     )
 
 
-def _is_remote(value: str) -> bool:
-    """A path on a filesystem Beam reads (gs://, s3://, hdfs://...): checked by Beam itself."""
-    return "://" in value
-
-
-def _is_glob(value: str) -> bool:
-    return any(char in value for char in "*?[")
-
-
 def check(args) -> None:
     """Local --images, --model and --out before Beam or TensorFlow starts (remote ones and
     globs are resolved by Beam's filesystems, which name them in their own errors)."""
-    from remap_tf.serving.collection import list_images
+    from remap_tf.serving.collection import is_glob, list_images
+    from remap_tf.serving.embeddings import is_remote
 
-    if not _is_remote(args.images) and not _is_glob(args.images):
+    if not is_remote(args.images) and not is_glob(args.images):
         paths.input_path("--images", args.images)
         with paths.naming("--images"):
             list_images(args.images)
-    if not _is_remote(args.model):
+    if not is_remote(args.model):
         paths.exported_model("--model", args.model)
-    if not _is_remote(args.out):
+    if not is_remote(args.out):
         common.embeddings_output("--out", args.out)
 
 
