@@ -491,8 +491,12 @@ def upgrade_retired(out, ids, paths, source=None, model=None) -> dict:
     header_path.unlink()
     complete = all(read_commit(out, s) is not None for s in range(run["num_shards"]))
     manifest = finalize(out, run) if complete else None
-    return {"out": str(out), "converted": converted, "num_shards": run["num_shards"],
-            "manifest": manifest}  # fmt: skip
+    return {
+        "out": str(out),
+        "converted": converted,
+        "num_shards": run["num_shards"],
+        "manifest": manifest,
+    }
 
 
 def _upgrade_shard(folder: Path, shard: int, run: dict, ids: list, paths: list) -> bool:

@@ -196,7 +196,11 @@ def test_a_retired_descriptor_folder_is_refused_then_upgraded(tmp_path, fake, ca
         assert "idx.embeddings holds descriptors in the retired store.json format" in err
         assert "remap index upgrade --embeddings idx.embeddings" in err
     assert fake.calls == []
-    upgrade = ["index", "upgrade", "--embeddings", "idx.embeddings", "--images", "imgs"]
+    upgrade = ["index", "upgrade", "--embeddings", "idx.embeddings", "--images"]
+    code, _, err = _run([*upgrade, "imgs/group1", "--model", FAKE_MODEL], capsys)
+    assert code == 2 and "holds descriptors of 11 images, not of the 3 images given" in err
+    assert (tmp_path / "idx.embeddings" / "store.json").is_file()
+    upgrade.append("imgs")
     code, out, err = _run([*upgrade, "--model", FAKE_MODEL], capsys)
     assert code == 0, err
     assert "2 of 3 shard(s) converted" in out
