@@ -5,7 +5,7 @@ the child and any Beam worker processes it starts, is its own):
 
 1. **Embedding throughput**: ``remap embed`` on Beam with 2 local worker processes
    (FnApiRunner, multi_processing, 1 TensorFlow thread each) against the in-process loop of
-   ``remap index build`` (`embedding_store.embed_collection` on `LocalEmbedder`, TensorFlow on
+   ``remap index build`` (`local_embed.embed_collection` on `LocalEmbedder`, TensorFlow on
    both cores), on the real photographs of the shared data pack, through a random-initialised
    REMAP MobileNetV2 export. Both end to end from a cold process (Python, TensorFlow, model
    load, Beam start-up included) at two collection sizes; the difference of the two gives the
@@ -164,11 +164,12 @@ def child_embed(kind: str, image_list: str, model: str, out: str) -> dict:
         summary = embed_images(image_list, model, out, shard_size=100, batch_size=16, workers=2)
         return {"count": summary["count"], "dead": len(summary["dead"])}
     from remap_tf.serving.client import LocalEmbedder
-    from remap_tf.serving.embedding_store import embed_collection, list_images
+    from remap_tf.serving.collection import list_images
+    from remap_tf.serving.local_embed import embed_collection
 
-    paths, _ = list_images(image_list)
-    done = embed_collection(LocalEmbedder(model), paths, out, shard_size=100, progress=False)
-    return {"count": len(done.images), "dead": len(done.skipped)}
+    paths, ids = list_images(image_list)
+    done = embed_collection(LocalEmbedder(model), paths, ids, out, shard_size=100, progress=False)
+    return {"count": done["count"], "dead": len(done["dead"])}
 
 
 def child_export(out: str, image_size: int) -> dict:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from remap_cli import paths
 from remap_tf.errors import InvalidInputError
 
 
@@ -22,3 +23,13 @@ def model_for_index(model: str | None, index) -> str:
             "--model is required: this index does not record the model it was built with"
         )
     return model
+
+
+def embeddings_output(flag: str, value) -> None:
+    """A descriptor folder a command writes or resumes (`remap_tf.serving.embeddings`):
+    absent, empty or one of that format; a folder of the retired format gets how to convert it."""
+    from remap_tf.serving import embeddings  # numpy: only when run
+
+    with paths.naming(flag):
+        embeddings.check_not_retired(value)
+    paths.output_dir(flag, value, "descriptor shards", embeddings.is_embeddings_folder)

@@ -52,10 +52,9 @@ from apache_beam.options.pipeline_options import PipelineOptions
 from remap_tf.contract import IMAGE_EXTENSIONS
 from remap_tf.errors import BadPathError, InvalidInputError
 from remap_tf.serving import embeddings
-from remap_tf.serving.collection import list_images
-from remap_tf.serving.embedding_store import embed_skipping
+from remap_tf.serving.collection import glob_base, is_glob, list_images
+from remap_tf.serving.local_embed import embed_skipping
 
-GLOB_CHARACTERS = "*?["
 MAX_IMAGE_BYTES = 256 * 1024 * 1024  # larger files go to the dead letters unread
 
 
@@ -72,12 +71,11 @@ def list_sources(source: str) -> tuple[list[str], list[str]]:
     - a folder or list file on another filesystem (``gs://bucket/photos``).
     """
     source = str(source)
-    if any(c in source for c in GLOB_CHARACTERS):
+    if is_glob(source):
         paths = _match(source)
         if not paths:
             raise BadPathError(f"the pattern {source} matches no files")
-        cut = min(source.find(c) for c in GLOB_CHARACTERS if c in source)
-        base = source[:cut].rpartition("/")[0]
+        base = glob_base(source)
         return paths, [p[len(base) :].lstrip("/") for p in paths]
     if not embeddings.is_remote(source):
         return list_images(source)
@@ -176,8 +174,7 @@ def _local_copy(model: str) -> str:
 
 def _expand(shard: int, out: str):
     """The ((shard, row, id), path) elements of one shard, from its plan file."""
-    plan = embeddings.read_json(embeddings.join(out, embeddings.plan_name(shard)), "plan")
-    for row, (image_id, path) in enumerate(plan):
+    for row, (image_id, path) in enumerate(embeddings.read_plan(out, shard)):
         yield (shard, row, image_id), path
 
 
@@ -215,7 +212,7 @@ class WriteShard(beam.DoFn):
 
     def process(self, element):
         shard, items = element
-        plan = embeddings.read_json(embeddings.join(self._out, embeddings.plan_name(shard)), "plan")
+        plan = embeddings.read_plan(self._out, shard)
         items = sorted(items, key=lambda item: item[0])
         good = [(i, x) for _, i, x in items if not isinstance(x, str)]
         dead = [
@@ -228,11 +225,16 @@ class WriteShard(beam.DoFn):
         yield shard
 
 
+def runs_locally(beam_args: Sequence[str]) -> bool:
+    """True unless the Beam options name a runner (then the pipeline runs elsewhere)."""
+    return not any(a == "--runner" or a.startswith("--runner=") for a in beam_args)
+
+
 def pipeline_options(beam_args: Sequence[str] = (), workers: int = 1) -> PipelineOptions:
     """Beam options: ``beam_args`` as given when they name a runner, else the in-process
     ``FnApiRunner`` with ``workers`` worker processes (in memory for 1)."""
     args = list(beam_args)
-    if not any(a == "--runner" or a.startswith("--runner=") for a in args):
+    if runs_locally(args):
         mode = "multi_processing" if workers > 1 else "in_memory"
         args += [
             "--runner=FnApiRunner",
@@ -268,44 +270,7 @@ def build_pipeline(pipeline, out: str, pending: Sequence[int], handler: RemapMod
 def _plan(source, model, out: str, shard_size: int) -> dict:
     """Lists the images, checks or writes ``embed.json`` and the per-shard lists."""
     paths, ids = list_sources(source)
-    # Workers may start in another folder: local paths are made absolute.
-    paths = [p if embeddings.is_remote(p) else str(Path(p).resolve()) for p in paths]
-    if len(set(ids)) != len(ids):
-        raise InvalidInputError(f"{source} gives some images the same id")
-    digest = hashlib.sha256(
-        "\n".join(f"{i}\t{p}" for i, p in zip(ids, paths, strict=True)).encode()
-    )
-    run = {
-        "format": embeddings.FORMAT,
-        "format_version": embeddings.FORMAT_VERSION,
-        "source": str(source),
-        "model": _model_reference(model),
-        "shard_size": int(shard_size),
-        "num_images": len(paths),
-        "num_shards": -(-len(paths) // shard_size),
-        "images_sha256": digest.hexdigest(),
-    }
-    run_path = embeddings.join(out, embeddings.RUN_FILE)
-    if embeddings.size_of(run_path) is not None:
-        existing = embeddings.read_json(run_path, "the run description")
-        changed = sorted(
-            k for k in run if k not in ("source", "model") and existing.get(k) != run[k]
-        )
-        if changed:
-            raise InvalidInputError(
-                f"{out} holds embeddings of another run (different {', '.join(changed)}); "
-                "use another --out or delete it to start over"
-            )
-        if existing.get("model") != run["model"]:
-            raise InvalidInputError(
-                f"{out} was embedded with the model {existing.get('model')}, not {run['model']}"
-            )
-    for shard in range(run["num_shards"]):
-        rows = slice(shard * shard_size, (shard + 1) * shard_size)
-        plan = [[i, p] for i, p in zip(ids[rows], paths[rows], strict=True)]
-        embeddings.write_json(embeddings.join(out, embeddings.plan_name(shard)), plan)
-    embeddings.write_json(run_path, run)
-    return run
+    return embeddings.plan_run(out, ids, paths, shard_size, source=source, model=model)
 
 
 def embed_images(
@@ -333,7 +298,8 @@ def embed_images(
 
     Returns:
         ``{"out", "count", "dim", "dead": [{"id", "image", "reason"}], "shards",
-        "embedded_shards": [numbers run now], "skipped_shards": [finished before]}``.
+        "embedded_shards": [numbers run now], "skipped_shards": [finished before],
+        "manifest"}``.
     """
     if shard_size < 1 or batch_size < 1 or workers < 1:
         raise InvalidInputError("shard_size, batch_size and workers must be >= 1")
@@ -344,29 +310,19 @@ def embed_images(
     done = [s for s in range(run["num_shards"]) if embeddings.shard_complete(out, s)]
     pending = sorted(set(range(run["num_shards"])) - set(done))
     if pending:
-        local = not any(a == "--runner" or a.startswith("--runner=") for a in beam_args)
-        if threads is None and local and workers > 1:
+        if threads is None and runs_locally(beam_args) and workers > 1:
             threads = max(1, (os.cpu_count() or 1) // workers)
-        handler = RemapModelHandler(_model_reference(model), batch_size, threads)
+        handler = RemapModelHandler(run["model"], batch_size, threads)
         with beam.Pipeline(options=pipeline_options(beam_args, workers)) as pipeline:
             build_pipeline(pipeline, out, pending, handler)
     manifest = embeddings.finalize(out, run)
-    dead = [
-        d
-        for s in range(run["num_shards"])
-        for d in (embeddings.read_commit(out, s) or {}).get("dead", [])
-    ]
     return {
         "out": out,
         "count": manifest["count"],
         "dim": manifest["dim"],
-        "dead": dead,
+        "dead": embeddings.dead_letters(out),
         "shards": run["num_shards"],
         "embedded_shards": pending,
         "skipped_shards": done,
+        "manifest": manifest,
     }
-
-
-def _model_reference(model: str) -> str:
-    """An existing local folder made absolute (workers may start elsewhere), else as given."""
-    return str(Path(model).resolve()) if os.path.exists(model) else model

@@ -33,7 +33,7 @@ import numpy as np
 
 from remap_tf.errors import InvalidInputError
 from remap_tf.serving import embeddings
-from remap_tf.serving.beam_embed import pipeline_options
+from remap_tf.serving.beam_embed import pipeline_options, runs_locally
 from remap_tf.serving.index import make_index
 from remap_tf.serving.index.files import staged_index_dir
 from remap_tf.serving.index.sharded import shard_of, write_top_level
@@ -56,11 +56,13 @@ def shards_for_budget(count: int, dim: int, memory_budget: int) -> int:
     return max(1, math.ceil(estimated_build_bytes(count, dim) / memory_budget))
 
 
-def _route(task, folders: Sequence[str], routing: str, num_shards: int) -> int:
+def _route(
+    task, folders: Sequence[str], manifests: Sequence[dict], routing: str, num_shards: int
+) -> int:
     """Splits one embedding shard into per-index-shard parts; returns its row count."""
     folder_index, shard = task
     folder = folders[folder_index]
-    ids, rows = embeddings.read_shard(folder, shard, embeddings.read_manifest(folder))
+    ids, rows = embeddings.read_shard(folder, shard, manifests[folder_index])
     targets = shard_of(ids, num_shards)
     for target in np.unique(targets):
         keep = np.flatnonzero(targets == target)
@@ -97,8 +99,10 @@ def build_sharded_index(
     workers: int = 1,
     beam_args: Sequence[str] = (),
     metadata: dict | None = None,
+    manifests: Sequence[dict] | None = None,
 ) -> dict:
-    """Builds a sharded index of one or more ``remap embed`` folders with Beam.
+    """Builds a sharded index of one or more descriptor folders (`remap_tf.serving.embeddings`)
+    with Beam.
 
     Args:
         folders: embedding folders (their ids must not overlap).
@@ -109,12 +113,13 @@ def build_sharded_index(
         workers: worker processes of the local runner (shards built that many at a time).
         beam_args: Beam options (another runner; see `beam_embed.pipeline_options`).
         metadata: recorded in the index (image root, model).
+        manifests: the folders' manifests, when the caller read them already.
 
     Returns:
         ``{"index", "count", "dim", "num_shards", "shards": [entries], "config"}``.
     """
     folders = [str(Path(f).resolve()) for f in ([folders] if isinstance(folders, str) else folders)]
-    manifests = [embeddings.read_manifest(f) for f in folders]
+    manifests = list(manifests or [embeddings.read_manifest(f) for f in folders])
     dims = {m["dim"] for m in manifests if m["dim"] is not None}
     if len(dims) != 1:
         raise InvalidInputError(f"the embedding folders hold descriptors of sizes {sorted(dims)}")
@@ -124,8 +129,7 @@ def build_sharded_index(
             raise InvalidInputError("give the number of shards or a memory budget")
         num_shards = shards_for_budget(count, dim, memory_budget)
     config = dict(scann_config or {}) if kind == "scann" else {}
-    local = not any(a == "--runner" or a.startswith("--runner=") for a in beam_args)
-    if kind == "scann" and local and "num_threads" not in config:
+    if kind == "scann" and runs_locally(beam_args) and "num_threads" not in config:
         config["num_threads"] = max(1, (os.cpu_count() or 1) // min(workers, num_shards))
     out = Path(out)
     tasks = [(f, s) for f, m in enumerate(manifests) for s in range(m["num_shards"])]
@@ -135,7 +139,8 @@ def build_sharded_index(
             routed = (
                 pipeline
                 | "EmbeddingShards" >> beam.Create(tasks)
-                | "Route" >> beam.Map(_route, folders, str(staging / "routing"), num_shards)
+                | "Route"
+                >> beam.Map(_route, folders, manifests, str(staging / "routing"), num_shards)
             )
             _ = (
                 pipeline

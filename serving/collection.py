@@ -1,4 +1,5 @@
-"""Which images a collection holds: a folder, or a manifest listing them.
+"""Which images a collection holds: a folder, or a manifest listing them (and what a glob of
+them looks like, for ``remap embed``).
 
 Standard library only, so the ``remap`` command checks ``--images`` before it loads a model.
 """
@@ -48,6 +49,21 @@ def id_problem(item: str) -> str | None:
     if PurePosixPath(item).suffix.lower() not in IMAGE_EXTENSIONS:
         return f"the name does not end in an image extension ({', '.join(IMAGE_EXTENSIONS)})"
     return None
+
+
+GLOB_CHARACTERS = "*?["
+
+
+def is_glob(source) -> bool:
+    """True when ``source`` is a pattern (``photos/**.jpg``), not a folder or a list."""
+    return any(char in str(source) for char in GLOB_CHARACTERS)
+
+
+def glob_base(pattern: str) -> str:
+    """The fixed folder of a glob, before its first wildcard ("" when it starts with one): the
+    ids of the files it matches are relative to it."""
+    cut = min(pattern.find(char) for char in GLOB_CHARACTERS if char in pattern)
+    return pattern[:cut].rpartition("/")[0]
 
 
 def list_images(source) -> tuple[list[str], list[str]]:

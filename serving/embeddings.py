@@ -1,4 +1,8 @@
-"""The output of ``remap embed``: descriptor shards with their ids, dead letters, a manifest.
+"""The one on-disk format of descriptor shards: ids, descriptors, dead letters, a manifest.
+
+Written by ``remap embed`` (`remap_tf.serving.beam_embed`) and by ``remap index build
+--images`` (`remap_tf.serving.local_embed`, in this process), read by ``remap index build``
+(`load_embeddings`, `remap_tf.serving.beam_index`) and ``remap evaluate``.
 
 A folder (a local path, or any filesystem Beam supports, e.g. ``gs://bucket/run``)::
 
@@ -15,6 +19,10 @@ A folder (a local path, or any filesystem Beam supports, e.g. ``gs://bucket/run`
     manifest.json            {"format", "format_version", "dim", "count", "dead", "num_shards",
                              "model", "source", "files": {every shard file: {"sha256", "bytes"}}}
 
+A folder of the retired format (``store.json`` beside ``shard-N.npy`` / ``shard-N.json`` that
+list image paths) is refused by `check_not_retired` with how to convert it
+(`upgrade_retired`, ``remap index upgrade``).
+
 A shard is finished when its commit record exists and its two files have the recorded sizes
 (`shard_complete`, the cheap check a rerun uses to skip it); readers (`iter_shards`,
 `load_embeddings`) check every SHA-256 against the manifest. Local files are written
@@ -24,6 +32,7 @@ temporary name, then a rename).
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -32,6 +41,7 @@ from pathlib import Path
 
 import numpy as np
 
+from remap_tf.contract import MANIFEST_FILE
 from remap_tf.errors import BadPathError, FileFormatError, InvalidInputError
 from remap_tf.io import atomic_write_bytes
 from remap_tf.serving.manifest import sha256_bytes
@@ -39,8 +49,9 @@ from remap_tf.serving.manifest import sha256_bytes
 FORMAT = "remap-embeddings"
 FORMAT_VERSION = 1
 RUN_FILE = "embed.json"
-MANIFEST = "manifest.json"
 DEAD_LETTER = "dead_letter.jsonl"
+PLANS = "lists"
+RETIRED_STORE = "store.json"  # the header of the retired format (shards of image paths)
 
 
 # --- storage: local paths directly, anything else through Beam's FileSystems ----------------
@@ -114,7 +125,7 @@ def shard_names(shard: int) -> tuple[str, str, str]:
 
 
 def plan_name(shard: int) -> str:
-    return f"lists/shard-{shard:05d}.json"
+    return f"{PLANS}/shard-{shard:05d}.json"
 
 
 def npy_bytes(array: np.ndarray) -> bytes:
@@ -207,7 +218,7 @@ def finalize(out, run: dict) -> dict:
         "source": run.get("source"),
         "files": files,
     }
-    write_json(join(out, MANIFEST), manifest)
+    write_json(join(out, MANIFEST_FILE), manifest)
     return manifest
 
 
@@ -237,25 +248,139 @@ def write_embeddings(out, ids, descriptors, shard_size: int = 10_000, model=None
     return finalize(out, run)
 
 
+# --- a run: what is embedded, checked on a rerun ---------------------------------------------
+
+
+def model_reference(model) -> str | None:
+    """How a run (and an index) records its model: an existing local path made absolute
+    (workers, and later commands, may start in another folder), anything else as given."""
+    if model is None:
+        return None
+    text = os.fspath(model)
+    return str(Path(text).resolve()) if not is_remote(text) and os.path.exists(text) else text
+
+
+def is_embeddings_folder(path) -> bool:
+    """True when a local folder holds (part of) a run of this format: its ``embed.json``."""
+    return (Path(path) / RUN_FILE).is_file()
+
+
+def check_not_retired(out) -> None:
+    """FileFormatError saying how to convert a folder of the retired ``store.json`` format."""
+    if is_remote(out) or is_embeddings_folder(out) or not (Path(out) / RETIRED_STORE).is_file():
+        return
+    raise FileFormatError(
+        f"{out} holds descriptors in the retired {RETIRED_STORE} format; convert them with "
+        f"`remap index upgrade --embeddings {out} --images IMAGES --model MODEL` (the images "
+        "and model they were made with), or delete the folder and run again"
+    )
+
+
+def _describe_run(ids, paths, shard_size: int, source, model) -> tuple[dict, list, list]:
+    """``(run, ids, paths)``: the ``embed.json`` of a run, local paths made absolute."""
+    ids = [str(i) for i in ids]
+    if len(set(ids)) != len(ids):
+        raise InvalidInputError(f"{source or 'the image list'} gives some images the same id")
+    paths = [p if is_remote(p) else str(Path(p).resolve()) for p in map(str, paths)]
+    digest = hashlib.sha256(
+        "\n".join(f"{i}\t{p}" for i, p in zip(ids, paths, strict=True)).encode("utf-8")
+    )
+    run = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "source": None if source is None else str(source),
+        "model": model_reference(model),
+        "shard_size": int(shard_size),
+        "num_images": len(paths),
+        "num_shards": -(-len(paths) // shard_size),
+        "images_sha256": digest.hexdigest(),
+    }
+    return run, ids, paths
+
+
+def _check_same_run(out, existing: dict, run: dict) -> None:
+    changed = sorted(k for k in run if k not in ("source", "model") and existing.get(k) != run[k])
+    if changed:
+        raise InvalidInputError(
+            f"{out} holds embeddings of another run (different {', '.join(changed)}); "
+            "use another folder or delete it to start over"
+        )
+    if existing.get("model") != run["model"]:
+        raise InvalidInputError(
+            f"{out} was embedded with the model {existing.get('model')}, not {run['model']}"
+        )
+
+
+def _write_plans(out, run: dict, ids: list, paths: list) -> None:
+    size = run["shard_size"]
+    for shard in range(run["num_shards"]):
+        rows = slice(shard * size, (shard + 1) * size)
+        plan = [[i, p] for i, p in zip(ids[rows], paths[rows], strict=True)]
+        write_json(join(out, plan_name(shard)), plan)
+    write_json(join(out, RUN_FILE), run)
+
+
+def plan_run(out, ids, paths, shard_size: int, source=None, model=None) -> dict:
+    """Writes (or, on a rerun, checks) ``embed.json`` and the image list of each shard.
+
+    Args:
+        out: the output folder (local or on a Beam filesystem).
+        ids: ``(num_images,)`` unique ids, in row order.
+        paths: ``(num_images,)`` the image files.
+        shard_size: images per shard (the unit a rerun skips or redoes).
+        source: what the images were listed from, recorded.
+        model: the model (export folder or TF Serving address), recorded; a rerun must
+            use the same one.
+
+    Returns:
+        The run (``embed.json``).
+
+    Raises:
+        InvalidInputError: ids repeat, or ``out`` holds another run.
+        FileFormatError: ``out`` is a folder of the retired format.
+    """
+    if shard_size < 1:
+        raise InvalidInputError(f"the shard size must be >= 1, got {shard_size}")
+    check_not_retired(out)
+    run, ids, paths = _describe_run(ids, paths, shard_size, source, model)
+    run_path = join(out, RUN_FILE)
+    if size_of(run_path) is not None:
+        _check_same_run(out, read_json(run_path, "the run description"), run)
+    _write_plans(out, run, ids, paths)
+    return run
+
+
+def read_plan(out, shard: int) -> list:
+    """``[[id, path], ...]``: the images of one shard, in row order."""
+    return read_json(join(out, plan_name(shard)), "the shard's image list")
+
+
+def dead_letters(out) -> list[dict]:
+    """``[{"id", "image", "reason"}]`` of a finalized folder (``dead_letter.jsonl``)."""
+    text = read_bytes(join(out, DEAD_LETTER)).decode("utf-8")
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
 # --- reading ---------------------------------------------------------------------------------
 
 
 def read_manifest(out) -> dict:
-    """The verified-format manifest of a finished ``remap embed`` folder."""
+    """The verified-format manifest of a finished descriptor folder."""
     if not is_remote(out) and not Path(out).is_dir():
         raise BadPathError(f"no embeddings folder at {out}")
-    manifest = read_json(join(out, MANIFEST), f"the {FORMAT} manifest; is the run finished?")
+    check_not_retired(out)
+    manifest = read_json(join(out, MANIFEST_FILE), f"the {FORMAT} manifest; is the run finished?")
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise FileFormatError(f"{join(out, MANIFEST)} is not a {FORMAT} manifest")
+        raise FileFormatError(f"{join(out, MANIFEST_FILE)} is not a {FORMAT} manifest")
     if not isinstance(manifest.get("format_version"), int) or manifest["format_version"] > 1:
-        raise FileFormatError(f"{join(out, MANIFEST)}: unsupported format_version")
+        raise FileFormatError(f"{join(out, MANIFEST_FILE)}: unsupported format_version")
     return manifest
 
 
 def _checked(out, name: str, manifest: dict) -> bytes:
     entry = manifest["files"].get(name)
     if entry is None:
-        raise FileFormatError(f"{join(out, MANIFEST)} does not list {name}")
+        raise FileFormatError(f"{join(out, MANIFEST_FILE)} does not list {name}")
     try:
         data = read_bytes(join(out, name))
     except FileNotFoundError:
@@ -287,8 +412,12 @@ def iter_shards(out, manifest: dict | None = None) -> Iterator[tuple[int, list, 
             yield shard, ids, rows
 
 
-def load_embeddings(folders) -> tuple[list[str], np.ndarray, dict]:
-    """Every id and descriptor of one or more ``remap embed`` folders, checked.
+def load_embeddings(folders, manifests=None) -> tuple[list[str], np.ndarray, dict]:
+    """Every id and descriptor of one or more descriptor folders, checked.
+
+    Args:
+        folders: one folder or a list.
+        manifests: their manifests, when the caller read them already (else read here).
 
     Returns:
         ``(ids, descriptors (n, dim) float32, info)`` with ``info = {"dim", "count",
@@ -298,9 +427,9 @@ def load_embeddings(folders) -> tuple[list[str], np.ndarray, dict]:
         InvalidInputError: folders of different descriptor sizes, or an id in two of them.
     """
     folders = [folders] if isinstance(folders, str | os.PathLike) else list(folders)
+    manifests = manifests or [read_manifest(out) for out in folders]
     ids, parts, info = [], [], None
-    for out in folders:
-        manifest = read_manifest(out)
+    for out, manifest in zip(folders, manifests, strict=True):
         if info is None:
             info = {k: manifest[k] for k in ("dim", "model", "source")} | {"count": 0, "dead": 0}
         elif manifest["dim"] not in (None, info["dim"]):
@@ -317,3 +446,81 @@ def load_embeddings(folders) -> tuple[list[str], np.ndarray, dict]:
     if not ids:
         raise InvalidInputError(f"no descriptors in {', '.join(map(str, folders))}")
     return ids, np.concatenate(parts), info
+
+
+# --- the retired format -----------------------------------------------------------------------
+
+
+def upgrade_retired(out, ids, paths, source=None, model=None) -> dict:
+    """Converts a folder of the retired ``store.json`` format in place, keeping its descriptors.
+
+    Each finished shard of the retired format (``shard-N.npy`` rows of the image paths that
+    ``shard-N.json`` lists, and the paths it skipped) becomes a shard of this format, with
+    ids; ``store.json`` is removed last, so an interrupted upgrade can be run again. A shard
+    the retired run had not finished is left for the next ``remap index build`` to embed.
+
+    Args:
+        out: the retired folder (local).
+        ids, paths: the collection it was made from (as `remap_tf.serving.collection.list_images`
+            lists it: same images, same order).
+        source, model: recorded in ``embed.json``.
+
+    Returns:
+        ``{"out", "converted": shards converted now, "num_shards", "manifest": None until
+        every shard is finished}``.
+
+    Raises:
+        InvalidInputError: the folder holds descriptors of other images.
+        FileFormatError: it is not in the retired format.
+    """
+    folder = Path(out)
+    header_path = folder / RETIRED_STORE
+    if not header_path.is_file():
+        raise FileFormatError(f"{out} is not in the retired {RETIRED_STORE} format")
+    header = read_json(header_path, f"the retired {RETIRED_STORE}")
+    if not isinstance(header, dict) or not isinstance(header.get("shard_size"), int):
+        raise FileFormatError(f"{header_path} is not a retired descriptor store header")
+    if header.get("num_images") != len(paths):
+        raise InvalidInputError(
+            f"{out} holds descriptors of {header.get('num_images')} images, not of the "
+            f"{len(paths)} images given; give the images it was made from"
+        )
+    run, ids, paths = _describe_run(ids, paths, header["shard_size"], source, model)
+    converted = sum(_upgrade_shard(folder, s, run, ids, paths) for s in range(run["num_shards"]))
+    _write_plans(out, run, ids, paths)
+    header_path.unlink()
+    complete = all(read_commit(out, s) is not None for s in range(run["num_shards"]))
+    manifest = finalize(out, run) if complete else None
+    return {
+        "out": str(out),
+        "converted": converted,
+        "num_shards": run["num_shards"],
+        "manifest": manifest,
+    }
+
+
+def _upgrade_shard(folder: Path, shard: int, run: dict, ids: list, paths: list) -> bool:
+    """Rewrites one retired shard as a shard of this format; False when there is none."""
+    npy, _, commit = shard_names(shard)
+    if read_commit(folder, shard) is not None or not (folder / commit).is_file():
+        return False  # converted already, or never finished
+    old = read_json(folder / commit, "a retired shard record")
+    rows = slice(shard * run["shard_size"], (shard + 1) * run["shard_size"])
+    id_of = dict(zip(paths[rows], ids[rows], strict=True))  # paths are absolute here
+    try:
+        images, skipped = old["images"], old["skipped"]
+        done = [id_of[str(Path(x).resolve())] for x in images]
+        lost = [(str(Path(d["image"]).resolve()), d["reason"]) for d in skipped]
+        dead = [{"id": id_of[path], "image": path, "reason": reason} for path, reason in lost]
+    except (KeyError, TypeError) as error:
+        raise InvalidInputError(
+            f"{folder}: shard {shard} holds {error} that is not among those images in that "
+            "order; give the images the folder was made from"
+        ) from None
+    if len(done) + len(dead) != len(ids[rows]):
+        raise InvalidInputError(f"{folder}: shard {shard} does not cover the images given")
+    descriptors = np.load(folder / npy, allow_pickle=False)
+    if descriptors.shape[0] != len(done):
+        raise FileFormatError(f"{folder}: {npy} has {descriptors.shape[0]} rows, not {len(done)}")
+    write_shard(folder, shard, done, descriptors if done else np.zeros((0, 0), np.float32), dead)
+    return True

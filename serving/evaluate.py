@@ -19,7 +19,8 @@ from remap_tf import evaluation
 from remap_tf.datasets import query_image
 from remap_tf.errors import InvalidInputError
 from remap_tf.evaluation import DEFAULT_KAPPAS
-from remap_tf.serving.embedding_store import embed_collection, embed_skipping
+from remap_tf.serving import embeddings
+from remap_tf.serving.local_embed import embed_collection, embed_skipping
 from remap_tf.serving.report import write_report
 
 
@@ -83,22 +84,22 @@ def evaluate_retrieval(
 
 
 def _embed_database(embedder, dataset, embeddings_dir, batch_size: int, progress: bool):
-    """``(descriptors, dataset rows of the descriptors, skipped)`` of the database images."""
+    """``(descriptors, dataset rows of the descriptors, skipped)`` of the database images,
+    through a descriptor folder (`remap_tf.serving.embeddings`; ids are the image paths)."""
+    paths = [str(p) for p in dataset.database]
     with tempfile.TemporaryDirectory(prefix="remap-eval-") as scratch:
-        collection = embed_collection(
-            embedder,
-            dataset.database,
-            embeddings_dir or scratch,
-            batch_size=batch_size,
-            progress=progress,
+        folder = embeddings_dir or scratch
+        embedded = embed_collection(
+            embedder, paths, paths, folder, batch_size=batch_size, progress=progress
         )
-    if not collection.images:
-        raise InvalidInputError(
-            f"none of the {len(dataset.database)} database images could be embedded"
-        )
-    position = {p: i for i, p in enumerate(dataset.database)}
-    rows = np.array([position[p] for p in collection.images], dtype=np.int64)
-    return collection.descriptors, rows, collection.skipped
+        if not embedded["count"]:
+            raise InvalidInputError(
+                f"none of the {len(dataset.database)} database images could be embedded"
+            )
+        ids, descriptors, _ = embeddings.load_embeddings(folder, [embedded["manifest"]])
+    position = {p: i for i, p in enumerate(paths)}
+    rows = np.array([position[i] for i in ids], dtype=np.int64)
+    return descriptors, rows, embedded["dead"]
 
 
 def _embed_queries(embedder, dataset, batch_size: int):

@@ -17,29 +17,26 @@ from pathlib import Path
 import numpy as np
 
 from remap_tf.errors import BadPathError, InvalidInputError
-from remap_tf.serving.collection import list_images
-from remap_tf.serving.embedding_store import embed_collection, embed_skipping
-from remap_tf.serving.embeddings import is_remote, load_embeddings, read_manifest
-from remap_tf.serving.index import (
-    DurableIndex,
-    Index,
-    ShardedIndex,
-    load_index,
-    make_index,
-    pending_changes,
-)
+from remap_tf.serving import embeddings
+from remap_tf.serving.collection import glob_base, is_glob, list_images
+from remap_tf.serving.index import DurableIndex, Index, load_index, make_index, pending_changes
+from remap_tf.serving.local_embed import embed_collection, embed_skipping
 
 # Metadata keys an index built here records.
 IMAGE_ROOT = "image_root"
 MODEL = "model"
 
 
-def model_reference(model: str | None) -> str | None:
-    """How an index records its model: an existing path made absolute, an address as is."""
-    if model is None:
-        return None
-    text = os.fspath(model)
-    return str(Path(text).resolve()) if os.path.exists(text) else text
+def _collection(images, model) -> dict:
+    """The images of a folder or manifest as a descriptor run records them."""
+    paths, ids = list_images(images)
+    return {"paths": paths, "ids": ids, "source": Path(images).resolve(), "model": model}
+
+
+def default_embeddings_dir(out) -> Path:
+    """Where ``index build --images`` keeps its descriptors: ``<out>.embeddings`` beside it."""
+    out = Path(out)
+    return out.parent / f"{out.name}.embeddings"
 
 
 def build_index(
@@ -55,72 +52,70 @@ def build_index(
     model: str | None = None,
     shards: int | None = None,
 ) -> dict:
-    """Embeds a folder or manifest of images (resumably) and saves an index of them.
+    """Embeds a folder or manifest of images (resumably), then builds an index of them.
+
+    Embed, then build from embeddings: the descriptors go into a descriptor folder
+    (`remap_tf.serving.embeddings`, the format ``remap embed`` writes) by
+    `remap_tf.serving.local_embed.embed_collection`, and `build_index_from_embeddings` builds
+    the index from it.
 
     Args:
         embedder: ``.embed(list of paths) -> (n, dim)`` and ``.dim``.
         images: an image folder (recursive) or a manifest (.txt / .csv with a path column).
         out: the index directory (written atomically).
-        embeddings_dir: descriptor shards, kept to resume an interrupted run (default
+        embeddings_dir: the descriptor folder, kept to resume an interrupted run (default
             ``<out>.embeddings`` beside the index).
         kind: "scann" or "exact".
         scann_config: ``remap_tf.serving.index.ScannConfig`` overrides.
-        shard_size, batch_size: see `remap_tf.serving.embedding_store.embed_collection`.
+        shard_size, batch_size: see `remap_tf.serving.local_embed.embed_collection`.
         progress: show a progress bar.
         model: the model (export folder or TF Serving address), recorded in the index so that
             later searches and additions use the same one.
-        shards: split the index into this many shards by id hash
-            (`remap_tf.serving.index.sharded.ShardedIndex`); None: one index.
+        shards: split the index into this many shards by id hash, one Beam task each
+            (`remap_tf.serving.beam_index`); None: one index.
 
     Returns:
-        ``{"index": path, "count", "dim", "skipped": [{"image", "reason"}], "config"}``.
+        ``{"index": path, "count", "dim", "skipped": [{"id", "image", "reason"}], "config",
+        "resumed_shards", "num_shards"}``.
     """
-    out = Path(out)
-    paths, ids = list_images(images)
-    embeddings_dir = (
-        Path(embeddings_dir) if embeddings_dir else out.parent / f"{out.name}.embeddings"
-    )
-    collection = embed_collection(
-        embedder, paths, embeddings_dir, shard_size=shard_size, batch_size=batch_size,
-        progress=progress,
+    collection = _collection(images, model)
+    folder = Path(embeddings_dir) if embeddings_dir else default_embeddings_dir(out)
+    embedded = embed_collection(
+        embedder, collection["paths"], collection["ids"], folder, shard_size=shard_size,
+        batch_size=batch_size, progress=progress, source=collection["source"], model=model,
     )  # fmt: skip
-    if not collection.images:
-        raise InvalidInputError(f"none of the {len(paths)} images under {images} could be embedded")
-    id_of = dict(zip(paths, ids, strict=True))
-    index = _new_index(kind, int(embedder.dim), scann_config, shards)
-    index.add([id_of[p] for p in collection.images], collection.descriptors)
-    source = Path(images).resolve()
-    index.metadata = {
-        "images": str(source),
-        IMAGE_ROOT: str(source if source.is_dir() else source.parent),
-        MODEL: model_reference(model),
-        "skipped": len(collection.skipped),
-    }
-    index.save(out)
-    return {
-        "index": str(out),
-        "count": len(index),
-        "dim": index.dim,
-        "skipped": collection.skipped,
-        "resumed_shards": collection.resumed_shards,
-        "config": index.config,
+    if not embedded["count"]:
+        raise InvalidInputError(
+            f"none of the {len(collection['paths'])} images under {images} could be embedded"
+        )
+    summary = build_index_from_embeddings(
+        [folder], out, kind=kind, scann_config=scann_config, shards=shards,
+        manifests=[embedded["manifest"]],
+    )  # fmt: skip
+    return summary | {
+        "skipped": embedded["dead"],
+        "resumed_shards": len(embedded["skipped_shards"]),
     }
 
 
-def _new_index(kind: str, dim: int, scann_config: dict | None, shards: int | None):
-    if shards:
-        config = scann_config or {}
-        return ShardedIndex(dim, shards, make_shard=lambda: make_index(kind, dim, **config))
-    return make_index(kind, dim, **(scann_config or {}))
+def upgrade_embeddings(embeddings_dir, images, model: str | None = None) -> dict:
+    """Converts a descriptor folder of the retired ``store.json`` format (written by ``index
+    build --images`` before there was one format) in place; the next ``index build`` with
+    the same images and model resumes from it. See
+    `remap_tf.serving.embeddings.upgrade_retired`."""
+    collection = _collection(images, model)
+    return embeddings.upgrade_retired(
+        embeddings_dir, collection["ids"], collection["paths"], source=collection["source"],
+        model=model,
+    )  # fmt: skip
 
 
 def _image_root(source: str | None) -> str | None:
     """Where ids lead back to files: a local folder, a list's folder, a glob's fixed part."""
-    if not source or is_remote(source):
+    if not source or embeddings.is_remote(source):
         return None
-    for char in "*?[":
-        if char in source:
-            source = source[: source.find(char)].rpartition("/")[0] or "."
+    if is_glob(source):
+        source = glob_base(source) or "."
     path = Path(source).resolve()
     return str(path if path.is_dir() else path.parent)
 
@@ -134,33 +129,37 @@ def build_index_from_embeddings(
     memory_budget: int | None = None,
     workers: int = 1,
     beam_args=(),
+    manifests=None,
 ) -> dict:
-    """Builds an index of ``remap embed`` output: one index, or sharded (``shards`` or a
-    ``memory_budget`` in bytes per shard build) with one Beam task per shard.
+    """Builds an index of descriptor folders (`remap_tf.serving.embeddings`): one index, or
+    sharded (``shards`` or a ``memory_budget`` in bytes per shard build) with one Beam task
+    per shard.
 
-    The index records the model and image root of the (first) embedding folder.
+    The index records the model and image root of the (first) folder. ``manifests``: the
+    folders' manifests when the caller has them (each is read once per command).
 
     Returns:
         ``{"index", "count", "dim", "config", "num_shards"}`` (num_shards None: one index).
     """
-    from remap_tf.serving.beam_index import build_sharded_index  # Beam loads only when used
-
     folders = [str(f) for f in ([folders] if isinstance(folders, str | os.PathLike) else folders)]
-    first = read_manifest(folders[0])
+    manifests = manifests or [embeddings.read_manifest(f) for f in folders]
+    first = manifests[0]
     metadata = {
         "images": first.get("source"),
         IMAGE_ROOT: _image_root(first.get("source")),
         MODEL: first.get("model"),
         "embeddings": [str(Path(f).resolve()) for f in folders],
-        "skipped": sum(read_manifest(f)["dead"] for f in folders),
+        "skipped": sum(m["dead"] for m in manifests),
     }
     if shards is not None or memory_budget is not None:
-        summary = build_sharded_index(
+        from remap_tf.serving.beam_index import build_sharded_index  # Beam loads only here
+
+        return build_sharded_index(
             folders, out, num_shards=shards, memory_budget=memory_budget, kind=kind,
             scann_config=scann_config, workers=workers, beam_args=beam_args, metadata=metadata,
+            manifests=manifests,
         )  # fmt: skip
-        return summary
-    ids, rows, info = load_embeddings(folders)
+    ids, rows, info = embeddings.load_embeddings(folders, manifests)
     index = make_index(kind, info["dim"], **(scann_config or {}))
     index.add(ids, rows)
     index.metadata = metadata

@@ -15,6 +15,7 @@ import pytest
 from PIL import Image
 
 from remap_cli import main as cli
+from remap_tf import contract
 from remap_tf.serving import embeddings
 from remap_tf.serving.beam_embed import (
     RemapModelHandler,
@@ -124,6 +125,39 @@ def test_remap_embed_command_with_relative_paths_and_a_glob(
     assert info["model"] == str(Path(export_dir).resolve())
     code = cli.main(["embed", "--images", "nowhere/", "--model", export_dir, "--out", "o2"])
     assert code == 2 and "nowhere" in capsys.readouterr().err
+
+
+def test_remap_embed_and_index_build_write_one_format_read_by_one_reader(
+    export_dir, images, reference, tmp_path, monkeypatch, capsys
+):
+    """``remap embed`` (Beam) and ``remap index build --images`` (in process) write the same
+    descriptor format: the same files, ids, dead letters and descriptors, read through the one
+    reader (`load_embeddings`), and each folder builds an index with ``--from-embeddings``."""
+    monkeypatch.chdir(tmp_path)
+    source, model = os.path.relpath(images), os.path.relpath(export_dir)
+    assert cli.main(["embed", "--images", source, "--model", model, "--out", "emb"]) == 0
+    argv = ["index", "build", "--model", model, "--images", source, "--out", "idx", "--quiet"]
+    assert cli.main(argv) == 0, capsys.readouterr().err
+    assert "indexed 10 images" in capsys.readouterr().out
+    folders = {"embed": tmp_path / "emb", "index build": tmp_path / "idx.embeddings"}
+    read = {name: load_embeddings(folder) for name, folder in folders.items()}
+    for name, (ids, rows, info) in read.items():
+        assert sorted(ids) == sorted(reference), name
+        np.testing.assert_allclose(rows, np.stack([reference[i] for i in ids]), atol=1e-5)
+        assert info["model"] == str(Path(export_dir).resolve()) and info["dead"] == len(BROKEN)
+        dead = embeddings.dead_letters(folders[name])
+        assert sorted(d["id"] for d in dead) == sorted(BROKEN), name
+    assert read["embed"][0] == read["index build"][0]
+    names = {n: sorted(p.name for p in f.iterdir()) for n, f in folders.items()}
+    assert names["embed"] == names["index build"]
+    assert {embeddings.RUN_FILE, contract.MANIFEST_FILE, embeddings.DEAD_LETTER} <= set(
+        names["embed"]
+    )
+    argv = ["index", "build", "--from-embeddings", "emb", "--out", "idx2", "--kind", "exact"]
+    assert cli.main(argv) == 0, capsys.readouterr().err
+    from remap_tf.serving.index import load_index
+
+    assert sorted(load_index("idx2").ids) == sorted(load_index("idx").ids) == sorted(reference)
 
 
 def test_handler_returns_a_weakly_referencable_model_and_runner_options(export_dir):

@@ -1,4 +1,4 @@
-"""`remap index build`, `remap search`, `remap evaluate`, the embedding store and the report.
+"""`remap index build`, `remap search`, `remap evaluate`, in-process embedding and the report.
 
 Most tests use a small deterministic embedder (a 4x4 colour thumbnail of the image) so the
 commands run in seconds; one test goes through a real exported REMAP SavedModel.
@@ -6,9 +6,11 @@ commands run in seconds; one test goes through a real exported REMAP SavedModel.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import pickle
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,7 +20,8 @@ from remap_cli import common
 from remap_cli import main as cli
 from remap_tf import evaluation
 from remap_tf.serving.collection import list_images
-from remap_tf.serving.embedding_store import embed_collection
+from remap_tf.serving.embeddings import dead_letters, load_embeddings
+from remap_tf.serving.local_embed import embed_collection
 from tests import browser
 
 # What the tests give as --model when `common.embedder_for` is replaced by a fake embedder:
@@ -98,48 +101,120 @@ def _run(argv, capsys):
 
 
 # ---------------------------------------------------------------------------------------
-# Embedding store
+# In-process embedding (the descriptor format of remap_tf.serving.embeddings)
 # ---------------------------------------------------------------------------------------
 
 
 def test_embedding_resumes_after_interrupt(tmp_path):
     _make_groups(tmp_path / "imgs", num_groups=4, per_group=3, distractors=0)
-    paths, _ = list_images(tmp_path / "imgs")
+    paths, ids = list_images(tmp_path / "imgs")
     assert len(paths) == 12
     interrupted = ThumbnailEmbedder(fail_on_call=3)  # shard 0 = calls 1-2, dies in shard 1
     with pytest.raises(KeyboardInterrupt):
-        embed_collection(interrupted, paths, tmp_path / "shards", 4, 2, progress=False)
+        embed_collection(interrupted, paths, ids, tmp_path / "shards", 4, 2, progress=False)
     assert sorted(p.name for p in (tmp_path / "shards").glob("shard-*")) == [
+        "shard-00000.ids.json",
         "shard-00000.json",
         "shard-00000.npy",
     ]
     resumed = ThumbnailEmbedder()
-    result = embed_collection(resumed, paths, tmp_path / "shards", 4, 2, progress=False)
-    assert result.resumed_shards == 1
+    result = embed_collection(resumed, paths, ids, tmp_path / "shards", 4, 2, progress=False)
+    assert result["skipped_shards"] == [0] and result["embedded_shards"] == [1, 2]
     assert [p for call in resumed.calls for p in call] == paths[4:]  # nothing redone
-    fresh = embed_collection(ThumbnailEmbedder(), paths, tmp_path / "fresh", 4, 2, progress=False)
-    assert result.images == fresh.images == paths
-    np.testing.assert_array_equal(result.descriptors, fresh.descriptors)
+    embed_collection(ThumbnailEmbedder(), paths, ids, tmp_path / "fresh", 4, 2, progress=False)
+    got_ids, got, _ = load_embeddings(tmp_path / "shards")
+    fresh_ids, fresh, _ = load_embeddings(tmp_path / "fresh")
+    assert got_ids == fresh_ids == ids
+    np.testing.assert_array_equal(got, fresh)
     with pytest.raises(ValueError, match="another run"):
-        embed_collection(resumed, paths[:5], tmp_path / "shards", 4, 2, progress=False)
+        embed_collection(resumed, paths[:5], ids[:5], tmp_path / "shards", 4, 2, progress=False)
 
 
 @pytest.mark.parametrize("embedder_class", [ThumbnailEmbedder, RejectingEmbedder])
 def test_unreadable_images_are_skipped_and_listed(tmp_path, embedder_class):
     _make_groups(tmp_path / "imgs", num_groups=2, per_group=3, distractors=0)
     (tmp_path / "imgs" / "group0" / "broken.png").write_bytes(b"junk, not a PNG")
-    paths, _ = list_images(tmp_path / "imgs")
+    paths, ids = list_images(tmp_path / "imgs")
     paths.append(str(tmp_path / "imgs" / "gone.png"))
+    ids.append("gone.png")
     embedder = embedder_class()
-    result = embed_collection(embedder, paths, tmp_path / "shards", 3, 3, progress=False)
-    assert {s["image"] for s in result.skipped} == {
+    result = embed_collection(embedder, paths, ids, tmp_path / "shards", 3, 3, progress=False)
+    assert {s["image"] for s in result["dead"]} == {
         str(tmp_path / "imgs" / "group0" / "broken.png"),
         str(tmp_path / "imgs" / "gone.png"),
     }
-    assert len(result.images) == 6 and result.descriptors.shape == (6, 48)
-    alone = ThumbnailEmbedder().embed(result.images)
-    np.testing.assert_allclose(result.descriptors, alone, atol=1e-6)
-    assert any("not found" in s["reason"] for s in result.skipped)
+    assert dead_letters(tmp_path / "shards") == result["dead"]
+    got_ids, got, info = load_embeddings(tmp_path / "shards")
+    assert len(got_ids) == 6 and got.shape == (6, 48) and info["dead"] == 2
+    alone = ThumbnailEmbedder().embed([paths[ids.index(i)] for i in got_ids])
+    np.testing.assert_allclose(got, alone, atol=1e-6)
+    assert any("not found" in s["reason"] for s in result["dead"])
+
+
+def _write_retired_store(folder, paths, rows: dict, skipped: dict, shard_size: int):
+    """The retired format, as ``remap index build --images`` wrote it before there was one
+    descriptor format: store.json, shard-N.npy and shard-N.json listing image paths."""
+    folder.mkdir(parents=True)
+    header = {
+        "format_version": 1,
+        "dim": 48,
+        "shard_size": shard_size,
+        "num_images": len(paths),
+        "images_sha256": hashlib.sha256("\n".join(paths).encode("utf-8")).hexdigest(),
+    }
+    (folder / "store.json").write_text(json.dumps(header))
+    for shard, start in enumerate(range(0, len(paths), shard_size)):
+        chunk = paths[start : start + shard_size]
+        done = [p for p in chunk if p not in skipped]
+        np.save(folder / f"shard-{shard:05d}.npy", np.stack([rows[p] for p in done]))
+        lost = [{"image": p, "reason": skipped[p]} for p in chunk if p in skipped]
+        record = {"images": done, "skipped": lost}
+        (folder / f"shard-{shard:05d}.json").write_text(json.dumps(record))
+
+
+def test_a_retired_descriptor_folder_is_refused_then_upgraded(tmp_path, fake, capsys, monkeypatch):
+    """A ``<out>.embeddings`` of the retired store.json format (its last shard unfinished, paths
+    relative, as a user typed them): index build and evaluate refuse it in one line that says
+    how to convert it; ``remap index upgrade`` converts it, keeping the descriptors, and the
+    next build embeds only the unfinished shard."""
+    _make_groups(tmp_path / "imgs", num_groups=3, per_group=3, distractors=1)
+    (tmp_path / "imgs" / "group0" / "broken.png").write_bytes(b"junk, not a PNG")
+    monkeypatch.chdir(tmp_path)
+    paths, ids = list_images("imgs")
+    assert len(paths) == 11 and not Path(paths[0]).is_absolute()
+    broken = "imgs/group0/broken.png"
+    rows = {p: ThumbnailEmbedder().embed([p])[0] for p in paths if p != broken}
+    _write_retired_store(tmp_path / "idx.embeddings", paths, rows, {broken: "bad"}, 4)
+    for name in ("shard-00002.npy", "shard-00002.json"):  # the retired run was interrupted
+        (tmp_path / "idx.embeddings" / name).unlink()
+    build = ["index", "build", "--model", FAKE_MODEL, "--images", "imgs", "--out", "idx"]
+    build += ["--shard-size", "4", "--quiet"]
+    for argv in (build, ["evaluate", "--dataset", paths[0], "--model", FAKE_MODEL]
+                 + ["--embeddings", "idx.embeddings"]):  # fmt: skip
+        code, _, err = _run(argv, capsys)
+        assert code == 2 and len(err.strip().splitlines()) == 1, err
+        assert "idx.embeddings holds descriptors in the retired store.json format" in err
+        assert "remap index upgrade --embeddings idx.embeddings" in err
+    assert fake.calls == []
+    upgrade = ["index", "upgrade", "--embeddings", "idx.embeddings", "--images"]
+    code, _, err = _run([*upgrade, "imgs/group1", "--model", FAKE_MODEL], capsys)
+    assert code == 2 and "holds descriptors of 11 images, not of the 3 images given" in err
+    assert (tmp_path / "idx.embeddings" / "store.json").is_file()
+    upgrade.append("imgs")
+    code, out, err = _run([*upgrade, "--model", FAKE_MODEL], capsys)
+    assert code == 0, err
+    assert "2 of 3 shard(s) converted" in out
+    assert not (tmp_path / "idx.embeddings" / "store.json").exists()
+    code, out, err = _run(build, capsys)
+    assert code == 0, err
+    assert "indexed 10 images" in out and "skipped 1 unreadable" in out and "broken.png" in out
+    assert [p for call in fake.calls for p in call] == [str(Path(p).resolve()) for p in paths[8:]]
+    got_ids, got, _ = load_embeddings("idx.embeddings")
+    assert got_ids == [i for i in ids if i != "group0/broken.png"]
+    good = [p for p in paths if p != broken]
+    np.testing.assert_allclose(got, ThumbnailEmbedder().embed(good), atol=1e-6)
+    code, _, err = _run([*upgrade, "--model", FAKE_MODEL], capsys)
+    assert code == 2 and "not in the retired store.json format" in err
 
 
 def test_list_images_manifests(tmp_path):

@@ -10,6 +10,7 @@ machine. A rerun after the interrupt completes.
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -129,8 +130,9 @@ def test_index_build_interrupted_then_resumed(work, tmp_path, moment, signum):
     argv += ["--out", str(out), "--shard-size", "4", "--batch-size", "2", "--quiet"]
     wanted = 1 if moment == "first shard" else 5
 
-    def milestone():
-        return len(list(shards.glob("shard-*.json"))) >= wanted if shards.exists() else False
+    def milestone():  # commit records only (shard-N.ids.json is written before them)
+        names = [p.name for p in shards.glob("shard-*.json")] if shards.exists() else []
+        return sum(bool(re.fullmatch(r"shard-\d{5}\.json", n)) for n in names) >= wanted
 
     _assert_interrupted(*_interrupt_when(_remap(argv, tmp_path), milestone, signum))
     assert not out.exists() or verify_index(out)["count"] == 48
@@ -150,8 +152,6 @@ def test_index_build_interrupted_then_resumed(work, tmp_path, moment, signum):
 )
 def test_embed_interrupted_then_resumed(work, tmp_path, moment, signum):
     """Beam's in-process runner: committed shards stay whole, the rerun does only the rest."""
-    import re
-
     from remap_tf.serving.embeddings import load_embeddings, shard_complete
 
     out = tmp_path / "emb"

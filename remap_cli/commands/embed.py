@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from remap_cli import paths
+from remap_cli import common, paths
 from remap_cli.args import MODEL_HELP, add_command, positive_int, quiet_beam_logs
 
 EPILOG = """\
@@ -62,39 +62,27 @@ def add_parser(subparsers) -> None:
     )
 
 
-def _is_remote(value: str) -> bool:
-    """A path on a filesystem Beam reads (gs://, s3://, hdfs://...): checked by Beam itself."""
-    return "://" in value
-
-
-def _is_glob(value: str) -> bool:
-    return any(char in value for char in "*?[")
-
-
 def check(args) -> None:
     """Local --images, --model and --out before Beam or TensorFlow starts (remote ones and
     globs are resolved by Beam's filesystems, which name them in their own errors)."""
-    from remap_tf.serving.collection import list_images
+    from remap_tf.serving.collection import is_glob, list_images
+    from remap_tf.serving.embeddings import is_remote
 
-    if not _is_remote(args.images) and not _is_glob(args.images):
+    if not is_remote(args.images) and not is_glob(args.images):
         paths.input_path("--images", args.images)
         with paths.naming("--images"):
             list_images(args.images)
-    if not _is_remote(args.model):
+    if not is_remote(args.model):
         paths.exported_model("--model", args.model)
-    if not _is_remote(args.out):
-        paths.output_dir(
-            "--out",
-            args.out,
-            "embeddings (remap embed)",
-            lambda folder: (folder / "embed.json").is_file(),
-        )
+    if not is_remote(args.out):
+        common.embeddings_output("--out", args.out)
 
 
 def run(args) -> int:
     check(args)
     quiet_beam_logs(args.debug)
     from remap_tf.serving.beam_embed import embed_images
+    from remap_tf.serving.embeddings import DEAD_LETTER
 
     summary = embed_images(
         source=args.images,
@@ -116,5 +104,5 @@ def run(args) -> int:
     for item in summary["dead"][:20]:
         print(f"  {item['image']}: {item['reason']}")
     if len(summary["dead"]) > 20:
-        print(f"  ... {len(summary['dead']) - 20} more in {args.out}/dead_letter.jsonl")
+        print(f"  ... {len(summary['dead']) - 20} more in {args.out}/{DEAD_LETTER}")
     return 0

@@ -74,12 +74,7 @@ def _check(args) -> None:
     if args.report:
         paths.output_file("--report", args.report, "HTML report", args.overwrite)
     if args.embeddings is not None:
-        paths.output_dir(
-            "--embeddings",
-            args.embeddings,
-            "embedding shards",
-            lambda folder: (folder / "store.json").is_file(),
-        )
+        common.embeddings_output("--embeddings", args.embeddings)
 
 
 def run(args) -> int:

@@ -1,4 +1,4 @@
-"""``remap index build|add|delete|info|compact``: a searchable index of an image collection.
+"""``remap index build|add|delete|info|compact|upgrade``: a searchable index of an image collection.
 
 Handlers call `remap_tf.serving.search` (build_index, add_images, delete_images, index_info)
 and `remap_tf.serving.index.changelog.compact_index`.
@@ -71,6 +71,19 @@ def add_parser(subparsers) -> None:
         run=run_compact,
     )
     compact.add_argument("--index", required=True, help="an index directory (remap index build)")
+    upgrade = add_command(
+        actions,
+        "upgrade",
+        "convert a descriptor folder of the retired store.json format",
+        "Rewrites, in place, the descriptor shards that `remap index build --images` kept "
+        "(<out>.embeddings) before there was one descriptor format, keeping the descriptors; "
+        "give the --images and --model it was built with. The next `remap index build` with "
+        "them resumes from the folder; `remap index build --from-embeddings` reads it.",
+        run=run_upgrade,
+    )
+    upgrade.add_argument("--embeddings", required=True, help="the retired descriptor folder")
+    upgrade.add_argument("--images", required=True, help="the images it was made from")
+    upgrade.add_argument("--model", required=True, help="the model it was made with")
 
 
 def _add_build(actions) -> None:
@@ -187,12 +200,7 @@ def _check_build(args) -> dict:
     _check_sources(args)
     paths.output_dir("--out", args.out, "an index", lambda d: (d / MANIFEST_FILE).is_file())
     if args.embeddings is not None:
-        paths.output_dir(
-            "--embeddings",
-            args.embeddings,
-            "embedding shards",
-            lambda d: (d / "store.json").is_file(),
-        )
+        common.embeddings_output("--embeddings", args.embeddings)
     overrides = _scann_overrides(args)
     if args.kind == "scann":
         for flag, key in _SCANN_FLAGS:
@@ -208,8 +216,9 @@ def run_build(args) -> int:
     overrides = _check_build(args)
     from remap_tf.serving.search import build_index, build_index_from_embeddings
 
+    if args.from_embeddings or args.shards:
+        quiet_beam_logs(args.debug)  # a sharded build runs on Beam
     if args.from_embeddings:
-        quiet_beam_logs(args.debug)
         summary = build_index_from_embeddings(
             folders=args.from_embeddings,
             out=args.out,
@@ -316,4 +325,24 @@ def run_compact(args) -> int:
         )
     else:
         print(f"{args.index}: nothing to compact ({result['count']} images)")
+    return 0
+
+
+def run_upgrade(args) -> int:
+    paths.input_dir("--embeddings", args.embeddings)
+    paths.input_path("--images", args.images)
+    from remap_tf.serving.collection import list_images
+
+    with paths.naming("--images"):
+        list_images(args.images)
+    paths.exported_model("--model", args.model)
+    from remap_tf.serving.search import upgrade_embeddings
+
+    with paths.naming("--embeddings"):
+        result = upgrade_embeddings(args.embeddings, args.images, args.model)
+    state = "finished" if result["manifest"] else "unfinished: `remap index build` embeds the rest"
+    print(
+        f"upgraded {args.embeddings}: {result['converted']} of {result['num_shards']} shard(s) "
+        f"converted ({state})"
+    )
     return 0

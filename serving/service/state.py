@@ -374,7 +374,7 @@ class SearchService:
     def _logging(self, outcome: str):
         """Turns a failed change-log write into 507 (disk full) or 503, and stops taking
         changes: the failed write may have left a partial record at the log's end, which a
-        restart drops (`remap_tf.serving.changelog`) but a later record must not follow."""
+        restart drops (`remap_tf.serving.index.changelog`) but a later record must not follow."""
         try:
             yield
         except OSError as error:
