@@ -42,6 +42,7 @@ from remap_tf.training import callbacks as cb
 from remap_tf.training import keras_compat, pipeline, strategies
 from remap_tf.training.config import TrainConfig
 from remap_tf.training.data import Manifest, load_manifest
+from remap_tf.training.images import BadFileLog, BadFileReporter
 from remap_tf.training.mining import OfflineHardNegativeMining
 from remap_tf.whitening import init_whitening
 
@@ -371,7 +372,7 @@ def make_training_dataset(
 
 def make_callbacks(config: TrainConfig, *, write_dir: Path, backup_dir: Path, bad_files, miner):
     """Bad-file reports, NaN stop, the miner, backup, checkpoints and TensorBoard, in order."""
-    callbacks = [pipeline.BadFileReporter(bad_files), keras.callbacks.TerminateOnNaN()]
+    callbacks = [BadFileReporter(bad_files), keras.callbacks.TerminateOnNaN()]
     if miner is not None:
         callbacks.append(miner)
     callbacks.append(
@@ -439,7 +440,7 @@ def train(config: TrainConfig, log=_quiet) -> TrainResult:
     cluster = _Cluster.make(config)
     log(f"strategy {config.strategy}: {cluster.replicas} replica(s)")
     keras.utils.set_random_seed(config.seed)
-    bad_files = pipeline.BadFileLog()
+    bad_files = BadFileLog()
     manifest = load_training_data(config, cluster.replicas)
     log(f"training data: {len(manifest)} images of {manifest.num_classes} classes")
     val = load_validation_data(config, bad_files)
