@@ -217,14 +217,15 @@ def fit_model(
     return history
 
 
-def initialise(model, images, labels, config: TrainConfig) -> dict:
+def initialise(model, images, labels, config: TrainConfig, *, seed: int | None = None) -> dict:
     """KL-divergence region weights, then whitening, from a labelled image sample.
 
     Args:
         model: a REMAP model.
-        images: ``(num_images, S, S, 3)`` RGB 0-255, several images per class.
+        images: ``(num_images, height, width, 3)`` RGB 0-255, several images per class.
         labels: ``(num_images,)``.
         config: ``config.init`` says what to initialise.
+        seed: seed of the region weights' pair sampling (None: ``config.seed``).
 
     Returns:
         ``{"region_weights": (taps, regions) or None, "whitening": method or None}``.
@@ -237,7 +238,7 @@ def initialise(model, images, labels, config: TrainConfig) -> dict:
             labels,
             batch_size=config.data.validation_batch_size,
             max_pairs=config.init.max_pairs,
-            seed=config.seed,
+            seed=config.seed if seed is None else seed,
         )
     if config.init.whitening != "none":
         init_whitening(
