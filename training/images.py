@@ -193,6 +193,8 @@ class BadFileReporter(keras.callbacks.Callback):
 
 
 def resolve_log(bad_files) -> BadFileLog:
+    """The `BadFileLog` a pipeline records in: ``bad_files``, or for None one that logs each
+    bad file as soon as it is found; InvalidInputError for anything else."""
     if bad_files is None:
         return _LoggingBadFileLog()
     if not isinstance(bad_files, BadFileLog):
