@@ -172,6 +172,27 @@ def test_cli_rejects_bad_flags_in_one_line(tmp_path, capsys, flags, message):
     assert not (tmp_path / "out").exists()  # nothing written before the flags are checked
 
 
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("minutes", 0, "--minutes must be a number > 0, got 0."),
+        ("steps", 0, "--steps must be an integer >= 1, got 0."),
+        ("views_per_photo", 2.5, "--views-per-photo must be an integer >= 3, got 2.5."),
+        ("classes_per_batch", True, "--classes-per-batch must be an integer >= 2, got True."),
+        ("alpha", -0.5, "--alpha must be a number > 0, got -0.5."),
+    ],
+)
+def test_run_demo_rejects_a_bad_config_before_writing_anything(tmp_path, field, value, message):
+    """A library caller skips the CLI's flag parsing: `DemoConfig.validate` (run first by
+    `run_demo`) names the field as its flag, in `remap_tf.checks`' words."""
+    config = tiny_config(tmp_path / "out", ("spoc", "remap_ft"))
+    setattr(config, field, value)
+    with pytest.raises(ValueError) as info:
+        run_demo(config, log=lambda line: None)
+    assert str(info.value) == message
+    assert not (tmp_path / "out").exists()
+
+
 def test_cli_rejects_an_out_path_that_is_a_file(tmp_path, capsys):
     target = tmp_path / "report.txt"
     target.write_text("mine")

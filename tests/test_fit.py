@@ -155,3 +155,31 @@ def test_fit_model_on_a_tiny_remap(tmp_path):
     assert np.isfinite(history.history["loss"]).all()
     assert 0.0 <= history.history["val_map"][0] <= 1.0
     assert history.retrieval.initial_map is not None
+
+
+def test_initialise_follows_config_init_and_takes_an_explicit_pair_seed(monkeypatch):
+    """What `initialise` asks of the KL and whitening functions (the demo builds on it): the
+    run's seed for the KL pairs unless ``seed`` is given, the config's shrinkage, nothing at all
+    when ``init`` turns both off."""
+    from remap_tf.training import fit
+
+    calls = []
+    monkeypatch.setattr(
+        fit, "init_region_weights", lambda *args, **kw: calls.append(("kl", kw)) or "weights"
+    )
+    monkeypatch.setattr(fit, "init_whitening", lambda *args, **kw: calls.append(("lw", kw)))
+    config = _config(seed=7, init={"whitening": "learned", "whitening_shrinkage": 0.3})
+    done = fit.initialise("model", "images", "labels", config)
+    assert done == {"region_weights": "weights", "whitening": "learned"}
+    assert [kind for kind, _ in calls] == ["kl", "lw"]
+    assert calls[0][1]["seed"] == 7 and calls[1][1]["shrinkage"] == 0.3
+    calls.clear()
+    fit.initialise("model", "images", "labels", config, seed=0)
+    assert calls[0][1]["seed"] == 0
+    calls.clear()
+    off = _config(init={"region_weights": False, "whitening": "none"})
+    assert fit.initialise("model", "images", "labels", off) == {
+        "region_weights": None,
+        "whitening": None,
+    }
+    assert calls == []

@@ -11,12 +11,12 @@ from PIL import Image
 
 from remap_tf.losses import TripletLoss
 from remap_tf.training.data import load_manifest
+from remap_tf.training.images import BadFileLog
 from remap_tf.training.mining import (
     OfflineHardNegativeMining,
     make_tuple_dataset,
     mine_hard_negatives,
 )
-from remap_tf.training.pipeline import BadFileLog
 
 # 1-D descriptors; squared distances by hand:
 #   x = [0, 1, 1.5, 3.5, 10], labels [0, 1, 1, 2, 3]

@@ -1,4 +1,5 @@
-"""Decoding odd and broken image files, P x K batches, and training through bad files."""
+"""Decoding odd and broken image files (training.images), P x K batches (training.sampling),
+the dataset builders (training.pipeline), and training through bad files."""
 
 from __future__ import annotations
 
@@ -18,16 +19,21 @@ from PIL import Image
 from remap_tf.losses import TripletLoss
 from remap_tf.model import REMAP
 from remap_tf.training.data import Manifest, load_manifest
-from remap_tf.training.pipeline import (
-    BAD_LABEL,
+from remap_tf.training.images import (
     BadFileLog,
     BadFileReporter,
     BadImageError,
-    balanced_batch_indices,
     decode_image_file,
+)
+from remap_tf.training.pipeline import (
+    BAD_LABEL,
+    embed_batches,
+    embed_dataset,
     make_eval_dataset,
+    make_indexed_dataset,
     make_train_dataset,
 )
+from remap_tf.training.sampling import balanced_batch_indices
 
 RED, GREEN = (255, 0, 0), (0, 255, 0)
 
@@ -363,6 +369,75 @@ def test_training_runs_through_bad_and_odd_files_and_reports_them(tmp_path, caps
     np.testing.assert_allclose(images[cmyk, 16, 4], RED, atol=16)
     np.testing.assert_allclose(images[cmyk, 16, 28], GREEN, atol=16)
     assert set(odd) <= {p.rsplit("/", 1)[-1] for p in manifest.paths}
+
+
+def test_indexed_batches_hold_the_picked_images_in_order(tmp_path):
+    """`make_indexed_dataset` (the miner's tuple batches): batch ``step`` holds exactly the
+    manifest images ``next_indices(step)`` picked, in that order; a bad file is replaced by
+    another image of its class."""
+    colours = [(50 * c, 255 - 50 * c, 20) for c in range(4)]
+    manifest = _solid_manifest(tmp_path, colours, per_class=2)
+    broken = manifest.paths.index(str(tmp_path / "class3" / "0.png"))
+    (tmp_path / "class3" / "0.png").write_text("not an image")
+    picks = np.array([[0, 2, 5], [7, broken, 1]], np.int64)
+    steps = []
+
+    def next_indices(step):
+        steps.append(int(step))
+        return picks[int(step) % 2]
+
+    log = BadFileLog()
+    dataset = make_indexed_dataset(
+        manifest, next_indices, batch=3, image_size=16, augment=False, bad_files=log
+    )
+    for step, (images, labels) in enumerate(dataset.take(2).as_numpy_iterator()):
+        np.testing.assert_array_equal(labels, manifest.labels[picks[step]])
+        assert images.shape[0] == 3 and images.shape[1:3] in ((12, 16), (16, 16), (16, 12))
+        for image, label in zip(images, labels, strict=True):
+            solid = np.broadcast_to(colours[label], image.shape)
+            np.testing.assert_allclose(image, solid, atol=1e-3)
+    assert steps[:2] == [0, 1]
+    assert log.paths == [str(tmp_path / "class3" / "0.png")]
+    with pytest.raises(ValueError, match="batch must be an integer >= 1"):
+        make_indexed_dataset(manifest, next_indices, batch=0)
+    with pytest.raises(ValueError, match="geometry"):
+        make_indexed_dataset(manifest, next_indices, batch=2, geometry="stretch")
+
+
+def test_embed_batches_and_embed_dataset_keep_order_across_shapes():
+    """A model that averages each channel: the descriptor of a solid image is its colour, so
+    the rows can be read off; batches of different shapes go through one function."""
+    inputs = keras.Input((None, None, 3))
+    model = keras.Model(inputs, keras.layers.GlobalAveragePooling2D()(inputs))
+    first = np.stack([np.full((4, 6, 3), v, np.float32) for v in (1.0, 2.0)])
+    second = np.full((1, 8, 3, 3), 7.0, np.uint8)  # another shape, another dtype
+    descriptors = embed_batches(model, [first, second])
+    assert descriptors.dtype == np.float32
+    np.testing.assert_allclose(descriptors, [[1.0] * 3, [2.0] * 3, [7.0] * 3])
+    assert embed_batches(model, []).shape == (0, 0)
+
+    dataset = [(first, np.array([3, 4], np.int32)), (second, np.array([5], np.int32))]
+    descriptors, labels = embed_dataset(model, dataset)
+    np.testing.assert_allclose(descriptors[:, 0], [1.0, 2.0, 7.0])
+    np.testing.assert_array_equal(labels, [3, 4, 5])
+    empty = embed_dataset(model, [])
+    assert empty[0].shape == (0, 0) and empty[1].shape == (0,)
+
+
+def test_names_moved_out_of_the_pipeline_still_import_from_it():
+    """Decoding, geometry and sampling moved to their own modules; the public names users
+    imported from `training.pipeline` are the same objects there."""
+    from remap_tf.training import geometry, images, pipeline, sampling
+
+    assert pipeline.BadFileLog is images.BadFileLog
+    assert pipeline.BadFileReporter is images.BadFileReporter
+    assert pipeline.BadImageError is images.BadImageError
+    assert pipeline.decode_image_file is images.decode_image_file
+    assert pipeline.balanced_batch_indices is sampling.balanced_batch_indices
+    assert pipeline.GEOMETRIES is geometry.GEOMETRIES
+    assert pipeline.BATCH_ASPECTS is geometry.BATCH_ASPECTS
+    assert pipeline.MIN_CROP_AREA == geometry.MIN_CROP_AREA
+    assert all(hasattr(pipeline, name) for name in pipeline.__all__)
 
 
 _EXIT_SCRIPT = """

@@ -43,6 +43,7 @@ from remap_tf.training import callbacks as cb
 from remap_tf.training import keras_compat, pipeline, strategies
 from remap_tf.training.config import CONFIG_FILE, TrainConfig
 from remap_tf.training.data import Manifest, load_manifest
+from remap_tf.training.images import BadFileLog, BadFileReporter
 from remap_tf.training.mining import OfflineHardNegativeMining
 from remap_tf.whitening import init_whitening
 
@@ -214,14 +215,15 @@ def fit_model(
     return history
 
 
-def initialise(model, images, labels, config: TrainConfig) -> dict:
+def initialise(model, images, labels, config: TrainConfig, *, seed: int | None = None) -> dict:
     """KL-divergence region weights, then whitening, from a labelled image sample.
 
     Args:
         model: a REMAP model.
-        images: ``(num_images, S, S, 3)`` RGB 0-255, several images per class.
+        images: ``(num_images, height, width, 3)`` RGB 0-255, several images per class.
         labels: ``(num_images,)``.
         config: ``config.init`` says what to initialise.
+        seed: seed of the region weights' pair sampling (None: ``config.seed``).
 
     Returns:
         ``{"region_weights": (taps, regions) or None, "whitening": method or None}``.
@@ -234,7 +236,7 @@ def initialise(model, images, labels, config: TrainConfig) -> dict:
             labels,
             batch_size=config.data.validation_batch_size,
             max_pairs=config.init.max_pairs,
-            seed=config.seed,
+            seed=config.seed if seed is None else seed,
         )
     if config.init.whitening != "none":
         init_whitening(
@@ -369,7 +371,7 @@ def make_training_dataset(
 
 def make_callbacks(config: TrainConfig, *, write_dir: Path, backup_dir: Path, bad_files, miner):
     """Bad-file reports, NaN stop, the miner, backup, checkpoints and TensorBoard, in order."""
-    callbacks = [pipeline.BadFileReporter(bad_files), keras.callbacks.TerminateOnNaN()]
+    callbacks = [BadFileReporter(bad_files), keras.callbacks.TerminateOnNaN()]
     if miner is not None:
         callbacks.append(miner)
     callbacks.append(
@@ -437,7 +439,7 @@ def train(config: TrainConfig, log=_quiet) -> TrainResult:
     cluster = _Cluster.make(config)
     log(f"strategy {config.strategy}: {cluster.replicas} replica(s)")
     keras.utils.set_random_seed(config.seed)
-    bad_files = pipeline.BadFileLog()
+    bad_files = BadFileLog()
     manifest = load_training_data(config, cluster.replicas)
     log(f"training data: {len(manifest)} images of {manifest.num_classes} classes")
     val = load_validation_data(config, bad_files)

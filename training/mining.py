@@ -32,15 +32,13 @@ import tensorflow as tf
 from remap_tf.checks import check_choice, check_int
 from remap_tf.errors import InvalidInputError
 from remap_tf.training.data import Manifest
+from remap_tf.training.geometry import GEOMETRIES
+from remap_tf.training.images import BadFileLog, resolve_log
 from remap_tf.training.pipeline import (
-    GEOMETRIES,
-    BadFileLog,
     check_manifest,
     embed_dataset,
-    gated,
-    images_from_indices,
     make_eval_dataset,
-    resolve_log,
+    make_indexed_dataset,
 )
 
 logger = logging.getLogger("remap.training")
@@ -160,7 +158,7 @@ class OfflineHardNegativeMining(keras.callbacks.Callback):
 
     Each epoch ``e`` (seeded by ``(seed, e)``): pick ``num_anchors`` anchors among the images of
     classes with two or more images and a pool of ``pool_size`` images; embed both with the model
-    being trained (``model.predict`` on `training.pipeline.make_eval_dataset`, bad files left
+    being trained (`training.pipeline.embed_dataset` of `make_eval_dataset`, bad files left
     out); give every anchor a random positive of its class and its ``num_negatives`` hardest pool
     negatives of distinct other classes (`mine_hard_negatives`). `dataset` then yields, for each
     batch, ``tuples_per_batch`` tuples laid out ``[a, p, n_1, ..., n_n, a', p', ...]`` with their
@@ -182,8 +180,8 @@ class OfflineHardNegativeMining(keras.callbacks.Callback):
         embed_batch_size: batch size of the embedding pass.
         augment: augment the training images (as `make_train_dataset`).
         seed: seed of every random choice.
-        bad_files: a `training.pipeline.BadFileLog`.
-        geometry: ``"aspect"`` (default), ``"crop"`` or ``"pad"`` (see `training.pipeline`).
+        bad_files: a `training.images.BadFileLog`.
+        geometry: ``"aspect"`` (default), ``"crop"`` or ``"pad"`` (see `training.geometry`).
 
     Reference: Radenović, Tolias & Chum, "Fine-tuning CNN image retrieval with no human
     annotation", TPAMI 2018 (Sec. 3.3); Husain & Bober, REMAP, IEEE TIP 2019.
@@ -332,23 +330,10 @@ class OfflineHardNegativeMining(keras.callbacks.Callback):
         ``B = tuples_per_batch * (2 + num_negatives)``; a bad file is replaced by another image
         of its class, as in `training.pipeline.make_train_dataset`.
         """
-        batch = self.tuples_per_batch * self.tuple_width
-
-        def indices(step):
-            values = tf.numpy_function(
-                gated(self._next_indices, lambda: np.zeros(batch, np.int64)),
-                [step],
-                tf.int64,
-                stateful=True,
-            )
-            values.set_shape([batch])
-            return values
-
-        index_batches = tf.data.Dataset.counter(dtype=tf.int64).map(indices)
-        return images_from_indices(
-            index_batches,
+        return make_indexed_dataset(
             self.manifest,
-            batch=batch,
+            self._next_indices,
+            batch=self.tuples_per_batch * self.tuple_width,
             image_size=self.image_size,
             augment=self.augment,
             seed=self.seed,

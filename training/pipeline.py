@@ -1,227 +1,76 @@
 """tf.data input pipelines for training and evaluation that survive bad image files.
 
-Decoding is done by Pillow inside ``tf.numpy_function`` (run in parallel by ``map``; Pillow
-releases the GIL while decoding), because a decode error inside a TensorFlow op cannot be caught
-per file: here a zero-byte, truncated, corrupt or non-image file raises `BadImageError`, is
-recorded once by path in a `BadFileLog`, and never stops training.
+The dataset builders, each one call: `make_train_dataset` (infinite, class-balanced ``P x K``
+training batches), `make_indexed_dataset` (training batches of the images a Python function
+picks, e.g. the mined tuples of `training.mining`), `make_eval_dataset` (the manifest's images
+in order), and `embed_dataset` / `embed_batches` (descriptors of such a dataset, of any
+image batches). They put together:
 
-Every image becomes RGB uint8 (`decode_image_file`): grayscale is repeated over the channels,
-palette and CMYK are converted, RGBA/LA/transparent palettes are composited over white, 16-bit
-samples are scaled to 8 bits (``round(v / 257)``), EXIF orientation is applied, GIFs give their
-first frame.
+- `training.images`: decoding with Pillow, the bad-file log and its Keras callback; a bad
+  file is recorded once by path in a `BadFileLog` and never stops training;
+- `training.geometry`: the ``"aspect"``, ``"crop"`` and ``"pad"`` geometries and the light
+  training augmentation;
+- `training.sampling`: the ``P x K`` class-balanced index batches.
 
-Geometry (``geometry``):
+Decoding runs in Python (``tf.numpy_function``, in parallel under ``map``), so these datasets
+pass every such call through an exit gate: a live iterator at interpreter exit would otherwise
+hang the process (see `_ExitGate`).
 
-- ``"aspect"`` (the default): the geometry an exported model sees. Evaluation images are
-  resized, aspect kept, so that their long side is ``image_size`` (`remap_tf.ops
-  .resized_shape`, the rule the exported graph uses), one image per batch. Training batches
-  take one aspect ratio each (4:3, 1:1 or 3:4, drawn per batch), long side ``image_size``:
-  every image is cropped to that aspect (in training a random crop of `MIN_CROP_AREA`-100%
-  of the largest such rectangle, the whole middle one otherwise) and resized, never stretched.
-- ``"crop"`` resizes the shorter side to ``image_size`` and crops the centre square (a random
-  square in training); ``"pad"`` resizes the longer side and pads with black to a square.
-
-Training augmentation (light, seeded per image with stateless random ops, so the same seed gives
-the same batches): the random crop above (25-100% of the largest rectangle of the batch's
-aspect; ``"crop"``/``"pad"``: 80-100% of each side), a
-horizontal flip, brightness +-10%, contrast and saturation x[0.9, 1.1].
-
-Batches are class balanced, ``P x K`` (``classes_per_batch`` classes, ``images_per_class``
-images of each), as in Hermans et al., "In defense of the triplet loss" (2017).
+The names of those modules that users import from here (`BadFileLog`, `BadFileReporter`,
+`decode_image_file`, `balanced_batch_indices`, ...) stay importable from here.
 """
 
 from __future__ import annotations
 
 import atexit
-import logging
-import os
 import threading
 import time
 
-import keras
 import numpy as np
 import tensorflow as tf
-from PIL import Image, ImageOps
 
 from remap_tf.checks import check_choice, check_int
 from remap_tf.errors import InvalidInputError
-from remap_tf.ops import resized_shape
 from remap_tf.training.data import Manifest
+from remap_tf.training.geometry import (
+    BATCH_ASPECTS,
+    GEOMETRIES,
+    MIN_CROP_AREA,
+    aspect_crop,
+    augment_image,
+    batch_shape,
+    resize_long_side,
+    to_square,
+)
+from remap_tf.training.images import (
+    BadFileLog,
+    BadFileReporter,
+    BadImageError,
+    decode_image_file,
+    resolve_log,
+)
+from remap_tf.training.sampling import balanced_batch_indices, shard_batches
 
-logger = logging.getLogger("remap.training")
+__all__ = [
+    "BAD_LABEL",
+    "BATCH_ASPECTS",
+    "GEOMETRIES",
+    "MIN_CROP_AREA",
+    "BadFileLog",
+    "BadFileReporter",
+    "BadImageError",
+    "balanced_batch_indices",
+    "check_manifest",
+    "decode_image_file",
+    "embed_batches",
+    "embed_dataset",
+    "make_eval_dataset",
+    "make_indexed_dataset",
+    "make_train_dataset",
+]
 
-GEOMETRIES = ("aspect", "crop", "pad")
-# Width / height of a training batch in "aspect" geometry: one of these per batch.
-BATCH_ASPECTS = (4 / 3, 1.0, 3 / 4)
-# A training crop keeps this to 100% of the largest rectangle of its aspect: down to a
-# quarter of the frame, so training sees the partial views retrieval queries often are.
-MIN_CROP_AREA = 0.25
 BAD_LABEL = -1  # the label `make_eval_dataset` gives a file it could not decode
 _DRAFT_MARGIN = 1.25  # decode JPEGs at >= 1/0.8 of the target size: the random crop keeps 80%
-
-
-class BadImageError(ValueError):
-    """An image file that cannot be decoded; ``path`` and ``reason`` name the file and why."""
-
-    def __init__(self, path: str, reason: str):
-        super().__init__(f"Cannot read image {path}: {reason}")
-        self.path = path
-        self.reason = reason
-
-
-def decode_image_file(path, draft_size: int | None = None) -> np.ndarray:
-    """Reads an image file robustly as RGB uint8.
-
-    Args:
-        path: a JPEG, PNG, GIF or BMP file (other formats Pillow reads also work).
-        draft_size: when set, a large JPEG may be decoded at 1/2, 1/4 or 1/8 scale, never
-            smaller than ``draft_size`` on either side (much faster for big photos).
-
-    Returns:
-        uint8 ``(height, width, 3)`` RGB (see the module docstring for the conversions).
-
-    Raises:
-        BadImageError (a ValueError): the file is missing, empty, truncated, corrupt, not an
-            image, or in a mode that has no RGB conversion. The message names the path.
-    """
-    path = os.fspath(path)
-    try:
-        if os.path.getsize(path) == 0:
-            raise BadImageError(path, "empty file (0 bytes)")
-        with Image.open(path) as image:
-            if draft_size and image.format == "JPEG":
-                image.draft(None, (int(draft_size), int(draft_size)))
-            image.load()  # a truncated file fails here
-            image = ImageOps.exif_transpose(image)
-            return _to_rgb(image)
-    except BadImageError:
-        raise
-    except FileNotFoundError:
-        raise BadImageError(path, "file not found") from None
-    except Image.UnidentifiedImageError:
-        raise BadImageError(path, "not an image file Pillow can identify") from None
-    except Exception as error:  # Pillow raises OSError, ValueError, SyntaxError, EOFError...
-        reason = str(error) or type(error).__name__
-        raise BadImageError(path, f"corrupt or unsupported image ({reason})") from None
-
-
-def _to_rgb(image: Image.Image) -> np.ndarray:
-    mode = image.mode
-    if mode.startswith("I;16") or mode == "I":
-        values = np.asarray(image).astype(np.int64)
-        gray = ((np.clip(values, 0, 65535) + 128) // 257).astype(np.uint8)
-        return np.repeat(gray[..., None], 3, axis=2)
-    if mode == "F":
-        gray = np.clip(np.round(np.asarray(image, dtype=np.float64)), 0, 255).astype(np.uint8)
-        return np.repeat(gray[..., None], 3, axis=2)
-    if mode in ("RGBA", "LA", "PA", "La", "RGBa") or (mode == "P" and "transparency" in image.info):
-        rgba = image.convert("RGBA")
-        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        image = Image.alpha_composite(white, rgba)
-    rgb = np.array(image.convert("RGB"), dtype=np.uint8)
-    if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.size == 0:
-        raise InvalidInputError(f"unexpected decoded shape {rgb.shape}")
-    return rgb
-
-
-class BadFileLog:
-    """A thread-safe record of skipped image files, each once, in the order found.
-
-    ``add`` is called from the tf.data worker threads; `BadFileReporter` reports new entries at
-    the end of each epoch.
-    """
-
-    def __init__(self):
-        self._lock = threading.Lock()
-        self._entries: list[tuple[str, str]] = []
-        self._seen: set[str] = set()
-
-    def add(self, path, reason: str) -> bool:
-        """Records ``path`` (with ``reason``); returns False if it was already recorded."""
-        path = os.fspath(path)
-        with self._lock:
-            if path in self._seen:
-                return False
-            self._seen.add(path)
-            self._entries.append((path, str(reason)))
-            return True
-
-    def __contains__(self, path) -> bool:
-        with self._lock:
-            return os.fspath(path) in self._seen
-
-    @property
-    def entries(self) -> list[tuple[str, str]]:
-        """``(path, reason)`` pairs in the order found."""
-        with self._lock:
-            return list(self._entries)
-
-    @property
-    def paths(self) -> list[str]:
-        return [path for path, _ in self.entries]
-
-    @property
-    def count(self) -> int:
-        with self._lock:
-            return len(self._entries)
-
-    def report(self) -> str:
-        """A human-readable summary: the count, then one ``path: reason`` line per file."""
-        entries = self.entries
-        if not entries:
-            return "No bad image files."
-        lines = [f"{len(entries)} bad image file(s) skipped:"]
-        lines += [f"  {path}: {reason}" for path, reason in entries]
-        return "\n".join(lines)
-
-
-class BadFileReporter(keras.callbacks.Callback):
-    """Reports newly skipped image files at the end of each epoch, once each, by path.
-
-    Each new file is printed with ``print_fn`` and logged as a warning on the
-    ``"remap.training"`` logger. When logging is not configured at all (no handler anywhere),
-    the log record is skipped: Python's last-resort handler would print the same line a second
-    time. ``logs["bad_files"]`` gets the total count so far (so History and TensorBoard record
-    it).
-
-    Args:
-        log: the `BadFileLog` given to the datasets.
-        print_fn: where the lines are printed (default `print`; None to only log).
-
-    Example:
-        >>> bad = BadFileLog()
-        >>> model.fit(make_train_dataset(manifest, bad_files=bad), steps_per_epoch=100,
-        ...           callbacks=[BadFileReporter(bad)])
-    """
-
-    def __init__(self, log: BadFileLog, print_fn=print):
-        super().__init__()
-        if not isinstance(log, BadFileLog):
-            raise InvalidInputError(f"`log` must be a BadFileLog, received {type(log).__name__}.")
-        self.log = log
-        self.print_fn = print_fn
-        self._reported = 0
-
-    def _report_new(self, when: str) -> None:
-        entries = self.log.entries
-        # Keras' progress bar (verbose=1) leaves its line open until after this callback.
-        newline = "\n" if (self.params or {}).get("verbose") == 1 else ""
-        for path, reason in entries[self._reported :]:
-            message = f"Skipped bad image file {path} ({reason}) [{when}]"
-            if self.print_fn is None or logger.hasHandlers():
-                logger.warning(message)
-            if self.print_fn is not None:
-                self.print_fn(newline + message)
-                newline = ""
-        self._reported = len(entries)
-
-    def on_epoch_end(self, epoch, logs=None):
-        self._report_new(f"epoch {epoch + 1}")
-        if logs is not None:
-            logs["bad_files"] = self.log.count
-
-    def on_train_end(self, logs=None):
-        self._report_new("end of training")
 
 
 class _ExitGate:
@@ -270,7 +119,7 @@ _EXIT_GATE = _ExitGate()
 atexit.register(_EXIT_GATE.close)
 
 
-def gated(function, placeholder):
+def _gated(function, placeholder):
     """``function`` behind `_EXIT_GATE`; after exit starts it returns ``placeholder()``."""
 
     def call(*args):
@@ -341,7 +190,7 @@ def _exit_placeholder():
 
 def _decode_op(loader: _Loader, index, position):
     image, label, ok = tf.numpy_function(
-        gated(loader, _exit_placeholder),
+        _gated(loader, _exit_placeholder),
         [index, position],
         [tf.uint8, tf.int32, tf.bool],
         stateful=False,
@@ -352,98 +201,8 @@ def _decode_op(loader: _Loader, index, position):
     return image, label, ok
 
 
-def _to_square(image, size: int, square: str, crop_seed=None):
-    """Float ``(h, w, 3)`` -> ``(size, size, 3)`` keeping the aspect ratio (see module doc)."""
-    shape = tf.cast(tf.shape(image)[:2], tf.float32)
-    if square == "pad":
-        return tf.image.resize_with_pad(image, size, size, antialias=True)
-    scale = float(size) / tf.reduce_min(shape)
-    new = tf.maximum(tf.cast(tf.math.ceil(shape * scale), tf.int32), size)
-    image = tf.image.resize(image, new, antialias=True)
-    if crop_seed is None:
-        top = (new[0] - size) // 2
-        left = (new[1] - size) // 2
-        return tf.slice(image, [top, left, 0], [size, size, 3])
-    return tf.image.stateless_random_crop(image, [size, size, 3], seed=crop_seed)
-
-
-def batch_shape(long_side: int, seed: int, step, aspects=BATCH_ASPECTS):
-    """``(height, width)`` of training batch ``step`` in "aspect" geometry: one of ``aspects``
-    (width / height), drawn per batch from ``(seed, step)``."""
-    shapes = [
-        (round(long_side / a), long_side) if a >= 1 else (long_side, round(long_side * a))
-        for a in aspects
-    ]
-    pick = tf.random.stateless_uniform(
-        [], tf.stack([tf.constant(seed, tf.int64), tf.cast(step, tf.int64)]), 0,
-        len(shapes), dtype=tf.int64,
-    )  # fmt: skip
-    return tf.gather(tf.constant(shapes, tf.int32), pick)
-
-
-def _aspect_crop(image, size, seed=None, min_area: float = MIN_CROP_AREA):
-    """A crop of ``image`` with the aspect of ``size`` = ``(h, w)``, resized to ``size``.
-
-    The crop is the largest rectangle of that aspect inside the image, shrunk to a random
-    ``min_area``-100% of its area at a random place when ``seed`` is given (in the middle,
-    whole, otherwise).
-    """
-    shape = tf.cast(tf.shape(image)[:2], tf.float32)
-    target = tf.cast(size, tf.float32)
-    fit = tf.reduce_min(shape / target)  # the largest rectangle of this aspect
-    if seed is not None:
-        seeds = tf.random.experimental.stateless_split(seed, num=2)
-        area = tf.random.stateless_uniform([], seeds[0], min_area, 1.0)
-        fit = fit * tf.sqrt(area)
-    crop = tf.maximum(tf.cast(tf.round(target * fit), tf.int32), 1)
-    crop = tf.minimum(crop, tf.shape(image)[:2])
-    if seed is not None:
-        image = tf.image.stateless_random_crop(image, tf.concat([crop, [3]], 0), seed=seeds[1])
-    else:
-        offset = (tf.shape(image)[:2] - crop) // 2
-        image = tf.slice(image, tf.concat([offset, [0]], 0), tf.concat([crop, [3]], 0))
-    return tf.image.resize(tf.cast(image, tf.float32), size, antialias=True)
-
-
-def _long_side(image, size: int):
-    """The whole image, aspect kept, long side ``size`` (the exported graph's rule)."""
-    shape = tf.shape(image)
-    target = tf.stack(resized_shape(shape[0], shape[1], size))
-    return tf.clip_by_value(
-        tf.image.resize(tf.cast(image, tf.float32), target, antialias=True), 0, 255
-    )
-
-
-def _jitter(image, seeds):
-    """Flip, brightness, contrast and saturation of a float 0-255 image."""
-    image = tf.image.stateless_random_flip_left_right(image, seeds[0]) / 255.0
-    image = tf.image.stateless_random_brightness(image, 0.1, seeds[1])
-    jitter = tf.random.stateless_uniform([2], seeds[2], minval=0.9, maxval=1.1)
-    mean = tf.reduce_mean(image, axis=[0, 1, 2], keepdims=True)
-    image = (image - mean) * jitter[0] + mean  # contrast
-    gray = tf.reduce_mean(image, axis=2, keepdims=True)
-    image = (image - gray) * jitter[1] + gray  # saturation
-    return tf.clip_by_value(image, 0.0, 1.0) * 255.0
-
-
-def _augment(image, size, geometry: str, seed, min_area: float = MIN_CROP_AREA):
-    """Light augmentation of one uint8 image with stateless ops; returns float32 0-255.
-
-    ``size`` is the batch's ``(h, w)`` in "aspect" geometry, the square's side otherwise.
-    """
-    seeds = tf.random.experimental.stateless_split(seed, num=6)
-    if geometry == "aspect":
-        image = _aspect_crop(image, size, seed=seeds[0], min_area=min_area)
-        return _jitter(image, seeds[3:])
-    shape = tf.shape(image)[:2]
-    fraction = tf.random.stateless_uniform([], seeds[0], minval=0.8, maxval=1.0)
-    crop = tf.maximum(tf.cast(tf.cast(shape, tf.float32) * fraction, tf.int32), 1)
-    image = tf.image.stateless_random_crop(image, tf.concat([crop, [3]], 0), seed=seeds[1])
-    image = _to_square(tf.cast(image, tf.float32), size, geometry, crop_seed=seeds[2])
-    return _jitter(image, seeds[3:])
-
-
 def check_manifest(manifest) -> Manifest:
+    """``manifest`` if it is a `training.data.Manifest` with images; else InvalidInputError."""
     if not isinstance(manifest, Manifest):
         raise InvalidInputError(
             f"`manifest` must be a training.data.Manifest (see load_manifest), received "
@@ -454,52 +213,7 @@ def check_manifest(manifest) -> Manifest:
     return manifest
 
 
-def balanced_batch_indices(labels, classes_per_batch: int, images_per_class: int, seed: int = 0):
-    """An infinite dataset of class-balanced index batches, each int64 ``(P * K,)``.
-
-    Batch ``t`` takes ``P`` distinct classes at random, then ``K`` images of each: a random
-    permutation of the class's images, cycled when the class has fewer than ``K``. All choices
-    use stateless random ops seeded by ``(seed, t)``, so the stream is reproducible. Classes
-    with no image are never picked.
-
-    Args:
-        labels: int ``(num_images,)`` class labels.
-        classes_per_batch: ``P``; at most the number of classes present.
-        images_per_class: ``K``.
-        seed: the stream's seed.
-    """
-    labels = np.asarray(labels, dtype=np.int64).reshape(-1)
-    order = np.argsort(labels, kind="stable")
-    classes, lengths = np.unique(labels[order], return_counts=True)
-    if classes_per_batch > classes.size:
-        raise InvalidInputError(
-            f"`classes_per_batch`={classes_per_batch} but the data has only {classes.size} "
-            "usable classes."
-        )
-    members = tf.RaggedTensor.from_row_lengths(
-        tf.constant(order, tf.int64), tf.constant(lengths, tf.int64)
-    )
-    num_classes = int(classes.size)
-    p, k = int(classes_per_batch), int(images_per_class)
-
-    def batch(step):
-        seeds = tf.random.experimental.stateless_split(
-            tf.stack([tf.constant(seed, tf.int64), step]), num=2
-        )
-        keys = tf.random.stateless_uniform([num_classes], seeds[0])
-        chosen = tf.argsort(keys)[:p]
-        rows = tf.gather(members, chosen)
-        values = rows.flat_values
-        noise = tf.random.stateless_uniform(tf.shape(values), seeds[1], dtype=tf.float64)
-        shuffled = tf.gather(values, tf.argsort(tf.cast(rows.value_rowids(), tf.float64) + noise))
-        starts = rows.row_starts()
-        offsets = tf.range(k, dtype=tf.int64)[None, :] % rows.row_lengths()[:, None]
-        return tf.reshape(tf.gather(shuffled, starts[:, None] + offsets), [-1])
-
-    return tf.data.Dataset.counter(dtype=tf.int64).map(batch)
-
-
-def images_from_indices(
+def _images_from_indices(
     index_batches,
     manifest,
     *,
@@ -531,11 +245,11 @@ def images_from_indices(
         size = batch_shape(image_size, seed, step, aspects) if geometry == "aspect" else image_size
         if augment:
             element_seed = tf.stack([tf.constant(seed, tf.int64), position])
-            image = _augment(image, size, geometry, element_seed, min_area)
+            image = augment_image(image, size, geometry, element_seed, min_area)
         elif geometry == "aspect":
-            image = _aspect_crop(image, size)
+            image = aspect_crop(image, size)
         else:
-            image = _to_square(tf.cast(image, tf.float32), image_size, geometry)
+            image = to_square(tf.cast(image, tf.float32), image_size, geometry)
         return image, label, ok, step
 
     elements = (
@@ -553,41 +267,6 @@ def images_from_indices(
     else:
         batches = elements.batch(batch, drop_remainder=True)
     return batches.map(lambda image, label, ok, step: (image, label)).prefetch(tf.data.AUTOTUNE)
-
-
-def resolve_log(bad_files) -> BadFileLog:
-    if bad_files is None:
-        return _LoggingBadFileLog()
-    if not isinstance(bad_files, BadFileLog):
-        raise InvalidInputError(
-            f"`bad_files` must be a BadFileLog or None, received {type(bad_files).__name__}."
-        )
-    return bad_files
-
-
-class _LoggingBadFileLog(BadFileLog):
-    """Used when the caller passes no log: each bad file is logged as soon as it is found."""
-
-    def add(self, path, reason: str) -> bool:
-        new = super().add(path, reason)
-        if new:
-            logger.warning("Skipped bad image file %s (%s)", os.fspath(path), reason)
-        return new
-
-
-def _check_shard(shard, batch: int) -> tuple[int, int]:
-    try:
-        num_shards, index = (int(v) for v in shard)
-    except (TypeError, ValueError):
-        raise InvalidInputError(
-            f"`shard` must be (num_shards, index), received {shard!r}."
-        ) from None
-    if num_shards < 1 or not 0 <= index < num_shards or batch % num_shards:
-        raise InvalidInputError(
-            f"`shard` {shard!r} needs 0 <= index < num_shards and the batch of {batch} images "
-            "divisible by num_shards."
-        )
-    return num_shards, index
 
 
 def make_train_dataset(
@@ -613,7 +292,7 @@ def make_train_dataset(
     Args:
         manifest: a `training.data.Manifest`.
         image_size: the long side ``S`` of the images (the side of the squares in
-            ``"crop"``/``"pad"`` geometry; see the module docstring).
+            ``"crop"``/``"pad"`` geometry; see `training.geometry`).
         classes_per_batch: ``P`` (>= 2: negatives need another class).
         images_per_class: ``K`` (>= 2: positives need another image of the class).
         augment: apply the light augmentation.
@@ -654,10 +333,8 @@ def make_train_dataset(
     indices = balanced_batch_indices(manifest.labels, p, k, seed)
     batch = p * k
     if shard is not None:
-        num_shards, index = _check_shard(shard, batch)
-        batch //= num_shards
-        indices = indices.map(lambda row: row[index * batch : (index + 1) * batch])
-    return images_from_indices(
+        indices, batch = shard_batches(indices, batch, shard)
+    return _images_from_indices(
         indices,
         manifest,
         batch=batch,
@@ -671,28 +348,103 @@ def make_train_dataset(
     )
 
 
-def embed_dataset(model, dataset) -> tuple[np.ndarray, np.ndarray]:
-    """Descriptors and labels of a dataset of ``(images, labels)`` batches, in order.
+def make_indexed_dataset(
+    manifest: Manifest,
+    next_indices,
+    *,
+    batch: int,
+    image_size: int = 224,
+    augment: bool = True,
+    seed: int = 0,
+    bad_files: BadFileLog | None = None,
+    geometry: str = "aspect",
+) -> tf.data.Dataset:
+    """An infinite dataset of training batches of the images a Python function picks.
+
+    ``next_indices(step)`` is called for batch ``step`` = 0, 1, ... from a tf.data thread
+    (behind the exit gate) and returns int64 ``(batch,)`` manifest indices, the batch's
+    images in order; `training.mining` feeds its mined tuples this way. The images are decoded,
+    shaped and augmented as in `make_train_dataset` (a bad file replaced by another image of its
+    class).
+
+    Args:
+        manifest: a `training.data.Manifest`.
+        next_indices: ``step (int64 scalar) -> int64 (batch,)`` manifest indices.
+        batch: images per batch.
+        image_size, augment, seed, bad_files, geometry: as `make_train_dataset`.
+
+    Returns:
+        a ``tf.data.Dataset`` of ``(images float32 (batch, H, W, 3) 0-255, labels int32
+        (batch,))``; repeats forever.
+    """
+    manifest = check_manifest(manifest)
+    batch = check_int("batch", batch, minimum=1)
+    image_size = check_int("image_size", image_size, minimum=1)
+    geometry = check_choice("geometry", geometry, GEOMETRIES)
+    pick = _gated(next_indices, lambda: np.zeros(batch, np.int64))
+
+    def indices(step):
+        values = tf.numpy_function(pick, [step], tf.int64, stateful=True)
+        values.set_shape([batch])
+        return values
+
+    return _images_from_indices(
+        tf.data.Dataset.counter(dtype=tf.int64).map(indices),
+        manifest,
+        batch=batch,
+        image_size=image_size,
+        augment=bool(augment),
+        seed=int(seed),
+        geometry=geometry,
+        bad_files=resolve_log(bad_files),
+    )
+
+
+def embed_batches(model, batches) -> np.ndarray:
+    """Descriptors of image batches, in order.
 
     Runs ``model`` in inference mode through one ``tf.function`` that tolerates batches of
     different shapes (``reduce_retracing``), as "aspect" geometry gives, where
     ``model.predict`` would trace a new graph for every shape.
 
+    Args:
+        model: a REMAP ``keras.Model``.
+        batches: an iterable of ``(b, h, w, 3)`` RGB 0-255 image batches (arrays or tensors);
+            ``h, w`` may change from batch to batch.
+
     Returns:
-        ``(descriptors float32 (n, dim), labels int32 (n,))``.
+        float32 ``(num_images, dim)`` descriptors, ``(0, 0)`` for no batches.
     """
 
     @tf.function(reduce_retracing=True)
     def embed(images):
         return model(images, training=False)
 
-    descriptors, labels = [], []
-    for images, batch_labels in dataset:
-        descriptors.append(np.asarray(embed(tf.cast(images, tf.float32)), np.float32))
-        labels.append(np.asarray(batch_labels))
+    descriptors = [np.asarray(embed(tf.cast(images, tf.float32)), np.float32) for images in batches]
     if not descriptors:
-        return np.zeros((0, 0), np.float32), np.zeros((0,), np.int32)
-    return np.concatenate(descriptors), np.concatenate(labels)
+        return np.zeros((0, 0), np.float32)
+    return np.concatenate(descriptors)
+
+
+def embed_dataset(model, dataset) -> tuple[np.ndarray, np.ndarray]:
+    """Descriptors and labels of a dataset of ``(images, labels)`` batches, in order.
+
+    The descriptors are `embed_batches` of the images.
+
+    Returns:
+        ``(descriptors float32 (n, dim), labels int32 (n,))``.
+    """
+    labels = []
+
+    def images():
+        for batch_images, batch_labels in dataset:
+            labels.append(np.asarray(batch_labels))
+            yield batch_images
+
+    descriptors = embed_batches(model, images())
+    if not labels:
+        return descriptors, np.zeros((0,), np.int32)
+    return descriptors, np.concatenate(labels)
 
 
 def make_eval_dataset(
@@ -715,7 +467,7 @@ def make_eval_dataset(
             geometry every image keeps its own shape, so batches hold one image.
         bad_files: a `BadFileLog`; None logs each bad file as found.
         geometry: ``"aspect"`` (default: what an exported model sees), ``"crop"`` or
-            ``"pad"`` (see the module docstring).
+            ``"pad"`` (see `training.geometry`).
 
     Returns:
         a ``tf.data.Dataset`` of ``(images float32 (b, h, w, 3) 0-255, labels int32 (b,))``.
@@ -729,8 +481,8 @@ def make_eval_dataset(
     def load(index):
         image, label, _ = _decode_op(loader, index, index)
         if geometry == "aspect":
-            return _long_side(image, image_size), label
-        return _to_square(tf.cast(image, tf.float32), image_size, geometry), label
+            return resize_long_side(image, image_size), label
+        return to_square(tf.cast(image, tf.float32), image_size, geometry), label
 
     return (
         tf.data.Dataset.range(len(manifest))

@@ -10,7 +10,7 @@ import json
 import os
 from pathlib import Path
 
-from remap_tf.checks import check_choice
+from remap_tf.checks import check_choice, check_int, check_number
 from remap_tf.errors import BadPathError, InvalidInputError
 from remap_tf.specs import get_spec
 
@@ -113,8 +113,7 @@ class DemoConfig:
     def validate(self) -> DemoConfig:
         """Checks every field once; ValueError naming the field and the value received."""
         get_spec(self.backbone)
-        if not (isinstance(self.minutes, (int, float)) and self.minutes > 0):
-            raise InvalidInputError(f"--minutes must be a number > 0, received {self.minutes!r}.")
+        check_number("--minutes", self.minutes, minimum=0, open_minimum=True)
         for name, minimum in (
             ("steps", 1),
             ("seed", 0),
@@ -126,19 +125,13 @@ class DemoConfig:
             ("images_per_class", 2),
             ("top_k", 1),
         ):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-                flag = "--" + name.replace("_", "-")
-                raise InvalidInputError(
-                    f"{flag} must be an integer >= {minimum}, received {value!r}."
-                )
+            check_int("--" + name.replace("_", "-"), getattr(self, name), minimum=minimum)
         if self.images_per_class > self.views_per_photo:
             raise InvalidInputError(
                 f"images_per_class ({self.images_per_class}) cannot exceed --views-per-photo "
                 f"({self.views_per_photo})."
             )
-        if self.alpha is not None and not self.alpha > 0:
-            raise InvalidInputError(f"--alpha must be > 0, received {self.alpha!r}.")
+        check_number("--alpha", self.alpha, minimum=0, open_minimum=True, allow_none=True)
         if self.weights not in (None, "imagenet") and not os.path.isfile(self.weights):
             raise BadPathError(
                 f"--weights {self.weights!r} is neither 'imagenet' nor an existing weights file."

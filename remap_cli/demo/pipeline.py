@@ -63,20 +63,19 @@ from remap_cli.demo.config import (
 from remap_cli.demo.photoset import PhotoViews, load_images, make_photo_views
 from remap_cli.demo.report import RemapOutcome, format_table, table_row, write_outputs
 from remap_tf import evaluation
-from remap_tf.backbones import batch_norm_layers
 from remap_tf.errors import InvalidInputError, ModelNotFoundError
 from remap_tf.export.saved_model import export_model
-from remap_tf.model import REMAP, get_region_weights
-from remap_tf.region_weights import init_region_weights
+from remap_tf.model import get_region_weights
 from remap_tf.serving.client import LocalEmbedder, make_embedder
 from remap_tf.serving.index import ScannIndex
 from remap_tf.training.config import TrainConfig
-from remap_tf.training.data import load_manifest
-from remap_tf.training.fit import fit_model
-from remap_tf.training.pipeline import make_train_dataset
-from remap_tf.whitening import init_whitening
+from remap_tf.training.data import Manifest, load_manifest
+from remap_tf.training.fit import build_model, fit_model, initialise
+from remap_tf.training.pipeline import embed_batches, make_train_dataset
 
-WHITENING_SHRINKAGE = 0.5  # as remap train's default (init.whitening_shrinkage)
+# The seed of the KL region weights' pair sampling: the demo has always drawn its pairs with
+# seed 0, whatever --seed (remap train uses its run's seed).
+KL_PAIR_SEED = 0
 
 
 class _Status:
@@ -104,6 +103,7 @@ class DemoData:
         query_pixels, database_pixels: decoded float32 ``(1, h, w, 3)`` each.
         train_images: float32 ``(num_train, h, w, 3)`` training views (KL and whitening).
         train_labels: int ``(num_train,)``.
+        manifest: the training views' `remap_tf.training.data.Manifest` (fine-tuning).
     """
 
     views: PhotoViews
@@ -116,6 +116,7 @@ class DemoData:
     database_pixels: list
     train_images: np.ndarray
     train_labels: np.ndarray
+    manifest: Manifest
 
 
 @dataclasses.dataclass
@@ -239,6 +240,7 @@ def _make_data(config: DemoConfig, out: Path, status) -> DemoData:
         database_pixels=_load_pixels(database),
         train_images=images,
         train_labels=labels,
+        manifest=load_manifest(views.train_csv),
     )
 
 
@@ -249,48 +251,42 @@ def _run_model(spec: DemoModel, config: DemoConfig, out: Path, data: DemoData, c
         ``(row, outcome)``: the table row, and for the reported model (fine-tuned REMAP) the
         `RemapOutcome` the report draws (else None).
     """
+    train_config = _train_config(config, spec, data)
     keras.backend.clear_session()
     keras.utils.set_random_seed(config.seed)  # every model starts from the same head
-    model = _build_model(config, spec.pooling)
-    initial = _initialise(model, spec, data, status)
+    model = build_model(train_config)
+    initial = _initialise(model, spec, data, train_config, status)
     training = None
     if spec.fine_tune:
-        training = _train(model, config, data.views.train_csv, spec.label, curves, status)
+        training = _train(model, config, train_config, data.manifest, spec.label, curves, status)
     if spec.key == REPORTED:
         return _run_reported(model, spec, config, out, data, initial, training, status)
-    queries = _embed_in_process(model, data.query_pixels)
-    database = _embed_in_process(model, data.database_pixels)
+    queries = embed_batches(model, data.query_pixels)
+    database = embed_batches(model, data.database_pixels)
     row = _evaluate(spec, queries, database, data)[0]
     _record_training(row, training)
     status(spec.label, f"test mAP {row['mAP']:.3f}")
     return row, None
 
 
-def _initialise(model, spec: DemoModel, data: DemoData, status):
-    """KL region weights (and learned whitening) from the training views; the KL weights."""
+def _initialise(model, spec: DemoModel, data: DemoData, train_config: TrainConfig, status):
+    """KL region weights (and learned whitening) from the training views
+    (`remap_tf.training.fit.initialise`, as ``train_config.init`` says); the KL weights."""
     if spec.init == "none":
         return None
     started = time.monotonic()
-    initial = init_region_weights(model, data.train_images, data.train_labels, batch_size=16)
-    if spec.init == "kl+lw":
-        init_whitening(
-            model,
-            data.train_images,
-            data.train_labels,
-            batch_size=16,
-            shrinkage=WHITENING_SHRINKAGE,
-        )
+    done = initialise(model, data.train_images, data.train_labels, train_config, seed=KL_PAIR_SEED)
     status(
         spec.label,
         f"{spec.init.replace('kl', 'KL region weights').replace('+lw', ' and learned whitening')}"
         f" from {len(data.train_images)} training views ({time.monotonic() - started:.1f}s)",
     )
-    return initial
+    return done["region_weights"]
 
 
 def _run_reported(model, spec, config, out, data, initial, training, status):
     """The fine-tuned REMAP: export, embed through the export, ScaNN, and the report's data."""
-    reference = _embed_in_process(model, data.database_pixels)
+    reference = embed_batches(model, data.database_pixels)
     version_dir, embedded, where = _export_and_embed(model, config, out, data, status)
     database, queries = embedded[: len(data.database)], embedded[len(data.database) :]
     difference = float(np.abs(database - reference).max())
@@ -327,25 +323,31 @@ def _record_training(row: dict, training: _Training | None) -> None:
         )
 
 
-def _build_model(config: DemoConfig, pooling: str):
-    """The model for ``pooling`` on the configured backbone, BatchNorm in inference mode."""
-    model = REMAP(
-        config.backbone,
-        pooling=pooling,
-        levels=LEVELS,
-        grid_shape=GRID_SHAPE,
-        weights=config.weights,
-        input_shape=(None, None, 3),
-        backbone_kwargs=config.backbone_kwargs() or None,
-    )
-    for layer in batch_norm_layers(model):
-        layer.trainable = False
-    return model
+def _steps_per_epoch(steps: int) -> int:
+    """Epochs of up to 10 steps (a point of the training curve each), ``steps`` in all."""
+    return max(d for d in range(1, 11) if steps % d == 0)
 
 
-def _train_config(config: DemoConfig, train_csv: Path, classes: int, steps_per_epoch: int):
+def _train_config(config: DemoConfig, spec: DemoModel, data: DemoData) -> TrainConfig:
+    """The `TrainConfig` of one row: its model (BatchNorm frozen, see the module docstring),
+    its initialisation and, when fine-tuned, its training; the rest is remap train's default
+    (e.g. ``init.whitening_shrinkage``)."""
+    steps_per_epoch = _steps_per_epoch(config.steps)
     return TrainConfig.from_dict(
         {
+            "model": {
+                "backbone": config.backbone,
+                "weights": config.weights,
+                "pooling": spec.pooling,
+                "levels": LEVELS,
+                "grid_shape": list(GRID_SHAPE),
+                "backbone_kwargs": config.backbone_kwargs(),
+                "freeze_batch_norm": True,
+            },
+            "init": {
+                "region_weights": spec.init != "none",
+                "whitening": "learned" if spec.init == "kl+lw" else "none",
+            },
             "epochs": config.steps // steps_per_epoch,
             "steps_per_epoch": steps_per_epoch,
             "time_limit": config.minutes * 60.0,
@@ -354,28 +356,26 @@ def _train_config(config: DemoConfig, train_csv: Path, classes: int, steps_per_e
             "optimizer": {"learning_rate": config.learning_rate},
             "loss": {"margin": config.margin, "mining": config.mining},
             "data": {
-                "train": str(train_csv),
+                "train": str(data.views.train_csv),
                 "image_size": config.image_size,
-                "classes_per_batch": classes,
+                "classes_per_batch": min(config.classes_per_batch, data.manifest.num_classes),
                 "images_per_class": config.images_per_class,
             },
         }
     ).validate()
 
 
-def _train(model, config: DemoConfig, train_csv: Path, name: str, curves, status) -> _Training:
+def _train(
+    model, config: DemoConfig, train_config: TrainConfig, manifest: Manifest, name, curves, status
+) -> _Training:
     """Fits ``model`` with `remap_tf.training.fit.fit_model` for ``config.steps`` steps at most;
     records its training curve in ``curves[name]``."""
-    # Epochs of up to 10 steps (a point of the curve each), exactly config.steps in all.
-    steps_per_epoch = max(d for d in range(1, 11) if config.steps % d == 0)
-    manifest = load_manifest(train_csv)
-    classes = min(config.classes_per_batch, manifest.num_classes)
-    train_config = _train_config(config, train_csv, classes, steps_per_epoch)
+    steps_per_epoch = train_config.steps_per_epoch
     dataset = make_train_dataset(
         manifest,
-        image_size=config.image_size,
-        classes_per_batch=classes,
-        images_per_class=config.images_per_class,
+        image_size=train_config.data.image_size,
+        classes_per_batch=train_config.data.classes_per_batch,
+        images_per_class=train_config.data.images_per_class,
         seed=config.seed,
     )
     progress = _Progress(config.steps, f"  training {name}")
@@ -423,13 +423,6 @@ def _load_pixels(paths) -> list:
         with Image.open(path) as image:
             pixels.append(np.asarray(image.convert("RGB"), dtype=np.float32)[None])
     return pixels
-
-
-def _embed_in_process(model, pixels) -> np.ndarray:
-    """Descriptors ``(num_images, dim)`` from the Keras model, one image per call (the views
-    and the query crops have different shapes)."""
-    embed = tf.function(lambda x: model(x, training=False), reduce_retracing=True)
-    return np.concatenate([np.asarray(embed(x), np.float32) for x in pixels])
 
 
 def _export_and_embed(model, config: DemoConfig, out: Path, data: DemoData, status):
