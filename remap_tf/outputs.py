@@ -69,7 +69,9 @@ TOOL = "remap-tf"
 # may replace the other's (as `remap_cli.paths.output_file` lets the .html be replaced).
 REPORT_COMMAND = "report"
 REPORT_FILES = "report files"
-_OVERWRITE_HINT = "give a new or empty folder, or add --overwrite (remap then keeps those files)"
+_OVERWRITE_HINT = (
+    "give a new or empty folder, or add --overwrite to write beside them (they are kept)"
+)
 
 
 def read_marker(folder) -> dict | None:
@@ -112,13 +114,12 @@ def check_claim(folder, command: str, output: str, overwrite: bool = False) -> P
     marker = read_marker(path)
     if marker is not None:
         raise OutputExistsError(
-            f"{str(path)!r} holds the {marker.get('output')} of remap {marker.get('command')}, "
-            f"not the {output} of remap {command}; {_OVERWRITE_HINT}"
+            f"{str(path)!r} holds other files: the {marker.get('output')} of remap "
+            f"{marker.get('command')}, not the {output} of remap {command}; {_OVERWRITE_HINT}"
         )
     raise OutputExistsError(
-        f"{str(path)!r} holds files remap did not write (it has no {MARKER}), so it is not "
-        f"the {output} of remap {command}; {_OVERWRITE_HINT} (written by an older remap? add "
-        "--overwrite)"
+        f"{str(path)!r} holds other files, not the {output} of remap {command} (no readable "
+        f"{MARKER} in it; written by an older remap? add --overwrite); {_OVERWRITE_HINT}"
     )
 
 
