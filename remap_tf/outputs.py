@@ -131,7 +131,8 @@ def claim(folder, command: str, output: str, overwrite: bool = False) -> Path:
         command: the command writing it, e.g. ``"train"``, ``"index build"``.
         output: what it holds, e.g. ``"training run"``, ``"index"``, ``"report files"``.
         overwrite: take a folder holding other files too; they are kept, and only files
-            remap lists from now on are ever removed.
+            remap lists from now on are ever removed (another command's marker is replaced:
+            its files become foreign, so they too are kept).
 
     Returns:
         ``folder`` as a `Path`, holding a marker of ``command`` and ``output``.

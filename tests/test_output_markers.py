@@ -475,3 +475,5 @@ def test_demo_interrupted_after_its_photo_set_keeps_the_users_photos(tmp_path):
     _, err = process.communicate(timeout=120)
     assert process.returncode == 130, err[-3000:]
     assert photo.read_bytes() == _jpeg(4)
+    views = set(listed(tmp_path / "p" / DATA_DIR))  # the photo set was written beside it
+    assert "train.csv" in views and "train/cats/x.jpg" not in views
