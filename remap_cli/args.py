@@ -57,7 +57,8 @@ def add_overwrite(parser) -> None:
     parser.add_argument(
         "--overwrite",
         action="store_true",
-        help="replace an existing --report/--json file even if remap did not write it",
+        help="replace an existing --report/--json file, or write into a <report>_files/ "
+        "folder, even if remap did not write it (other files in that folder are kept)",
     )
 
 

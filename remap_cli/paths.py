@@ -5,8 +5,10 @@ Every check names the flag and what is wrong with the path in one line (a
 writes anything. Relative paths are the caller's: no command changes the working directory.
 
 Outputs never replace what the command did not write: `output_file` refuses an existing file
-that is not an output of the same kind (by suffix and content) unless ``--overwrite``; a
-report's side files go in one folder named after it (``hits.html`` -> ``hits_files/``).
+that is not an output of the same kind (by suffix and content) unless ``--overwrite``;
+`output_folder` refuses a folder without remap's marker for that command and output
+(`remap_tf.outputs`) unless ``--overwrite``; a report's side files go in one folder named
+after it (``hits.html`` -> ``hits_files/``), checked by `report_files`.
 Standard library only (plus the core's light modules).
 """
 
@@ -35,6 +37,7 @@ from remap_tf.errors import (
     OutputExistsError,
     RemapError,
 )
+from remap_tf.outputs import REPORT_COMMAND, REPORT_FILES, check_claim, report_files_dir
 
 
 @contextlib.contextmanager
@@ -255,6 +258,24 @@ def output_dir(flag: str, value, what: str, is_ours: Callable[[Path], bool]) -> 
         )
     _writable_parent(flag, path)
     return path
+
+
+def output_folder(flag: str, value, command: str, output: str, overwrite: bool = False) -> Path:
+    """A folder ``remap <command>`` may write its ``output`` to (`remap_tf.outputs.claim`
+    decides; nothing is written here): absent, empty, or carrying remap's marker for this
+    command and output; any other folder only with ``--overwrite``, which keeps its files."""
+    path = Path(value)
+    with naming(flag):
+        check_claim(path, command, output, overwrite)
+    _writable_parent(flag, path)
+    return path
+
+
+def report_files(flag: str, report, overwrite: bool = False) -> Path:
+    """The side folder of the HTML report ``report`` (``hits.html`` -> ``hits_files/``),
+    checked as `output_folder` checks: a user's folder of that name needs ``--overwrite``
+    (write with `remap_tf.outputs.publish_report`)."""
+    return output_folder(flag, report_files_dir(report), REPORT_COMMAND, REPORT_FILES, overwrite)
 
 
 def _writable_parent(flag: str, path: Path) -> None:

@@ -519,7 +519,7 @@ def test_light_modules_and_the_cli_parser_do_not_import_tensorflow():
     without TensorFlow, Keras or ScaNN."""
     code = (
         "import sys, remap_tf, remap_tf.contract, remap_tf.errors, remap_tf.io, "
-        "remap_tf.specs, remap_tf.pairs, remap_tf.evaluation, remap_tf.datasets, "
+        "remap_tf.specs, remap_tf.pairs, remap_tf.evaluation, remap_tf.datasets, remap_tf.outputs, "
         "remap_tf.training.config\n"
         "from remap_cli.main import build_parser\n"
         "build_parser()\n"

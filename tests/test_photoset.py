@@ -12,6 +12,7 @@ import pytest
 from PIL import Image
 
 from remap_cli.demo.photoset import PHOTOS, load_images, make_photo_views, split_photos
+from remap_tf.outputs import MARKER, listed
 
 SMALL = dict(views_per_photo=3, image_size=(48, 64), distractors_per_photo=1)
 FEW = ["astronaut", "chelsea", "coffee", "coins", "rocket", "motorcycle", "camera"]
@@ -40,8 +41,10 @@ def test_same_seed_gives_byte_identical_files(tmp_path):
     assert a == b
     assert a != c
     train = json.loads((tmp_path / "a" / "photoset.json").read_text())["train_photos"]
-    # 3 views per photo, 1 distractor per training photo, 3 manifests and the settings file.
-    assert len(a) == len(FEW) * 3 + len(train) + 4
+    # 3 views per photo, 1 distractor per training photo, 3 manifests and the settings file,
+    # plus the output marker, which lists all of them.
+    assert len(a) == len(FEW) * 3 + len(train) + 4 + 1
+    assert sorted(listed(tmp_path / "a")) == sorted(set(a) - {MARKER})
 
 
 def test_split_is_by_photo_and_files_match_manifests(tmp_path):

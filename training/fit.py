@@ -14,6 +14,10 @@ Output folder (``config.out_dir``)::
                            (other MultiWorker workers: backup_worker_N/)
     logs/                  TensorBoard: loss, learning_rate, val_map
 
+`RUN_FILES` names them for the output marker (`remap_tf.outputs`): ``remap train`` claims the
+folder and lists them before training, so a rerun after a kill resumes from ``backup/`` and a
+folder holding a user's ``config.yaml`` (no marker) is never written into.
+
 Reference: Husain & Bober, "REMAP: Multi-layer entropy-guided pooling of dense CNN features
 for image retrieval", IEEE TIP 2019 (triplet loss, KL-initialised region weights, learned
 whitening trained end to end).
@@ -46,6 +50,12 @@ from remap_tf.training.data import Manifest, load_manifest
 from remap_tf.training.images import BadFileLog, BadFileReporter
 from remap_tf.training.mining import OfflineHardNegativeMining
 from remap_tf.whitening import init_whitening
+
+BACKUP_DIR = "backup"
+CHECKPOINT_DIR = "checkpoints"
+LOG_DIR = "logs"
+# What `train` writes in out_dir (a trailing "/": a folder whose content is all remap's).
+RUN_FILES = (MODEL_FILE, CONFIG_FILE, f"{BACKUP_DIR}/", f"{CHECKPOINT_DIR}/", f"{LOG_DIR}/")
 
 
 @dataclasses.dataclass
@@ -276,7 +286,7 @@ class _Cluster:
 
     def backup_dir(self, out: Path) -> Path:
         # Every worker keeps its own copy (the chief's is the one users see).
-        return out / "backup" if self.chief else out / f"backup_worker_{self.task_id}"
+        return out / BACKUP_DIR if self.chief else out / f"{BACKUP_DIR}_worker_{self.task_id}"
 
 
 def load_training_data(config: TrainConfig, replicas: int) -> Manifest:
@@ -381,14 +391,16 @@ def make_callbacks(config: TrainConfig, *, write_dir: Path, backup_dir: Path, ba
     )
     callbacks.append(
         cb.AtomicModelCheckpoint(
-            str(write_dir / "checkpoints" / "epoch_{epoch:03d}.weights.h5"),
+            str(write_dir / CHECKPOINT_DIR / "epoch_{epoch:03d}.weights.h5"),
             config=config,
             save_weights_only=True,
         )
     )
     if config.tensorboard:
         callbacks.append(
-            keras.callbacks.TensorBoard(str(write_dir / "logs"), write_graph=False, profile_batch=0)
+            keras.callbacks.TensorBoard(
+                str(write_dir / LOG_DIR), write_graph=False, profile_batch=0
+            )
         )
     return callbacks
 

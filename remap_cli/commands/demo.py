@@ -1,4 +1,10 @@
-"""``remap demo``: the whole path on the photos inside scikit-image (`remap_cli.demo`)."""
+"""``remap demo``: the whole path on the photos inside scikit-image (`remap_cli.demo`).
+
+``--out`` is claimed for the demo (`remap_tf.outputs`): a folder that is absent, empty or an
+earlier demo's (its ``.remap-output.json`` says so); anything else, such as a user's folder
+with a ``data/`` of photos, only with ``--overwrite``, and even then remap removes only the
+photo-set files its markers list.
+"""
 
 from __future__ import annotations
 
@@ -14,7 +20,10 @@ from remap_cli.args import (
 )
 from remap_cli.demo.config import DEFAULT_BACKBONE, DEFAULT_OUT, DemoConfig
 from remap_tf.contract import MIN_IMAGE_SIZE
+from remap_tf.outputs import claim
 from remap_tf.specs import get_spec
+
+COMMAND, OUTPUT = "demo", "demo output"
 
 
 def add_parser(subparsers) -> None:
@@ -34,6 +43,12 @@ def add_parser(subparsers) -> None:
     defaults = DemoConfig()
     parser.add_argument(
         "--out", default=DEFAULT_OUT, help="output folder; reruns reuse it (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="write into an --out folder that holds other files (they are kept; files of the "
+        "same names as the demo's are replaced)",
     )
     parser.add_argument(
         "--seed",
@@ -91,15 +106,21 @@ def add_parser(subparsers) -> None:
     )
 
 
-def _is_demo_output(folder: Path) -> bool:
-    """A folder an earlier ``remap demo`` wrote (its results, photo set or models)."""
-    return any((folder / name).exists() for name in ("results.json", "data", "models"))
+def _claim(out: Path, overwrite: bool) -> None:
+    """Claims ``out`` for the demo; with ``overwrite``, its photo-set folder too (a user's
+    ``data/`` is then written beside, never cleared)."""
+    from remap_cli.demo.photoset import DATA_DIR, claim_photo_set  # Pillow: not at --help
+
+    with paths.naming("--out"):
+        claim(out, COMMAND, OUTPUT, overwrite)
+        if overwrite:
+            claim_photo_set(out / DATA_DIR, overwrite=True)
 
 
 def run(args) -> int:
     with paths.naming("--backbone"):
         get_spec(args.backbone)
-    paths.output_dir("--out", args.out, "a demo output", _is_demo_output)
+    paths.output_folder("--out", args.out, COMMAND, OUTPUT, args.overwrite)
     weights = None if args.weights in (None, "none") else args.weights
     if weights not in (None, "imagenet"):
         paths.weights_file("--weights", weights)
@@ -117,6 +138,7 @@ def run(args) -> int:
         images_per_class=min(DemoConfig.images_per_class, args.views_per_photo),
     )
     config.validate()
+    _claim(Path(args.out), args.overwrite)
     from remap_cli.demo.pipeline import run_demo  # imports TensorFlow: after the checks
 
     result = run_demo(config)

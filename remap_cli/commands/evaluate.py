@@ -14,6 +14,7 @@ from remap_cli.args import (
     positive_int,
 )
 from remap_tf.evaluation import DEFAULT_KAPPAS
+from remap_tf.outputs import publish_report
 
 FORMATS = ("auto", "revisited", "oxford", "holidays", "ukbench", "folders", "groups")
 
@@ -73,6 +74,7 @@ def _check(args) -> None:
         paths.output_file("--json", args.json, "evaluation JSON", args.overwrite)
     if args.report:
         paths.output_file("--report", args.report, "HTML report", args.overwrite)
+        paths.report_files("--report", args.report, args.overwrite)
     if args.embeddings is not None:
         common.embeddings_output("--embeddings", args.embeddings)
 
@@ -116,6 +118,10 @@ def run(args) -> int:
         atomic_write_json(args.json, metrics_json(protocols))
         print(f"figures: {args.json}")
     if args.report:
-        write_evaluation_report(args.report, dataset, result, k=args.report_k)
+        publish_report(
+            args.report,
+            lambda page: write_evaluation_report(page, dataset, result, k=args.report_k),
+            overwrite=args.overwrite,
+        )
         print(f"report: {args.report}")
     return 0

@@ -1,4 +1,12 @@
-"""``remap export``: a Keras model as a TF Serving SavedModel (`remap_tf.export`)."""
+"""``remap export``: a Keras model as a TF Serving SavedModel (`remap_tf.export`).
+
+``--out`` is claimed as a model base folder (`remap_tf.outputs`): absent, empty, or one
+``remap export`` wrote (its ``.remap-output.json`` says so; exporting again adds the next
+version). A folder holding anything else (a stray ``models.config``, a ``1/`` of another
+tool) needs ``--overwrite``, which keeps it as it is: versions are never replaced and server
+files are written only when absent. The new version folder and server files are listed in the
+marker before they are written.
+"""
 
 from __future__ import annotations
 
@@ -13,10 +21,14 @@ from remap_tf.contract import (
     MAX_PIXELS_LIMIT,
     MIN_IMAGE_SIZE,
     check_model_name,
+    next_version,
 )
 from remap_tf.errors import OutputExistsError
 from remap_tf.export.options import ExportOptions
-from remap_tf.export.server_files import MODELS_CONFIG
+from remap_tf.export.server_files import BATCHING_FILE, COMPOSE_FILE, MODELS_CONFIG
+from remap_tf.outputs import MARKER, claim, record
+
+COMMAND, OUTPUT = "export", "model base folder"
 
 
 def add_parser(subparsers) -> None:
@@ -62,17 +74,18 @@ def add_parser(subparsers) -> None:
     parser.add_argument(
         "--warmup-images", nargs="+", default=None, help="images for the warm-up requests"
     )
-
-
-def _is_export_base(folder: Path) -> bool:
-    """A folder ``remap export`` wrote: server files or integer version folders in it."""
-    return (folder / MODELS_CONFIG).is_file() or any(p.name.isdigit() for p in folder.iterdir())
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="export into an --out folder that holds other files (they are kept: versions "
+        "are never replaced, server files are written only when absent)",
+    )
 
 
 def _check(args) -> None:
     """Every argument, before TensorFlow is loaded."""
     paths.keras_model("--model", args.model)
-    paths.output_dir("--out", args.out, "a model base folder", _is_export_base)
+    paths.output_folder("--out", args.out, COMMAND, OUTPUT, args.overwrite)
     if args.version is not None and (Path(args.out) / str(args.version)).exists():
         raise OutputExistsError(
             f"--version {args.version}: {str(Path(args.out) / str(args.version))!r} exists; "
@@ -98,17 +111,31 @@ def _missing_folders(folder: Path) -> list[Path]:
     return missing
 
 
+def _claim(args) -> int:
+    """Claims ``--out`` and lists the version folder and the server files about to be
+    written (those absent: a present one is kept as it is); returns the version."""
+    with paths.naming("--out"):
+        base = claim(args.out, COMMAND, OUTPUT, args.overwrite)
+        version = args.version or next_version(base)
+        server_files = [
+            n for n in (MODELS_CONFIG, BATCHING_FILE, COMPOSE_FILE) if not (base / n).exists()
+        ]
+        record(base, [f"{version}/", *server_files], overwrite=args.overwrite)
+    return version
+
+
 def run(args) -> int:
     _check(args)
     from remap_tf.export.saved_model import export_model, load_keras_model
 
     model, config = load_keras_model(args.model)
     created = _missing_folders(Path(args.out))
+    version = _claim(args)
     try:
         path = export_model(
             model,
             args.out,
-            version=args.version,
+            version=version,
             image_size=args.image_size,
             scales=args.scales,
             max_pixels=args.max_pixels,
@@ -116,7 +143,9 @@ def run(args) -> int:
             warmup_images=args.warmup_images,
             model_name=args.name,
         )
-    except BaseException:  # a failed export (a full disk) leaves no empty --out behind
+    except BaseException:  # a failed export (a full disk) leaves no --out it created behind
+        if created:
+            (created[0] / MARKER).unlink(missing_ok=True)
         for folder in created:
             try:
                 folder.rmdir()  # only if still empty

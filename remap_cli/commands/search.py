@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from remap_cli import common, paths
 from remap_cli.args import MODEL_HELP, add_command, add_overwrite, positive_int, printable
+from remap_tf.outputs import publish_report
 
 
 def add_parser(subparsers) -> None:
@@ -35,6 +36,7 @@ def _check(args) -> None:
         paths.exported_model("--model", args.model)
     if args.report:
         paths.output_file("--report", args.report, "HTML report", args.overwrite)
+        paths.report_files("--report", args.report, args.overwrite)
     if args.json:
         paths.output_file("--json", args.json, "search results JSON", args.overwrite)
 
@@ -68,13 +70,18 @@ def run(args) -> int:
     if args.json:
         atomic_write_json(args.json, results)
     if args.report:
-        write_report(
+        # Side files only into remap's own <name>_files/ (a user's folder needs --overwrite).
+        publish_report(
             args.report,
-            queries=args.queries,
-            results=[[h["path"] for h in r["results"]] for r in results],
-            scores=[[h["score"] for h in r["results"]] for r in results],
-            result_names=[[h["id"] for h in r["results"]] for r in results],
-            title=f"remap search: {len(args.queries)} queries in {args.index}",
+            lambda page: write_report(
+                page,
+                queries=args.queries,
+                results=[[h["path"] for h in r["results"]] for r in results],
+                scores=[[h["score"] for h in r["results"]] for r in results],
+                result_names=[[h["id"] for h in r["results"]] for r in results],
+                title=f"remap search: {len(args.queries)} queries in {args.index}",
+            ),
+            overwrite=args.overwrite,
         )
         print(f"report: {printable(args.report)}")
     return 0

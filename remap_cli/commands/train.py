@@ -3,12 +3,16 @@
 The parser only declares flags; the handler resolves a `remap_tf.training.config.TrainConfig`
 (defaults < ``--config`` YAML < flags < ``--set``), validates it, and calls
 `remap_tf.training.fit.train` with it.
+
+``--out`` is claimed for the run (`remap_tf.outputs`): absent, empty, or an earlier run's
+(its ``.remap-output.json`` says so, and a rerun resumes from ``backup/``). A folder holding a
+user's files, a stray ``config.yaml`` included, is refused unless ``--overwrite``; the files
+the run writes (`remap_tf.training.fit.RUN_FILES`) are listed before training starts.
 """
 
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 import yaml
 
@@ -23,15 +27,17 @@ from remap_cli.args import (
 )
 from remap_tf.contract import MIN_IMAGE_SIZE
 from remap_tf.errors import InvalidInputError, RemapError
+from remap_tf.outputs import claim, record
 from remap_tf.specs import BACKBONES, MININGS, POOLINGS
 from remap_tf.training.config import (
-    CONFIG_FILE,
     OPTIMIZERS,
     STRATEGIES,
     TrainConfig,
     read_yaml,
 )
 from remap_tf.training.data import load_manifest
+
+COMMAND, OUTPUT = "train", "training run"
 
 # flag dest -> config field (None values mean "flag not given").
 _FLAG_FIELDS = {
@@ -90,6 +96,12 @@ def add_parser(subparsers) -> None:
         "train_clean.csv",
     )
     parser.add_argument("--out", help="output folder (default remap_train)")
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="train into an --out folder that holds other files (they are kept; a config.yaml "
+        "or model.keras there is replaced)",
+    )
     parser.add_argument("--config", help="YAML file with any TrainConfig fields")
     parser.add_argument("--validation", help="validation images (same formats) for val_map")
     parser.add_argument("--backbone", help=f"one of {', '.join(BACKBONES)}")
@@ -178,11 +190,6 @@ def resolve_config(args: argparse.Namespace):
     return config.validate()
 
 
-def _is_training_run(folder: Path) -> bool:
-    """A folder ``remap train`` wrote (or is writing): its config, backup or checkpoints."""
-    return any((folder / name).exists() for name in (CONFIG_FILE, "backup", "checkpoints"))
-
-
 def _check_flag_paths(args) -> None:
     """The paths given as flags, named by their flags (values from --config are checked by
     `_check_data`, named by their config fields)."""
@@ -204,7 +211,7 @@ def _check_manifest(name: str, source) -> None:
         raise type(error)(f"{name}: {error}") from None
 
 
-def _check_data(config) -> None:
+def _check_data(config, overwrite: bool = False) -> None:
     """Reads the manifests (no image is opened) and the weights file's signature."""
     for field, source in (
         ("data.train", config.data.train),
@@ -214,15 +221,19 @@ def _check_data(config) -> None:
             _check_manifest(field, source)
     if config.model.weights not in (None, "imagenet"):
         paths.weights_file("model.weights", config.model.weights)
-    paths.output_dir("--out", config.out_dir, "a training run", _is_training_run)
+    paths.output_folder("--out", config.out_dir, COMMAND, OUTPUT, overwrite)
 
 
 def run(args: argparse.Namespace) -> int:
     config = resolve_config(args)
-    _check_data(config)
+    _check_data(config, args.overwrite)
     print("Loading TensorFlow and building the model...", flush=True)
-    from remap_tf.training.fit import train  # imports TensorFlow: after the flags are checked
+    # imports TensorFlow: after the flags are checked
+    from remap_tf.training.fit import RUN_FILES, train
 
+    with paths.naming("--out"):
+        out = claim(config.out_dir, COMMAND, OUTPUT, args.overwrite)
+        record(out, RUN_FILES, overwrite=args.overwrite)  # before anything is written
     result = train(config, log=lambda line: print(f"  {line}", flush=True))
     print(
         f"Trained {result.epochs_run} epoch(s) from epoch {result.initial_epoch} on "

@@ -20,9 +20,13 @@ Photos are split by source photo, never by view:
   to the JSON file.
 
 Everything is a pure function of the arguments: the same seed gives byte-identical files (one
-NumPy generator per view, seeded from ``(seed, photo, split, view)``). Writing into a folder
-that already holds a photo set rewrites changed files atomically, keeps identical ones and
-removes the files that no longer belong to it, so re-running never fails on leftovers.
+NumPy generator per view, seeded from ``(seed, photo, split, view)``). The folder is claimed
+for the photo set (`remap_tf.outputs`: a ``.remap-output.json`` marker listing every file,
+listed before it is written). Writing into a folder that already holds a photo set rewrites
+changed files atomically, keeps identical ones and removes the listed files that no longer
+belong to it, so re-running never fails on leftovers; a folder holding files remap did not
+write (a user's ``data/train/cats/*.jpg``) is refused unless ``overwrite``, and even then only
+the listed files are ever removed.
 
 Example:
     >>> views = make_photo_views("data/photos", seed=0)
@@ -48,9 +52,13 @@ from PIL import Image, ImageEnhance, ImageFilter
 from remap_tf.checks import check_int
 from remap_tf.errors import BadPathError, InvalidInputError
 from remap_tf.io import atomic_write_bytes
+from remap_tf.outputs import claim, record, remove_listed
 
 FORMAT_VERSION = 1
 MANIFEST_NAME = "photoset.json"
+DATA_DIR = "data"  # the photo set's folder inside a `remap demo` output
+COMMAND = "demo"  # the command whose output a photo set is (its marker says so)
+OUTPUT = "photo set"
 SPLITS = ("train", "val", "test", "distractors")
 
 
@@ -136,11 +144,13 @@ def make_photo_views(
     photos: Sequence[str] | None = None,
     query_scale: tuple[float, float] | None = None,
     queries_per_photo: int = 1,
+    overwrite: bool = False,
 ) -> PhotoViews:
     """Writes the scikit-image photo retrieval set into ``out_dir`` (see the module doc).
 
     Args:
-        out_dir: output folder; created if missing; an earlier photo set in it is updated.
+        out_dir: output folder; created if missing; an earlier photo set in it is updated,
+            any other non-empty folder refused (`claim_photo_set`).
         seed: one integer fixes the split and every view.
         views_per_photo: views of each photo, >= 2 (a test group is one query view and
             ``views_per_photo - 1`` database views).
@@ -157,10 +167,12 @@ def make_photo_views(
             ordinary view (0.6-1.0 of the side): queries often show part of a photo.
         queries_per_photo: with ``query_scale``, how many of each test group's first views
             are such query crops (``"queries"`` in the group's JSON).
+        overwrite: write beside other files (those of the same names are replaced).
 
     Returns:
         a `PhotoViews` naming the folders and files written (InvalidInputError, naming the
-        value, for a bad argument).
+        value, for a bad argument; OutputExistsError, naming the folder, for a folder that
+        holds files remap did not write).
     """
     views_per_photo = check_int("views_per_photo", views_per_photo, minimum=2)
     distractors_per_photo = check_int("distractors_per_photo", distractors_per_photo, minimum=0)
@@ -169,9 +181,8 @@ def make_photo_views(
     names = _check_photos(photos)
     train, val, test = split_photos(names, seed, test_fraction, val_fraction)
 
-    root = Path(out_dir)
-    root.mkdir(parents=True, exist_ok=True)
-    writer = _ViewWriter(root, seed, (height, width), names)
+    root = claim_photo_set(out_dir, overwrite)
+    writer = _ViewWriter(root, seed, (height, width), names, overwrite)
     train_rows = writer.rows("train", train, views_per_photo)
     val_rows = writer.rows("val", val, views_per_photo)
     queries = check_int("queries_per_photo", queries_per_photo, minimum=1) if query_scale else 1
@@ -192,9 +203,11 @@ def make_photo_views(
         val_photos=list(val), test_photos=list(test),
     )  # fmt: skip
     train_csv, val_csv, test_json = _write_lists(
-        root, settings, train_rows, val_rows, {"groups": groups, "distractors": distractors}
+        writer, settings, train_rows, val_rows, {"groups": groups, "distractors": distractors}
     )
-    _remove_leftovers(root, writer.written)
+    # Views of an earlier photo set in this folder (another seed or size) that this one does
+    # not have; only files the marker lists, never a user's.
+    remove_listed(root, keep=writer.relative(writer.written))
     return PhotoViews(
         root=root, train_dir=root / "train", train_csv=train_csv, val_dir=root / "val",
         val_csv=val_csv, test_groups_json=test_json, train_photos=tuple(train),
@@ -202,26 +215,45 @@ def make_photo_views(
     )  # fmt: skip
 
 
-def _write_lists(root: Path, settings: dict, train_rows, val_rows, test_groups: dict):
+def claim_photo_set(out_dir, overwrite: bool = False) -> Path:
+    """Takes ``out_dir`` for a photo set (`remap_tf.outputs.claim`): absent, empty, or an
+    earlier photo set; any other folder only with ``overwrite`` (its files are kept)."""
+    return claim(out_dir, COMMAND, OUTPUT, overwrite)
+
+
+def _write_lists(writer: _ViewWriter, settings: dict, train_rows, val_rows, test_groups: dict):
     """train.csv, val.csv, test_groups.json and the settings file; returns the first three."""
+    root = writer.root
     train_csv, val_csv = root / "train.csv", root / "val.csv"
     test_json = root / "test_groups.json"
-    _write_if_changed(train_csv, _csv_bytes(train_rows, root))
-    _write_if_changed(val_csv, _csv_bytes(val_rows, root))
-    _write_if_changed(test_json, _json_bytes(test_groups))
-    _write_if_changed(root / MANIFEST_NAME, _json_bytes(settings))
+    files = {
+        train_csv: _csv_bytes(train_rows, root),
+        val_csv: _csv_bytes(val_rows, root),
+        test_json: _json_bytes(test_groups),
+        root / MANIFEST_NAME: _json_bytes(settings),
+    }
+    writer.write_files(files)
     return train_csv, val_csv, test_json
 
 
 class _ViewWriter:
     """Renders seeded views of the photos and writes those that changed; remembers them all."""
 
-    def __init__(self, root: Path, seed: int, size: tuple[int, int], names):
+    def __init__(self, root: Path, seed: int, size: tuple[int, int], names, overwrite=False):
         self.root = root
         self.seed = seed
         self.size = size
+        self.overwrite = overwrite
         self.sources = {name: _prepared_sources(name, max(size)) for name in names}
         self.written: set[Path] = set()
+
+    def write_files(self, files: dict[Path, bytes]) -> None:
+        """Lists ``files`` in the folder's marker first (an interrupt never leaves an
+        unlisted view), then writes those that changed."""
+        record(self.root, self.relative(files), overwrite=self.overwrite)
+        for path, data in files.items():
+            _write_if_changed(path, data)
+            self.written.add(path)
 
     def rows(self, split: str, photos, count: int) -> list[tuple[Path, str]]:
         """``(path, photo)`` of ``count`` views of each photo, in ``split/photo/``."""
@@ -234,14 +266,13 @@ class _ViewWriter:
         """Writes ``count`` views of ``photo``: ``split/photo/`` (``distractors/`` flat); the
         ``first`` ones are crops of ``first_scale`` of the side when it is given."""
         folder = self.root / split if split == "distractors" else self.root / split / photo
-        paths = []
-        for index in range(count):
+        paths = [folder / f"{photo}_{index:03d}.jpg" for index in range(count)]
+        record(self.root, self.relative(paths), overwrite=self.overwrite)
+        for index, path in enumerate(paths):
             rng = np.random.default_rng([self.seed, _stable_id(photo), _SPLIT_CODES[split], index])
-            path = folder / f"{photo}_{index:03d}.jpg"
             scale = first_scale if index < first and first_scale else VIEW_SCALE
             _write_if_changed(path, _render_view(self.sources[photo], self.size, rng, scale))
             self.written.add(path)
-            paths.append(path)
         return paths
 
 
@@ -388,19 +419,6 @@ def _write_if_changed(path: Path, data: bytes) -> None:
     if path.is_file() and path.read_bytes() == data:
         return
     atomic_write_bytes(path, data)
-
-
-def _remove_leftovers(root: Path, keep: set[Path]) -> None:
-    """Deletes views of an earlier photo set (other seed or sizes) under the split folders."""
-    for split in SPLITS:
-        folder = root / split
-        if not folder.is_dir():
-            continue
-        for path in sorted(folder.rglob("*"), reverse=True):
-            if path.is_file() and path.suffix == ".jpg" and path not in keep:
-                path.unlink()
-            elif path.is_dir() and not any(path.iterdir()):
-                path.rmdir()
 
 
 def _csv_bytes(rows, root: Path) -> bytes:

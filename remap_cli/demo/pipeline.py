@@ -60,7 +60,7 @@ from remap_cli.demo.config import (
     DemoResult,
     config_json,
 )
-from remap_cli.demo.photoset import PhotoViews, load_images, make_photo_views
+from remap_cli.demo.photoset import DATA_DIR, PhotoViews, load_images, make_photo_views
 from remap_cli.demo.report import RemapOutcome, format_table, table_row, write_outputs
 from remap_tf import evaluation
 from remap_tf.errors import InvalidInputError, ModelNotFoundError
@@ -200,7 +200,7 @@ def _quiet_tensorflow():
 def _make_data(config: DemoConfig, out: Path, status) -> DemoData:
     """Writes (or refreshes) the photo set under ``out/data`` and loads what is needed."""
     views = make_photo_views(
-        out / "data",
+        out / DATA_DIR,
         seed=config.seed,
         views_per_photo=config.views_per_photo,
         image_size=config.view_size(),
