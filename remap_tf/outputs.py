@@ -37,16 +37,16 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
-import tempfile
 from collections.abc import Callable, Iterable
 from pathlib import Path, PurePosixPath
 
 from remap_tf import __version__
 from remap_tf.errors import InvalidInputError, OutputExistsError
-from remap_tf.io import atomic_write_json
+from remap_tf.io import atomic_write_json, remove_stale, staging_name
 
 __all__ = [
     "MARKER",
@@ -259,11 +259,22 @@ def publish_report(report, write: Callable[[Path], object], overwrite: bool = Fa
         ``report`` as a `Path`.
     """
     report = Path(report)
+    created = [f for f in (report.parent, *report.parent.parents) if not f.exists()]
     report.parent.mkdir(parents=True, exist_ok=True)
-    side = claim(report_files_dir(report), REPORT_COMMAND, REPORT_FILES, overwrite)
-    with tempfile.TemporaryDirectory(prefix=f".{report.stem}-", dir=report.parent) as tmp:
-        page = Path(tmp) / report.name
-        write(page)
+    prefix = f".{report.stem}-"
+    remove_stale(report.parent, prefix)  # what a killed run left
+    staging = report.parent / staging_name(prefix)
+    staging.mkdir()
+    try:
+        page = staging / report.name
+        try:
+            write(page)
+        except OSError as error:  # name the file the user asked for, not the staging copy
+            with contextlib.suppress(TypeError, ValueError):
+                inside = Path(error.filename).relative_to(staging)
+                error.filename = os.fspath(report.parent / inside)
+            raise
+        side = claim(report_files_dir(report), REPORT_COMMAND, REPORT_FILES, overwrite)
         staged = report_files_dir(page)
         names = sorted(
             p.relative_to(staged).as_posix() for p in staged.rglob("*") if not p.is_dir()
@@ -274,6 +285,13 @@ def publish_report(report, write: Callable[[Path], object], overwrite: bool = Fa
             os.replace(staged / name, side / name)
         remove_listed(side, keep=names)
         os.replace(page, report)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        for folder in created:  # deepest first: the folders made for this report, if empty
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+        raise
+    shutil.rmtree(staging, ignore_errors=True)
     return report
 
 

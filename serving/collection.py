@@ -24,7 +24,8 @@ def id_problem(item: str) -> str | None:
 
     The one rule for the ids of a folder: what `list_images` lists, and so what a rebuild of
     the index from the folder finds again. An id is a relative path with ``/`` separators,
-    valid UTF-8 without control characters, no empty, ``.`` or ``..`` component, no component
+    valid UTF-8 without NUL (other control characters are legal in file names and
+    are escaped where remap prints them), no empty, ``.`` or ``..`` component, no component
     starting with a dot (hidden files are not listed) or longer than 255 bytes, ending in an
     image extension (`remap_tf.contract.IMAGE_EXTENSIONS`). ``remap serve`` refuses an added
     id that breaks it, since a rebuild would silently drop that image.
@@ -35,8 +36,8 @@ def id_problem(item: str) -> str | None:
         item.encode("utf-8")
     except UnicodeEncodeError:
         return "the name is not valid UTF-8"
-    if any(ord(c) < 32 or ord(c) == 127 for c in item):
-        return "the name contains a control character"
+    if "\0" in item:
+        return "the name contains a NUL character"
     if item.startswith("/") or "\\" in item:
         return "an id is a relative path with '/' separators"
     parts = item.split("/")

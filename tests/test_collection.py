@@ -9,7 +9,7 @@ from remap_tf.serving.collection import id_problem, list_images
 
 @pytest.mark.parametrize(
     "item",
-    ["a.jpg", "new/1.JPG", "café/ü.png", "x" * 251 + ".gif"],
+    ["a.jpg", "new/1.JPG", "café/ü.png", "x" * 251 + ".gif", "two\nlines.png"],
 )
 def test_ids_a_folder_listing_finds_again(item):
     assert id_problem(item) is None
@@ -26,7 +26,7 @@ def test_ids_a_folder_listing_finds_again(item):
         ("d/../a.jpg", "'..'"),
         ("d//a.jpg", "empty"),
         ("/etc/a.jpg", "relative"),
-        ("a\nb.jpg", "control character"),
+        ("a\0b.jpg", "NUL"),
         ("x" * 300 + ".jpg", "255 bytes"),
         ("caf\udce9.jpg", "not valid UTF-8"),
     ],

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from remap_tf.errors import InvalidInputError
 from remap_tf.losses import TripletLoss
 from remap_tf.model import REMAP
 from remap_tf.training.data import Manifest, load_manifest
@@ -24,6 +25,7 @@ from remap_tf.training.images import (
     BadFileReporter,
     BadImageError,
     decode_image_file,
+    unusable_data_guard,
 )
 from remap_tf.training.pipeline import (
     BAD_LABEL,
@@ -244,6 +246,30 @@ def test_a_class_whose_files_are_all_bad_never_stalls_the_stream(tmp_path):
         assert images.shape[0] == 4 and max(images.shape[1:3]) == 16
         assert 2 not in labels  # the broken class never reaches a batch
     assert sorted(log.paths) == sorted(str(tmp_path / "z_broken" / n) for n in ("a.jpg", "b.png"))
+
+
+@pytest.mark.timeout(120, method="thread")  # a hang is inside TensorFlow
+def test_too_few_readable_classes_stop_the_stream_with_one_line(tmp_path):
+    """Issue 21, item 10: with fewer classes holding a readable image than a batch needs, no
+    batch can ever be made; the stream used to wait for one forever (and `remap train` on a CSV
+    of missing files hung, deaf to Ctrl-C). It now stops, and the log says why in one line."""
+    readable = _solid_manifest(tmp_path, [RED])
+    missing = [str(tmp_path / "gone" / f"{i}.jpg") for i in range(2)]
+    manifest = Manifest(readable.paths + missing, [0, 0, 0, 1, 1], ["red", "gone"])
+    log = BadFileLog()
+    dataset = make_train_dataset(manifest, 16, classes_per_batch=2, images_per_class=2,
+                                 bad_files=log)  # fmt: skip
+    with pytest.raises(Exception, match="no batch can be made"):
+        for _ in dataset.take(4):
+            pass
+    assert log.unusable.startswith("no batch can be made: 1 of 2 classes have no readable image")
+    assert "\n" not in log.unusable and "file not found" in log.unusable
+    with (
+        pytest.raises(InvalidInputError, match="^no batch can be made") as raised,
+        unusable_data_guard(log),
+    ):
+        next(iter(dataset))
+    assert raised.value.__cause__ is None
 
 
 def test_aspect_geometry_keeps_the_aspect_ratio_everywhere(tmp_path):

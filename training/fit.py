@@ -47,7 +47,7 @@ from remap_tf.training import callbacks as cb
 from remap_tf.training import keras_compat, pipeline, strategies
 from remap_tf.training.config import CONFIG_FILE, TrainConfig
 from remap_tf.training.data import Manifest, load_manifest
-from remap_tf.training.images import BadFileLog, BadFileReporter
+from remap_tf.training.images import BadFileLog, BadFileReporter, unusable_data_guard
 from remap_tf.training.mining import OfflineHardNegativeMining
 from remap_tf.whitening import init_whitening
 
@@ -457,7 +457,7 @@ def train(config: TrainConfig, log=_quiet) -> TrainResult:
     val = load_validation_data(config, bad_files)
     scratch = None if cluster.chief else Path(tempfile.mkdtemp(prefix="remap_worker_"))
     try:
-        with _dtype_policy(config.mixed_precision):
+        with _dtype_policy(config.mixed_precision), unusable_data_guard(bad_files):
             model, history = _fit(
                 config, cluster, manifest, val, out, scratch or out, bad_files, log
             )

@@ -15,6 +15,7 @@ first frame.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
@@ -103,6 +104,9 @@ class BadFileLog:
         self._lock = threading.Lock()
         self._entries: list[tuple[str, str]] = []
         self._seen: set[str] = set()
+        # Set by a pipeline that can no longer make a batch (too few classes left with a
+        # readable image); `unusable_data_guard` turns the pipeline's error into this line.
+        self.unusable: str | None = None
 
     def add(self, path, reason: str) -> bool:
         """Records ``path`` (with ``reason``); returns False if it was already recorded."""
@@ -212,3 +216,19 @@ class _LoggingBadFileLog(BadFileLog):
         if new:
             logger.warning("Skipped bad image file %s (%s)", os.fspath(path), reason)
         return new
+
+
+@contextlib.contextmanager
+def unusable_data_guard(bad_files: BadFileLog):
+    """Re-raises an error of the input pipeline as one `InvalidInputError` line when the
+    pipeline stopped because too few classes have a readable image (``bad_files.unusable``).
+
+    A pipeline that skips bad files would otherwise wait forever for a batch it can never
+    complete (every path of a CSV missing, say), inside TensorFlow where Ctrl-C cannot reach.
+    """
+    try:
+        yield
+    except Exception:
+        if bad_files.unusable is not None:
+            raise InvalidInputError(bad_files.unusable) from None
+        raise

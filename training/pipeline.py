@@ -141,7 +141,13 @@ class _Loader:
     """
 
     def __init__(
-        self, manifest: Manifest, bad_files: BadFileLog, seed: int, draft_size, substitute
+        self,
+        manifest: Manifest,
+        bad_files: BadFileLog,
+        seed: int,
+        draft_size,
+        substitute,
+        min_classes: int = 0,
     ):
         self.paths = manifest.paths
         self.labels = manifest.labels
@@ -154,16 +160,44 @@ class _Loader:
             order = np.argsort(self.labels, kind="stable")
             bounds = np.searchsorted(self.labels[order], np.arange(manifest.num_classes + 1))
             self._members = (order, bounds)
+        # A batch needs ``min_classes`` classes that still have a readable image (a class
+        # with one is enough: it stands in for the others); below that, no batch can ever be
+        # made and the pipeline would wait forever, so the loader stops it (`_count_bad`).
+        self.min_classes = int(min_classes)
+        self._class_size = np.bincount(self.labels, minlength=manifest.num_classes)
+        self._class_bad = np.zeros_like(self._class_size)
+        self._bad: set[int] = set()
+        self._lock = threading.Lock()
 
     def _try(self, index: int):
         path = self.paths[index]
         if path in self.bad_files:
+            self._count_bad(index)
             return None
         try:
             return decode_image_file(path, self.draft_size)
         except BadImageError as error:
             self.bad_files.add(path, error.reason)
+            self._count_bad(index)
             return None
+
+    def _count_bad(self, index: int) -> None:
+        if not self.min_classes:
+            return
+        with self._lock:  # every bad file, new or not, asks again: a new iterator must stop too
+            if index not in self._bad:
+                self._bad.add(index)
+                self._class_bad[self.labels[index]] += 1
+            alive = int(np.count_nonzero(self._class_bad < self._class_size))
+        if alive < self.min_classes:
+            examples = "; ".join(f"{path}: {reason}" for path, reason in self.bad_files.entries[:3])
+            total = len(self._class_size)
+            self.bad_files.unusable = (
+                f"no batch can be made: {total - alive} of {total} classes have no readable "
+                f"image, which leaves at most {alive} and a batch needs {self.min_classes}; "
+                f"{self.bad_files.count} file(s) could not be read (e.g. {examples})"
+            )
+            raise InvalidInputError(self.bad_files.unusable)
 
     def __call__(self, index, position):
         index = int(index)
@@ -225,6 +259,7 @@ def _images_from_indices(
     bad_files,
     aspects=BATCH_ASPECTS,
     min_area: float = MIN_CROP_AREA,
+    min_classes: int = 2,
 ):
     """``index_batches`` (int64 ``(batch,)`` each) -> ``(images, labels)`` training batches.
 
@@ -237,6 +272,7 @@ def _images_from_indices(
         seed,
         draft_size=int(np.ceil(image_size * _DRAFT_MARGIN)),
         substitute=True,
+        min_classes=min_classes,
     )
 
     def load(position, index):
@@ -345,6 +381,7 @@ def make_train_dataset(
         bad_files=resolve_log(bad_files),
         aspects=tuple(aspects),
         min_area=float(min_crop_area),
+        min_classes=p,
     )
 
 
