@@ -359,3 +359,25 @@ def test_an_export_onto_a_full_disk_is_one_line_and_leaves_nothing(tmp_path):
         "`ulimit -f`)"
     ]
     assert _tree(tmp_path) == before
+
+
+def test_train_on_a_csv_of_missing_files_stops_in_one_line(tmp_path):
+    """Issue 21, item 10: every path of the CSV missing made `remap train` wait forever for a
+    batch (and ignore SIGTERM, blocked inside TensorFlow); it now stops with one line."""
+    rows = ["path,label"] + [f"gone/{c}_{i}.jpg,c{c}" for c in range(4) for i in range(3)]
+    (tmp_path / "data.csv").write_text("\n".join(rows) + "\n")
+    argv = ["train", "--data", "data.csv", "--out", "run", "--epochs", "1"]
+    argv += ["--steps-per-epoch", "1", "--batch-size", "4", "--images-per-class", "2"]
+    result = subprocess.run(
+        [sys.executable, "-m", "remap_cli", *argv],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=_env(),
+    )
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    (line,) = [ln for ln in result.stderr.splitlines() if ln.startswith("remap")]  # not TF's log
+    assert line.startswith("remap train: error: no batch can be made: "), line
+    assert "file not found" in line or "No such file" in line, line
