@@ -333,3 +333,51 @@ def test_compaction_under_concurrent_searches_and_changes_on_a_tree_index(tmp_pa
     reopened = load_current(tmp_path / "idx")
     assert sorted(reopened.ids) == sorted(store.index.ids)
     assert load_index(tmp_path / "idx").metadata[changelog.SEQ_KEY] >= 450
+
+
+def test_a_failed_append_is_cut_back_so_later_appends_follow_good_data(tmp_path, monkeypatch):
+    """Issue 21 leftover: an append that failed half-way (a full disk) left its partial
+    record at the end of the log, so no later record could follow it. The log is truncated
+    back to the previous end (fsync'ed) before the error is raised; when even that fails,
+    the log says it is ``broken`` and refuses appends."""
+    directory = _saved(tmp_path)
+    real = os.pwrite
+
+    def half_then_full(fd, data, offset):
+        real(fd, data[: len(data) // 2], offset)
+        raise OSError(28, "No space left on device")
+
+    def failing_truncate(fd, size):
+        raise OSError(5, "Input/output error")
+
+    with DurableIndex.open(directory) as store:
+        store.add("new0", _vectors(1, seed=3)[0])
+        good = log_path(directory).read_bytes()
+        monkeypatch.setattr(os, "pwrite", half_then_full)
+        with pytest.raises(OSError, match="No space left"):
+            store.add("lost", _vectors(1, seed=4)[0])
+        assert log_path(directory).read_bytes() == good and "lost" not in store
+        monkeypatch.setattr(os, "pwrite", real)
+        store.add("new1", _vectors(1, seed=5)[0])
+        store.delete("base0")
+        assert not store.log.broken
+        monkeypatch.setattr(os, "pwrite", half_then_full)
+        monkeypatch.setattr(os, "ftruncate", failing_truncate)
+        with pytest.raises(OSError, match="No space left"):
+            store.add("lost", _vectors(1, seed=4)[0])
+        assert "could not be cut off" in store.log.broken
+        monkeypatch.setattr(os, "pwrite", real)
+        with pytest.raises(OSError, match="could not be cut off"):
+            store.delete("base2")
+        assert "base2" in store
+    monkeypatch.undo()
+    scan = scan_log(log_path(directory))
+    assert [(c.op, c.id) for c in scan.changes] == [
+        ("add", "new0"),
+        ("add", "new1"),
+        ("delete", "base0"),
+    ]
+    assert scan.torn is not None  # the partial record a restart drops
+    assert sorted(load_current(directory).ids) == sorted(
+        ["base1", "base2", "base3", "base4", "base5", "new0", "new1"]
+    )

@@ -473,6 +473,13 @@ def test_the_page_in_a_real_browser(chromium, service, site, tmp_path):
 def test_serve_refuses_bad_setups_with_one_line(site, tmp_path, capsys):
     code = cli.main(["serve", "--index", str(tmp_path / "missing.index")])
     assert code == 2 and "no index directory" in capsys.readouterr().err
+    # Issue 21 leftover: a missing or non-folder --image-root was accepted.
+    (tmp_path / "a-file").write_text("x")
+    for root, said in (("nope", "does not exist"), (str(tmp_path / "a-file"), "not a folder")):
+        code = cli.main(["serve", "--index", str(site / "photos.index"), "--image-root", root])
+        err = capsys.readouterr().err
+        assert code == 2 and len(err.strip().splitlines()) == 1, err
+        assert "--image-root" in err and said in err, err
     from remap_tf.serving.index import ExactIndex
 
     bare = ExactIndex(4)
@@ -644,6 +651,21 @@ def test_an_id_with_a_300_byte_part_gets_400(received_index):
         assert ok.status_code == 201, ok.text
 
 
+def _failing_once(real, code: int, partial: bool):
+    """``os.pwrite`` that writes part of its data (when ``partial``) and fails once."""
+    calls = []
+
+    def write(fd, data, offset):
+        if calls:
+            return real(fd, data, offset)
+        calls.append(offset)
+        if partial:
+            real(fd, data[: len(data) // 2], offset)
+        raise OSError(code, os.strerror(code))
+
+    return write
+
+
 @pytest.mark.parametrize(
     ("code", "status", "error"),
     [
@@ -657,14 +679,14 @@ def test_a_change_log_write_on_a_full_disk_gets_507_and_stops_changes(
     received_index, monkeypatch, code, status, error
 ):
     """Issue 21: a change-log write on a full disk answered 500. It is 507 (503 for other
-    write errors) with the reason; the change is not applied, later changes get 503 (the
-    failed write may have left a partial record that a restart drops), searches go on."""
+    write errors) with the reason; the change is not applied, searches go on. When the
+    partial record the failed write left cannot be cut off either, later changes get 503
+    (a restart drops it); when it can (the leftover of issue 21's hardening), they go on."""
     client, service = _in_process(received_index / "received.index")
-
-    def full(change):
-        raise OSError(code, os.strerror(code))
-
-    monkeypatch.setattr(service.store.log, "append", full)
+    log = changelog.log_path(received_index / "received.index")
+    before = log.read_bytes()
+    monkeypatch.setattr(os, "pwrite", _failing_once(os.pwrite, code, partial=True))
+    monkeypatch.setattr(os, "ftruncate", _failing_once_ftruncate(os.ftruncate))
     image = _encoded(_photo("coins", 64), "PNG")
     with client:
         response = client.post("/v1/images", data={"id": "a.png"}, files={"image": ("a", image)})
@@ -678,3 +700,75 @@ def test_a_change_log_write_on_a_full_disk_gets_507_and_stops_changes(
         assert "photo.png" in service.store
         found = client.post("/v1/search", content=image)
         assert found.status_code == 200 and len(found.json()["results"]) == 4
+    assert len(log.read_bytes()) > len(before)  # the partial record a restart drops
+
+
+def _failing_once_ftruncate(real):
+    calls = []
+
+    def truncate(fd, length):
+        if calls:
+            return real(fd, length)
+        calls.append(length)
+        raise OSError(errno.EIO, os.strerror(errno.EIO))
+
+    return truncate
+
+
+@pytest.mark.parametrize("code", [errno.ENOSPC, errno.EIO])
+def test_after_a_failed_log_write_is_cut_back_changes_go_on(received_index, monkeypatch, code):
+    """Issue 21 leftover: a failed change-log write disabled changes until a restart. The
+    log cuts the partial record back (fsync'ed), so once there is room again the next change
+    is taken, and a restart replays exactly the acknowledged ones."""
+    directory = received_index / "received.index"
+    client, service = _in_process(directory)
+    log = changelog.log_path(directory)
+    before = log.read_bytes()
+    monkeypatch.setattr(os, "pwrite", _failing_once(os.pwrite, code, partial=True))
+    image = _encoded(_photo("coins", 64), "PNG")
+    with client:
+        refused = client.post("/v1/images", data={"id": "a.png"}, files={"image": ("a", image)})
+        assert refused.status_code in (503, 507), refused.text
+        assert "free space, then retry" in refused.json()["detail"]
+        assert log.read_bytes() == before  # nothing of the failed record is left
+        added = client.post("/v1/images", data={"id": "b.png"}, files={"image": ("b", image)})
+        assert added.status_code == 201, added.text
+        deleted = client.delete("/v1/images/photo.png")
+        assert deleted.status_code == 200, deleted.text
+    assert [(c.op, c.id) for c in changelog.scan_log(log).changes] == [
+        ("add", "b.png"),
+        ("delete", "photo.png"),
+    ]
+    assert sorted(changelog.load_current(directory).ids) == sorted(
+        ["etc/passwd", "escape.png", f"long/{LONG_PART}", "b.png"]
+    )
+
+
+def test_ids_a_rebuild_would_drop_get_400(received_index):
+    """Issue 21.3: the service took ids such as 'x.txt', 'noext' and '.hidden.jpg', which a
+    rebuild of the index from its folder skips, so the acknowledged images were lost. It
+    refuses them with the collection's own rule (`collection.id_problem`)."""
+    client, service = _in_process(
+        received_index / "received.index", image_root=str(received_index / "photos")
+    )
+    image = _encoded(_photo("coins", 64), "PNG")
+    reasons = {
+        "x.txt": "image extension",
+        "noext": "image extension",
+        ".hidden.jpg": "hidden file",
+        "dir/.hidden/a.jpg": "hidden file",
+        "a//b.jpg": "empty",
+        "/abs.jpg": "relative path",
+        "tab\tname.jpg": "control character",
+        "a/" * 600 + "b.jpg": "at most 1024 characters",
+    }
+    with client:
+        for item, reason in reasons.items():
+            response = client.post("/v1/images", data={"id": item}, files={"image": ("a", image)})
+            assert response.status_code == 400, (item, response.text)
+            body = response.json()
+            assert body["error"] == "bad id" and reason in body["detail"], (item, body)
+            assert "\n" not in body["detail"]
+        assert len(service.store) == 4
+        ok = client.post("/v1/images", data={"id": "dir/x.JPG"}, files={"image": ("a", image)})
+        assert ok.status_code == 201, ok.text

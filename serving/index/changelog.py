@@ -45,6 +45,7 @@ from __future__ import annotations
 import base64
 import binascii
 import contextlib
+import errno
 import fcntl
 import hashlib
 import json
@@ -227,6 +228,7 @@ class ChangeLog:
         self.base = scan.base
         self.records = len(scan.changes)
         self.bytes = scan.good_bytes
+        self.broken = ""  # why appends are refused: a failed one could not be cut back
 
     @classmethod
     def open(cls, path, base: str) -> tuple[ChangeLog, LogScan]:
@@ -268,15 +270,42 @@ class ChangeLog:
             raise
 
     def append(self, change: Change) -> None:
-        """Writes one record and fsyncs it: once this returns, the change survives a crash."""
+        """Writes one record and fsyncs it: once this returns, the change survives a crash.
+
+        A write or fsync that fails (a full disk) is cut back to the previous end, fsync'ed,
+        before the error is raised, so a later append can follow good data once there is room
+        again. Should cutting back fail too, ``broken`` says why and every later append is
+        refused (the partial record stays at the end, where a restart drops it).
+
+        Raises:
+            OSError: the record could not be written (nothing of it is left in the log), or
+                the log is ``broken``.
+        """
+        if self.broken:
+            raise OSError(errno.EIO, self.broken)
         record = encode_change(change)
-        os.lseek(self._fd, self.bytes, os.SEEK_SET)
-        written = 0
-        while written < len(record):
-            written += os.write(self._fd, record[written:])
-        os.fsync(self._fd)
+        try:
+            written = 0
+            while written < len(record):
+                written += os.pwrite(self._fd, record[written:], self.bytes + written)
+            os.fsync(self._fd)
+        except OSError:
+            self._cut_back()
+            raise
         self.bytes += len(record)
         self.records += 1
+
+    def _cut_back(self) -> None:
+        """Truncates the log to its last good record after a failed append."""
+        try:
+            os.ftruncate(self._fd, self.bytes)
+            os.fsync(self._fd)
+        except OSError as error:
+            self.broken = (
+                f"a failed write left a partial record at the end of {self.path} that could "
+                f"not be cut off ({error.strerror or error}); restart to drop it"
+            )
+            logger.error("%s", self.broken)
 
     def reset(self, base: str) -> None:
         """Empties the log in place (the lock stays held) and names a new base snapshot.

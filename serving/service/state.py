@@ -35,6 +35,7 @@ from remap_tf import evaluation
 from remap_tf.contract import image_format
 from remap_tf.errors import RemapError
 from remap_tf.io import atomic_write_bytes
+from remap_tf.serving.collection import id_problem
 from remap_tf.serving.index.changelog import DurableIndex
 from remap_tf.serving.service.batcher import EmbedBatcher
 from remap_tf.serving.service.metrics import Metrics
@@ -42,8 +43,7 @@ from remap_tf.serving.service.settings import ServiceSettings
 
 logger = logging.getLogger("remap_tf.serving.service")
 
-MAX_ID_LENGTH = 1024
-MAX_ID_PART_BYTES = 255  # NAME_MAX: the longest file name most file systems store
+MAX_ID_LENGTH = 1024  # a bound on the request, beside the collection's rule for ids
 # A change log write failing with these means the disk (or a quota, or a size limit) is full:
 # 507 Insufficient Storage. Any other OSError is 503.
 _FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
@@ -74,25 +74,18 @@ def check_image_bytes(data: bytes) -> None:
 
 
 def check_new_id(item: str) -> str:
-    """An id for a new image: a relative path inside the collection, as `remap index build`
-    assigns them (``folder/name.jpg``); ServiceError otherwise."""
-    parts = item.split("/")
-    bad = (
-        not item
-        or len(item) > MAX_ID_LENGTH
-        or "\0" in item
-        or "\\" in item
-        or any(part in ("", ".", "..") for part in parts)
-        or any(len(part.encode("utf-8", "surrogatepass")) > MAX_ID_PART_BYTES for part in parts)
-    )
-    if bad:
+    """An id for a new image: one a rebuild of the index from its folder finds again
+    (`remap_tf.serving.collection.id_problem`: ``folder/name.jpg``, no hidden or extensionless
+    names), at most ``MAX_ID_LENGTH`` characters; ServiceError otherwise."""
+    problem = id_problem(item)
+    if problem is None and len(item) > MAX_ID_LENGTH:
+        problem = f"an id has at most {MAX_ID_LENGTH} characters"
+    if problem is not None:
         raise ServiceError(
             400,
             "bad id",
-            f"id {item[:80]!r} is not a relative path inside the collection (like "
-            "'folder/name.jpg': no leading '/', no '.', '..' or empty parts, no backslash, "
-            f"at most {MAX_ID_LENGTH} characters, at most {MAX_ID_PART_BYTES} bytes between "
-            "slashes)",
+            f"id {item[:80]!r} cannot name an image of the collection: {problem} (a rebuild "
+            "of the index from its folder would drop it)",
         )
     return item
 
@@ -372,22 +365,30 @@ class SearchService:
 
     @contextlib.contextmanager
     def _logging(self, outcome: str):
-        """Turns a failed change-log write into 507 (disk full) or 503, and stops taking
-        changes: the failed write may have left a partial record at the log's end, which a
-        restart drops (`remap_tf.serving.index.changelog`) but a later record must not follow."""
+        """Turns a failed change-log write into 507 (disk full) or 503. The log cuts a failed
+        record back (`remap_tf.serving.index.changelog.ChangeLog.append`), so later changes
+        are taken again once there is room; only when that cut failed too (the log is
+        ``broken``) does the service stop taking changes until it is restarted."""
         try:
             yield
         except OSError as error:
             reason = error.strerror or str(error)
-            self.writes_problem = (
-                f"the change log could not be written ({reason}); the service takes no more "
-                "changes until it is restarted (free space first); searches go on"
-            )
-            logger.error("change log write failed: %s; changes are disabled", reason)
+            broken = self.store.log.broken
+            if broken:
+                self.writes_problem = (
+                    f"the change log could not be written ({reason}); {broken}; the service "
+                    "takes no more changes until it is restarted (free space first); searches "
+                    "go on"
+                )
+                logger.error("change log write failed: %s; changes are disabled", reason)
+                detail = self.writes_problem
+            else:
+                detail = f"the change log could not be written ({reason}); free space, then retry"
+                logger.error("change log write failed: %s; nothing of it was kept", reason)
             status, name = (
                 (507, "insufficient storage") if error.errno in _FULL else (503, "log unwritable")
             )
-            raise ServiceError(status, name, f"{outcome}: {self.writes_problem}") from None
+            raise ServiceError(status, name, f"{outcome}: {detail}") from None
 
     def _store_file(self, item: str, image: bytes) -> None:
         path = self.image_root / item
