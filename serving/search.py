@@ -20,6 +20,7 @@ from remap_tf.errors import BadPathError, InvalidInputError
 from remap_tf.serving import embeddings
 from remap_tf.serving.collection import glob_base, is_glob, list_images
 from remap_tf.serving.index import DurableIndex, Index, load_index, make_index, pending_changes
+from remap_tf.serving.index.changelog import check_rebuild, save_rebuilt
 from remap_tf.serving.local_embed import embed_collection, embed_skipping
 
 # Metadata keys an index built here records.
@@ -79,6 +80,7 @@ def build_index(
         "resumed_shards", "num_shards"}``.
     """
     collection = _collection(images, model)
+    check_rebuild(out, foldable=shards is None)  # refused before the embedding, not after
     folder = Path(embeddings_dir) if embeddings_dir else default_embeddings_dir(out)
     embedded = embed_collection(
         embedder, collection["paths"], collection["ids"], folder, shard_size=shard_size,
@@ -138,8 +140,13 @@ def build_index_from_embeddings(
     The index records the model and image root of the (first) folder. ``manifests``: the
     folders' manifests when the caller has them (each is read once per command).
 
+    A rebuild over an index with a change log beside it (changes a ``remap serve``
+    acknowledged) folds them in (`remap_tf.serving.index.changelog.save_rebuilt`); a sharded
+    one refuses instead.
+
     Returns:
-        ``{"index", "count", "dim", "config", "num_shards"}`` (num_shards None: one index).
+        ``{"index", "count", "dim", "config", "num_shards", "folded_changes"}`` (num_shards
+        None: one index; folded_changes only then).
     """
     folders = [str(f) for f in ([folders] if isinstance(folders, str | os.PathLike) else folders)]
     manifests = manifests or [embeddings.read_manifest(f) for f in folders]
@@ -151,7 +158,9 @@ def build_index_from_embeddings(
         "embeddings": [str(Path(f).resolve()) for f in folders],
         "skipped": sum(m["dead"] for m in manifests),
     }
-    if shards is not None or memory_budget is not None:
+    sharded = shards is not None or memory_budget is not None
+    check_rebuild(out, foldable=not sharded)  # before the work: a service's changes are kept
+    if sharded:
         from remap_tf.serving.beam_index import build_sharded_index  # Beam loads only here
 
         return build_sharded_index(
@@ -163,13 +172,14 @@ def build_index_from_embeddings(
     index = make_index(kind, info["dim"], **(scann_config or {}))
     index.add(ids, rows)
     index.metadata = metadata
-    index.save(out)
+    folded = save_rebuilt(index, out)  # keeps the changes a `remap serve` logged beside it
     return {
         "index": str(out),
         "count": len(index),
         "dim": index.dim,
         "config": index.config,
         "num_shards": None,
+        "folded_changes": folded,
     }
 
 

@@ -427,6 +427,54 @@ def test_acknowledged_changes_survive_kill_9_and_a_torn_log_tail_is_dropped(site
     assert changelog.pending_changes(site / index, load_index(site / index)) == 0
 
 
+def _remap_in(site: Path, *argv: str) -> int:
+    cwd = os.getcwd()
+    os.chdir(site)  # relative paths, as a user types them
+    try:
+        return cli.main(list(argv))
+    finally:
+        os.chdir(cwd)
+
+
+def test_a_rebuild_after_kill_9_keeps_every_acknowledged_change(site):
+    """Issue 21.3: ``remap index build`` over an index whose service had acknowledged
+    changes (and was killed -9 before compacting) succeeded, then search and serve refused the
+    log; moved away, the delete was undone. The rebuild folds the log in: a fresh service
+    and ``load_current`` have the addition and not the deleted image."""
+    root = site / "rb-photos"
+    root.mkdir()
+    for name in SCENES:
+        shutil.copy(site / "photos" / f"{name}.jpg", root)
+    build = ["index", "build", "--model", "models/remap", "--images", "rb-photos"]
+    assert _remap_in(site, *build, "--out", "rb.index", "--quiet") == 0
+    new = _encoded(_photo("page", 150), "PNG")
+    args = ("--index", "rb.index", "--image-root", "rb-photos", "--batch-window-ms", "1")
+    first = Service(site, *args)
+    first.wait()
+    refused = first.http.post("/v1/images", data={"id": "x.txt"}, files={"image": ("x", new)})
+    assert refused.status_code == 400 and refused.json()["error"] == "bad id"
+    added = first.http.post("/v1/images", data={"id": "new/page.png"}, files={"image": ("x", new)})
+    assert added.status_code == 201, added.text
+    assert first.http.delete("/v1/images/coffee.jpg").status_code == 200
+    first.kill9()  # right after the acknowledgements, nothing compacted
+
+    rebuild = [*build, "--out", "rb.index", "--embeddings", "rb-second.embeddings", "--quiet"]
+    assert _remap_in(site, *rebuild) == 0
+    expected = {f"{name}.jpg" for name in SCENES} - {"coffee.jpg"} | {"new/page.png"}
+    assert set(load_index(site / "rb.index").ids) == expected
+    assert set(changelog.load_current(site / "rb.index").ids) == expected
+    assert changelog.scan_log(site / "rb.index.wal").changes == []
+    second = Service(site, *args)
+    try:
+        second.wait()
+        assert "0 logged change(s) replayed" in second.output()
+        assert _search(second.http, new, k=1)["results"][0]["id"] == "new/page.png"
+        assert second.http.get("/v1/images/coffee.jpg").status_code == 404
+        assert len(_search(second.http, new, k=50)["results"]) == len(expected)
+    finally:
+        assert second.stop() == 0
+
+
 def test_the_page_in_a_real_browser(chromium, service, site, tmp_path):
     """Chromium uploads a photo, waits for the grid, checks the first result is the same
     scene, clicks a result to search by it, and saves a screenshot that is not blank."""

@@ -674,6 +674,124 @@ class DurableIndex:
         self.close()
 
 
+# ---------------------------------------------------------------------------------------
+# A rebuild over a change log
+# ---------------------------------------------------------------------------------------
+
+
+def _carried_over(path: Path, index_dir: Path, scan: LogScan) -> tuple[list[Change], int]:
+    """``(changes, seq)``: the changes of a log a rebuild of ``index_dir`` must keep, and the
+    last sequence number the snapshot on disk records. The changes are every record (those
+    a compaction already put into the snapshot are acknowledged changes too, which a rebuild
+    from the images would undo), provided the log extends the snapshot on disk.
+
+    Raises:
+        FileFormatError: the log holds changes not in the snapshot but extends another one
+            (or the snapshot is gone): they cannot be placed.
+    """
+    if not scan.changes:
+        return [], 0
+    recover_interrupted_save(index_dir)
+    if not index_dir.is_dir():
+        raise FileFormatError(
+            f"{path} holds {len(scan.changes)} change(s) a `remap serve` acknowledged to an "
+            f"index that is no longer at {index_dir}; put it back, or move the log away to "
+            "drop them"
+        )
+    old = load_index(index_dir)
+    try:
+        _pending(path, old, scan)
+    except FileFormatError as error:
+        raise FileFormatError(f"cannot rebuild {index_dir} over it: {error}") from None
+    return scan.changes, int(old.metadata.get(SEQ_KEY, 0))
+
+
+def _fold(index: Index, changes: Sequence[Change]) -> None:
+    """Puts the net effect of ``changes`` on ``index``: an id whose last change is a delete
+    is removed; one whose last change is an add is kept as rebuilt when the rebuild has it
+    (its descriptor is fresh), else added with the logged descriptor."""
+    last = {change.id: change for change in changes}
+    deleted = [item for item, change in last.items() if change.op == "delete" and item in index]
+    added = [change for change in last.values() if change.op == "add" and change.id not in index]
+    if deleted:
+        index.delete(deleted)
+    if added:
+        vectors = np.stack([change.descriptor for change in added])
+        if vectors.shape[1] != index.dim:
+            raise FileFormatError(
+                f"{len(added)} addition(s) a `remap serve` acknowledged hold "
+                f"{vectors.shape[1]}-d descriptors, but the rebuilt index holds {index.dim}-d "
+                "ones (another model): rebuild with the model the index was served with"
+            )
+        index.add([change.id for change in added], vectors)
+
+
+def check_rebuild(index_dir, foldable: bool = True) -> int:
+    """Refuses early a rebuild that could not keep the changes logged beside ``index_dir``;
+    returns how many there are (0 without a log).
+
+    Raises:
+        LogInUseError: a service has the index open.
+        FileFormatError: the changes cannot be placed (see `save_rebuilt`), or there are
+            some and ``foldable`` is False (a build that publishes itself, such as a sharded
+            one, cannot fold them in).
+    """
+    directory = Path(index_dir)
+    path = log_path(directory)
+    if not path.is_file():
+        return 0
+    log, scan = ChangeLog.open(path, "0" * 32)
+    try:
+        changes, _ = _carried_over(path, directory, scan)
+    finally:
+        log.close()
+    if changes and not foldable:
+        raise FileFormatError(
+            f"{path} holds {len(changes)} change(s) a `remap serve` acknowledged, which a "
+            "sharded build cannot fold in yet: build without --shards / --shard-memory (that "
+            "folds them in), or move the log away to drop them"
+        )
+    return len(changes)
+
+
+def save_rebuilt(index: Index, index_dir) -> int:
+    """Publishes a rebuilt ``index`` at ``index_dir`` keeping every change a service logged.
+
+    Without a change log this is ``index.save``. With one, the log is locked (a running
+    service is refused), its changes are folded into ``index`` (`_fold`: an acknowledged
+    delete stays deleted, an acknowledged add stays), the snapshot records the log's last
+    sequence number (``SEQ_KEY``), is saved and fsync'ed, and only then is the log emptied
+    for the new snapshot. A crash before the save leaves the old snapshot and its log; one
+    after it, a snapshot that contains every record, which replay then skips.
+
+    Returns:
+        How many logged changes were folded in.
+
+    Raises:
+        LogInUseError: a service has the index open.
+        FileFormatError: the log cannot be placed: corrupt, or changes logged against
+            another snapshot, or additions of another descriptor size.
+    """
+    directory = Path(index_dir)
+    path = log_path(directory)
+    if not path.is_file():
+        index.save(directory)
+        return 0
+    log, scan = ChangeLog.open(path, fingerprint(index))
+    try:
+        changes, previous = _carried_over(path, directory, scan)
+        _fold(index, changes)
+        index.metadata[SEQ_KEY] = max([previous] + [c.seq for c in scan.changes])
+        index.save(directory)
+        _fsync_tree(directory)
+        log.reset(fingerprint(index))
+    finally:
+        log.close()
+    if changes:
+        logger.info("%s: folded %d logged change(s) into the rebuild", directory, len(changes))
+    return len(changes)
+
+
 def compact_index(index_dir) -> dict:
     """Folds an index's change log into its snapshot (``remap index compact``).
 
