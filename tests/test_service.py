@@ -625,7 +625,7 @@ class _OnesEmbedder:
 LONG_PART = "x" * 300 + ".png"  # over the 255-byte file name limit
 
 
-def _in_process(index_dir: Path, **settings):
+def _in_process(index_dir: Path, embedder=None, **settings):
     """The app over ``index_dir`` in this process (no model, no port): a TestClient."""
     with warnings.catch_warnings():  # starlette would rather have httpx2; httpx is installed
         warnings.filterwarnings("ignore", message="Using `httpx` with `starlette.testclient`")
@@ -636,7 +636,8 @@ def _in_process(index_dir: Path, **settings):
     from remap_tf.serving.service.state import SearchService
 
     store = changelog.DurableIndex.open(index_dir)
-    service = SearchService(store, _OnesEmbedder(store.dim), ServiceSettings(**settings))
+    embedder = embedder or _OnesEmbedder(store.dim)
+    service = SearchService(store, embedder, ServiceSettings(**settings))
     return TestClient(create_app(service), raise_server_exceptions=False), service
 
 
@@ -820,3 +821,49 @@ def test_ids_a_rebuild_would_drop_get_400(received_index):
         assert len(service.store) == 4
         ok = client.post("/v1/images", data={"id": "dir/x.JPG"}, files={"image": ("a", image)})
         assert ok.status_code == 201, ok.text
+
+
+class _LaterVersion(_OnesEmbedder):
+    """TF Serving serving version 2 of a model whose descriptors differ from version 1's."""
+
+    def identity(self):
+        return 2, [0.25] * 32
+
+    def describe(self):
+        return "localhost:8500/remap"
+
+
+def test_a_service_refuses_a_model_version_the_index_was_not_built_with(tmp_path):
+    """Issue 21.9: TF Serving now serving a later export gave the index's queries another
+    model's descriptors. The warm-up compares the model's fingerprint with the one the index
+    recorded: /readyz says why, requests get 503; an index without one serves as before."""
+    from remap_tf.serving.search import MODEL, MODEL_PROBE, MODEL_VERSION
+
+    index = ExactIndex(4)
+    index.add(["a.png", "b.png"], np.eye(4, dtype=np.float32)[:2])
+    index.metadata = {MODEL: "localhost:8500/remap", MODEL_VERSION: 1, MODEL_PROBE: [0.5] * 32}
+    index.save(tmp_path / "built.index")
+    image = _encoded(_photo("coins", 64), "PNG")
+    client, _ = _in_process(tmp_path / "built.index", embedder=_LaterVersion(4))
+    expected = (
+        "the index was built with localhost:8500/remap version 1; localhost:8500/remap now "
+        "serves version 2, whose descriptors differ: rebuild the index or serve version 1 again"
+    )
+    with client:
+        deadline = time.time() + 30
+        while "version 2" not in client.get("/readyz").json().get("detail", ""):
+            assert time.time() < deadline, client.get("/readyz").json()
+            time.sleep(0.05)
+        ready = client.get("/readyz")
+        assert ready.status_code == 503 and ready.json()["detail"] == expected
+        refused = client.post("/v1/search", content=image)
+        assert refused.status_code == 503 and refused.json()["error"] == "model unusable"
+    del index.metadata[MODEL_PROBE]  # an index from before the fingerprint
+    index.save(tmp_path / "old.index")
+    client, _ = _in_process(tmp_path / "old.index", embedder=_LaterVersion(4))
+    with client:
+        deadline = time.time() + 30
+        while client.get("/readyz").status_code != 200:
+            assert time.time() < deadline, client.get("/readyz").json()
+            time.sleep(0.05)
+        assert client.post("/v1/search", content=image).status_code == 200

@@ -33,10 +33,11 @@ from PIL import Image
 
 from remap_tf import evaluation
 from remap_tf.contract import image_format
-from remap_tf.errors import RemapError
+from remap_tf.errors import InvalidInputError, RemapError
 from remap_tf.io import atomic_write_bytes
 from remap_tf.serving.collection import id_problem
 from remap_tf.serving.index.changelog import DurableIndex
+from remap_tf.serving.search import check_embedder
 from remap_tf.serving.service.batcher import EmbedBatcher
 from remap_tf.serving.service.metrics import Metrics
 from remap_tf.serving.service.settings import ServiceSettings
@@ -197,18 +198,15 @@ class SearchService:
             attempts += 1
             try:
                 dim = np.asarray(self.embedder.embed([image])).shape[-1]
+                problem = self._wrong_model(dim)
             except RemapError as error:
                 self.model_problem = f"the model did not answer its warm-up request: {error}"
             except Exception as error:  # a bug or an unexpected library error: keep trying
                 logger.exception("model warm-up failed")
                 self.model_problem = f"model warm-up failed: {type(error).__name__}: {error}"
             else:
-                if dim != self.store.dim:
-                    self.model_problem = (
-                        f"the model gives {dim}-d descriptors but the index holds "
-                        f"{self.store.dim}-d ones; serve the model the index was built with"
-                    )
-                    self._model_broken = True
+                if problem:
+                    self.model_problem, self._model_broken = problem, True
                     logger.error("%s", self.model_problem)
                     return
                 self.model_ready, self.model_problem = True, ""
@@ -220,6 +218,21 @@ class SearchService:
                     "%s (retrying every %g s)", self.model_problem, self.settings.warmup_retry_s
                 )
             self._stop.wait(self.settings.warmup_retry_s)
+
+    def _wrong_model(self, dim: int) -> str:
+        """Why the model that answered cannot serve this index ("" if it can): descriptors
+        of another size, or of another model than the index recorded (a later export that
+        TF Serving now serves: `remap_tf.serving.search.check_embedder`)."""
+        if dim != self.store.dim:
+            return (
+                f"the model gives {dim}-d descriptors but the index holds "
+                f"{self.store.dim}-d ones; serve the model the index was built with"
+            )
+        try:
+            check_embedder(self.store.index, self.embedder)
+        except InvalidInputError as error:
+            return str(error)
+        return ""
 
     def readiness(self) -> tuple[bool, dict]:
         """``(ready, details)`` for ``/readyz``: the index is loaded and the model answered."""
