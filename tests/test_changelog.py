@@ -467,3 +467,27 @@ def test_a_rebuild_that_cannot_keep_the_log_is_refused_and_changes_nothing(tmp_p
         _rebuild(tmp_path, directory, name="emb3")
     assert log.read_bytes() == before[0]
     assert load_index(directory).ids == [f"base{i}" for i in range(4)]
+
+
+def test_a_rebuild_with_another_model_keeps_deletes_and_refuses_old_descriptors(tmp_path):
+    """Additions a service logged hold descriptors of the model the index was served with;
+    a rebuild with another model (another fingerprint, issue 21.9) cannot mix them in, so it
+    refuses them in one line and changes nothing; deletions alone fold in."""
+    from remap_tf.serving.search import MODEL_PROBE
+
+    directory = _saved(tmp_path)
+    index = load_index(directory)
+    index.metadata[MODEL_PROBE] = [0.1] * 32
+    index.save(directory)
+    _changed(directory, adds=1, deletes=())
+    log = log_path(directory).read_bytes()
+    other = {MODEL_PROBE: [0.9] * 32}
+    with pytest.raises(FileFormatError, match="'new0'.* not of the rebuild's"):
+        _rebuild(tmp_path, directory, model_fields=other)
+    assert log_path(directory).read_bytes() == log and "new0" in load_current(directory)
+    same = {MODEL_PROBE: [0.1] * 32}
+    assert _rebuild(tmp_path, directory, name="emb2", model_fields=same)["folded_changes"] == 1
+    assert "new0" in load_current(directory)
+    _changed(directory, adds=0, deletes=("base3",))
+    assert _rebuild(tmp_path, directory, name="emb3", model_fields=other)["folded_changes"] == 1
+    assert "base3" not in load_current(directory)

@@ -679,9 +679,9 @@ class DurableIndex:
 # ---------------------------------------------------------------------------------------
 
 
-def _carried_over(path: Path, index_dir: Path, scan: LogScan) -> tuple[list[Change], int]:
-    """``(changes, seq)``: the changes of a log a rebuild of ``index_dir`` must keep, and the
-    last sequence number the snapshot on disk records. The changes are every record (those
+def _carried_over(path: Path, index_dir: Path, scan: LogScan) -> tuple[list[Change], dict]:
+    """``(changes, metadata)``: the changes of a log a rebuild of ``index_dir`` must keep, and
+    the metadata of the snapshot on disk. The changes are every record (those
     a compaction already put into the snapshot are acknowledged changes too, which a rebuild
     from the images would undo), provided the log extends the snapshot on disk.
 
@@ -690,7 +690,7 @@ def _carried_over(path: Path, index_dir: Path, scan: LogScan) -> tuple[list[Chan
             (or the snapshot is gone): they cannot be placed.
     """
     if not scan.changes:
-        return [], 0
+        return [], {}
     recover_interrupted_save(index_dir)
     if not index_dir.is_dir():
         raise FileFormatError(
@@ -703,27 +703,29 @@ def _carried_over(path: Path, index_dir: Path, scan: LogScan) -> tuple[list[Chan
         _pending(path, old, scan)
     except FileFormatError as error:
         raise FileFormatError(f"cannot rebuild {index_dir} over it: {error}") from None
-    return scan.changes, int(old.metadata.get(SEQ_KEY, 0))
+    return scan.changes, dict(old.metadata)
 
 
-def _fold(index: Index, changes: Sequence[Change]) -> None:
+def _fold(index: Index, changes: Sequence[Change], same_model: bool = True) -> None:
     """Puts the net effect of ``changes`` on ``index``: an id whose last change is a delete
     is removed; one whose last change is an add is kept as rebuilt when the rebuild has it
-    (its descriptor is fresh), else added with the logged descriptor."""
+    (its descriptor is fresh), else added with the logged descriptor, which must come from
+    the rebuild's model (``same_model``, and the same size)."""
     last = {change.id: change for change in changes}
     deleted = [item for item, change in last.items() if change.op == "delete" and item in index]
     added = [change for change in last.values() if change.op == "add" and change.id not in index]
     if deleted:
         index.delete(deleted)
-    if added:
-        vectors = np.stack([change.descriptor for change in added])
-        if vectors.shape[1] != index.dim:
-            raise FileFormatError(
-                f"{len(added)} addition(s) a `remap serve` acknowledged hold "
-                f"{vectors.shape[1]}-d descriptors, but the rebuilt index holds {index.dim}-d "
-                "ones (another model): rebuild with the model the index was served with"
-            )
-        index.add([change.id for change in added], vectors)
+    if not added:
+        return
+    vectors = np.stack([change.descriptor for change in added])
+    if vectors.shape[1] != index.dim or not same_model:
+        raise FileFormatError(
+            f"{len(added)} addition(s) a `remap serve` acknowledged (such as "
+            f"{added[0].id!r}) hold descriptors of the model the index was served with, not "
+            "of the rebuild's: rebuild with that model, or move the log away to drop them"
+        )
+    index.add([change.id for change in added], vectors)
 
 
 def check_rebuild(index_dir, foldable: bool = True) -> int:
@@ -754,7 +756,7 @@ def check_rebuild(index_dir, foldable: bool = True) -> int:
     return len(changes)
 
 
-def save_rebuilt(index: Index, index_dir) -> int:
+def save_rebuilt(index: Index, index_dir, same_model=None) -> int:
     """Publishes a rebuilt ``index`` at ``index_dir`` keeping every change a service logged.
 
     Without a change log this is ``index.save``. With one, the log is locked (a running
@@ -764,13 +766,16 @@ def save_rebuilt(index: Index, index_dir) -> int:
     for the new snapshot. A crash before the save leaves the old snapshot and its log; one
     after it, a snapshot that contains every record, which replay then skips.
 
+    ``same_model(old_metadata, new_metadata)``: whether the old snapshot's model (whose
+    descriptors the logged additions hold) is the rebuild's; None: assumed.
+
     Returns:
         How many logged changes were folded in.
 
     Raises:
         LogInUseError: a service has the index open.
         FileFormatError: the log cannot be placed: corrupt, or changes logged against
-            another snapshot, or additions of another descriptor size.
+            another snapshot, or additions embedded with another model.
     """
     directory = Path(index_dir)
     path = log_path(directory)
@@ -779,9 +784,10 @@ def save_rebuilt(index: Index, index_dir) -> int:
         return 0
     log, scan = ChangeLog.open(path, fingerprint(index))
     try:
-        changes, previous = _carried_over(path, directory, scan)
-        _fold(index, changes)
-        index.metadata[SEQ_KEY] = max([previous] + [c.seq for c in scan.changes])
+        changes, old = _carried_over(path, directory, scan)
+        fits = not changes or same_model is None or same_model(old, index.metadata)
+        _fold(index, changes, fits)
+        index.metadata[SEQ_KEY] = max([int(old.get(SEQ_KEY, 0))] + [c.seq for c in scan.changes])
         index.save(directory)
         _fsync_tree(directory)
         log.reset(fingerprint(index))
