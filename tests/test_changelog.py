@@ -491,3 +491,32 @@ def test_a_rebuild_with_another_model_keeps_deletes_and_refuses_old_descriptors(
     _changed(directory, adds=0, deletes=("base3",))
     assert _rebuild(tmp_path, directory, name="emb3", model_fields=other)["folded_changes"] == 1
     assert "base3" not in load_current(directory)
+
+
+def test_a_compaction_empties_a_log_whose_failed_append_could_not_be_cut(tmp_path, monkeypatch):
+    """A partial record that could not be cut off goes with the rest when the log is emptied
+    after a compaction (the snapshot holds every acknowledged change), so appends resume."""
+    directory = _saved(tmp_path)
+    real_write, real_truncate = os.pwrite, os.ftruncate
+
+    def half_then_full(fd, data, offset):
+        real_write(fd, data[: len(data) // 2], offset)
+        raise OSError(28, "No space left on device")
+
+    def failing_truncate(fd, size):
+        raise OSError(5, "Input/output error")
+
+    with DurableIndex.open(directory) as store:
+        store.delete("base0")
+        with monkeypatch.context() as patch:
+            patch.setattr(os, "pwrite", half_then_full)
+            patch.setattr(os, "ftruncate", failing_truncate)
+            with pytest.raises(OSError, match="No space left"):
+                store.delete("base1")
+        assert store.log.broken and os.ftruncate is real_truncate
+        store.compact()
+        assert not store.log.broken
+        store.delete("base2")
+    scan = scan_log(log_path(directory))
+    assert [(c.op, c.id) for c in scan.changes] == [("delete", "base2")] and scan.torn is None
+    assert sorted(load_current(directory).ids) == ["base1", "base3", "base4", "base5"]

@@ -314,6 +314,7 @@ class ChangeLog:
         replay recognises by their sequence numbers.
         """
         _rewrite(self._fd, _header(base), _HEADER_BYTES)
+        self.broken = ""  # a partial record a failed append left is gone with the rest
         self.base = base
         self.records = 0
         self.bytes = _HEADER_BYTES

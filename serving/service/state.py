@@ -79,14 +79,13 @@ def check_new_id(item: str) -> str:
     (`remap_tf.serving.collection.id_problem`: ``folder/name.jpg``, no hidden or extensionless
     names), at most ``MAX_ID_LENGTH`` characters; ServiceError otherwise."""
     problem = id_problem(item)
-    if problem is None and len(item) > MAX_ID_LENGTH:
+    if problem is not None:
+        problem += " (a rebuild of the index from its folder would drop it)"
+    elif len(item) > MAX_ID_LENGTH:
         problem = f"an id has at most {MAX_ID_LENGTH} characters"
     if problem is not None:
         raise ServiceError(
-            400,
-            "bad id",
-            f"id {item[:80]!r} cannot name an image of the collection: {problem} (a rebuild "
-            "of the index from its folder would drop it)",
+            400, "bad id", f"id {item[:80]!r} cannot name an image of the collection: {problem}"
         )
     return item
 
