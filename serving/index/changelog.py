@@ -682,9 +682,9 @@ class DurableIndex:
 
 def _carried_over(path: Path, index_dir: Path, scan: LogScan) -> tuple[list[Change], dict]:
     """``(changes, metadata)``: the changes of a log a rebuild of ``index_dir`` must keep, and
-    the metadata of the snapshot on disk. The changes are every record (those
-    a compaction already put into the snapshot are acknowledged changes too, which a rebuild
-    from the images would undo), provided the log extends the snapshot on disk.
+    the metadata of the snapshot on disk. The changes are every record (those a compaction
+    already put into the snapshot are acknowledged changes too, which a rebuild from the
+    images would undo), provided the log extends the snapshot on disk.
 
     Raises:
         FileFormatError: the log holds changes not in the snapshot but extends another one
