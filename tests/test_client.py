@@ -304,6 +304,8 @@ def test_an_index_refuses_a_later_export_whose_descriptors_differ(
     Path("later.png").rename(new)
     add = ["index", "add", "--index", "photos.index", str(new)]
     assert expected in _one_line_error(capsys, add)
+    serve = ["serve", "--index", "photos.index", "--port", "0"]
+    assert expected in _one_line_error(capsys, serve)  # in process: refused at start
     assert cli.main([*search, "--model", "models/remap/1"]) == 0
     assert capsys.readouterr().out.splitlines()[1].split()[-1] == "img0.png"
     with pytest.raises(InvalidInputError, match="now serves version 2, whose descriptors"):
