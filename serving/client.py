@@ -59,7 +59,23 @@ from remap_tf.errors import (
 from remap_tf.imageheaders import check_gif
 
 _MAX_MESSAGE_BYTES = 256 * 1024 * 1024
+PROBE_COMPONENTS = 32  # leading components of the probe's descriptor that name a model
 _INDEX_IN_MESSAGE = re.compile(r"images\[(\d+)\]")
+
+
+def probe_pixels() -> np.ndarray:
+    """The fixed synthetic image whose descriptor tells models apart: uint8 ``(72, 96, 3)``,
+    gradients and a pattern, so that every layer of a model sees structure."""
+    y, x = np.mgrid[0:72, 0:96]
+    red = x * 255 // 95
+    green = y * 255 // 71
+    blue = ((x // 8 + y // 8) % 2) * 160 + (x * y) % 64
+    return np.stack([red, green, blue], axis=-1).astype(np.uint8)
+
+
+def probe_png() -> bytes:
+    """`probe_pixels` as a PNG file (lossless: every embedder decodes the same pixels)."""
+    return tf.io.encode_png(probe_pixels()).numpy()
 
 
 def _describe(image) -> str:
@@ -94,6 +110,25 @@ class _Embedder:
     @property
     def dim(self) -> int:
         raise NotImplementedError
+
+    @property
+    def version(self) -> int | None:
+        """The model version this embedder uses now (None: a SavedModel outside a base
+        folder's versions)."""
+        raise NotImplementedError
+
+    def describe(self) -> str:
+        """The model as a user names it: the base folder, or ``host:port/name``."""
+        raise NotImplementedError
+
+    def identity(self) -> tuple[int | None, list[float]]:
+        """``(version, probe)``: the version used now and the leading `PROBE_COMPONENTS`
+        components of the descriptor of `probe_pixels`, rounded to 5 decimals, which differ
+        between models that give different descriptors (and agree for a re-export of the
+        same weights and options). One model call."""
+        image = probe_pixels() if self.signature == PIXELS_SIGNATURE else probe_png()
+        descriptor = np.asarray(self.embed([image]), np.float32)[0]
+        return self.version, [round(float(v), 5) for v in descriptor[:PROBE_COMPONENTS]]
 
     def _prepare(self, images) -> list:
         if isinstance(images, (bytes, str, os.PathLike)):
@@ -276,6 +311,14 @@ class LocalEmbedder(_Embedder):
         """Descriptor size."""
         return self._dim
 
+    @property
+    def version(self) -> int | None:
+        """The version folder's number (None for a SavedModel not named by a version)."""
+        return int(self.path.name) if self.path.name.isdigit() else None
+
+    def describe(self) -> str:
+        return str(self.path.parent if self.version is not None else self.path)
+
     def run_batch(self, group) -> np.ndarray:
         if self.signature == BYTES_SIGNATURE and self.config.get("max_pixels"):
             # What the graph checks, before TF's GIF decoder sees every frame (exports made
@@ -307,11 +350,10 @@ class LocalEmbedder(_Embedder):
                 for key, spec in function.structured_outputs.items()
             }
             signatures[name] = _signature_info(inputs, outputs)
-        version = int(self.path.name) if self.path.name.isdigit() else None
         name = self.config.get("model_name", self.path.parent.name)
         return {
             "model": name,
-            "version": version,
+            "version": self.version,
             "signatures": signatures,
             "descriptor_dim": self.dim,
         }
@@ -438,6 +480,14 @@ class RemapClient(_Embedder):
                 f"(outputs: {sorted(response.outputs)}); is it a REMAP export?"
             )
         return tf.make_ndarray(response.outputs[OUTPUT_KEY])
+
+    @property
+    def version(self) -> int:
+        """The version the server serves now (GetModelMetadata)."""
+        return self.metadata()["version"]
+
+    def describe(self) -> str:
+        return f"{self.target}/{self.model_name}"
 
     @property
     def dim(self) -> int:

@@ -20,11 +20,15 @@ from remap_tf.errors import BadPathError, InvalidInputError
 from remap_tf.serving import embeddings
 from remap_tf.serving.collection import glob_base, is_glob, list_images
 from remap_tf.serving.index import DurableIndex, Index, load_index, make_index, pending_changes
+from remap_tf.serving.index.changelog import check_rebuild, save_rebuilt
 from remap_tf.serving.local_embed import embed_collection, embed_skipping
 
 # Metadata keys an index built here records.
 IMAGE_ROOT = "image_root"
 MODEL = "model"
+MODEL_VERSION = "model_version"  # the version MODEL resolved to at build time
+MODEL_PROBE = "model_probe"  # its fingerprint: `remap_tf.serving.client` ``identity``
+PROBE_TOLERANCE = 1e-3  # largest difference of a probe component within one model
 
 
 def _collection(images, model) -> dict:
@@ -79,6 +83,8 @@ def build_index(
         "resumed_shards", "num_shards"}``.
     """
     collection = _collection(images, model)
+    check_rebuild(out, foldable=shards is None)  # refused before the embedding, not after
+    identity = model_metadata(embedder)
     folder = Path(embeddings_dir) if embeddings_dir else default_embeddings_dir(out)
     embedded = embed_collection(
         embedder, collection["paths"], collection["ids"], folder, shard_size=shard_size,
@@ -90,7 +96,7 @@ def build_index(
         )
     summary = build_index_from_embeddings(
         [folder], out, kind=kind, scann_config=scann_config, shards=shards,
-        manifests=[embedded["manifest"]],
+        manifests=[embedded["manifest"]], model_fields=identity,
     )  # fmt: skip
     return summary | {
         "skipped": embedded["dead"],
@@ -130,16 +136,24 @@ def build_index_from_embeddings(
     workers: int = 1,
     beam_args=(),
     manifests=None,
+    model_fields: dict | None = None,
 ) -> dict:
     """Builds an index of descriptor folders (`remap_tf.serving.embeddings`): one index, or
     sharded (``shards`` or a ``memory_budget`` in bytes per shard build) with one Beam task
     per shard.
 
-    The index records the model and image root of the (first) folder. ``manifests``: the
-    folders' manifests when the caller has them (each is read once per command).
+    The index records the model and image root of the (first) folder, and ``model_fields``
+    (`model_metadata`: the model's version and fingerprint) when the caller has them.
+    ``manifests``: the folders' manifests when the caller has them (each is read once per
+    command).
+
+    A rebuild over an index with a change log beside it (changes a ``remap serve``
+    acknowledged) folds them in (`remap_tf.serving.index.changelog.save_rebuilt`); a sharded
+    one refuses instead.
 
     Returns:
-        ``{"index", "count", "dim", "config", "num_shards"}`` (num_shards None: one index).
+        ``{"index", "count", "dim", "config", "num_shards", "folded_changes"}`` (num_shards
+        None: one index; folded_changes only then).
     """
     folders = [str(f) for f in ([folders] if isinstance(folders, str | os.PathLike) else folders)]
     manifests = manifests or [embeddings.read_manifest(f) for f in folders]
@@ -150,8 +164,10 @@ def build_index_from_embeddings(
         MODEL: first.get("model"),
         "embeddings": [str(Path(f).resolve()) for f in folders],
         "skipped": sum(m["dead"] for m in manifests),
-    }
-    if shards is not None or memory_budget is not None:
+    } | (model_fields or {})
+    sharded = shards is not None or memory_budget is not None
+    check_rebuild(out, foldable=not sharded)  # before the work: a service's changes are kept
+    if sharded:
         from remap_tf.serving.beam_index import build_sharded_index  # Beam loads only here
 
         return build_sharded_index(
@@ -163,13 +179,15 @@ def build_index_from_embeddings(
     index = make_index(kind, info["dim"], **(scann_config or {}))
     index.add(ids, rows)
     index.metadata = metadata
-    index.save(out)
+    # Keeps the changes a `remap serve` logged beside it.
+    folded = save_rebuilt(index, out, same_model=_same_recorded_model)
     return {
         "index": str(out),
         "count": len(index),
         "dim": index.dim,
         "config": index.config,
         "num_shards": None,
+        "folded_changes": folded,
     }
 
 
@@ -206,13 +224,65 @@ def recorded_model(index: Index) -> str | None:
     return index.metadata.get(MODEL)
 
 
+def model_metadata(embedder) -> dict:
+    """What an index records of the model it is built with, beside `MODEL`: the version
+    (`MODEL_VERSION`) and fingerprint (`MODEL_PROBE`) from the embedder's ``identity``
+    (`remap_tf.serving.client`; one model call); ``{}`` for an embedder without one."""
+    identity = getattr(embedder, "identity", None)
+    if identity is None:
+        return {}
+    version, probe = identity()
+    return {MODEL_VERSION: version, MODEL_PROBE: probe}
+
+
 def check_embedder(index: Index, embedder) -> None:
-    """InvalidInputError unless the embedder's descriptors fit the index."""
+    """InvalidInputError unless the embedder's descriptors fit the index: their size, and,
+    when the index recorded the model's fingerprint (`model_metadata`), that the model gives
+    the descriptors the index was built with (one model call). Older indexes, which record
+    no fingerprint, are checked by size only."""
     if int(embedder.dim) != index.dim:
         raise InvalidInputError(
             f"the model gives {embedder.dim}-d descriptors but the index holds {index.dim}-d "
             "ones; use the model the index was built with"
         )
+    recorded = index.metadata.get(MODEL_PROBE)
+    if recorded is None or getattr(embedder, "identity", None) is None:
+        return
+    version, probe = embedder.identity()
+    if same_model(recorded, probe):
+        return
+    raise InvalidInputError(_other_model(index, embedder.describe(), version))
+
+
+def _same_recorded_model(old: dict, new: dict) -> bool:
+    """Whether two indexes' metadata name the same model (True when either has no
+    fingerprint: nothing tells them apart)."""
+    a, b = old.get(MODEL_PROBE), new.get(MODEL_PROBE)
+    return a is None or b is None or same_model(a, b)
+
+
+def same_model(recorded, probe) -> bool:
+    """Whether two fingerprints (`MODEL_PROBE`) name models with the same descriptors."""
+    a, b = np.asarray(recorded, np.float64), np.asarray(probe, np.float64)
+    return a.shape == b.shape and bool(np.all(np.abs(a - b) <= PROBE_TOLERANCE))
+
+
+def _other_model(index: Index, now: str, version: int | None) -> str:
+    """The one line `check_embedder` refuses another model with, and how to go on."""
+    built, old = index.metadata.get(MODEL) or "another model", index.metadata.get(MODEL_VERSION)
+    was = f"{built} version {old}" if old is not None else built
+    serves = (
+        f"{now} now serves version {version}, whose descriptors differ"
+        if version is not None
+        else f"{now} gives other descriptors"
+    )
+    if old is None:
+        fix = "pass the model it was built with"
+    elif embeddings.is_remote(built) or not os.path.isdir(built):
+        fix = f"serve version {old} again"  # a TF Serving address
+    else:
+        fix = f"pass --model {built if Path(built).name == str(old) else f'{built}/{old}'}"
+    return f"the index was built with {was}; {serves}: rebuild the index or {fix}"
 
 
 def add_images(index_dir, embedder, paths) -> dict:

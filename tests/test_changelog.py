@@ -333,3 +333,190 @@ def test_compaction_under_concurrent_searches_and_changes_on_a_tree_index(tmp_pa
     reopened = load_current(tmp_path / "idx")
     assert sorted(reopened.ids) == sorted(store.index.ids)
     assert load_index(tmp_path / "idx").metadata[changelog.SEQ_KEY] >= 450
+
+
+def test_a_failed_append_is_cut_back_so_later_appends_follow_good_data(tmp_path, monkeypatch):
+    """Issue 21 leftover: an append that failed half-way (a full disk) left its partial
+    record at the end of the log, so no later record could follow it. The log is truncated
+    back to the previous end (fsync'ed) before the error is raised; when even that fails,
+    the log says it is ``broken`` and refuses appends."""
+    directory = _saved(tmp_path)
+    real = os.pwrite
+
+    def half_then_full(fd, data, offset):
+        real(fd, data[: len(data) // 2], offset)
+        raise OSError(28, "No space left on device")
+
+    def failing_truncate(fd, size):
+        raise OSError(5, "Input/output error")
+
+    with DurableIndex.open(directory) as store:
+        store.add("new0", _vectors(1, seed=3)[0])
+        good = log_path(directory).read_bytes()
+        monkeypatch.setattr(os, "pwrite", half_then_full)
+        with pytest.raises(OSError, match="No space left"):
+            store.add("lost", _vectors(1, seed=4)[0])
+        assert log_path(directory).read_bytes() == good and "lost" not in store
+        monkeypatch.setattr(os, "pwrite", real)
+        store.add("new1", _vectors(1, seed=5)[0])
+        store.delete("base0")
+        assert not store.log.broken
+        monkeypatch.setattr(os, "pwrite", half_then_full)
+        monkeypatch.setattr(os, "ftruncate", failing_truncate)
+        with pytest.raises(OSError, match="No space left"):
+            store.add("lost", _vectors(1, seed=4)[0])
+        assert "could not be cut off" in store.log.broken
+        monkeypatch.setattr(os, "pwrite", real)
+        with pytest.raises(OSError, match="could not be cut off"):
+            store.delete("base2")
+        assert "base2" in store
+    monkeypatch.undo()
+    scan = scan_log(log_path(directory))
+    assert [(c.op, c.id) for c in scan.changes] == [
+        ("add", "new0"),
+        ("add", "new1"),
+        ("delete", "base0"),
+    ]
+    assert scan.torn is not None  # the partial record a restart drops
+    assert sorted(load_current(directory).ids) == sorted(
+        ["base1", "base2", "base3", "base4", "base5", "new0", "new1"]
+    )
+
+
+def _rebuild(tmp_path, directory, n=6, dim=8, name="emb", **kwargs):
+    """``remap index build`` over ``directory`` from descriptors of base0..base<n-1> (the
+    images in the folder, with the same vectors as `_saved`)."""
+    from remap_tf.serving.embeddings import write_embeddings
+    from remap_tf.serving.search import build_index_from_embeddings
+
+    folder = tmp_path / name
+    write_embeddings(folder, [f"base{i}" for i in range(n)], _vectors(n, dim))
+    return build_index_from_embeddings([folder], directory, kind="exact", **kwargs)
+
+
+def test_a_rebuild_folds_in_the_changes_a_service_logged(tmp_path):
+    """Issue 21.3: a rebuild over an index with an uncompacted change log succeeded, then
+    search and serve refused the log; moved away, an acknowledged delete came back and
+    additions (ids such as 'x.txt', 'noext', '.hidden.jpg', which a rebuild from the folder
+    skips) were gone. The rebuild folds the log in: deletes stay deleted, additions stay."""
+    directory = _saved(tmp_path)
+    odd = ["x.txt", "noext", ".hidden.jpg"]  # logged by a service of before the id rule
+    new = _vectors(len(odd), seed=11)
+    with DurableIndex.open(directory) as store:
+        for item, vector in zip(odd, new, strict=True):
+            store.add(item, vector)
+        store.delete("base1")
+        store.delete("base2")
+        store.add("base2", new[0])  # deleted, then added again: the rebuild's copy stays
+    summary = _rebuild(tmp_path, directory)
+    assert summary["folded_changes"] == 6 and summary["count"] == 8
+    expected = {"base0", "base2", "base3", "base4", "base5", *odd}
+    assert set(load_index(directory).ids) == expected  # in the snapshot itself
+    assert set(load_current(directory).ids) == expected
+    assert scan_log(log_path(directory)).changes == []  # a fresh log for the new snapshot
+    assert load_index(directory).metadata[changelog.SEQ_KEY] == 6
+    ids, scores = load_current(directory).search(new[1:2], k=1)
+    assert ids[0, 0] == "noext" and scores[0, 0] == pytest.approx(1.0, abs=1e-6)
+    with DurableIndex.open(directory) as store:
+        assert store.replayed == 0 and set(store.index.ids) == expected
+        store.add("later.jpg", new[2])  # the service goes on logging onto the new snapshot
+    assert "later.jpg" in load_current(directory)
+
+
+def test_a_crash_after_the_rebuild_is_saved_loses_nothing(tmp_path, monkeypatch):
+    """The log is emptied only after the rebuilt snapshot (with the changes) is on disk; a
+    crash in between leaves a snapshot that holds every record, which replay skips, and a
+    second rebuild folds them in again."""
+    directory = _saved(tmp_path)
+    _changed(directory)  # adds new0, new1; deletes base1
+
+    def crash(self, base):
+        raise KeyboardInterrupt("killed before the log was emptied")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(ChangeLog, "reset", crash)
+        with pytest.raises(KeyboardInterrupt):
+            _rebuild(tmp_path, directory)
+    expected = {"base0", "base2", "base3", "base4", "base5", "new0", "new1"}
+    assert len(scan_log(log_path(directory)).changes) == 3  # still there
+    assert set(load_index(directory).ids) == expected
+    assert set(load_current(directory).ids) == expected
+    _rebuild(tmp_path, directory, name="emb2")
+    assert set(load_current(directory).ids) == expected
+    with DurableIndex.open(directory) as store:
+        assert store.replayed == 0 and set(store.index.ids) == expected
+
+
+def test_a_rebuild_that_cannot_keep_the_log_is_refused_and_changes_nothing(tmp_path):
+    """A rebuild never drops logged changes: while a service holds the log, when the log
+    extends another snapshot, and for a sharded build (which cannot fold them in), it is
+    refused in one line and the index and its log stay as they were."""
+    directory = _saved(tmp_path)
+    _changed(directory)
+    log = log_path(directory)
+    before = (log.read_bytes(), sorted(load_current(directory).ids))
+    with DurableIndex.open(directory), pytest.raises(LogInUseError, match="locked by another"):
+        _rebuild(tmp_path, directory)
+    with pytest.raises(FileFormatError, match="sharded build cannot fold in yet"):
+        _rebuild(tmp_path, directory, name="emb2", shards=2)
+    assert (log.read_bytes(), sorted(load_current(directory).ids)) == before
+    other = _saved(tmp_path, n=4, name="other")  # changed behind the log's back
+    shutil.rmtree(directory)
+    shutil.copytree(other, directory)
+    with pytest.raises(FileFormatError, match="cannot rebuild .* another version of the index"):
+        _rebuild(tmp_path, directory, name="emb3")
+    assert log.read_bytes() == before[0]
+    assert load_index(directory).ids == [f"base{i}" for i in range(4)]
+
+
+def test_a_rebuild_with_another_model_keeps_deletes_and_refuses_old_descriptors(tmp_path):
+    """Additions a service logged hold descriptors of the model the index was served with;
+    a rebuild with another model (another fingerprint, issue 21.9) cannot mix them in, so it
+    refuses them in one line and changes nothing; deletions alone fold in."""
+    from remap_tf.serving.search import MODEL_PROBE
+
+    directory = _saved(tmp_path)
+    index = load_index(directory)
+    index.metadata[MODEL_PROBE] = [0.1] * 32
+    index.save(directory)
+    _changed(directory, adds=1, deletes=())
+    log = log_path(directory).read_bytes()
+    other = {MODEL_PROBE: [0.9] * 32}
+    with pytest.raises(FileFormatError, match="'new0'.* not of the rebuild's"):
+        _rebuild(tmp_path, directory, model_fields=other)
+    assert log_path(directory).read_bytes() == log and "new0" in load_current(directory)
+    same = {MODEL_PROBE: [0.1] * 32}
+    assert _rebuild(tmp_path, directory, name="emb2", model_fields=same)["folded_changes"] == 1
+    assert "new0" in load_current(directory)
+    _changed(directory, adds=0, deletes=("base3",))
+    assert _rebuild(tmp_path, directory, name="emb3", model_fields=other)["folded_changes"] == 1
+    assert "base3" not in load_current(directory)
+
+
+def test_a_compaction_empties_a_log_whose_failed_append_could_not_be_cut(tmp_path, monkeypatch):
+    """A partial record that could not be cut off goes with the rest when the log is emptied
+    after a compaction (the snapshot holds every acknowledged change), so appends resume."""
+    directory = _saved(tmp_path)
+    real_write, real_truncate = os.pwrite, os.ftruncate
+
+    def half_then_full(fd, data, offset):
+        real_write(fd, data[: len(data) // 2], offset)
+        raise OSError(28, "No space left on device")
+
+    def failing_truncate(fd, size):
+        raise OSError(5, "Input/output error")
+
+    with DurableIndex.open(directory) as store:
+        store.delete("base0")
+        with monkeypatch.context() as patch:
+            patch.setattr(os, "pwrite", half_then_full)
+            patch.setattr(os, "ftruncate", failing_truncate)
+            with pytest.raises(OSError, match="No space left"):
+                store.delete("base1")
+        assert store.log.broken and os.ftruncate is real_truncate
+        store.compact()
+        assert not store.log.broken
+        store.delete("base2")
+    scan = scan_log(log_path(directory))
+    assert [(c.op, c.id) for c in scan.changes] == [("delete", "base2")] and scan.torn is None
+    assert sorted(load_current(directory).ids) == ["base1", "base3", "base4", "base5"]

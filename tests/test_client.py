@@ -4,6 +4,7 @@ make_embedder; errors name the address, the model or the image."""
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import grpc
 import numpy as np
@@ -250,3 +251,70 @@ def test_bad_input_to_embed(local, tmp_path):
 def test_serving_errors_print_as_one_line():
     assert issubclass(ServingError, RemapError)
     assert issubclass(ImageRejectedError, ValueError)
+
+
+def _one_line_error(capsys, argv) -> str:
+    from remap_cli import main as cli
+
+    code = cli.main(argv)
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    return err
+
+
+def test_an_index_refuses_a_later_export_whose_descriptors_differ(
+    base_dir, server, tmp_path, monkeypatch, capsys
+):
+    """Issue 21.9: a later `remap export` into the same base silently changed the model an
+    index embeds queries with (it recorded the base folder, not the version). The index
+    records the version and a fingerprint (the descriptor of a fixed probe image); search,
+    add and serve refuse another model in one line; a re-export of the same weights (and an
+    index from before the fingerprint) still works. Version 2 of the shared export is the
+    same weights, multi-scale: other descriptors."""
+    import shutil
+
+    from remap_cli import main as cli
+    from remap_tf.errors import InvalidInputError
+    from remap_tf.serving.index import load_index
+    from remap_tf.serving.search import MODEL_PROBE, MODEL_VERSION, check_embedder
+    from tests.test_export import encode, smooth_image
+
+    monkeypatch.chdir(tmp_path)  # relative paths, as a user types them
+    base = tmp_path / "models" / "remap"
+    base.mkdir(parents=True)
+    shutil.copytree(base_dir / "1", base / "1")
+    Path("photos").mkdir()
+    for i in range(5):
+        Path(f"photos/img{i}.png").write_bytes(encode(smooth_image(80, 100, 20 + i), "PNG"))
+    new = Path("photos/img4.png")
+    new.rename("later.png")  # added after the build
+    build = ["index", "build", "--model", "models/remap", "--images", "photos"]
+    assert cli.main([*build, "--out", "photos.index", "--kind", "exact", "--quiet"]) == 0
+    index = load_index("photos.index")
+    assert index.metadata[MODEL_VERSION] == 1 and len(index.metadata[MODEL_PROBE]) == 32
+
+    shutil.copytree(base_dir / "2", base / "2")  # a later export into the same base
+    base = base.resolve()
+    expected = (
+        f"the index was built with {base} version 1; {base} now serves version 2, whose "
+        f"descriptors differ: rebuild the index or pass --model {base}/1"
+    )
+    search = ["search", "--index", "photos.index", "photos/img0.png", "--k", "1"]
+    assert expected in _one_line_error(capsys, search)
+    Path("later.png").rename(new)
+    add = ["index", "add", "--index", "photos.index", str(new)]
+    assert expected in _one_line_error(capsys, add)
+    serve = ["serve", "--index", "photos.index", "--port", "0"]
+    assert expected in _one_line_error(capsys, serve)  # in process: refused at start
+    assert cli.main([*search, "--model", "models/remap/1"]) == 0
+    assert capsys.readouterr().out.splitlines()[1].split()[-1] == "img0.png"
+    with pytest.raises(InvalidInputError, match="now serves version 2, whose descriptors"):
+        check_embedder(index, RemapClient(server.target, MODEL_NAME))  # TF Serving: v2
+
+    shutil.copytree(base / "1", base / "3")  # a re-export of the same weights and options
+    assert cli.main(search) == 0 and cli.main(add) == 0, capsys.readouterr().err
+    assert "added 1 image(s)" in capsys.readouterr().out
+
+    for key in (MODEL_PROBE, MODEL_VERSION):  # an index from before the fingerprint
+        del index.metadata[key]
+    check_embedder(index, LocalEmbedder(base / "2"))  # its size fits: accepted as before

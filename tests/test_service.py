@@ -427,6 +427,54 @@ def test_acknowledged_changes_survive_kill_9_and_a_torn_log_tail_is_dropped(site
     assert changelog.pending_changes(site / index, load_index(site / index)) == 0
 
 
+def _remap_in(site: Path, *argv: str) -> int:
+    cwd = os.getcwd()
+    os.chdir(site)  # relative paths, as a user types them
+    try:
+        return cli.main(list(argv))
+    finally:
+        os.chdir(cwd)
+
+
+def test_a_rebuild_after_kill_9_keeps_every_acknowledged_change(site):
+    """Issue 21.3: ``remap index build`` over an index whose service had acknowledged
+    changes (and was killed -9 before compacting) succeeded, then search and serve refused the
+    log; moved away, the delete was undone. The rebuild folds the log in: a fresh service
+    and ``load_current`` have the addition and not the deleted image."""
+    root = site / "rb-photos"
+    root.mkdir()
+    for name in SCENES:
+        shutil.copy(site / "photos" / f"{name}.jpg", root)
+    build = ["index", "build", "--model", "models/remap", "--images", "rb-photos"]
+    assert _remap_in(site, *build, "--out", "rb.index", "--quiet") == 0
+    new = _encoded(_photo("page", 150), "PNG")
+    args = ("--index", "rb.index", "--image-root", "rb-photos", "--batch-window-ms", "1")
+    first = Service(site, *args)
+    first.wait()
+    refused = first.http.post("/v1/images", data={"id": "x.txt"}, files={"image": ("x", new)})
+    assert refused.status_code == 400 and refused.json()["error"] == "bad id"
+    added = first.http.post("/v1/images", data={"id": "new/page.png"}, files={"image": ("x", new)})
+    assert added.status_code == 201, added.text
+    assert first.http.delete("/v1/images/coffee.jpg").status_code == 200
+    first.kill9()  # right after the acknowledgements, nothing compacted
+
+    rebuild = [*build, "--out", "rb.index", "--embeddings", "rb-second.embeddings", "--quiet"]
+    assert _remap_in(site, *rebuild) == 0
+    expected = {f"{name}.jpg" for name in SCENES} - {"coffee.jpg"} | {"new/page.png"}
+    assert set(load_index(site / "rb.index").ids) == expected
+    assert set(changelog.load_current(site / "rb.index").ids) == expected
+    assert changelog.scan_log(site / "rb.index.wal").changes == []
+    second = Service(site, *args)
+    try:
+        second.wait()
+        assert "0 logged change(s) replayed" in second.output()
+        assert _search(second.http, new, k=1)["results"][0]["id"] == "new/page.png"
+        assert second.http.get("/v1/images/coffee.jpg").status_code == 404
+        assert len(_search(second.http, new, k=50)["results"]) == len(expected)
+    finally:
+        assert second.stop() == 0
+
+
 def test_the_page_in_a_real_browser(chromium, service, site, tmp_path):
     """Chromium uploads a photo, waits for the grid, checks the first result is the same
     scene, clicks a result to search by it, and saves a screenshot that is not blank."""
@@ -473,6 +521,13 @@ def test_the_page_in_a_real_browser(chromium, service, site, tmp_path):
 def test_serve_refuses_bad_setups_with_one_line(site, tmp_path, capsys):
     code = cli.main(["serve", "--index", str(tmp_path / "missing.index")])
     assert code == 2 and "no index directory" in capsys.readouterr().err
+    # Issue 21 leftover: a missing or non-folder --image-root was accepted.
+    (tmp_path / "a-file").write_text("x")
+    for root, said in (("nope", "does not exist"), (str(tmp_path / "a-file"), "not a folder")):
+        code = cli.main(["serve", "--index", str(site / "photos.index"), "--image-root", root])
+        err = capsys.readouterr().err
+        assert code == 2 and len(err.strip().splitlines()) == 1, err
+        assert "--image-root" in err and said in err, err
     from remap_tf.serving.index import ExactIndex
 
     bare = ExactIndex(4)
@@ -570,7 +625,7 @@ class _OnesEmbedder:
 LONG_PART = "x" * 300 + ".png"  # over the 255-byte file name limit
 
 
-def _in_process(index_dir: Path, **settings):
+def _in_process(index_dir: Path, embedder=None, **settings):
     """The app over ``index_dir`` in this process (no model, no port): a TestClient."""
     with warnings.catch_warnings():  # starlette would rather have httpx2; httpx is installed
         warnings.filterwarnings("ignore", message="Using `httpx` with `starlette.testclient`")
@@ -581,7 +636,8 @@ def _in_process(index_dir: Path, **settings):
     from remap_tf.serving.service.state import SearchService
 
     store = changelog.DurableIndex.open(index_dir)
-    service = SearchService(store, _OnesEmbedder(store.dim), ServiceSettings(**settings))
+    embedder = embedder or _OnesEmbedder(store.dim)
+    service = SearchService(store, embedder, ServiceSettings(**settings))
     return TestClient(create_app(service), raise_server_exceptions=False), service
 
 
@@ -644,6 +700,21 @@ def test_an_id_with_a_300_byte_part_gets_400(received_index):
         assert ok.status_code == 201, ok.text
 
 
+def _failing_once(real, code: int, partial: bool):
+    """``os.pwrite`` that writes part of its data (when ``partial``) and fails once."""
+    calls = []
+
+    def write(fd, data, offset):
+        if calls:
+            return real(fd, data, offset)
+        calls.append(offset)
+        if partial:
+            real(fd, data[: len(data) // 2], offset)
+        raise OSError(code, os.strerror(code))
+
+    return write
+
+
 @pytest.mark.parametrize(
     ("code", "status", "error"),
     [
@@ -657,14 +728,14 @@ def test_a_change_log_write_on_a_full_disk_gets_507_and_stops_changes(
     received_index, monkeypatch, code, status, error
 ):
     """Issue 21: a change-log write on a full disk answered 500. It is 507 (503 for other
-    write errors) with the reason; the change is not applied, later changes get 503 (the
-    failed write may have left a partial record that a restart drops), searches go on."""
+    write errors) with the reason; the change is not applied, searches go on. When the
+    partial record the failed write left cannot be cut off either, later changes get 503
+    (a restart drops it); when it can (the leftover of issue 21's hardening), they go on."""
     client, service = _in_process(received_index / "received.index")
-
-    def full(change):
-        raise OSError(code, os.strerror(code))
-
-    monkeypatch.setattr(service.store.log, "append", full)
+    log = changelog.log_path(received_index / "received.index")
+    before = log.read_bytes()
+    monkeypatch.setattr(os, "pwrite", _failing_once(os.pwrite, code, partial=True))
+    monkeypatch.setattr(os, "ftruncate", _failing_once_ftruncate(os.ftruncate))
     image = _encoded(_photo("coins", 64), "PNG")
     with client:
         response = client.post("/v1/images", data={"id": "a.png"}, files={"image": ("a", image)})
@@ -678,3 +749,121 @@ def test_a_change_log_write_on_a_full_disk_gets_507_and_stops_changes(
         assert "photo.png" in service.store
         found = client.post("/v1/search", content=image)
         assert found.status_code == 200 and len(found.json()["results"]) == 4
+    assert len(log.read_bytes()) > len(before)  # the partial record a restart drops
+
+
+def _failing_once_ftruncate(real):
+    calls = []
+
+    def truncate(fd, length):
+        if calls:
+            return real(fd, length)
+        calls.append(length)
+        raise OSError(errno.EIO, os.strerror(errno.EIO))
+
+    return truncate
+
+
+@pytest.mark.parametrize("code", [errno.ENOSPC, errno.EIO])
+def test_after_a_failed_log_write_is_cut_back_changes_go_on(received_index, monkeypatch, code):
+    """Issue 21 leftover: a failed change-log write disabled changes until a restart. The
+    log cuts the partial record back (fsync'ed), so once there is room again the next change
+    is taken, and a restart replays exactly the acknowledged ones."""
+    directory = received_index / "received.index"
+    client, service = _in_process(directory)
+    log = changelog.log_path(directory)
+    before = log.read_bytes()
+    monkeypatch.setattr(os, "pwrite", _failing_once(os.pwrite, code, partial=True))
+    image = _encoded(_photo("coins", 64), "PNG")
+    with client:
+        refused = client.post("/v1/images", data={"id": "a.png"}, files={"image": ("a", image)})
+        assert refused.status_code in (503, 507), refused.text
+        assert "free space, then retry" in refused.json()["detail"]
+        assert log.read_bytes() == before  # nothing of the failed record is left
+        added = client.post("/v1/images", data={"id": "b.png"}, files={"image": ("b", image)})
+        assert added.status_code == 201, added.text
+        deleted = client.delete("/v1/images/photo.png")
+        assert deleted.status_code == 200, deleted.text
+    assert [(c.op, c.id) for c in changelog.scan_log(log).changes] == [
+        ("add", "b.png"),
+        ("delete", "photo.png"),
+    ]
+    assert sorted(changelog.load_current(directory).ids) == sorted(
+        ["etc/passwd", "escape.png", f"long/{LONG_PART}", "b.png"]
+    )
+
+
+def test_ids_a_rebuild_would_drop_get_400(received_index):
+    """Issue 21.3: the service took ids such as 'x.txt', 'noext' and '.hidden.jpg', which a
+    rebuild of the index from its folder skips, so the acknowledged images were lost. It
+    refuses them with the collection's own rule (`collection.id_problem`)."""
+    client, service = _in_process(
+        received_index / "received.index", image_root=str(received_index / "photos")
+    )
+    image = _encoded(_photo("coins", 64), "PNG")
+    reasons = {
+        "x.txt": "image extension",
+        "noext": "image extension",
+        ".hidden.jpg": "hidden file",
+        "dir/.hidden/a.jpg": "hidden file",
+        "a//b.jpg": "empty",
+        "/abs.jpg": "relative path",
+        "tab\tname.jpg": "control character",
+        "a/" * 600 + "b.jpg": "at most 1024 characters",
+    }
+    with client:
+        for item, reason in reasons.items():
+            response = client.post("/v1/images", data={"id": item}, files={"image": ("a", image)})
+            assert response.status_code == 400, (item, response.text)
+            body = response.json()
+            assert body["error"] == "bad id" and reason in body["detail"], (item, body)
+            assert "\n" not in body["detail"]
+        assert len(service.store) == 4
+        ok = client.post("/v1/images", data={"id": "dir/x.JPG"}, files={"image": ("a", image)})
+        assert ok.status_code == 201, ok.text
+
+
+class _LaterVersion(_OnesEmbedder):
+    """TF Serving serving version 2 of a model whose descriptors differ from version 1's."""
+
+    def identity(self):
+        return 2, [0.25] * 32
+
+    def describe(self):
+        return "localhost:8500/remap"
+
+
+def test_a_service_refuses_a_model_version_the_index_was_not_built_with(tmp_path):
+    """Issue 21.9: TF Serving now serving a later export gave the index's queries another
+    model's descriptors. The warm-up compares the model's fingerprint with the one the index
+    recorded: /readyz says why, requests get 503; an index without one serves as before."""
+    from remap_tf.serving.search import MODEL, MODEL_PROBE, MODEL_VERSION
+
+    index = ExactIndex(4)
+    index.add(["a.png", "b.png"], np.eye(4, dtype=np.float32)[:2])
+    index.metadata = {MODEL: "localhost:8500/remap", MODEL_VERSION: 1, MODEL_PROBE: [0.5] * 32}
+    index.save(tmp_path / "built.index")
+    image = _encoded(_photo("coins", 64), "PNG")
+    client, _ = _in_process(tmp_path / "built.index", embedder=_LaterVersion(4))
+    expected = (
+        "the index was built with localhost:8500/remap version 1; localhost:8500/remap now "
+        "serves version 2, whose descriptors differ: rebuild the index or serve version 1 again"
+    )
+    with client:
+        deadline = time.time() + 30
+        while "version 2" not in client.get("/readyz").json().get("detail", ""):
+            assert time.time() < deadline, client.get("/readyz").json()
+            time.sleep(0.05)
+        ready = client.get("/readyz")
+        assert ready.status_code == 503 and ready.json()["detail"] == expected
+        refused = client.post("/v1/search", content=image)
+        assert refused.status_code == 503 and refused.json()["error"] == "model unusable"
+    del index.metadata[MODEL_PROBE]  # an index from before the fingerprint
+    index.save(tmp_path / "old.index")
+    client, _ = _in_process(tmp_path / "old.index", embedder=_LaterVersion(4))
+    with client:
+        deadline = time.time() + 30
+        while client.get("/readyz").status_code != 200:
+            assert time.time() < deadline, client.get("/readyz").json()
+            time.sleep(0.05)
+        assert client.post("/v1/search", content=image).status_code == 200

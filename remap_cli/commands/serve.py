@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from remap_cli import paths
 from remap_cli.args import MODEL_HELP, add_command, float_above, int_at_least, positive_int
 from remap_tf.serving.service.settings import API_KEY_ENV, API_KEY_FLAG  # standard library only
 
@@ -83,6 +84,8 @@ def add_parser(subparsers) -> None:
 
 
 def run(args) -> int:
+    if args.image_root is not None:  # a typo must not serve nothing and store added images
+        paths.input_dir("--image-root", args.image_root)
     from remap_tf.serving.service.server import serve
     from remap_tf.serving.service.settings import ServiceSettings, resolve_api_key
 

@@ -45,6 +45,7 @@ from __future__ import annotations
 import base64
 import binascii
 import contextlib
+import errno
 import fcntl
 import hashlib
 import json
@@ -227,6 +228,7 @@ class ChangeLog:
         self.base = scan.base
         self.records = len(scan.changes)
         self.bytes = scan.good_bytes
+        self.broken = ""  # why appends are refused: a failed one could not be cut back
 
     @classmethod
     def open(cls, path, base: str) -> tuple[ChangeLog, LogScan]:
@@ -268,15 +270,42 @@ class ChangeLog:
             raise
 
     def append(self, change: Change) -> None:
-        """Writes one record and fsyncs it: once this returns, the change survives a crash."""
+        """Writes one record and fsyncs it: once this returns, the change survives a crash.
+
+        A write or fsync that fails (a full disk) is cut back to the previous end, fsync'ed,
+        before the error is raised, so a later append can follow good data once there is room
+        again. Should cutting back fail too, ``broken`` says why and every later append is
+        refused (the partial record stays at the end, where a restart drops it).
+
+        Raises:
+            OSError: the record could not be written (nothing of it is left in the log), or
+                the log is ``broken``.
+        """
+        if self.broken:
+            raise OSError(errno.EIO, self.broken)
         record = encode_change(change)
-        os.lseek(self._fd, self.bytes, os.SEEK_SET)
-        written = 0
-        while written < len(record):
-            written += os.write(self._fd, record[written:])
-        os.fsync(self._fd)
+        try:
+            written = 0
+            while written < len(record):
+                written += os.pwrite(self._fd, record[written:], self.bytes + written)
+            os.fsync(self._fd)
+        except OSError:
+            self._cut_back()
+            raise
         self.bytes += len(record)
         self.records += 1
+
+    def _cut_back(self) -> None:
+        """Truncates the log to its last good record after a failed append."""
+        try:
+            os.ftruncate(self._fd, self.bytes)
+            os.fsync(self._fd)
+        except OSError as error:
+            self.broken = (
+                f"a failed write left a partial record at the end of {self.path} that could "
+                f"not be cut off ({error.strerror or error}); restart to drop it"
+            )
+            logger.error("%s", self.broken)
 
     def reset(self, base: str) -> None:
         """Empties the log in place (the lock stays held) and names a new base snapshot.
@@ -285,6 +314,7 @@ class ChangeLog:
         replay recognises by their sequence numbers.
         """
         _rewrite(self._fd, _header(base), _HEADER_BYTES)
+        self.broken = ""  # a partial record a failed append left is gone with the rest
         self.base = base
         self.records = 0
         self.bytes = _HEADER_BYTES
@@ -643,6 +673,130 @@ class DurableIndex:
 
     def __exit__(self, *exc):
         self.close()
+
+
+# ---------------------------------------------------------------------------------------
+# A rebuild over a change log
+# ---------------------------------------------------------------------------------------
+
+
+def _carried_over(path: Path, index_dir: Path, scan: LogScan) -> tuple[list[Change], dict]:
+    """``(changes, metadata)``: the changes of a log a rebuild of ``index_dir`` must keep, and
+    the metadata of the snapshot on disk. The changes are every record (those a compaction
+    already put into the snapshot are acknowledged changes too, which a rebuild from the
+    images would undo), provided the log extends the snapshot on disk.
+
+    Raises:
+        FileFormatError: the log holds changes not in the snapshot but extends another one
+            (or the snapshot is gone): they cannot be placed.
+    """
+    if not scan.changes:
+        return [], {}
+    recover_interrupted_save(index_dir)
+    if not index_dir.is_dir():
+        raise FileFormatError(
+            f"{path} holds {len(scan.changes)} change(s) a `remap serve` acknowledged to an "
+            f"index that is no longer at {index_dir}; put it back, or move the log away to "
+            "drop them"
+        )
+    old = load_index(index_dir)
+    try:
+        _pending(path, old, scan)
+    except FileFormatError as error:
+        raise FileFormatError(f"cannot rebuild {index_dir} over it: {error}") from None
+    return scan.changes, dict(old.metadata)
+
+
+def _fold(index: Index, changes: Sequence[Change], same_model: bool = True) -> None:
+    """Puts the net effect of ``changes`` on ``index``: an id whose last change is a delete
+    is removed; one whose last change is an add is kept as rebuilt when the rebuild has it
+    (its descriptor is fresh), else added with the logged descriptor, which must come from
+    the rebuild's model (``same_model``, and the same size)."""
+    last = {change.id: change for change in changes}
+    deleted = [item for item, change in last.items() if change.op == "delete" and item in index]
+    added = [change for change in last.values() if change.op == "add" and change.id not in index]
+    if deleted:
+        index.delete(deleted)
+    if not added:
+        return
+    vectors = np.stack([change.descriptor for change in added])
+    if vectors.shape[1] != index.dim or not same_model:
+        raise FileFormatError(
+            f"{len(added)} addition(s) a `remap serve` acknowledged (such as "
+            f"{added[0].id!r}) hold descriptors of the model the index was served with, not "
+            "of the rebuild's: rebuild with that model, or move the log away to drop them"
+        )
+    index.add([change.id for change in added], vectors)
+
+
+def check_rebuild(index_dir, foldable: bool = True) -> int:
+    """Refuses early a rebuild that could not keep the changes logged beside ``index_dir``;
+    returns how many there are (0 without a log).
+
+    Raises:
+        LogInUseError: a service has the index open.
+        FileFormatError: the changes cannot be placed (see `save_rebuilt`), or there are
+            some and ``foldable`` is False (a build that publishes itself, such as a sharded
+            one, cannot fold them in).
+    """
+    directory = Path(index_dir)
+    path = log_path(directory)
+    if not path.is_file():
+        return 0
+    log, scan = ChangeLog.open(path, "0" * 32)
+    try:
+        changes, _ = _carried_over(path, directory, scan)
+    finally:
+        log.close()
+    if changes and not foldable:
+        raise FileFormatError(
+            f"{path} holds {len(changes)} change(s) a `remap serve` acknowledged, which a "
+            "sharded build cannot fold in yet: build without --shards / --shard-memory (that "
+            "folds them in), or move the log away to drop them"
+        )
+    return len(changes)
+
+
+def save_rebuilt(index: Index, index_dir, same_model=None) -> int:
+    """Publishes a rebuilt ``index`` at ``index_dir`` keeping every change a service logged.
+
+    Without a change log this is ``index.save``. With one, the log is locked (a running
+    service is refused), its changes are folded into ``index`` (`_fold`: an acknowledged
+    delete stays deleted, an acknowledged add stays), the snapshot records the log's last
+    sequence number (``SEQ_KEY``), is saved and fsync'ed, and only then is the log emptied
+    for the new snapshot. A crash before the save leaves the old snapshot and its log; one
+    after it, a snapshot that contains every record, which replay then skips.
+
+    ``same_model(old_metadata, new_metadata)``: whether the old snapshot's model (whose
+    descriptors the logged additions hold) is the rebuild's; None: assumed.
+
+    Returns:
+        How many logged changes were folded in.
+
+    Raises:
+        LogInUseError: a service has the index open.
+        FileFormatError: the log cannot be placed: corrupt, or changes logged against
+            another snapshot, or additions embedded with another model.
+    """
+    directory = Path(index_dir)
+    path = log_path(directory)
+    if not path.is_file():
+        index.save(directory)
+        return 0
+    log, scan = ChangeLog.open(path, fingerprint(index))
+    try:
+        changes, old = _carried_over(path, directory, scan)
+        fits = not changes or same_model is None or same_model(old, index.metadata)
+        _fold(index, changes, fits)
+        index.metadata[SEQ_KEY] = max([int(old.get(SEQ_KEY, 0))] + [c.seq for c in scan.changes])
+        index.save(directory)
+        _fsync_tree(directory)
+        log.reset(fingerprint(index))
+    finally:
+        log.close()
+    if changes:
+        logger.info("%s: folded %d logged change(s) into the rebuild", directory, len(changes))
+    return len(changes)
 
 
 def compact_index(index_dir) -> dict:

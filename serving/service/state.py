@@ -33,17 +33,18 @@ from PIL import Image
 
 from remap_tf import evaluation
 from remap_tf.contract import image_format
-from remap_tf.errors import RemapError
+from remap_tf.errors import InvalidInputError, RemapError
 from remap_tf.io import atomic_write_bytes
+from remap_tf.serving.collection import id_problem
 from remap_tf.serving.index.changelog import DurableIndex
+from remap_tf.serving.search import check_embedder
 from remap_tf.serving.service.batcher import EmbedBatcher
 from remap_tf.serving.service.metrics import Metrics
 from remap_tf.serving.service.settings import ServiceSettings
 
 logger = logging.getLogger("remap_tf.serving.service")
 
-MAX_ID_LENGTH = 1024
-MAX_ID_PART_BYTES = 255  # NAME_MAX: the longest file name most file systems store
+MAX_ID_LENGTH = 1024  # a bound on the request, beside the collection's rule for ids
 # A change log write failing with these means the disk (or a quota, or a size limit) is full:
 # 507 Insufficient Storage. Any other OSError is 503.
 _FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
@@ -74,25 +75,17 @@ def check_image_bytes(data: bytes) -> None:
 
 
 def check_new_id(item: str) -> str:
-    """An id for a new image: a relative path inside the collection, as `remap index build`
-    assigns them (``folder/name.jpg``); ServiceError otherwise."""
-    parts = item.split("/")
-    bad = (
-        not item
-        or len(item) > MAX_ID_LENGTH
-        or "\0" in item
-        or "\\" in item
-        or any(part in ("", ".", "..") for part in parts)
-        or any(len(part.encode("utf-8", "surrogatepass")) > MAX_ID_PART_BYTES for part in parts)
-    )
-    if bad:
+    """An id for a new image: one a rebuild of the index from its folder finds again
+    (`remap_tf.serving.collection.id_problem`: ``folder/name.jpg``, no hidden or extensionless
+    names), at most ``MAX_ID_LENGTH`` characters; ServiceError otherwise."""
+    problem = id_problem(item)
+    if problem is not None:
+        problem += " (a rebuild of the index from its folder would drop it)"
+    elif len(item) > MAX_ID_LENGTH:
+        problem = f"an id has at most {MAX_ID_LENGTH} characters"
+    if problem is not None:
         raise ServiceError(
-            400,
-            "bad id",
-            f"id {item[:80]!r} is not a relative path inside the collection (like "
-            "'folder/name.jpg': no leading '/', no '.', '..' or empty parts, no backslash, "
-            f"at most {MAX_ID_LENGTH} characters, at most {MAX_ID_PART_BYTES} bytes between "
-            "slashes)",
+            400, "bad id", f"id {item[:80]!r} cannot name an image of the collection: {problem}"
         )
     return item
 
@@ -204,18 +197,15 @@ class SearchService:
             attempts += 1
             try:
                 dim = np.asarray(self.embedder.embed([image])).shape[-1]
+                problem = self._wrong_model(dim)
             except RemapError as error:
                 self.model_problem = f"the model did not answer its warm-up request: {error}"
             except Exception as error:  # a bug or an unexpected library error: keep trying
                 logger.exception("model warm-up failed")
                 self.model_problem = f"model warm-up failed: {type(error).__name__}: {error}"
             else:
-                if dim != self.store.dim:
-                    self.model_problem = (
-                        f"the model gives {dim}-d descriptors but the index holds "
-                        f"{self.store.dim}-d ones; serve the model the index was built with"
-                    )
-                    self._model_broken = True
+                if problem:
+                    self.model_problem, self._model_broken = problem, True
                     logger.error("%s", self.model_problem)
                     return
                 self.model_ready, self.model_problem = True, ""
@@ -227,6 +217,21 @@ class SearchService:
                     "%s (retrying every %g s)", self.model_problem, self.settings.warmup_retry_s
                 )
             self._stop.wait(self.settings.warmup_retry_s)
+
+    def _wrong_model(self, dim: int) -> str:
+        """Why the model that answered cannot serve this index ("" if it can): descriptors
+        of another size, or of another model than the index recorded (a later export that
+        TF Serving now serves: `remap_tf.serving.search.check_embedder`)."""
+        if dim != self.store.dim:
+            return (
+                f"the model gives {dim}-d descriptors but the index holds "
+                f"{self.store.dim}-d ones; serve the model the index was built with"
+            )
+        try:
+            check_embedder(self.store.index, self.embedder)
+        except InvalidInputError as error:
+            return str(error)
+        return ""
 
     def readiness(self) -> tuple[bool, dict]:
         """``(ready, details)`` for ``/readyz``: the index is loaded and the model answered."""
@@ -372,22 +377,30 @@ class SearchService:
 
     @contextlib.contextmanager
     def _logging(self, outcome: str):
-        """Turns a failed change-log write into 507 (disk full) or 503, and stops taking
-        changes: the failed write may have left a partial record at the log's end, which a
-        restart drops (`remap_tf.serving.index.changelog`) but a later record must not follow."""
+        """Turns a failed change-log write into 507 (disk full) or 503. The log cuts a failed
+        record back (`remap_tf.serving.index.changelog.ChangeLog.append`), so later changes
+        are taken again once there is room; only when that cut failed too (the log is
+        ``broken``) does the service stop taking changes until it is restarted."""
         try:
             yield
         except OSError as error:
             reason = error.strerror or str(error)
-            self.writes_problem = (
-                f"the change log could not be written ({reason}); the service takes no more "
-                "changes until it is restarted (free space first); searches go on"
-            )
-            logger.error("change log write failed: %s; changes are disabled", reason)
+            broken = self.store.log.broken
+            if broken:
+                self.writes_problem = (
+                    f"the change log could not be written ({reason}); {broken}; the service "
+                    "takes no more changes until it is restarted (free space first); searches "
+                    "go on"
+                )
+                logger.error("change log write failed: %s; changes are disabled", reason)
+                detail = self.writes_problem
+            else:
+                detail = f"the change log could not be written ({reason}); free space, then retry"
+                logger.error("change log write failed: %s; nothing of it was kept", reason)
             status, name = (
                 (507, "insufficient storage") if error.errno in _FULL else (503, "log unwritable")
             )
-            raise ServiceError(status, name, f"{outcome}: {self.writes_problem}") from None
+            raise ServiceError(status, name, f"{outcome}: {detail}") from None
 
     def _store_file(self, item: str, image: bytes) -> None:
         path = self.image_root / item
