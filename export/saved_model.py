@@ -207,12 +207,7 @@ def export_model(
     version = _check_version(base, version)
     base.mkdir(parents=True, exist_ok=True)
     final = base / str(version)
-    # Written aside in base_dir (same file system, so the rename is atomic); the name starts
-    # with a dot and is not an integer, so TF Serving never loads it.
-    # A kill -9 leaves its staging folder behind: the next export removes it.
-    remove_stale(base, _STAGING_PREFIX)
-    staging = base / staging_name(_STAGING_PREFIX)
-    staging.mkdir()
+    staging = _staging_dir(base)
     try:
         saved = staging / "saved_model"
         _write_version(model, options, saved, name=name, config=config, warmup_images=warmup_images)
@@ -232,6 +227,17 @@ def export_model(
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return final
+
+
+def _staging_dir(base: Path) -> Path:
+    """A new folder to write a version in, beside the versions in ``base`` (same file system,
+    so the rename that publishes it is atomic). Its name starts with a dot and is not an
+    integer, so TF Serving never loads it, and names its writer: the folder a killed export
+    left is removed here."""
+    remove_stale(base, _STAGING_PREFIX)
+    staging = base / staging_name(_STAGING_PREFIX)
+    staging.mkdir()
+    return staging
 
 
 def _check_version(base: Path, version) -> int:
