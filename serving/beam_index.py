@@ -75,6 +75,21 @@ def shards_for_budget(count: int, dim: int, memory_budget: int) -> int:
     return max(1, math.ceil(estimated_build_bytes(count, dim) / memory_budget))
 
 
+def _num_shards(num_shards: int | None, memory_budget: int | None, count: int, dim: int) -> int:
+    """``num_shards`` checked (`check_num_shards`), or the fewest whose builds each fit in
+    ``memory_budget`` bytes (at most one per vector)."""
+    if num_shards is None:
+        if memory_budget is None:
+            raise InvalidInputError("give the number of shards or a memory budget")
+        num_shards = min(count, shards_for_budget(count, dim, memory_budget))
+        if num_shards > MAX_SHARDS:
+            raise InvalidInputError(
+                f"--shard-memory {memory_budget} bytes needs {num_shards} shards, more than "
+                f"{MAX_SHARDS}; give a larger budget"
+            )
+    return check_num_shards(num_shards, count)
+
+
 def _route(
     task, folders: Sequence[str], manifests: Sequence[dict], routing: str, num_shards: int
 ) -> int:
@@ -143,16 +158,7 @@ def build_sharded_index(
     if len(dims) != 1:
         raise InvalidInputError(f"the embedding folders hold descriptors of sizes {sorted(dims)}")
     dim, count = dims.pop(), sum(m["count"] for m in manifests)
-    if num_shards is None:
-        if memory_budget is None:
-            raise InvalidInputError("give the number of shards or a memory budget")
-        num_shards = min(count, shards_for_budget(count, dim, memory_budget))
-        if num_shards > MAX_SHARDS:
-            raise InvalidInputError(
-                f"--shard-memory {memory_budget} bytes needs {num_shards} shards, more than "
-                f"{MAX_SHARDS}; give a larger budget"
-            )
-    check_num_shards(num_shards, count)
+    num_shards = _num_shards(num_shards, memory_budget, count, dim)
     config = dict(scann_config or {}) if kind == "scann" else {}
     if kind == "scann" and runs_locally(beam_args) and "num_threads" not in config:
         config["num_threads"] = max(1, (os.cpu_count() or 1) // min(workers, num_shards))
