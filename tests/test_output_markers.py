@@ -3,9 +3,12 @@ wrote it for that command and output, and then removes only the files the marker
 
 The table `LOOK_ALIKES` runs every command that writes a folder against a folder holding a
 user's file plus a look-alike of that command's own output (a stray ``config.yaml``, a
-``data/`` of photos, ``models.config`` + ``1/``, ``<name>_files/``): without ``--overwrite``
-it is refused in one line and every user byte is kept; with ``--overwrite`` the command runs
-and the user's files are still there. The unit tests of `remap_tf.outputs` come first.
+``data/`` of photos, ``models.config`` + ``1/``, ``<name>_files/``, an index's stray
+``manifest.json``, a descriptor folder's ``shard-00000.npy``): without ``--overwrite`` it is
+refused in one line and every user byte is kept; with ``--overwrite`` the command runs and
+the user's files are still there (a user's file of a name an index or a descriptor folder
+writes is refused even then). The unit tests of `remap_tf.outputs` come first; the index and
+descriptor folders' own tests (issue 21 items 2, 5) come last.
 """
 
 from __future__ import annotations
