@@ -648,7 +648,13 @@ def test_index_add_delete_compact_update_an_older_index_and_keep_the_users_files
     _cli_index(ws, capsys, "index", "delete", "--index", "w", "a/0.jpg")
     assert owned(ws / "w", "index build", "index")
     _cli_index(ws, capsys, "index", "add", "--index", "w", "classes/a/0.jpg")
-    assert "nothing to compact" in _cli_index(ws, capsys, "index", "compact", "--index", "w")
+    (ws / "w" / MARKER).unlink()  # older again: a service logs a change, compact folds it in
+    from remap_tf.serving.index import DurableIndex
+
+    with DurableIndex.open(ws / "w") as store:
+        store.delete("b/1.jpg")
+    assert "1 change(s) folded" in _cli_index(ws, capsys, "index", "compact", "--index", "w")
+    assert owned(ws / "w", "index build", "index")
     assert (ws / "w" / "notes.txt").read_text() == "mine" and "notes.txt" not in listed(ws / "w")
     out = _cli_index(ws, capsys, *case.argv)  # a rebuild over its own index: no --overwrite
     assert "indexed 6 images" in out and (ws / "w" / "notes.txt").read_text() == "mine"
