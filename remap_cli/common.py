@@ -25,11 +25,14 @@ def model_for_index(model: str | None, index) -> str:
     return model
 
 
-def embeddings_output(flag: str, value) -> None:
-    """A descriptor folder a command writes or resumes (`remap_tf.serving.embeddings`):
-    absent, empty or one of that format; a folder of the retired format gets how to convert it."""
+def embeddings_output(flag: str, value, command: str, overwrite: bool = False) -> None:
+    """A descriptor folder ``remap <command>`` writes or resumes (`remap_tf.serving.embeddings`):
+    absent, empty or carrying remap's marker for that command (`embeddings.check_output`);
+    any other only with ``--overwrite``, and a user's file of a shard's name never; a folder
+    of the retired format gets how to convert it."""
     from remap_tf.serving import embeddings  # numpy: only when run
 
     with paths.naming(flag):
-        embeddings.check_not_retired(value)
-    paths.output_dir(flag, value, "descriptor shards", embeddings.is_embeddings_folder)
+        embeddings.check_output(value, command, overwrite)
+    # what is in the folder is checked above; here only that it can be written
+    paths.output_dir(flag, value, "descriptor shards", lambda folder: True)

@@ -282,6 +282,8 @@ def embed_images(
     workers: int = 1,
     threads: int | None = None,
     beam_args: Sequence[str] = (),
+    command: str | None = None,
+    overwrite: bool = False,
 ) -> dict:
     """Embeds a folder, glob or list of images with Beam into ``out`` (see the module doc).
 
@@ -295,6 +297,9 @@ def embed_images(
             runner).
         threads: TensorFlow threads per worker (default: cores / workers locally).
         beam_args: Beam pipeline options (``--runner=DataflowRunner``, ``--project``, ...).
+        command: claim a local ``out`` for ``remap <command>`` first
+            (`embeddings.claim_output`; None: the caller's folder as it is).
+        overwrite: take a folder holding other files (they are kept, never replaced).
 
     Returns:
         ``{"out", "count", "dim", "dead": [{"id", "image", "reason"}], "shards",
@@ -306,6 +311,8 @@ def embed_images(
     out = str(out) if embeddings.is_remote(out) else str(Path(out).resolve())
     if not embeddings.is_remote(model) and ":" not in model and not os.path.exists(model):
         raise BadPathError(f"--model {model} is neither an export folder nor host:port[/name]")
+    if command is not None:
+        embeddings.claim_output(out, command, overwrite)
     run = _plan(source, model, out, shard_size)
     done = [s for s in range(run["num_shards"]) if embeddings.shard_complete(out, s)]
     pending = sorted(set(range(run["num_shards"])) - set(done))

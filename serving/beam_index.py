@@ -44,6 +44,25 @@ from remap_tf.serving.index.sharded import shard_of, write_top_level
 BUILD_BYTES_PER_VECTOR_BYTE = 4.5
 
 
+# Every shard is a Beam task, an index folder and a searcher held open by a service; past a
+# few thousand the per-shard costs outweigh any build, whatever the collection size.
+MAX_SHARDS = 4096
+
+
+def check_num_shards(num_shards: int, count: int) -> int:
+    """``num_shards`` when it is from 1 to `MAX_SHARDS` and at most ``count`` (the vectors to
+    index: a shard holds at least one); InvalidInputError naming both numbers otherwise,
+    before any work."""
+    if not 1 <= num_shards <= MAX_SHARDS:
+        raise InvalidInputError(f"--shards must be from 1 to {MAX_SHARDS}, got {num_shards}")
+    if num_shards > count:
+        raise InvalidInputError(
+            f"--shards {num_shards} is more than the {count} vectors to index; give at most "
+            f"{count} shards"
+        )
+    return num_shards
+
+
 def estimated_build_bytes(count: int, dim: int) -> int:
     """Peak memory of building one index of ``count`` ``dim``-d vectors (see the constant)."""
     return int(count * dim * 4 * BUILD_BYTES_PER_VECTOR_BYTE)
@@ -54,6 +73,21 @@ def shards_for_budget(count: int, dim: int, memory_budget: int) -> int:
     if memory_budget <= 0:
         raise InvalidInputError(f"the memory budget must be positive, got {memory_budget}")
     return max(1, math.ceil(estimated_build_bytes(count, dim) / memory_budget))
+
+
+def _num_shards(num_shards: int | None, memory_budget: int | None, count: int, dim: int) -> int:
+    """``num_shards`` checked (`check_num_shards`), or the fewest whose builds each fit in
+    ``memory_budget`` bytes (at most one per vector)."""
+    if num_shards is None:
+        if memory_budget is None:
+            raise InvalidInputError("give the number of shards or a memory budget")
+        num_shards = min(count, shards_for_budget(count, dim, memory_budget))
+        if num_shards > MAX_SHARDS:
+            raise InvalidInputError(
+                f"--shard-memory {memory_budget} bytes needs {num_shards} shards, more than "
+                f"{MAX_SHARDS}; give a larger budget"
+            )
+    return check_num_shards(num_shards, count)
 
 
 def _route(
@@ -124,10 +158,7 @@ def build_sharded_index(
     if len(dims) != 1:
         raise InvalidInputError(f"the embedding folders hold descriptors of sizes {sorted(dims)}")
     dim, count = dims.pop(), sum(m["count"] for m in manifests)
-    if num_shards is None:
-        if memory_budget is None:
-            raise InvalidInputError("give the number of shards or a memory budget")
-        num_shards = shards_for_budget(count, dim, memory_budget)
+    num_shards = _num_shards(num_shards, memory_budget, count, dim)
     config = dict(scann_config or {}) if kind == "scann" else {}
     if kind == "scann" and runs_locally(beam_args) and "num_threads" not in config:
         config["num_threads"] = max(1, (os.cpu_count() or 1) // min(workers, num_shards))

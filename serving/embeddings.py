@@ -19,6 +19,10 @@ A folder (a local path, or any filesystem Beam supports, e.g. ``gs://bucket/run`
     manifest.json            {"format", "format_version", "dim", "count", "dead", "num_shards",
                              "model", "source", "files": {every shard file: {"sha256", "bytes"}}}
 
+A local folder is claimed for the command writing it (`claim_output`: the marker of
+`remap_tf.outputs`, output `EMBEDDINGS_OUTPUT`), and `plan_run` lists a run's files in it
+before writing them: a user's folder, or a user's ``shard-00000.npy``, is never written over.
+
 A folder of the retired format (``store.json`` beside ``shard-N.npy`` / ``shard-N.json`` that
 list image paths) is refused by `check_not_retired` with how to convert it
 (`upgrade_retired`, ``remap index upgrade``).
@@ -36,13 +40,15 @@ import hashlib
 import io
 import json
 import os
+import re
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
 
+from remap_tf import outputs
 from remap_tf.contract import MANIFEST_FILE
-from remap_tf.errors import BadPathError, FileFormatError, InvalidInputError
+from remap_tf.errors import BadPathError, FileFormatError, InvalidInputError, OutputExistsError
 from remap_tf.io import atomic_write_bytes
 from remap_tf.serving.manifest import sha256_bytes
 
@@ -52,6 +58,11 @@ RUN_FILE = "embed.json"
 DEAD_LETTER = "dead_letter.jsonl"
 PLANS = "lists"
 RETIRED_STORE = "store.json"  # the header of the retired format (shards of image paths)
+# The output (`remap_tf.outputs`) a local descriptor folder is claimed for, by the command
+# that writes it: ``remap embed``, ``remap index build`` (``<out>.embeddings``), ``remap
+# evaluate --embeddings``.
+EMBEDDINGS_OUTPUT = "embeddings"
+_OWN_NAME = re.compile(r"shard-\d{5}\.(npy|ids\.json|json)")
 
 
 # --- storage: local paths directly, anything else through Beam's FileSystems ----------------
@@ -276,6 +287,74 @@ def check_not_retired(out) -> None:
     )
 
 
+def _look_alikes(folder: Path) -> list[str]:
+    """Names in ``folder`` that this format writes (a user's ``shard-00000.npy``)."""
+    own = {RUN_FILE, DEAD_LETTER, MANIFEST_FILE, PLANS}
+    return sorted(p.name for p in folder.iterdir() if p.name in own or _OWN_NAME.fullmatch(p.name))
+
+
+def check_output(out, command: str, overwrite: bool = False) -> None:
+    """Raises the error `claim_output` would raise; writes nothing (checks before the work).
+
+    A local folder must be absent, empty, or carry the marker of ``remap <command>`` for
+    `EMBEDDINGS_OUTPUT`; any other only with ``overwrite``, and even then a file named as
+    this format's files (``shard-00000.npy``, ``manifest.json``, ...) is never replaced,
+    unless the folder holds a run of an earlier remap (its ``embed.json``: a rerun checks it
+    is the same run, then resumes it). A folder on another filesystem is not checked.
+
+    Raises:
+        OutputExistsError: one line naming the folder (and the file in the way).
+        FileFormatError: a folder of the retired format (how to convert it).
+    """
+    if is_remote(out):
+        return
+    check_not_retired(out)
+    folder = outputs.check_claim(out, command, EMBEDDINGS_OUTPUT, overwrite)
+    if not folder.is_dir() or outputs.owned(folder, command, EMBEDDINGS_OUTPUT):
+        return
+    clash = [] if is_embeddings_folder(folder) else _look_alikes(folder)
+    if clash:
+        raise OutputExistsError(
+            f"{str(folder / clash[0])!r} is not remap's, and descriptor shards are written "
+            "under that name; move it away (--overwrite keeps a folder's other files, never "
+            "replaces them)"
+        )
+
+
+def claim_output(out, command: str, overwrite: bool = False) -> None:
+    """Takes a local descriptor folder for ``remap <command>`` (`check_output` says which);
+    `plan_run` then lists the files of the run in its marker before writing them."""
+    check_output(out, command, overwrite)
+    if not is_remote(out):
+        outputs.claim(out, command, EMBEDDINGS_OUTPUT, overwrite)
+
+
+def run_files(run: dict) -> list[str]:
+    """Every file a run writes, relative to its folder."""
+    names = [RUN_FILE, DEAD_LETTER, MANIFEST_FILE]
+    for shard in range(run["num_shards"]):
+        names += [plan_name(shard), *shard_names(shard)]
+    return names
+
+
+def _record_run(out, run: dict, existing: dict | None) -> None:
+    """Lists the run's files in the folder's marker (a claimed local folder), before they are
+    written. A same run that an earlier remap wrote there without listing it (its
+    ``embed.json`` checked equal) is taken over; any other unlisted file is refused."""
+    if is_remote(out) or outputs.read_marker(out) is None:
+        return
+    known = set(outputs.listed(out))
+    adopt = existing is not None and RUN_FILE not in known
+    names = run_files(run)
+    clash = [] if adopt else [n for n in names if n not in known and Path(out, n).exists()]
+    if clash:
+        raise OutputExistsError(
+            f"{str(Path(out, clash[0]))!r} exists and remap did not write it; refusing to "
+            "replace it (move it away)"
+        )
+    outputs.record(out, names, overwrite=adopt)
+
+
 def _describe_run(ids, paths, shard_size: int, source, model) -> tuple[dict, list, list]:
     """``(run, ids, paths)``: the ``embed.json`` of a run, local paths made absolute."""
     ids = [str(i) for i in ids]
@@ -335,17 +414,24 @@ def plan_run(out, ids, paths, shard_size: int, source=None, model=None) -> dict:
     Returns:
         The run (``embed.json``).
 
+    In a folder claimed with `claim_output` (local), every file of the run is listed in the
+    marker first (`run_files`); a file of such a name that remap did not write is refused.
+
     Raises:
         InvalidInputError: ids repeat, or ``out`` holds another run.
         FileFormatError: ``out`` is a folder of the retired format.
+        OutputExistsError: a file of the run's names that remap did not write.
     """
     if shard_size < 1:
         raise InvalidInputError(f"the shard size must be >= 1, got {shard_size}")
     check_not_retired(out)
     run, ids, paths = _describe_run(ids, paths, shard_size, source, model)
     run_path = join(out, RUN_FILE)
+    existing = None
     if size_of(run_path) is not None:
-        _check_same_run(out, read_json(run_path, "the run description"), run)
+        existing = read_json(run_path, "the run description")
+        _check_same_run(out, existing, run)
+    _record_run(out, run, existing)
     _write_plans(out, run, ids, paths)
     return run
 

@@ -95,6 +95,8 @@ def embed_collection(
     progress: bool = True,
     source=None,
     model=None,
+    command: str | None = None,
+    overwrite: bool = False,
 ) -> dict:
     """Embeds images into the descriptor folder ``out``, resuming a run stopped there.
 
@@ -107,6 +109,9 @@ def embed_collection(
         batch_size: images per ``embed`` call.
         progress: show a ``keras.utils.Progbar``.
         source, model: recorded in ``embed.json`` (a rerun must give the same model).
+        command: claim ``out`` for ``remap <command>`` first (`embeddings.claim_output`;
+            None: the caller claimed it, or it is a scratch folder).
+        overwrite: take a folder holding other files (they are kept, never replaced).
 
     Returns:
         ``{"out", "count", "dim", "dead": [{"id", "image", "reason"}], "shards",
@@ -116,10 +121,14 @@ def embed_collection(
     Raises:
         InvalidInputError: ``out`` holds another run (other images, shard size or model).
         FileFormatError: ``out`` is a folder of the retired format (how to convert it).
+        OutputExistsError: ``out`` holds files remap did not write (see
+            `embeddings.check_output`).
     """
     if batch_size < 1:
         raise InvalidInputError(f"the batch size must be >= 1, got {batch_size}")
     out = str(out)
+    if command is not None:
+        embeddings.claim_output(out, command, overwrite)
     run = embeddings.plan_run(out, ids, paths, shard_size, source=source, model=model)
     size = run["num_images"]
     bar = keras.utils.Progbar(size, unit_name="image") if progress and size else None

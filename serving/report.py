@@ -35,6 +35,7 @@ from PIL import Image, ImageDraw, ImageOps
 from remap_tf.contract import REPORT_MARKER
 from remap_tf.errors import InvalidInputError
 from remap_tf.io import atomic_write_bytes
+from remap_tf.outputs import report_files_dir
 
 GREEN = (34, 160, 60)
 RED = (210, 40, 40)
@@ -139,7 +140,7 @@ def write_report(
         query_names=query_names,
         result_names=result_names,
     )
-    files = path.parent / f"{path.stem}_files"
+    files = report_files_dir(path)
     written = _Written(files)
     rows = dict(
         relevance=relevance,

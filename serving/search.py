@@ -16,11 +16,13 @@ from pathlib import Path
 
 import numpy as np
 
+from remap_tf import outputs
 from remap_tf.errors import BadPathError, InvalidInputError
 from remap_tf.serving import embeddings
 from remap_tf.serving.collection import glob_base, is_glob, list_images
 from remap_tf.serving.index import DurableIndex, Index, load_index, make_index, pending_changes
 from remap_tf.serving.index.changelog import check_rebuild, save_rebuilt
+from remap_tf.serving.index.files import INDEX_COMMAND, claim_index_output
 from remap_tf.serving.local_embed import embed_collection, embed_skipping
 
 # Metadata keys an index built here records.
@@ -43,6 +45,26 @@ def default_embeddings_dir(out) -> Path:
     return out.parent / f"{out.name}.embeddings"
 
 
+def check_outputs(out, embeddings_dirs=(), sources=()) -> None:
+    """InvalidInputError unless the index folder ``out`` is none of the descriptor folders an
+    index build writes (``embeddings_dirs``) or reads (``sources``), nor one at all (a
+    folder with ``embed.json``): an index never goes into an embeddings folder."""
+    target = Path(out).resolve()
+    for flag, folders in (("--embeddings", embeddings_dirs), ("--from-embeddings", sources)):
+        for folder in folders:
+            if not embeddings.is_remote(folder) and Path(folder).resolve() == target:
+                raise InvalidInputError(
+                    f"--out {str(out)!r} is also the {flag} folder; an index cannot go into a "
+                    "descriptor folder: give another --out"
+                )
+    marker = outputs.read_marker(out) or {}
+    if embeddings.is_embeddings_folder(out) or marker.get("output") == embeddings.EMBEDDINGS_OUTPUT:
+        raise InvalidInputError(
+            f"--out {str(out)!r} is a descriptor folder (remap embed output); an index cannot "
+            "go into it: give another --out"
+        )
+
+
 def build_index(
     embedder,
     images,
@@ -55,6 +77,7 @@ def build_index(
     progress: bool = True,
     model: str | None = None,
     shards: int | None = None,
+    overwrite: bool = False,
 ) -> dict:
     """Embeds a folder or manifest of images (resumably), then builds an index of them.
 
@@ -77,6 +100,11 @@ def build_index(
             later searches and additions use the same one.
         shards: split the index into this many shards by id hash, one Beam task each
             (`remap_tf.serving.beam_index`); None: one index.
+        overwrite: write the index, and the descriptors, into folders holding other files
+            (they are kept, never replaced; see `claim_index_output` and
+            `remap_tf.serving.embeddings.claim_output`).
+
+    Both folders are claimed (`remap_tf.outputs`) before any image is embedded.
 
     Returns:
         ``{"index": path, "count", "dim", "skipped": [{"id", "image", "reason"}], "config",
@@ -86,9 +114,12 @@ def build_index(
     check_rebuild(out, foldable=shards is None)  # refused before the embedding, not after
     identity = model_metadata(embedder)
     folder = Path(embeddings_dir) if embeddings_dir else default_embeddings_dir(out)
+    check_outputs(out, embeddings_dirs=[folder])
+    claim_index_output(out, overwrite)
     embedded = embed_collection(
         embedder, collection["paths"], collection["ids"], folder, shard_size=shard_size,
         batch_size=batch_size, progress=progress, source=collection["source"], model=model,
+        command=INDEX_COMMAND, overwrite=overwrite,
     )  # fmt: skip
     if not embedded["count"]:
         raise InvalidInputError(
@@ -96,7 +127,7 @@ def build_index(
         )
     summary = build_index_from_embeddings(
         [folder], out, kind=kind, scann_config=scann_config, shards=shards,
-        manifests=[embedded["manifest"]], model_fields=identity,
+        manifests=[embedded["manifest"]], model_fields=identity, overwrite=overwrite,
     )  # fmt: skip
     return summary | {
         "skipped": embedded["dead"],
@@ -110,10 +141,14 @@ def upgrade_embeddings(embeddings_dir, images, model: str | None = None) -> dict
     the same images and model resumes from it. See
     `remap_tf.serving.embeddings.upgrade_retired`."""
     collection = _collection(images, model)
-    return embeddings.upgrade_retired(
+    result = embeddings.upgrade_retired(
         embeddings_dir, collection["ids"], collection["paths"], source=collection["source"],
         model=model,
     )  # fmt: skip
+    # The folder was index build's before markers: claimed for it now, so the next index
+    # build resumes it (its embed.json, checked to be the same run, is taken over then).
+    outputs.claim(embeddings_dir, INDEX_COMMAND, embeddings.EMBEDDINGS_OUTPUT, overwrite=True)
+    return result
 
 
 def _image_root(source: str | None) -> str | None:
@@ -137,6 +172,7 @@ def build_index_from_embeddings(
     beam_args=(),
     manifests=None,
     model_fields: dict | None = None,
+    overwrite: bool = False,
 ) -> dict:
     """Builds an index of descriptor folders (`remap_tf.serving.embeddings`): one index, or
     sharded (``shards`` or a ``memory_budget`` in bytes per shard build) with one Beam task
@@ -145,7 +181,8 @@ def build_index_from_embeddings(
     The index records the model and image root of the (first) folder, and ``model_fields``
     (`model_metadata`: the model's version and fingerprint) when the caller has them.
     ``manifests``: the folders' manifests when the caller has them (each is read once per
-    command).
+    command). ``overwrite``: ``out`` may hold other files (kept; `claim_index_output`); it may
+    never be a descriptor folder (`check_outputs`).
 
     A rebuild over an index with a change log beside it (changes a ``remap serve``
     acknowledged) folds them in (`remap_tf.serving.index.changelog.save_rebuilt`); a sharded
@@ -156,6 +193,8 @@ def build_index_from_embeddings(
         None: one index; folded_changes only then).
     """
     folders = [str(f) for f in ([folders] if isinstance(folders, str | os.PathLike) else folders)]
+    check_outputs(out, sources=folders)
+    claim_index_output(out, overwrite)
     manifests = manifests or [embeddings.read_manifest(f) for f in folders]
     first = manifests[0]
     metadata = {

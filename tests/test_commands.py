@@ -278,6 +278,18 @@ def test_index_build_and_search_commands(tmp_path, fake, capsys):
     assert sorted(p.name for p in report.parent.iterdir()) == ["search.html", "search_files"]
 
 
+def test_image_names_are_printed_with_control_characters_escaped(tmp_path, fake, capsys):
+    """An unreadable image whose name holds a C1 control (CSI, which a terminal obeys) and an
+    invisible character is listed escaped, as remap search prints names; so is --out."""
+    _make_groups(tmp_path / "imgs", num_groups=2, per_group=2, distractors=0)
+    (tmp_path / "imgs" / "group0" / "bad\x9bname\u200b.png").write_bytes(b"\x89PNG broken")
+    argv = ["index", "build", "--model", FAKE_MODEL, "--images", str(tmp_path / "imgs")]
+    code, stdout, err = _run([*argv, "--out", str(tmp_path / "i\tx"), "--quiet"], capsys)
+    assert code == 0, err
+    assert "bad\\x9bname\\u200b.png" in stdout and "i\\tx" in stdout, stdout
+    assert not {"\x9b", "\u200b", "\t"} & set(stdout), stdout
+
+
 def test_evaluate_groups_json_matches_label_map(chromium, tmp_path, fake, capsys):
     groups = _make_groups(tmp_path / "imgs", num_groups=5, per_group=3, distractors=0)
     spec = {

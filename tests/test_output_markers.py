@@ -3,9 +3,12 @@ wrote it for that command and output, and then removes only the files the marker
 
 The table `LOOK_ALIKES` runs every command that writes a folder against a folder holding a
 user's file plus a look-alike of that command's own output (a stray ``config.yaml``, a
-``data/`` of photos, ``models.config`` + ``1/``, ``<name>_files/``): without ``--overwrite``
-it is refused in one line and every user byte is kept; with ``--overwrite`` the command runs
-and the user's files are still there. The unit tests of `remap_tf.outputs` come first.
+``data/`` of photos, ``models.config`` + ``1/``, ``<name>_files/``, an index's stray
+``manifest.json``, a descriptor folder's ``shard-00000.npy``): without ``--overwrite`` it is
+refused in one line and every user byte is kept; with ``--overwrite`` the command runs and
+the user's files are still there (a user's file of a name an index or a descriptor folder
+writes is refused even then). The unit tests of `remap_tf.outputs` come first; the index and
+descriptor folders' own tests (issue 21 items 2, 5) come last.
 """
 
 from __future__ import annotations
@@ -254,6 +257,10 @@ class Case:
         replaced: user files of the same names as the command's own, which --overwrite
             replaces (every other user byte is kept).
         listed_in: the sub-folder whose marker lists the files (the demo's photo set).
+        clash: a user file of a name the command writes that even --overwrite refuses to
+            replace (an index's manifest.json, a descriptor shard): refused in one line
+            naming it; once it is moved away, --overwrite writes beside the other files.
+        marker_command: the command the folder's marker names (default ``argv[0]``).
     """
 
     argv: tuple[str, ...]
@@ -262,6 +269,13 @@ class Case:
     user_files: dict
     replaced: frozenset = frozenset()
     listed_in: str = "."
+    clash: str | None = None
+    marker_command: str | None = None
+
+    @property
+    def prog(self) -> str:
+        """The command as its messages name it (``index build``, ``search``)."""
+        return " ".join(self.argv[:2]) if self.argv[0] == "index" else self.argv[0]
 
 
 NOTES = {"notes.txt": b"my notes\n"}
@@ -272,6 +286,8 @@ TRAIN = (
     "--steps-per-epoch", "1", "--batch-size", "4", "--image-size", "64", "--verbose", "0",
 )  # fmt: skip
 SIDE_FOLDER = {**NOTES, "0123456789abcdef.jpg": _jpeg(5)}  # looks like a report thumbnail
+USER_SHARD = {**NOTES, "shard-00000.npy": b"\x93NUMPY my own array"}  # looks like a shard
+INDEX_BUILD = ("index", "build", "--model", FAKE_MODEL, "--images", "classes", "--kind", "exact")
 CASES = {
     # issue 21.1: a data/ of the user's photos was taken for an earlier demo's photo set
     "demo": Case(
@@ -297,6 +313,7 @@ CASES = {
         "r2_files",
         "--report",
         SIDE_FOLDER,
+        marker_command="report",
     ),
     "evaluate": Case(
         ("evaluate", "--dataset", "groups.json", "--model", FAKE_MODEL, "--quiet")
@@ -304,6 +321,48 @@ CASES = {
         "r2_files",
         "--report",
         SIDE_FOLDER,
+        marker_command="report",
+    ),
+    # issue 21.2: any folder with a manifest.json was taken for an index and wiped
+    "index build": Case(
+        (*INDEX_BUILD, "--out", "w", "--quiet"),
+        "w",
+        "--out",
+        {**NOTES, "thesis.txt": b"chapter 1\n", "manifest.json": b"{}\n"},
+        clash="manifest.json",
+        marker_command="index build",
+    ),
+    # issue 21.5: index build --out my3 wrote over the user's my3.embeddings/shard-00000.npy
+    "index build <out>.embeddings": Case(
+        (*INDEX_BUILD, "--out", "my3", "--quiet"),
+        "my3.embeddings",
+        "--embeddings",
+        USER_SHARD,
+        clash="shard-00000.npy",
+        marker_command="index build",
+    ),
+    "index build --embeddings": Case(
+        (*INDEX_BUILD, "--out", "my4", "--embeddings", "e", "--quiet"),
+        "e",
+        "--embeddings",
+        USER_SHARD,
+        clash="shard-00000.npy",
+        marker_command="index build",
+    ),
+    "embed": Case(
+        ("embed", "--images", "classes", "--model", FAKE_MODEL, "--out", "o"),
+        "o",
+        "--out",
+        {**NOTES, "manifest.json": b"{}\n"},
+        clash="manifest.json",
+    ),
+    "evaluate --embeddings": Case(
+        ("evaluate", "--dataset", "groups.json", "--model", FAKE_MODEL, "--quiet")
+        + ("--embeddings", "e"),
+        "e",
+        "--embeddings",
+        USER_SHARD,
+        clash="shard-00000.npy",
     ),
 }
 
@@ -337,16 +396,19 @@ def _inputs(ws: Path, command: str) -> None:
 @pytest.fixture
 def workspace(tmp_path, monkeypatch, request):
     """A workspace (the working directory) with the command's inputs and the case's folder."""
-    command = request.param
-    case = CASES[command]
+    case = CASES[request.param]
+    command = case.argv[0]
     _inputs(tmp_path, command)
     for name, data in case.user_files.items():
         (tmp_path / case.folder / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / case.folder / name).write_bytes(data)
     monkeypatch.chdir(tmp_path)
+    from remap_tf.serving import client
     from tests.test_commands import ThumbnailEmbedder
 
     monkeypatch.setattr(common, "embedder_for", lambda model: ThumbnailEmbedder())
+    # remap embed's Beam model handler makes its own embedder (in this process)
+    monkeypatch.setattr(client, "make_embedder", lambda model, **kw: ThumbnailEmbedder())
     return tmp_path, case
 
 
@@ -359,11 +421,25 @@ def test_a_look_alike_folder_is_refused_in_one_line_and_left_alone(workspace, ca
     lines = err.strip().splitlines()
     assert code == 2, err[-3000:]
     assert len(lines) == 1 and "Traceback" not in err, err
-    assert lines[0].startswith(f"remap {case.argv[0]}: error: {case.flag}"), lines[0]
+    assert lines[0].startswith(f"remap {case.prog}: error: {case.flag}"), lines[0]
     assert repr(case.folder) in lines[0] and "holds other files" in lines[0], lines[0]
     assert "--overwrite" in lines[0], lines[0]
     assert _files(ws) == before  # every byte of the user's kept, nothing written
     assert not (ws / case.folder / MARKER).exists()
+
+
+def _refused_to_replace(ws: Path, case: Case, capsys) -> None:
+    """Even --overwrite refuses to replace the user's file of the name the command writes
+    (``case.clash``): one line naming it, nothing written; the user then moves it away."""
+    before = _files(ws)
+    code = cli.main([*case.argv, "--overwrite"])
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and "Traceback" not in err, err[-3000:]
+    assert repr(f"{case.folder}/{case.clash}") in lines[0], lines[0]
+    assert "move it away" in lines[0], lines[0]
+    assert _files(ws) == before
+    (ws / case.folder / case.clash).unlink()
 
 
 def _fake_demo(config):
@@ -390,32 +466,36 @@ def test_with_overwrite_the_command_runs_and_keeps_the_users_files(workspace, ca
         from remap_cli.demo import pipeline
 
         monkeypatch.setattr(pipeline, "run_demo", _fake_demo)
+    user_files = dict(case.user_files)
+    if case.clash is not None:
+        _refused_to_replace(ws, case, capsys)
+        del user_files[case.clash]
     code = cli.main([*case.argv, "--overwrite"])
     err = capsys.readouterr().err
     assert code == 0, err[-3000:]
     after = _files(ws / case.folder)
-    for name, data in case.user_files.items():
+    for name, data in user_files.items():
         assert name in after, name
         assert name in case.replaced or after[name] == data, name
     folder = ws / case.folder
-    assert read_marker(folder)["command"] == {"search": "report", "evaluate": "report"}.get(
-        case.argv[0], case.argv[0]
-    )
+    assert read_marker(folder)["command"] == (case.marker_command or case.argv[0])
     prefix = "" if case.listed_in == "." else f"{case.listed_in}/"
     own = {prefix + e.rstrip("/") for e in listed(folder / case.listed_in)}
     assert own, "the command listed nothing it wrote"
-    assert not own & (set(case.user_files) - case.replaced), own
+    assert not own & (set(user_files) - case.replaced), own
     for entry in own:
-        assert all(not name.startswith(f"{entry}/") for name in case.user_files), entry
+        assert all(not name.startswith(f"{entry}/") for name in user_files), entry
     if case.argv[0] in ("train",):
         return  # a second training run is test_resume's
+    if case.argv[0] == "index":
+        assert read_marker(ws / case.argv[case.argv.index("--out") + 1])["output"] == "index"
     reruns = [list(case.argv)]
     if case.argv[0] == "demo":
         reruns.append([*case.argv, "--seed", "7"])
     for argv in reruns:
         assert cli.main(argv) == 0, capsys.readouterr().err[-3000:]
     after = _files(ws / case.folder)
-    assert all(after[n] == d for n, d in case.user_files.items() if n not in case.replaced)
+    assert all(after[n] == d for n, d in user_files.items() if n not in case.replaced)
     if case.argv[0] == "demo":
         assert _files(ws / case.folder / DATA_DIR).keys() - {"train/cats/x.jpg"} == {
             e.removeprefix(f"{DATA_DIR}/") for e in listed(ws / case.folder / DATA_DIR)
@@ -477,3 +557,128 @@ def test_demo_interrupted_after_its_photo_set_keeps_the_users_photos(tmp_path):
     assert photo.read_bytes() == _jpeg(4)
     views = set(listed(tmp_path / "p" / DATA_DIR))  # the photo set was written beside it
     assert "train.csv" in views and "train/cats/x.jpg" not in views
+
+
+# --- index and descriptor folders (issue 21 items 2, 5) ----------------------------------------
+
+
+def _exact_index(n: int = 6):
+    from remap_tf.serving.index import ExactIndex
+
+    index = ExactIndex(dim=4)
+    index.add([f"i{k}" for k in range(n)], np.eye(n, 4, dtype=np.float32) + 0.1)
+    return index
+
+
+def test_an_index_is_saved_only_over_an_index_remap_wrote(tmp_path):
+    """Issue 21.2 in the library: a stray manifest.json (even one naming the format) does not
+    make a folder an index; a saved index carries the marker of remap index build."""
+    index = _exact_index()
+    out = tmp_path / "w"
+    out.mkdir()
+    (out / "manifest.json").write_text('{"format": "remap-index", "kind": "exact"}')
+    (out / "thesis.txt").write_text("mine")
+    before = _files(out)
+    with pytest.raises(OutputExistsError, match="not an index remap wrote.*--overwrite") as error:
+        index.save(out)
+    assert "\n" not in str(error.value)
+    assert _files(out) == before and not (out / MARKER).exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["w"]  # no staging left behind
+    index.save(tmp_path / "new")
+    assert owned(tmp_path / "new", "index build", "index")
+    assert {"manifest.json", "ids.json", "descriptors.npy"} <= set(listed(tmp_path / "new"))
+
+
+def test_an_older_index_without_a_marker_is_updated_and_keeps_the_users_files(tmp_path):
+    """An index saved before markers (a verified manifest, no marker) is still saved over, and
+    gains the marker; a user's file in it survives every save (it is carried over); an
+    altered one is no longer recognised as remap's."""
+    from remap_tf.serving.index import load_index
+
+    index = _exact_index()
+    out = index.save(tmp_path / "idx")
+    (out / MARKER).unlink()  # as an older remap left it
+    (out / "notes.txt").write_text("mine")
+    index.delete(["i0"])
+    index.save(out)
+    assert owned(out, "index build", "index") and (out / "notes.txt").read_text() == "mine"
+    assert "notes.txt" not in listed(out)
+    index.delete(["i1"])
+    index.save(out)
+    assert len(load_index(out)) == 4 and (out / "notes.txt").read_text() == "mine"
+    (out / MARKER).unlink()
+    (out / "ids.json").write_text('["x"]')  # altered: no longer a verified index
+    with pytest.raises(OutputExistsError, match="not an index remap wrote"):
+        index.save(out)
+    assert (out / "notes.txt").read_text() == "mine"
+
+
+def test_a_users_file_of_an_index_files_name_is_never_replaced(tmp_path):
+    from remap_tf.serving.index.files import claim_index_output
+
+    out = tmp_path / "w"
+    out.mkdir()
+    (out / "config.json").write_text("mine")
+    with pytest.raises(OutputExistsError, match="config.json.*move it away"):
+        claim_index_output(out, overwrite=True)
+    (out / "config.json").rename(out / "mine.json")
+    claim_index_output(out, overwrite=True)
+    _exact_index().save(out)
+    assert (out / "mine.json").read_text() == "mine" and owned(out, "index build", "index")
+
+
+def _cli_index(ws: Path, capsys, *argv) -> str:
+    code = cli.main(list(argv))
+    out, err = capsys.readouterr()
+    assert code == 0, err[-3000:]
+    return out
+
+
+@pytest.mark.parametrize("workspace", ["index build"], indirect=True)
+def test_index_add_delete_compact_update_an_older_index_and_keep_the_users_files(workspace, capsys):
+    """add, delete and compact rewrite an index in place: an index of an earlier version (no
+    marker) is recognised by its verified manifest, gains the marker, and the user's file in
+    it is kept through each rewrite."""
+    ws, case = workspace
+    for name in case.user_files:
+        (ws / "w" / name).unlink()
+    _cli_index(ws, capsys, *case.argv)
+    (ws / "w" / MARKER).unlink()
+    (ws / "w" / "notes.txt").write_text("mine")
+    _cli_index(ws, capsys, "index", "delete", "--index", "w", "a/0.jpg")
+    assert owned(ws / "w", "index build", "index")
+    _cli_index(ws, capsys, "index", "add", "--index", "w", "classes/a/0.jpg")
+    (ws / "w" / MARKER).unlink()  # older again: a service logs a change, compact folds it in
+    from remap_tf.serving.index import DurableIndex
+
+    with DurableIndex.open(ws / "w") as store:
+        store.delete("b/1.jpg")
+    assert "1 change(s) folded" in _cli_index(ws, capsys, "index", "compact", "--index", "w")
+    assert owned(ws / "w", "index build", "index")
+    assert (ws / "w" / "notes.txt").read_text() == "mine" and "notes.txt" not in listed(ws / "w")
+    out = _cli_index(ws, capsys, *case.argv)  # a rebuild over its own index: no --overwrite
+    assert "indexed 6 images" in out and (ws / "w" / "notes.txt").read_text() == "mine"
+
+
+@pytest.mark.parametrize("workspace", ["index build"], indirect=True)
+def test_an_index_never_goes_into_a_descriptor_folder(workspace, capsys):
+    """Issue 21.2: `index build --from-embeddings e --out e` wiped remap embed's output. Now
+    an --out that is a descriptor folder (the source, --embeddings, or any) is refused, with
+    or without --overwrite, before anything is written."""
+    ws, case = workspace
+    _cli_index(ws, capsys, *case.argv[:-3], "--out", "idx", "--embeddings", "e", "--quiet")
+    _cli_index(ws, capsys, *case.argv[:-3], "--out", "idx2", "--embeddings", "f", "--quiet")
+    before = _files(ws)
+    for argv in (
+        ["index", "build", "--from-embeddings", "e", "--out", "e"],
+        ["index", "build", "--from-embeddings", "e", "--out", "./e/", "--shards", "2"],
+        ["index", "build", "--from-embeddings", "f", "--out", "e"],
+        [*case.argv[:-3], "--out", "x", "--embeddings", "x"],
+        [*case.argv[:-3], "--out", "e"],
+    ):
+        for extra in ([], ["--overwrite"]):
+            code = cli.main(argv + extra)
+            err = capsys.readouterr().err
+            assert code == 2 and len(err.strip().splitlines()) == 1, err
+            assert "--out" in err and "descriptor folder" in err, err
+    assert _files(ws) == before

@@ -8,6 +8,7 @@ import shutil
 import numpy as np
 import pytest
 
+from remap_tf.errors import InvalidInputError
 from remap_tf.serving.index import ExactIndex, Index, IndexFormatError, load_index, make_index
 from remap_tf.serving.index.sharded import ShardedIndex, merge_top_k, shard_of
 from tests.test_index import clustered_unit_vectors
@@ -288,3 +289,37 @@ def test_an_empty_scann_shard_saves_loads_and_takes_adds_later(tmp_path):
     again = load_index(tmp_path / "index")
     ids, _ = again.search(-data[:1], k=1)
     assert ids[0, 0] == "d" and len(again) == 5
+
+
+def test_more_shards_than_vectors_is_refused_before_any_work(tmp_path, monkeypatch, capsys):
+    """Issue 21.16: `--shards 100000` on 12 vectors ran for hours. A shard holds at least one
+    vector and there are at most `MAX_SHARDS`: both refused in one line naming the numbers,
+    before anything is written (by --from-embeddings, and by --images before embedding)."""
+    from remap_cli import common
+    from remap_cli import main as cli
+    from remap_tf.serving.beam_index import MAX_SHARDS, build_sharded_index
+    from remap_tf.serving.embeddings import write_embeddings
+    from tests.test_commands import FAKE_MODEL, ThumbnailEmbedder, _make_groups
+
+    monkeypatch.setattr(common, "embedder_for", lambda model: ThumbnailEmbedder())
+    write_embeddings(tmp_path / "emb", [f"v{i}" for i in range(12)], np.eye(12, DIM) + 0.1)
+    _make_groups(tmp_path / "imgs", num_groups=2, per_group=2, distractors=1)
+    monkeypatch.chdir(tmp_path)
+    before = sorted(p.name for p in tmp_path.iterdir())
+    cases = [
+        (["--from-embeddings", "emb", "--shards", "13"], "--shards 13 is more than the 12"),
+        (["--from-embeddings", "emb", "--shards", "100000"], f"from 1 to {MAX_SHARDS}"),
+        (["--model", FAKE_MODEL, "--images", "imgs", "--shards", "6"], "more than the 5"),
+    ]
+    for argv, message in cases:
+        code = cli.main(["index", "build", *argv, "--out", "idx"])
+        err = capsys.readouterr().err
+        assert code == 2 and len(err.strip().splitlines()) == 1, err
+        assert message in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+    with pytest.raises(InvalidInputError, match="--shards 13 is more than the 12 vectors"):
+        build_sharded_index([str(tmp_path / "emb")], tmp_path / "idx", num_shards=13)
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+    code = cli.main(["index", "build", "--from-embeddings", "emb", "--out", "idx", "--shards", "4"])
+    assert code == 0, capsys.readouterr().err
+    assert load_index("idx").num_shards == 4

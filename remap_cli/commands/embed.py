@@ -5,7 +5,10 @@ from __future__ import annotations
 import argparse
 
 from remap_cli import common, paths
-from remap_cli.args import MODEL_HELP, add_command, positive_int, quiet_beam_logs
+from remap_cli.args import MODEL_HELP, add_command, positive_int, printable, quiet_beam_logs
+
+# The marker (`remap_tf.outputs`) of a local --out: the embeddings of remap embed.
+COMMAND = "embed"
 
 EPILOG = """\
 Beam options go after `--`. Without --runner the pipeline runs here on Beam's in-process
@@ -55,6 +58,12 @@ def add_parser(subparsers) -> None:
         "--threads", type=positive_int, default=None, help="TensorFlow threads per worker"
     )
     parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="write into an --out folder that holds other files: they are kept, and a file "
+        "of a name remap writes (shard-00000.npy, ...) is never replaced (move it away)",
+    )
+    parser.add_argument(
         "beam_args",
         nargs="*",
         metavar="-- BEAM_OPTION",
@@ -75,7 +84,7 @@ def check(args) -> None:
     if not is_remote(args.model):
         paths.exported_model("--model", args.model)
     if not is_remote(args.out):
-        common.embeddings_output("--out", args.out)
+        common.embeddings_output("--out", args.out, COMMAND, args.overwrite)
 
 
 def run(args) -> int:
@@ -93,16 +102,19 @@ def run(args) -> int:
         workers=args.workers,
         threads=args.threads,
         beam_args=args.beam_args,
+        command=COMMAND,
+        overwrite=args.overwrite,
     )
     print(
         f"embedded {summary['count']} images"
         + (f" ({summary['dim']}-d)" if summary["dim"] else "")
-        + f" into {args.out}: "
+        + f" into {printable(args.out)}: "
         f"{summary['shards']} shard(s), {len(summary['embedded_shards'])} run now, "
         f"{len(summary['skipped_shards'])} already finished; {len(summary['dead'])} unreadable"
     )
     for item in summary["dead"][:20]:
-        print(f"  {item['image']}: {item['reason']}")
+        print(f"  {printable(str(item['image']))}: {printable(str(item['reason']))}")
     if len(summary["dead"]) > 20:
-        print(f"  ... {len(summary['dead']) - 20} more in {args.out}/{DEAD_LETTER}")
+        more = printable(f"{args.out}/{DEAD_LETTER}")
+        print(f"  ... {len(summary['dead']) - 20} more in {more}")
     return 0

@@ -12,10 +12,13 @@ from remap_cli.args import (
     non_negative_int,
     positive_float,
     positive_int,
+    printable,
 )
 from remap_tf.evaluation import DEFAULT_KAPPAS
 from remap_tf.outputs import publish_report
 
+# The marker (`remap_tf.outputs`) of --embeddings: the embeddings of remap evaluate.
+COMMAND = "evaluate"
 FORMATS = ("auto", "revisited", "oxford", "holidays", "ukbench", "folders", "groups")
 
 
@@ -54,7 +57,12 @@ def add_parser(subparsers) -> None:
     parser.add_argument(
         "--dba-alpha", type=positive_float, default=3.0, help="DBA exponent (default 3)"
     )
-    parser.add_argument("--embeddings", default=None, help="keep database descriptors here")
+    parser.add_argument(
+        "--embeddings",
+        default=None,
+        help="keep database descriptors here (reused to resume; a folder holding other files "
+        "needs --overwrite, which keeps them)",
+    )
     parser.add_argument("--batch-size", type=positive_int, default=32, help="images per call")
     parser.add_argument("--report", default=None, help="write an HTML report here (.html)")
     parser.add_argument(
@@ -76,7 +84,7 @@ def _check(args) -> None:
         paths.output_file("--report", args.report, "HTML report", args.overwrite)
         paths.report_files("--report", args.report, args.overwrite)
     if args.embeddings is not None:
-        common.embeddings_output("--embeddings", args.embeddings)
+        common.embeddings_output("--embeddings", args.embeddings, COMMAND, args.overwrite)
 
 
 def run(args) -> int:
@@ -93,6 +101,11 @@ def run(args) -> int:
         write_evaluation_report,
     )
 
+    if args.embeddings is not None:
+        from remap_tf.serving.embeddings import claim_output
+
+        with paths.naming("--embeddings"):  # the run's files are listed in it as written
+            claim_output(args.embeddings, COMMAND, args.overwrite)
     kappas = tuple(args.kappas)
     result = evaluate_retrieval(
         common.embedder_for(args.model),
@@ -108,7 +121,8 @@ def run(args) -> int:
     )
     protocols = result["protocols"]
     print(
-        f"{dataset.name}: {len(dataset.database)} database images, {len(dataset.queries)} queries"
+        f"{printable(dataset.name)}: {len(dataset.database)} database images, "
+        f"{len(dataset.queries)} queries"
     )
     print(metrics_table(protocols, kappas))
     for kind in ("skipped_database", "skipped_queries"):
@@ -116,12 +130,12 @@ def run(args) -> int:
             print(f"{kind.replace('_', ' ')}: {len(result[kind])}", file=sys.stderr)
     if args.json:
         atomic_write_json(args.json, metrics_json(protocols))
-        print(f"figures: {args.json}")
+        print(f"figures: {printable(args.json)}")
     if args.report:
         publish_report(
             args.report,
             lambda page: write_evaluation_report(page, dataset, result, k=args.report_k),
             overwrite=args.overwrite,
         )
-        print(f"report: {args.report}")
+        print(f"report: {printable(args.report)}")
     return 0

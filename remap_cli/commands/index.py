@@ -16,10 +16,10 @@ from remap_cli.args import (
     byte_size,
     non_negative_int,
     positive_int,
+    printable,
     quiet_beam_logs,
     recall_target,
 )
-from remap_tf.contract import MANIFEST_FILE
 from remap_tf.errors import InvalidInputError
 
 _SCANN_FLAGS = (
@@ -127,6 +127,12 @@ def _add_build(actions) -> None:
         "--embeddings", default=None, help="descriptor shard folder (default <out>.embeddings)"
     )
     build.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="write into an --out (or descriptor) folder that holds other files: they are "
+        "kept, and a file of a name remap writes is never replaced (move it away)",
+    )
+    build.add_argument(
         "--kind", choices=("scann", "exact"), default="scann", help="index kind (default scann)"
     )
     build.add_argument(
@@ -193,14 +199,48 @@ def _check_sources(args) -> None:
         raise InvalidInputError("Beam options (after --) need --from-embeddings")
 
 
+def _check_outputs(args) -> None:
+    """--out: absent, empty or an index remap wrote (else --overwrite, which keeps the other
+    files); never a descriptor folder. The descriptor folder --images writes (--embeddings,
+    default <out>.embeddings): absent, empty or index build's own (else --overwrite)."""
+    from remap_tf.serving.index.files import INDEX_COMMAND, check_index_output
+    from remap_tf.serving.search import check_outputs, default_embeddings_dir
+
+    written = []
+    if not args.from_embeddings:
+        written = [args.embeddings or default_embeddings_dir(args.out)]
+    check_outputs(args.out, embeddings_dirs=written, sources=args.from_embeddings or ())
+    with paths.naming("--out"):
+        check_index_output(args.out, args.overwrite)
+    paths.output_dir("--out", args.out, "an index", lambda folder: True)  # writable
+    for folder in written:
+        common.embeddings_output("--embeddings", folder, INDEX_COMMAND, args.overwrite)
+
+
+def _check_shards(args) -> None:
+    """--shards from 1 to `beam_index.MAX_SHARDS` and at most one per vector (the images
+    listed, or the descriptors of --from-embeddings), before any work."""
+    if args.shards is None:
+        return
+    from remap_tf.serving import embeddings
+    from remap_tf.serving.beam_index import check_num_shards
+    from remap_tf.serving.collection import list_images
+
+    if args.from_embeddings:
+        with paths.naming("--from-embeddings"):
+            count = sum(embeddings.read_manifest(f)["count"] for f in args.from_embeddings)
+    else:
+        count = len(list_images(args.images)[0])
+    check_num_shards(args.shards, count)
+
+
 def _check_build(args) -> dict:
     """Every argument of ``index build`` before the model is loaded; the ScaNN overrides."""
     from remap_tf.serving.index import ScannConfig
 
     _check_sources(args)
-    paths.output_dir("--out", args.out, "an index", lambda d: (d / MANIFEST_FILE).is_file())
-    if args.embeddings is not None:
-        common.embeddings_output("--embeddings", args.embeddings)
+    _check_outputs(args)
+    _check_shards(args)
     overrides = _scann_overrides(args)
     if args.kind == "scann":
         for flag, key in _SCANN_FLAGS:
@@ -228,6 +268,7 @@ def run_build(args) -> int:
             memory_budget=args.shard_memory,
             workers=args.workers,
             beam_args=args.beam_args,
+            overwrite=args.overwrite,
         )
     else:
         summary = build_index(
@@ -242,13 +283,14 @@ def run_build(args) -> int:
             progress=not args.quiet,
             model=args.model,
             shards=args.shards,
+            overwrite=args.overwrite,
         )
     config = summary["config"]
     mode = f" ({config['mode']})" if "mode" in config else ""
     shards = summary.get("num_shards") or args.shards
     layout = f", {shards} shard(s)" if shards else ""
     print(
-        f"indexed {summary['count']} images ({summary['dim']}-d) into {args.out}: "
+        f"indexed {summary['count']} images ({summary['dim']}-d) into {printable(args.out)}: "
         f"{args.kind}{mode}{layout}"
     )
     _print_skipped(summary.get("skipped", []))
@@ -259,7 +301,7 @@ def _print_skipped(skipped) -> None:
     if skipped:
         print(f"skipped {len(skipped)} unreadable image(s):")
         for item in skipped:
-            print(f"  {item['image']}: {item['reason']}")
+            print(f"  {printable(str(item['image']))}: {printable(str(item['reason']))}")
 
 
 def run_add(args) -> int:
@@ -275,7 +317,10 @@ def run_add(args) -> int:
     from remap_tf.serving.search import add_images
 
     result = add_images(args.index, common.embedder_for(model), args.images)
-    print(f"added {len(result['added'])} image(s) to {args.index}: {result['count']} in all")
+    print(
+        f"added {len(result['added'])} image(s) to {printable(args.index)}: "
+        f"{result['count']} in all"
+    )
     _print_skipped(result["skipped"])
     return 0
 
@@ -286,7 +331,10 @@ def run_delete(args) -> int:
 
     with paths.naming("--index"):
         result = delete_images(args.index, args.ids)
-    print(f"deleted {len(result['deleted'])} id(s) from {args.index}: {result['count']} left")
+    print(
+        f"deleted {len(result['deleted'])} id(s) from {printable(args.index)}: "
+        f"{result['count']} left"
+    )
     return 0
 
 
@@ -300,15 +348,15 @@ def run_info(args) -> int:
         print(json.dumps(info, indent=2))
         return 0
     metadata = info["metadata"]
-    print(f"index       {info['index']}")
+    print(f"index       {printable(info['index'])}")
     config = info["config"]
     detail = config.get("mode", "exhaustive")
     if info["kind"] == "sharded":
         detail = f"{config['num_shards']} shards by id hash {config['hash']}"
     print(f"kind        {info['kind']} ({detail})")
     print(f"images      {info['count']} ({info['dim']}-d descriptors)")
-    print(f"model       {metadata.get('model') or 'not recorded'}")
-    print(f"image root  {metadata.get('image_root') or 'not recorded'}")
+    print(f"model       {printable(str(metadata.get('model') or 'not recorded'))}")
+    print(f"image root  {printable(str(metadata.get('image_root') or 'not recorded'))}")
     print(f"size        {info['bytes'] / 1e6:.1f} MB on disk")
     if info["pending_changes"]:
         print(f"log         {info['pending_changes']} change(s) not compacted yet")
@@ -321,10 +369,11 @@ def run_compact(args) -> int:
     result = compact_index(args.index)
     if result["folded"]:
         print(
-            f"compacted {args.index}: {result['folded']} change(s) folded, {result['count']} images"
+            f"compacted {printable(args.index)}: {result['folded']} change(s) folded, "
+            f"{result['count']} images"
         )
     else:
-        print(f"{args.index}: nothing to compact ({result['count']} images)")
+        print(f"{printable(args.index)}: nothing to compact ({result['count']} images)")
     return 0
 
 
@@ -342,7 +391,8 @@ def run_upgrade(args) -> int:
         result = upgrade_embeddings(args.embeddings, args.images, args.model)
     state = "finished" if result["manifest"] else "unfinished: `remap index build` embeds the rest"
     print(
-        f"upgraded {args.embeddings}: {result['converted']} of {result['num_shards']} shard(s) "
+        f"upgraded {printable(args.embeddings)}: {result['converted']} of "
+        f"{result['num_shards']} shard(s) "
         f"converted ({state})"
     )
     return 0
