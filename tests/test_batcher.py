@@ -82,6 +82,8 @@ def test_settings_are_validated_once():
     with pytest.raises(InvalidInputError, match="max_batch"):
         ServiceSettings(max_batch=0)
     with pytest.raises(InvalidInputError, match="API key is empty"):
+        ServiceSettings(api_key="")
+    with pytest.raises(InvalidInputError, match="API key is blank"):
         ServiceSettings(api_key="  ")
 
 
