@@ -199,3 +199,8 @@ def test_train_interrupted(tmp_path, moment, signum):
     model = out / "model.keras"
     assert not model.exists(), "training was interrupted, yet a final model was written"
     assert not [p for p in out.rglob("*") if p.name.endswith(".tmp")] if out.exists() else True
+    if moment == "backup":  # issue 21, item 12: the run left logs/ and its rerun was refused
+        again = _remap(argv, tmp_path)
+        _, err = again.communicate(timeout=300)
+        assert again.returncode == 0, err[-2000:]
+        assert model.is_file()
