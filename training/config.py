@@ -29,7 +29,7 @@ from remap_tf.checks import check_choice, check_int, check_number, closest
 from remap_tf.contract import MIN_IMAGE_SIZE
 from remap_tf.errors import BadPathError, FileFormatError, InvalidInputError
 from remap_tf.io import atomic_write_text
-from remap_tf.specs import BACKBONES, MININGS, POOLINGS, WHITENING_METHODS
+from remap_tf.specs import BACKBONES, MININGS, POOLINGS, REGION_POOLINGS, WHITENING_METHODS
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
 WHITENING_INIT = (*WHITENING_METHODS, "none")
@@ -45,6 +45,8 @@ class ModelConfig:
     backbone: str = "mobilenet_v2"
     weights: str | None = None  # None (random), "imagenet" or a local weights file
     pooling: str = "remap"
+    # Per-region pooling of remap/rmac: "max" (the paper's) or "gem" (regional GeM, learned p)
+    region_pooling: str = "max"
     taps: list[str] | None = None  # default: the backbone's last two stages
     levels: int = 4
     grid_shape: list[int] = dataclasses.field(default_factory=lambda: [24, 32])
@@ -177,6 +179,7 @@ class TrainConfig:
         """Checks every field once; ValueError naming the field and the value received."""
         m, d, o, lo, i = self.model, self.data, self.optimizer, self.loss, self.init
         check_choice("model.pooling", m.pooling, POOLINGS)
+        check_choice("model.region_pooling", m.region_pooling, REGION_POOLINGS)
         check_int("model.levels", m.levels, minimum=1)
         if len(m.grid_shape) != 2 or any(int(v) != v or v < 1 for v in m.grid_shape):
             raise InvalidInputError(

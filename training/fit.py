@@ -97,6 +97,7 @@ def build_model(config: TrainConfig):
     model = REMAP(
         m.backbone,
         pooling=m.pooling,
+        region_pooling=m.region_pooling,
         taps=m.taps,
         levels=m.levels,
         grid_shape=tuple(m.grid_shape),

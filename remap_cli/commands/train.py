@@ -28,7 +28,7 @@ from remap_cli.args import (
 from remap_tf.contract import MIN_IMAGE_SIZE
 from remap_tf.errors import InvalidInputError, RemapError
 from remap_tf.outputs import claim, record
-from remap_tf.specs import BACKBONES, MININGS, POOLINGS
+from remap_tf.specs import BACKBONES, MININGS, POOLINGS, REGION_POOLINGS
 from remap_tf.training.config import (
     OPTIMIZERS,
     STRATEGIES,
@@ -47,6 +47,7 @@ _FLAG_FIELDS = {
     "backbone": "model.backbone",
     "weights": "model.weights",
     "pooling": "model.pooling",
+    "region_pooling": "model.region_pooling",
     "dim": "model.dim",
     "epochs": "epochs",
     "steps_per_epoch": "steps_per_epoch",
@@ -107,6 +108,11 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--backbone", help=f"one of {', '.join(BACKBONES)}")
     parser.add_argument("--weights", help="backbone weights: imagenet or a local weights file")
     parser.add_argument("--pooling", help=f"one of {', '.join(POOLINGS)} (default remap)")
+    parser.add_argument(
+        "--region-pooling",
+        help=f"per-region pooling of remap/rmac: one of {', '.join(REGION_POOLINGS)} (default "
+        "max, the paper's; gem learns an exponent per tap)",
+    )
     parser.add_argument("--dim", type=positive_int, help="descriptor size after whitening")
     parser.add_argument("--epochs", type=positive_int, help="epochs to train")
     parser.add_argument("--steps-per-epoch", type=positive_int, help="training steps per epoch")
