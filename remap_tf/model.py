@@ -35,6 +35,7 @@ from remap_tf.layers import (
     SPoCPooling,
     Whitening,
 )
+from remap_tf.ops import l2_normalize, resize_images
 from remap_tf.regions import relative_regions
 from remap_tf.specs import POOLINGS, REGION_POOLINGS, get_spec
 
@@ -163,6 +164,34 @@ def _check_input_shape(input_shape) -> tuple:
                 f"{input_shape!r}."
             )
     return shape
+
+
+def multiscale_descriptors(model: keras.Model, pixels, long_sides, fixed_size=None):
+    """Descriptors of images embedded at several sizes, summed and L2-normalised.
+
+    The one multi-scale rule of the project (the exported graph's ``--scales``, ``remap
+    evaluate --scales`` and ``bench.quality`` use it): each image is resized to every long
+    side (aspect kept, `remap_tf.ops.resize_images`), embedded, and the float32 descriptors
+    are summed and re-normalised, as cirtorch's multi-scale evaluation does (scales 1,
+    1/sqrt(2), sqrt(2); Radenović et al., TPAMI 2018). One size is the single-scale
+    descriptor, unchanged.
+
+    Args:
+        model: images ``(batch, h, w, 3)`` RGB 0-255 -> ``(batch, dim)`` descriptors.
+        pixels: ``(batch, height, width, 3)`` images of one size, any real dtype.
+        long_sides: the long side at every scale, e.g. ``[362, 512, 724]``.
+        fixed_size: ``(height, width)`` for a model with a fixed input (one size only).
+
+    Returns:
+        ``(batch, dim)`` float32 tensor.
+    """
+    descriptors = [
+        tf.cast(model(resize_images(pixels, side, fixed_size), training=False), tf.float32)
+        for side in long_sides
+    ]
+    if len(descriptors) == 1:
+        return descriptors[0]
+    return l2_normalize(tf.add_n(descriptors))
 
 
 def region_weighting_layers(model: keras.Model) -> list[RegionWeighting]:

@@ -70,6 +70,27 @@ def resized_shape(height, width, long_side: int):
     return new_h, new_w
 
 
+def resize_images(pixels, long_side: int | None, fixed_size=None):
+    """Resizes RGB images for the model (bilinear with antialiasing), to float32 0-255.
+
+    Args:
+        pixels: ``(batch, height, width, 3)`` or ``(height, width, 3)``, any real dtype.
+        long_side: the long side after resizing (aspect kept), when ``fixed_size`` is None.
+        fixed_size: ``(height, width)`` to resize to exactly (models with a fixed input).
+
+    Returns:
+        float32 images of the same rank, values 0-255.
+    """
+    pixels = tf.convert_to_tensor(pixels)
+    shape = tf.shape(pixels)
+    if fixed_size is not None:
+        size = tf.constant(fixed_size, tf.int32)
+    else:
+        size = tf.stack(resized_shape(shape[-3], shape[-2], long_side))
+    resized = tf.image.resize(tf.cast(pixels, tf.float32), size, antialias=True)
+    return tf.clip_by_value(resized, 0.0, 255.0)
+
+
 def mac(features):
     """MAC: global max pooling, ``(batch, h, w, c) -> (batch, c)`` (Tolias et al. 2016)."""
     features = check_feature_map(features)
