@@ -384,6 +384,9 @@ class Whitening(keras.layers.Layer):
 
     Args:
         units: output dimension, or None to keep the input dimension.
+        selection: how the whitening was chosen, when `remap_tf.whitening.select_whitening`
+            chose it (the choice and the held-out mAP of every candidate), or None; saved with
+            the model so the choice travels with it.
 
     Call arguments:
         inputs: ``(batch, input_dim)``.
@@ -394,8 +397,9 @@ class Whitening(keras.layers.Layer):
     Reference: Radenović, Tolias & Chum, TPAMI 2018 (learned whitening).
     """
 
-    def __init__(self, units: int | None = None, **kwargs):
+    def __init__(self, units: int | None = None, selection: dict | None = None, **kwargs):
         super().__init__(**kwargs)
+        self.selection = selection
         if units is not None and (int(units) != units or units < 1):
             raise InvalidInputError(
                 f"`units` must be a positive integer or None, received {units!r}"
@@ -439,4 +443,4 @@ class Whitening(keras.layers.Layer):
         return (*input_shape[:-1], self.units or input_shape[-1])
 
     def get_config(self):
-        return {**super().get_config(), "units": self.units}
+        return {**super().get_config(), "units": self.units, "selection": self.selection}

@@ -1,7 +1,8 @@
-"""Regional GeM as an option of the training config and of `remap train` (issue 18).
+"""Issue 18's options of the training config and of `remap train`, all off by default.
 
 The default stays the paper's region max pooling; `--region-pooling gem` (or
-``model.region_pooling: gem``) builds `RegionGeMPooling` layers."""
+``model.region_pooling: gem``) builds `RegionGeMPooling` layers. `--select-whitening` (or
+``init.whitening_select``) chooses the whitening by held-out mAP."""
 
 from __future__ import annotations
 
@@ -52,3 +53,12 @@ def test_build_model_follows_the_config(data_dir):
     assert isinstance(model.get_layer("regions_0"), remap_tf.RegionGeMPooling)
     model = build_model(load_config(overrides={**overrides, "model.region_pooling": "max"}))
     assert not isinstance(model.get_layer("regions_0"), remap_tf.RegionGeMPooling)
+
+
+def test_select_whitening_flag_and_holdout_check(data_dir):
+    """`--select-whitening` turns on init.whitening_select (off by default)."""
+    assert resolve_config(_parse(["--data", str(data_dir)])).init.whitening_select is False
+    config = resolve_config(_parse(["--data", str(data_dir), "--select-whitening"]))
+    assert config.init.whitening_select is True and config.init.whitening_holdout == 0.3
+    with pytest.raises(ValueError, match=r"init\.whitening_holdout"):
+        load_config(overrides={"data.train": str(data_dir), "init.whitening_holdout": 1.0})

@@ -113,6 +113,11 @@ class InitConfig:
     # Regularisation of learned whitening, a fraction of the mean eigenvalue: 0.5 measured
     # best on the multiview benchmark's 460 training images (0.1 overfits so few pairs).
     whitening_shrinkage: float = 0.5
+    # Whitening that cannot lose (remap_tf.whitening.select_whitening): hold out
+    # `whitening_holdout` of the classes and keep the best of no whitening and `whitening` at
+    # several dimensions and shrinkages by held-out mAP. Off until bench.quality measures it.
+    whitening_select: bool = False
+    whitening_holdout: float = 0.3
     # Set BatchNorm moving statistics from the init sample before initialising, before each
     # evaluation and after fitting (remap_tf.recalibrate_batch_norm). Not with multi_worker.
     recalibrate_batch_norm: bool = False
@@ -226,6 +231,7 @@ class TrainConfig:
         check_int("init.num_images", i.num_images, minimum=0)
         check_int("init.max_pairs", i.max_pairs, minimum=1)
         check_number("init.whitening_shrinkage", i.whitening_shrinkage, minimum=0.0, maximum=10.0)
+        check_number("init.whitening_holdout", i.whitening_holdout, minimum=0.05, maximum=0.95)
         check_number("data.min_crop_area", d.min_crop_area, minimum=0.01, maximum=1.0)
         check_int("epochs", self.epochs, minimum=1)
         check_int("steps_per_epoch", self.steps_per_epoch, minimum=1)

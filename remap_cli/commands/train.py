@@ -69,6 +69,7 @@ _SWITCH_HELP = {
     "mixed_precision": "mixed_float16 policy (GPUs)",
     "jit_compile": "compile the training step with XLA",
     "freeze_backbone": "train only the region weights and the whitening",
+    "select_whitening": "choose the whitening (or none) by held-out mAP",
 }
 _SWITCHES = {
     "cross_replica": "loss.cross_replica",
@@ -76,6 +77,7 @@ _SWITCHES = {
     "mixed_precision": "mixed_precision",
     "jit_compile": "jit_compile",
     "freeze_backbone": "model.freeze_backbone",
+    "select_whitening": "init.whitening_select",
 }
 
 
