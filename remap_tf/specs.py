@@ -62,6 +62,10 @@ BACKBONES: dict[str, BackboneSpec] = {
     "mobilenet_v2": BackboneSpec(
         "MobileNetV2", ("block_13_expand_BN", "Conv_1_bn"), "tf", relu_taps=True
     ),
+    # EfficientNet (v1) B0 rescales and normalises 0-255 input inside the model. Taps: the
+    # last stride-16 stage and the final activation, as for efficientnet_v2_b0; not yet
+    # chosen by measurement (bench.quality --backbone efficientnetb0 is the way to do it).
+    "efficientnetb0": BackboneSpec("EfficientNetB0", ("block5c_add", "top_activation"), "none"),
     # EfficientNetV2 rescales 0-255 input itself (include_preprocessing=True).
     "efficientnet_v2_b0": BackboneSpec(
         "EfficientNetV2B0",
