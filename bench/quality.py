@@ -2,6 +2,9 @@
 
     python -m bench.quality --data ../shared/data/multiview [--long-side 512]
                             [--steps 200] [--train-long-side 384] [--write]
+    python -m bench.quality --backbone resnet50 --weights FILE
+                            --data ../shared/data/multiview ../shared/data/holidays
+                            ../shared/data/ukbench [--write]
 
 The data (``multiview/``: real photos of 38 scenes, ``splits.json`` with 27 train and 11 val
 scenes, 129 distractors; not part of the project) is an argument. Everything that learns (KL
@@ -15,8 +18,19 @@ conv_pw_13, BatchNorm output through a plain ReLU); tap variants are rows of the
 
 Rows: off-the-shelf SPoC, MAC, GeM, R-MAC, REMAP (KL weights), REMAP (KL weights + learned
 whitening); the tap variants; then R-MAC, GeM and REMAP (KL + learned whitening) fine-tuned
-with ``model.fit`` and a triplet loss for the same number of steps. Writes the "quality"
+with ``model.fit`` and a triplet loss for the same number of steps. Issue 18's levers are
+rows of their own: regional GeM (GeM inside each region, a learned exponent per tap),
+whitening chosen by held-out mAP (`remap_tf.whitening.select_whitening`) and multi-scale
+descriptors (scales 1, 1/sqrt(2), sqrt(2), summed and re-normalised). Writes the "quality"
 section of docs/benchmarks.md with ``--write``.
+
+``--backbone resnet50`` / ``efficientnetb0`` take ``--weights FILE`` (built by
+``../shared/tools/weights/build.sh``; the bundled MobileNet needs none). Several ``--data``
+folders (each with ``groundtruth.json`` and ``splits.json``): everything that learns sees the
+union of their train splits; each val split is scored on its own (a group's ``queries``, where
+it lists them, are its only queries: the Holidays protocol; UKBench also gets the N-S score,
+the mean number of the query's 4 group images in its top 4, itself included), and the table
+gives their mean.
 """
 
 from __future__ import annotations
@@ -39,14 +53,22 @@ from PIL import Image
 
 from bench.report import machine_line, write_section
 from remap_tf import REMAP, evaluation, init_region_weights, init_whitening
-from remap_tf.export.graph import resize_images
+from remap_tf.model import multiscale_descriptors
+from remap_tf.ops import resize_images
 from remap_tf.training.config import TrainConfig
 from remap_tf.training.data import load_manifest
 from remap_tf.training.fit import fit_model
 from remap_tf.training.pipeline import make_train_dataset
 
 BACKBONE = {"backbone": "mobilenet", "weights": "imagenet", "backbone_kwargs": {"alpha": 0.75}}
+# --backbone -> REMAP arguments; those without weights here take --weights FILE.
+BACKBONES = {
+    "mobilenet": BACKBONE,
+    "efficientnetb0": {"backbone": "efficientnetb0"},
+    "resnet50": {"backbone": "resnet50"},
+}
 CROP_AREA = 0.25
+MULTI_SCALES = (1.0, 2**-0.5, 2**0.5)  # cirtorch's multi-scale evaluation
 
 
 @dataclasses.dataclass
@@ -55,9 +77,11 @@ class Row:
 
     label: str
     pooling: str
-    init: str = "none"  # "none", "kl", "kl+lw"
+    init: str = "none"  # "none", "kl", "kl+lw", "kl+select" (whitening chosen on held-out)
     fine_tune: bool = False
     taps: tuple[str, ...] | None = None
+    region_pooling: str = "max"
+    scales: tuple[float, ...] = (1.0,)
     scores: dict = dataclasses.field(default_factory=dict)
     seconds: float = 0.0
 
@@ -74,11 +98,25 @@ def rows(fine_tune: bool) -> list[Row]:
         Row("R-MAC, ReLU6 taps (clipped)", "rmac", taps=("conv_pw_12_relu", "conv_pw_13_relu")),
         Row("R-MAC, taps conv_pw_11 + conv_pw_13", "rmac", taps=("conv_pw_11_bn", "conv_pw_13_bn")),
     ]
+    table += [  # issue 18's levers
+        Row("Regional GeM (R-MAC grid, GeM per region)", "rmac", region_pooling="gem"),
+        Row("REMAP, regional GeM, KL weights", "remap", "kl", region_pooling="gem"),
+        Row("REMAP, KL weights + selected whitening", "remap", "kl+select"),
+        Row("GeM (p=3), multi-scale", "gem", scales=MULTI_SCALES),
+        Row("REMAP, KL + learned whitening, multi-scale", "remap", "kl+lw", scales=MULTI_SCALES),
+    ]
     if fine_tune:
         table += [
             Row("R-MAC, fine-tuned", "rmac", fine_tune=True),
             Row("GeM, fine-tuned", "gem", fine_tune=True),
             Row("REMAP, KL + learned whitening, fine-tuned", "remap", "kl+lw", fine_tune=True),
+            Row(
+                "REMAP, regional GeM, KL + selected whitening, fine-tuned",
+                "remap",
+                "kl+select",
+                fine_tune=True,
+                region_pooling="gem",
+            ),
         ]
     return table
 
@@ -93,16 +131,34 @@ class Data:
     root: Path
     train: list[tuple[str, str]]  # (path, scene)
     database: list[tuple[str, str]]  # val images and distractors ("" scene)
-    queries: list[tuple[str, str]]  # val images
+    queries: list[tuple[str, str]]  # val queries (every val image unless groups list them)
+    name: str = ""
+    query_rows: list[int] = dataclasses.field(default_factory=list)  # database row per query
+    kind: str = ""  # "ukbench": also the N-S score
 
 
 def load_data(root: Path) -> Data:
     gt = json.loads((root / "groundtruth.json").read_text())
     splits = json.loads((root / "splits.json").read_text())
-    groups = {g["name"]: g["images"] for g in gt["groups"]}
-    train = [(p, name) for name in splits["train"] for p in groups[name]]
-    val = [(p, name) for name in splits["val"] for p in groups[name]]
-    return Data(root, train, val + [(p, "") for p in gt["distractors"]], val)
+    groups = {g["name"]: g for g in gt["groups"]}
+    train = [(p, name) for name in splits["train"] for p in groups[name]["images"]]
+    val = [(p, name) for name in splits["val"] for p in groups[name]["images"]]
+    queries = [
+        (p, name)
+        for name in splits["val"]
+        for p in groups[name].get("queries", groups[name]["images"])
+    ]
+    row = {p: i for i, (p, _) in enumerate(val)}
+    kinds = {g.get("kind") for g in gt["groups"]}
+    return Data(
+        root,
+        train,
+        val + [(p, "") for p in gt.get("distractors", [])],
+        queries,
+        name=root.name,
+        query_rows=[row[p] for p, _ in queries],
+        kind="ukbench" if kinds == {"ukbench"} else "",
+    )
 
 
 def read(root: Path, path: str) -> np.ndarray:
@@ -124,7 +180,7 @@ def prepared(data: Data, long_side: int) -> dict:
     initialisation (one array)."""
     rng = np.random.default_rng(0)
     database = [resize_images(read(data.root, p)[None], long_side) for p, _ in data.database]
-    whole = [database[i] for i in range(len(data.queries))]  # val images come first
+    whole = [database[i] for i in data.query_rows]
     crops = [resize_images(crop(read(data.root, p), rng)[None], long_side) for p, _ in data.queries]
     height = round(long_side * 3 / 4)
     train = np.stack(
@@ -133,8 +189,25 @@ def prepared(data: Data, long_side: int) -> dict:
             for p, _ in data.train
         ]
     )
-    labels = np.unique([scene for _, scene in data.train], return_inverse=True)[1]
-    return {"database": database, "whole": whole, "crops": crops, "train": (train, labels)}
+    return {"database": database, "whole": whole, "crops": crops, "train": train}
+
+
+def union_train(datas: list[Data]) -> list[tuple[Path, str, str]]:
+    """(root, path, label) of every training image; labels are ``<folder>/<scene>`` when
+    there are several folders, so scenes of different folders never share a class."""
+    prefix = len(datas) > 1
+    return [
+        (data.root, path, f"{data.name}/{scene}" if prefix else scene)
+        for data in datas
+        for path, scene in data.train
+    ]
+
+
+def training_pixels(datas: list[Data], pixels: list[dict]):
+    """The initialisation's (images, labels) over the union of the train splits."""
+    images = np.concatenate([p["train"] for p in pixels])
+    labels = np.unique([label for _, _, label in union_train(datas)], return_inverse=True)[1]
+    return images, labels
 
 
 def _centre_4_3(pixels: np.ndarray) -> np.ndarray:
@@ -149,8 +222,15 @@ def _centre_4_3(pixels: np.ndarray) -> np.ndarray:
 # --- one model ------------------------------------------------------------------------------
 
 
-def embed(model, images: list) -> np.ndarray:
-    function = tf.function(lambda x: model(x, training=False), reduce_retracing=True)
+def embed(model, images: list, sizes=None) -> np.ndarray:
+    """Descriptors of pre-resized images; with ``sizes`` (long sides), multi-scale
+    (`remap_tf.model.multiscale_descriptors`, the exported graph's rule)."""
+    if sizes is None:
+        function = tf.function(lambda x: model(x, training=False), reduce_retracing=True)
+    else:
+        function = tf.function(
+            lambda x: multiscale_descriptors(model, x, sizes), reduce_retracing=True
+        )
     return np.concatenate([np.asarray(function(x), np.float32) for x in images])
 
 
@@ -161,12 +241,23 @@ def score(data: Data, descriptors: dict) -> dict:
     for kind in ("whole", "crops"):
         rankings = evaluation.rank_database(descriptors[kind], database)
         positives, junk = [], []
-        for q, (_, scene) in enumerate(data.queries):
+        for q, (_, scene) in zip(data.query_rows, data.queries, strict=True):
             positives.append([i for i in np.flatnonzero(scenes == scene) if i != q])
             junk.append([q])
         figures = evaluation.mean_average_precision(rankings, positives, junk, (10,))
         result[kind] = (100 * figures["mAP"], 100 * figures["mP@10"])
+        if data.kind == "ukbench":
+            result[f"N-S {kind}"] = ns_score(rankings, scenes, [s for _, s in data.queries])
     return result
+
+
+def ns_score(rankings: np.ndarray, scenes: np.ndarray, query_scenes) -> float:
+    """UKBench's N-S score: the mean number of the query's group images (4, itself
+    included) among its top 4 (Nistér & Stewénius, CVPR 2006); 4 is perfect."""
+    top = scenes[np.asarray(rankings)[:, :4]]
+    return float(
+        np.mean([np.sum(row == scene) for row, scene in zip(top, query_scenes, strict=True)])
+    )
 
 
 def fine_tune(model, train_csv: Path, args) -> float:
@@ -197,22 +288,33 @@ def fine_tune(model, train_csv: Path, args) -> float:
     return float(history.history["loss"][-1])
 
 
-def run_row(row: Row, data: Data, pixels: dict, train_csv: Path, args) -> Row:
+def run_row(row: Row, datas: list[Data], pixels: list[dict], train_csv: Path, args) -> Row:
     started = time.monotonic()
     keras.utils.set_random_seed(0)
-    model = REMAP(**BACKBONE, pooling=row.pooling, taps=row.taps)
+    backbone = backbone_arguments(args.backbone, args.weights)
+    model = REMAP(**backbone, pooling=row.pooling, taps=row.taps, region_pooling=row.region_pooling)
     for layer in model.get_layer("backbone").layers:  # BatchNorm in inference mode
         if isinstance(layer, keras.layers.BatchNormalization):
             layer.trainable = False
-    images, labels = pixels["train"]
-    if row.init in ("kl", "kl+lw"):
+    images, labels = training_pixels(datas, pixels)
+    if row.init.startswith("kl"):
         init_region_weights(model, images, labels, batch_size=8, max_pairs=4000)
-    if row.init == "kl+lw":
-        init_whitening(model, images, labels, batch_size=8, shrinkage=0.5)
+    if row.init in ("kl+lw", "kl+select"):
+        select = row.init == "kl+select"
+        init_whitening(model, images, labels, batch_size=8, shrinkage=0.5, select=select)
+        if select:
+            choice = model.get_layer("whitening").selection["choice"]
+            row.scores["whitening"] = (
+                f"{choice['method']}, {choice['dim']} dims, shrinkage {choice['shrinkage']}, "
+                f"held-out mAP {choice['heldout_map']:.2f}"
+            )
     if row.fine_tune:
         row.scores["final loss"] = fine_tune(model, train_csv, args)
-    descriptors = {k: embed(model, pixels[k]) for k in ("database", "whole", "crops")}
-    row.scores.update(score(data, descriptors))
+    sizes = None if row.scales == (1.0,) else [round(args.long_side * s) for s in row.scales]
+    for data, part in zip(datas, pixels, strict=True):
+        descriptors = {k: embed(model, part[k], sizes) for k in ("database", "whole", "crops")}
+        row.scores[data.name] = score(data, descriptors)
+    _mean_scores(row, datas)
     row.seconds = time.monotonic() - started
     print(
         f"{row.label:<45} whole {row.scores['whole'][0]:6.2f}  crops {row.scores['crops'][0]:6.2f}"
@@ -223,13 +325,33 @@ def run_row(row: Row, data: Data, pixels: dict, train_csv: Path, args) -> Row:
     return row
 
 
-def write_train_csv(data: Data, folder: Path) -> Path:
+def _mean_scores(row: Row, datas: list[Data]) -> None:
+    """``row.scores["whole"]`` and ``["crops"]``: the mean (mAP, mP@10) over the val splits."""
+    for kind in ("whole", "crops"):
+        figures = np.array([row.scores[data.name][kind] for data in datas])
+        row.scores[kind] = tuple(float(v) for v in figures.mean(axis=0))
+
+
+def backbone_arguments(name: str, weights: str | None) -> dict:
+    """REMAP's backbone arguments for ``--backbone`` and ``--weights``."""
+    arguments = dict(BACKBONES[name])
+    if weights is not None:
+        arguments["weights"] = weights
+    elif "weights" not in arguments:
+        raise SystemExit(
+            f"--backbone {name} needs --weights FILE (a {name} ImageNet no-top .weights.h5, "
+            "built by ../shared/tools/weights/build.sh)"
+        )
+    return arguments
+
+
+def write_train_csv(datas: list[Data], folder: Path) -> Path:
     path = folder / "train.csv"
     with open(path, "w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["path", "label"])
-        for image, scene in data.train:
-            writer.writerow([str(data.root / image), scene])
+        for root, image, label in union_train(datas):
+            writer.writerow([str(root / image), label])
     return path
 
 
@@ -272,28 +394,29 @@ def goals(table: list[Row]) -> list[str]:
     return lines
 
 
-def markdown(table: list[Row], data: Data, args, seconds: float, load) -> str:
+def markdown(table: list[Row], datas: list[Data], args, seconds: float, load) -> str:
+    command = f"python -m bench.quality --data {' '.join(args.data)}"
+    if args.backbone != "mobilenet":
+        command += f" --backbone {args.backbone} --weights {Path(args.weights).name}"
+    several = len(datas) > 1
     lines = [
-        "## Retrieval quality on real multi-view photos",
+        "## Retrieval quality on real multi-view photos"
+        + (f" ({args.backbone}, {' + '.join(d.name for d in datas)})" if _custom(args) else ""),
         "",
-        f"Command: `python -m bench.quality --data {args.data} --long-side {args.long_side} "
+        f"Command: `{command} --long-side {args.long_side} "
         f"--steps {args.steps} --train-long-side {args.train_long_side}` · {machine_line()} · "
         f"load average {load[0]:.1f} at the start, {load[1]:.1f} at the end · "
         f"{seconds / 60:.0f} min in all.",
         "",
-        f"Data: `multiview/` ({len(data.train)} training images of "
-        f"{len({s for _, s in data.train})} scenes; database of {len(data.database)} images: "
-        f"{len(data.queries)} of 11 unseen val scenes and "
-        f"{len(data.database) - len(data.queries)} distractors). Each val image is a query whole "
-        f"and as a random crop of {CROP_AREA:.0%} of its area (its own image is junk). Images at "
-        f"{args.long_side} px long side, aspect kept. ImageNet MobileNet v1 (alpha 0.75, bundled "
-        "weights), taps conv_pw_12 + conv_pw_13 (BatchNorm output, plain ReLU) unless the row "
-        "says otherwise. KL weights and learned whitening (shrinkage 0.5) from the training "
+        f"{_data_text(datas)} Images at "
+        f"{args.long_side} px long side, aspect kept. {_backbone_text(args)} KL weights and "
+        "learned whitening (shrinkage 0.5) from the training "
         f"scenes; fine-tuning: {args.steps} steps of {args.classes_per_batch} x "
         f"{args.images_per_class} images at {args.train_long_side} px long side (aspect-kept "
         f"random crops of 25-100%), Adam {args.learning_rate:g}, triplet margin {args.margin:g}, "
         "batch-hard mining, BatchNorm frozen.",
         "",
+        *(["Figures: the mean over the val splits; each split below.", ""] if several else []),
         "| model | mAP whole | mP@10 whole | mAP crops | mP@10 crops | seconds |",
         "|---|---:|---:|---:|---:|---:|",
     ]
@@ -302,14 +425,86 @@ def markdown(table: list[Row], data: Data, args, seconds: float, load) -> str:
         lines.append(
             f"| {row.label} | {w:.2f} | {w10:.2f} | {c:.2f} | {c10:.2f} | {row.seconds:.0f} |"
         )
+    if several:
+        lines += ["", *per_split_table(table, datas)]
+    chosen = [
+        f"{row.label}: {row.scores['whitening']}" for row in table if "whitening" in row.scores
+    ]
+    if chosen:
+        lines += ["", "Whitening chosen on held-out training classes:", ""]
+        lines += [f"- {line}" for line in chosen]
     lines += ["", "Goals (issue 10), each from this run:", ""]
     lines += [f"- {line}" for line in goals(table)]
     return "\n".join(lines)
 
 
+def per_split_table(table: list[Row], datas: list[Data]) -> list[str]:
+    """mAP whole / crops of every val split (and UKBench's N-S score on whole queries)."""
+    head, rule = ["model"], ["---"]
+    for data in datas:
+        head += [f"{data.name} whole", f"{data.name} crops"]
+        head += ["N-S whole"] if data.kind == "ukbench" else []
+    rule += ["---:"] * (len(head) - 1)
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join(rule) + "|"]
+    for row in table:
+        cells = [row.label]
+        for data in datas:
+            scores = row.scores[data.name]
+            cells += [f"{scores['whole'][0]:.2f}", f"{scores['crops'][0]:.2f}"]
+            cells += [f"{scores['N-S whole']:.2f}"] if data.kind == "ukbench" else []
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def _custom(args) -> bool:
+    """Anything but the original benchmark (MobileNet on one data folder)."""
+    return args.backbone != "mobilenet" or len(args.data) > 1
+
+
+def _data_text(datas: list[Data]) -> str:
+    if len(datas) == 1 and datas[0].name == "multiview":
+        data = datas[0]
+        return (
+            f"Data: `multiview/` ({len(data.train)} training images of "
+            f"{len({s for _, s in data.train})} scenes; database of {len(data.database)} images: "
+            f"{len(data.queries)} of 11 unseen val scenes and "
+            f"{len(data.database) - len(data.queries)} distractors). Each val image is a query "
+            f"whole and as a random crop of {CROP_AREA:.0%} of its area (its own image is junk)."
+        )
+    parts = [
+        f"`{d.name}/` ({len(d.train)} training images of {len({s for _, s in d.train})} "
+        f"groups; {len(d.queries)} val queries against {len(d.database)} images)"
+        for d in datas
+    ]
+    return (
+        f"Data: {', '.join(parts)}; training on the union of the train splits. Each query "
+        f"(every val image, or the groups' listed queries: Holidays' protocol) runs whole and as "
+        f"a random crop of {CROP_AREA:.0%} of its area (its own image is junk)."
+    )
+
+
+def _backbone_text(args) -> str:
+    if args.backbone == "mobilenet":
+        return (
+            "ImageNet MobileNet v1 (alpha 0.75, bundled "
+            "weights), taps conv_pw_12 + conv_pw_13 (BatchNorm output, plain ReLU) unless the row "
+            "says otherwise."
+        )
+    from remap_tf.specs import get_spec
+
+    spec = get_spec(BACKBONES[args.backbone]["backbone"])
+    return (
+        f"ImageNet {spec.constructor} (`{Path(args.weights).name}`), taps {' + '.join(spec.taps)}."
+    )
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", required=True, help="the multiview folder")
+    parser.add_argument(
+        "--data", required=True, nargs="+", help="data folders (multiview, holidays, ukbench)"
+    )
+    parser.add_argument("--backbone", choices=sorted(BACKBONES), default="mobilenet")
+    parser.add_argument("--weights", default=None, help="backbone weights file (not mobilenet)")
     parser.add_argument("--long-side", type=int, default=512)
     parser.add_argument("--train-long-side", type=int, default=384)
     parser.add_argument("--steps", type=int, default=200, help="fine-tuning steps (0: none)")
@@ -320,17 +515,26 @@ def main(argv=None) -> int:
     parser.add_argument("--only", nargs="*", default=None, help="labels of the rows to run")
     parser.add_argument("--write", action="store_true", help="write docs/benchmarks.md")
     args = parser.parse_args(argv)
+    backbone_arguments(args.backbone, args.weights)  # --weights checked before any work
     started, load_before = time.monotonic(), os.getloadavg()[0]
-    data = load_data(Path(args.data))
-    pixels = prepared(data, args.long_side)
-    table = [r for r in rows(args.steps > 0) if not args.only or r.label in args.only]
+    datas = [load_data(Path(folder)) for folder in args.data]
+    pixels = [prepared(data, args.long_side) for data in datas]
+    table = [
+        r
+        for r in rows(args.steps > 0)
+        if (not args.only or r.label in args.only)
+        and (r.taps is None or args.backbone == "mobilenet")
+    ]
     with tempfile.TemporaryDirectory() as folder:
-        train_csv = write_train_csv(data, Path(folder))
-        table = [run_row(row, data, pixels, train_csv, args) for row in table]
-    md = markdown(table, data, args, time.monotonic() - started, (load_before, os.getloadavg()[0]))
+        train_csv = write_train_csv(datas, Path(folder))
+        table = [run_row(row, datas, pixels, train_csv, args) for row in table]
+    md = markdown(table, datas, args, time.monotonic() - started, (load_before, os.getloadavg()[0]))
     print(md)
     if args.write:
-        write_section("quality", md)
+        name = "quality"
+        if _custom(args):
+            name += f"-{args.backbone}-" + "-".join(d.name for d in datas)
+        write_section(name, md)
     return 0
 
 

@@ -7,7 +7,7 @@
   allocates, which its screen size alone does not bound;
 - `check_pixels`: the decompression-bomb guard (``height * width <= max_pixels``);
 - `decode_checked`: checks, then decodes to uint8 RGB;
-- `resize_images`: aspect-keeping resize to a long side (float32 0-255);
+- `resize_images` (`remap_tf.ops`'s): aspect-keeping resize to a long side (float32 0-255);
 - `make_embed_fn` and `signature_functions`: the two serving signatures of a model.
 
 Only stock TensorFlow ops, so the SavedModel loads in a process that imports TensorFlow
@@ -37,30 +37,10 @@ from remap_tf.imageheaders import (
     gif_blocks_reason,
     pixel_limit_reason,
 )
-from remap_tf.ops import l2_normalize, resized_shape
+from remap_tf.model import multiscale_descriptors
+from remap_tf.ops import resize_images  # noqa: F401  (re-exported: tests, benchmarks)
 
 _HEADER_BYTES = 32
-
-
-def resize_images(pixels, long_side: int | None, fixed_size=None):
-    """Resizes RGB images for the model (bilinear with antialiasing), to float32 0-255.
-
-    Args:
-        pixels: ``(batch, height, width, 3)`` or ``(height, width, 3)``, any real dtype.
-        long_side: the long side after resizing (aspect kept), when ``fixed_size`` is None.
-        fixed_size: ``(height, width)`` to resize to exactly (models with a fixed input).
-
-    Returns:
-        float32 images of the same rank, values 0-255.
-    """
-    pixels = tf.convert_to_tensor(pixels)
-    shape = tf.shape(pixels)
-    if fixed_size is not None:
-        size = tf.constant(fixed_size, tf.int32)
-    else:
-        size = tf.stack(resized_shape(shape[-3], shape[-2], long_side))
-    resized = tf.image.resize(tf.cast(pixels, tf.float32), size, antialias=True)
-    return tf.clip_by_value(resized, 0.0, 255.0)
 
 
 def _uint(header, start: int, count: int, big_endian: bool):
@@ -227,13 +207,7 @@ def make_embed_fn(model, options):
     """
 
     def embed(pixels):
-        descriptors = []
-        for long_side in options.sizes():
-            x = resize_images(pixels, long_side, options.fixed_size)
-            descriptors.append(tf.cast(model(x, training=False), tf.float32))
-        if len(descriptors) == 1:
-            return descriptors[0]
-        return l2_normalize(tf.add_n(descriptors))
+        return multiscale_descriptors(model, pixels, options.sizes(), options.fixed_size)
 
     return embed
 

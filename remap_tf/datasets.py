@@ -15,7 +15,8 @@ Formats:
     - UKBench (Nistér & Stewénius, CVPR 2006): ``ukbench<n>.jpg`` in groups of four, every
       image a query (``load_ukbench``);
     - a folder per class (``load_folders``) and a JSON file of groups (``load_groups_json``):
-      every image of a group is a query against all the others.
+      every image of a group is a query against all the others, unless the group lists its
+      ``queries``.
 
 Where a query image is itself in the database (Holidays, UKBench, folders, JSON groups), it
 is marked junk for its own query so that it is neither a free hit nor a miss.
@@ -120,12 +121,21 @@ def _require_dir(path, what: str) -> Path:
 
 
 def _group_queries(
-    database: list[str], groups: list[list[int]], names: list[str], all_queries: bool
+    database: list[str],
+    groups: list[list[int]],
+    names: list[str],
+    all_queries: bool,
+    chosen: Sequence[Sequence[int] | None] | None = None,
 ) -> list[Query]:
-    """Queries for group-labelled data: positives = rest of the group, junk = the query."""
+    """Queries for group-labelled data: positives = rest of the group, junk = the query.
+
+    ``chosen``, per group, the database indices of its queries (``None``: the group follows
+    ``all_queries``: every image, or its first one).
+    """
     queries = []
-    for group, name in zip(groups, names, strict=True):
-        members = group if all_queries else group[:1]
+    chosen = chosen if chosen is not None else [None] * len(groups)
+    for group, name, picked in zip(groups, names, chosen, strict=True):
+        members = picked if picked is not None else group if all_queries else group[:1]
         for index in members:
             positives = tuple(i for i in group if i != index)
             queries.append(
@@ -439,10 +449,14 @@ def load_folders(root) -> RetrievalDataset:
 def load_groups_json(path) -> RetrievalDataset:
     """A JSON file of groups of matching images, paths relative to the JSON file::
 
-        {"groups": [{"name": "eiffel", "images": ["a.jpg", "b.jpg"]}, ...],
+        {"groups": [{"name": "eiffel", "images": ["a.jpg", "b.jpg"], "queries": ["a.jpg"]},
+                    ...],
          "distractors": ["x.jpg", ...]}
 
-    Every image of a group is a query against all the others; distractors are database-only.
+    Every image of a group is a query against all the others, unless the group lists
+    ``queries`` (a subset of its ``images``, the format of ``holidays/groundtruth.json``, whose
+    protocol queries only each group's first image): then only those are queries, their
+    positives the group's other images. Distractors are database-only.
     """
     path = Path(path)
     if not path.is_file():
@@ -470,12 +484,14 @@ def load_groups_json(path) -> RetrievalDataset:
         database.append(full)
         return seen[full]
 
+    chosen: list[list[int] | None] = []
     for g, group in enumerate(spec["groups"]):
         if not isinstance(group, dict) or not isinstance(group.get("images"), list):
             raise InvalidInputError(f"{path}: groups[{g}] needs an 'images' list")
         name = str(group.get("name", g))
         groups.append([add(rel, f"groups[{g}] ({name})") for rel in group["images"]])
         names.append(name)
+        chosen.append(_listed_queries(path, group, f"groups[{g}] ({name})", seen))
     distractors = spec.get("distractors", [])
     if not isinstance(distractors, list):
         raise InvalidInputError(f"{path}: 'distractors' must be a list of paths")
@@ -487,9 +503,28 @@ def load_groups_json(path) -> RetrievalDataset:
     return RetrievalDataset(
         name=path.stem,
         database=database,
-        queries=_group_queries(database, groups, names, True),
+        queries=_group_queries(database, groups, names, True, chosen),
         info={"distractors": len(distractors)},
     )
+
+
+def _listed_queries(path: Path, group: dict, where: str, seen: dict) -> list[int] | None:
+    """The database indices of a group's ``queries`` (None when the group lists none)."""
+    if "queries" not in group:
+        return None
+    listed = group["queries"]
+    if not isinstance(listed, list):
+        raise InvalidInputError(f"{path}: {where}: 'queries' must be a list of image paths")
+    members = {os.path.normpath(path.parent / rel) for rel in group["images"]}
+    indices = []
+    for rel in listed:
+        full = os.path.normpath(path.parent / rel) if isinstance(rel, str) and rel else None
+        if full not in members:
+            raise InvalidInputError(
+                f"{path}: {where}: query {rel!r} is not one of the group's images"
+            )
+        indices.append(seen[full])
+    return indices
 
 
 def detect_format(path) -> str:

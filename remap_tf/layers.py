@@ -119,6 +119,90 @@ class RegionMaxPooling(keras.layers.Layer):
         }
 
 
+@keras.saving.register_keras_serializable(package=KERAS_PACKAGE)
+class RegionGeMPooling(RegionMaxPooling):
+    """Regional GeM: GeM pooling with a learnable exponent inside each R-MAC region.
+
+    The same region grid as `RegionMaxPooling` (it is one, for `remap_tf.model.region_model`
+    and the KL initialisation), with each region pooled by ``(mean x^p)^(1/p)`` instead of
+    the max: ``p = 1`` is average pooling, ``p -> inf`` max pooling. One exponent per layer
+    (per tap), initialised at ``p``, trained end to end and kept ``>= 1`` by a constraint
+    applied after every optimiser step. Computed in float32 under any dtype policy.
+
+    Args:
+        levels: number of R-MAC scales ``L``.
+        grid_shape: reference feature-map ``(height, width)``.
+        normalize: L2-normalise every region vector.
+        p: initial exponent (3, as GeM's).
+        trainable_p: learn ``p`` with the rest of the model.
+        epsilon: lower clip applied before the power.
+
+    Call arguments:
+        features: ``(batch, height, width, channels)``.
+
+    Returns:
+        ``(batch, regions, channels)``.
+
+    Reference: Radenović, Tolias & Chum, TPAMI 2018 (GeM); Tolias, Sicre & Jégou, ICLR 2016
+    (the regions).
+    """
+
+    def __init__(
+        self,
+        levels: int = 4,
+        grid_shape=(24, 32),
+        normalize: bool = True,
+        p: float = 3.0,
+        trainable_p: bool = True,
+        epsilon: float = 1e-6,
+        **kwargs,
+    ):
+        super().__init__(levels, grid_shape, normalize, **kwargs)
+        self.p = _check_gem_p(p)
+        self.trainable_p = trainable_p
+        self.epsilon = epsilon
+
+    def build(self, input_shape):
+        super().build(input_shape)
+        self.gem_p = _add_gem_p(self, self.p, self.trainable_p)
+
+    def call(self, features):
+        return ops.region_gem_pool(
+            features, self._relative, self.gem_p, self.epsilon, normalize=self.normalize
+        )
+
+    def get_config(self):
+        return {
+            **super().get_config(),
+            "p": self.p,
+            "trainable_p": self.trainable_p,
+            "epsilon": self.epsilon,
+        }
+
+
+def _check_gem_p(p) -> float:
+    try:
+        value = None if isinstance(p, bool) else float(p)
+    except (TypeError, ValueError):
+        value = None
+    if value is None or not value > 0:
+        raise InvalidInputError(f"GeM exponent `p` must be > 0, received {p!r}.")
+    return value
+
+
+def _add_gem_p(layer: keras.layers.Layer, p: float, trainable: bool):
+    """The scalar float32 GeM exponent of ``layer``, initialised at ``p``."""
+    return layer.add_weight(
+        name="p",
+        shape=(),
+        initializer=keras.initializers.Constant(p),
+        # p stays >= 1 so that the pooling stays between average and max.
+        constraint=lambda v: tf.maximum(v, 1.0),
+        trainable=trainable,
+        dtype="float32",
+    )
+
+
 class RegionGridWarning(UserWarning):
     """A feature map too small for the region grid: some regions are the same cells."""
 
@@ -249,21 +333,12 @@ class GeMPooling(keras.layers.Layer):
 
     def __init__(self, p: float = 3.0, trainable_p: bool = True, epsilon: float = 1e-6, **kwargs):
         super().__init__(**kwargs)
-        if not p > 0:
-            raise InvalidInputError(f"GeM exponent `p` must be > 0, received {p!r}.")
-        self.p = float(p)
+        self.p = _check_gem_p(p)
         self.trainable_p = trainable_p
         self.epsilon = epsilon
 
     def build(self, input_shape):
-        self.gem_p = self.add_weight(
-            name="p",
-            shape=(),
-            initializer=keras.initializers.Constant(self.p),
-            # p stays >= 1 so that the pooling stays between average and max.
-            constraint=lambda v: tf.maximum(v, 1.0),
-            trainable=self.trainable_p,
-        )
+        self.gem_p = _add_gem_p(self, self.p, self.trainable_p)
 
     def call(self, features):
         return ops.l2_normalize(ops.gem(features, self.gem_p, self.epsilon))
@@ -309,6 +384,9 @@ class Whitening(keras.layers.Layer):
 
     Args:
         units: output dimension, or None to keep the input dimension.
+        selection: how the whitening was chosen, when `remap_tf.whitening.select_whitening`
+            chose it (the choice and the held-out mAP of every candidate), or None; saved with
+            the model so the choice travels with it.
 
     Call arguments:
         inputs: ``(batch, input_dim)``.
@@ -319,8 +397,9 @@ class Whitening(keras.layers.Layer):
     Reference: Radenović, Tolias & Chum, TPAMI 2018 (learned whitening).
     """
 
-    def __init__(self, units: int | None = None, **kwargs):
+    def __init__(self, units: int | None = None, selection: dict | None = None, **kwargs):
         super().__init__(**kwargs)
+        self.selection = selection
         if units is not None and (int(units) != units or units < 1):
             raise InvalidInputError(
                 f"`units` must be a positive integer or None, received {units!r}"
@@ -364,4 +443,4 @@ class Whitening(keras.layers.Layer):
         return (*input_shape[:-1], self.units or input_shape[-1])
 
     def get_config(self):
-        return {**super().get_config(), "units": self.units}
+        return {**super().get_config(), "units": self.units, "selection": self.selection}

@@ -29,13 +29,15 @@ from remap_tf.layers import (
     ImagePreprocessing,
     L2Normalization,
     MACPooling,
+    RegionGeMPooling,
     RegionMaxPooling,
     RegionWeighting,
     SPoCPooling,
     Whitening,
 )
+from remap_tf.ops import l2_normalize, resize_images
 from remap_tf.regions import relative_regions
-from remap_tf.specs import POOLINGS, get_spec
+from remap_tf.specs import POOLINGS, REGION_POOLINGS, get_spec
 
 WHITENING_LAYER = "whitening"
 DESCRIPTOR_LAYER = "descriptor"
@@ -57,6 +59,7 @@ def REMAP(  # the public name the users asked for
     gem_p: float = 3.0,
     backbone_kwargs: dict | None = None,
     name: str | None = None,
+    region_pooling: str = "max",
 ) -> keras.Model:
     """Builds a REMAP (or baseline) global-descriptor model on a keras.applications backbone.
 
@@ -73,9 +76,12 @@ def REMAP(  # the public name the users asked for
         weights: backbone weights: None, ``"imagenet"`` or a local weights file.
         input_shape: ``(height, width, 3)``; None sizes (the default) accept any size from
             64 px up.
-        gem_p: initial GeM exponent (gem only).
+        gem_p: initial GeM exponent (gem, and remap/rmac with ``region_pooling="gem"``).
         backbone_kwargs: extra constructor arguments (e.g. ``{"alpha": 0.75}``).
         name: model name; default ``"{pooling}_{backbone}"``.
+        region_pooling: how remap/rmac pool each region: ``"max"`` (the paper's, the
+            default) or ``"gem"`` (regional GeM, a learnable exponent per tap initialised at
+            ``gem_p``, `remap_tf.layers.RegionGeMPooling`).
 
     Returns:
         a ``keras.Model`` mapping ``(batch, height, width, 3)`` RGB 0-255 to L2-normalised
@@ -91,6 +97,7 @@ def REMAP(  # the public name the users asked for
     """
     spec = get_spec(backbone)
     check_choice("pooling", pooling, POOLINGS)
+    check_choice("region_pooling", region_pooling, REGION_POOLINGS)
     input_shape = _check_input_shape(input_shape)
     if pooling in ("remap", "rmac"):
         relative_regions(levels, tuple(grid_shape))  # validates both before building anything
@@ -104,8 +111,9 @@ def REMAP(  # the public name the users asked for
     if not isinstance(features, (list, tuple)):
         features = [features]
 
+    options = {"levels": levels, "grid_shape": grid_shape, "gem_p": gem_p}
     branches = [
-        _pool(feature_map, i, pooling, levels=levels, grid_shape=grid_shape, gem_p=gem_p)
+        _pool(feature_map, i, pooling, region_pooling=region_pooling, **options)
         for i, feature_map in enumerate(features)
     ]
     if len(branches) > 1:
@@ -122,11 +130,15 @@ def REMAP(  # the public name the users asked for
 HEAD_DTYPE = "float32"
 
 
-def _pool(feature_map, i: int, pooling: str, *, levels, grid_shape, gem_p):
+def _pool(feature_map, i: int, pooling: str, *, levels, grid_shape, gem_p, region_pooling):
     """Tap ``i``'s branch: ``(batch, h, w, c)`` -> L2-normalised ``(batch, c)``, float32."""
     head = {"dtype": HEAD_DTYPE}
     if pooling in ("remap", "rmac"):
-        regions = RegionMaxPooling(levels, grid_shape, name=f"regions_{i}", **head)(feature_map)
+        if region_pooling == "gem":
+            pool = RegionGeMPooling(levels, grid_shape, p=gem_p, name=f"regions_{i}", **head)
+        else:
+            pool = RegionMaxPooling(levels, grid_shape, name=f"regions_{i}", **head)
+        regions = pool(feature_map)
         num_regions = relative_regions(levels, tuple(grid_shape)).shape[0]
         weighting = RegionWeighting(
             num_regions, trainable=pooling == "remap", name=f"region_weights_{i}", **head
@@ -152,6 +164,34 @@ def _check_input_shape(input_shape) -> tuple:
                 f"{input_shape!r}."
             )
     return shape
+
+
+def multiscale_descriptors(model: keras.Model, pixels, long_sides, fixed_size=None):
+    """Descriptors of images embedded at several sizes, summed and L2-normalised.
+
+    The one multi-scale rule of the project (the exported graph's ``--scales``, ``remap
+    evaluate --scales`` and ``bench.quality`` use it): each image is resized to every long
+    side (aspect kept, `remap_tf.ops.resize_images`), embedded, and the float32 descriptors
+    are summed and re-normalised, as cirtorch's multi-scale evaluation does (scales 1,
+    1/sqrt(2), sqrt(2); Radenović et al., TPAMI 2018). One size is the single-scale
+    descriptor, unchanged.
+
+    Args:
+        model: images ``(batch, h, w, 3)`` RGB 0-255 -> ``(batch, dim)`` descriptors.
+        pixels: ``(batch, height, width, 3)`` images of one size, any real dtype.
+        long_sides: the long side at every scale, e.g. ``[362, 512, 724]``.
+        fixed_size: ``(height, width)`` for a model with a fixed input (one size only).
+
+    Returns:
+        ``(batch, dim)`` float32 tensor.
+    """
+    descriptors = [
+        tf.cast(model(resize_images(pixels, side, fixed_size), training=False), tf.float32)
+        for side in long_sides
+    ]
+    if len(descriptors) == 1:
+        return descriptors[0]
+    return l2_normalize(tf.add_n(descriptors))
 
 
 def region_weighting_layers(model: keras.Model) -> list[RegionWeighting]:

@@ -70,6 +70,27 @@ def resized_shape(height, width, long_side: int):
     return new_h, new_w
 
 
+def resize_images(pixels, long_side: int | None, fixed_size=None):
+    """Resizes RGB images for the model (bilinear with antialiasing), to float32 0-255.
+
+    Args:
+        pixels: ``(batch, height, width, 3)`` or ``(height, width, 3)``, any real dtype.
+        long_side: the long side after resizing (aspect kept), when ``fixed_size`` is None.
+        fixed_size: ``(height, width)`` to resize to exactly (models with a fixed input).
+
+    Returns:
+        float32 images of the same rank, values 0-255.
+    """
+    pixels = tf.convert_to_tensor(pixels)
+    shape = tf.shape(pixels)
+    if fixed_size is not None:
+        size = tf.constant(fixed_size, tf.int32)
+    else:
+        size = tf.stack(resized_shape(shape[-3], shape[-2], long_side))
+    resized = tf.image.resize(tf.cast(pixels, tf.float32), size, antialias=True)
+    return tf.clip_by_value(resized, 0.0, 255.0)
+
+
 def mac(features):
     """MAC: global max pooling, ``(batch, h, w, c) -> (batch, c)`` (Tolias et al. 2016)."""
     features = check_feature_map(features)
@@ -130,6 +151,48 @@ def region_max_pool(features, relative: np.ndarray, normalize: bool = True):
         ``(batch, regions, channels)``, in the dtype of ``features``.
     """
     features = check_feature_map(features)
+    pooled = [
+        tf.reduce_max(features[:, top:bottom, left:right, :], axis=[1, 2])
+        for top, left, bottom, right in _region_bounds_list(features, relative)
+    ]
+    regions = tf.stack(pooled, axis=1)
+    return l2_normalize(regions, axis=-1) if normalize else regions
+
+
+def region_gem_pool(features, relative: np.ndarray, p, epsilon: float = 1e-6, normalize=True):
+    """Regional GeM: GeM pooling inside each region, ``(b, h, w, c) -> (b, regions, c)``.
+
+    Each region vector is ``(mean over the region of x^p)^(1/p)``: ``p = 1`` is regional
+    average pooling and ``p -> inf`` tends to `region_max_pool` (R-MAC's max). Computed in
+    float32 (the power overflows float16), values clipped to ``epsilon`` first as in `gem`.
+
+    Args:
+        features: ``(batch, height, width, channels)`` feature map (dynamic sizes allowed).
+        relative: ``(regions, 4)`` relative region grid (`remap_tf.regions.relative_regions`).
+        p: the exponent, a scalar (a Python float or a trainable variable).
+        epsilon: lower clip before the power.
+        normalize: L2-normalise each region vector.
+
+    Returns:
+        ``(batch, regions, channels)``, in the dtype of ``features``.
+
+    Reference: Radenović, Tolias & Chum, TPAMI 2018 (GeM), on the R-MAC regions of Tolias,
+    Sicre & Jégou, ICLR 2016.
+    """
+    features = check_feature_map(features)
+    p = tf.cast(p, tf.float32)
+    powered = tf.pow(tf.maximum(tf.cast(features, tf.float32), epsilon), p)
+    pooled = [
+        tf.reduce_mean(powered[:, top:bottom, left:right, :], axis=[1, 2])
+        for top, left, bottom, right in _region_bounds_list(features, relative)
+    ]
+    regions = tf.pow(tf.stack(pooled, axis=1), 1.0 / p)
+    regions = l2_normalize(regions, axis=-1) if normalize else regions
+    return tf.cast(regions, features.dtype)
+
+
+def _region_bounds_list(features, relative):
+    """``(top, left, bottom, right)`` per region: ints for a static map, else scalar tensors."""
     relative = np.asarray(relative, dtype=np.float64)
     if relative.ndim != 2 or relative.shape[1] != 4:
         raise InvalidInputError(
@@ -138,17 +201,10 @@ def region_max_pool(features, relative: np.ndarray, normalize: bool = True):
     height, width = features.shape[1], features.shape[2]
     if height is not None and width is not None:
         # Static shape: the bounds are Python ints and the slices are static (XLA friendly).
-        bounds = scale_regions(relative, height, width).tolist()
-    else:
-        dyn = tf.shape(features)
-        bounds = region_bounds(relative, dyn[1], dyn[2])
-        bounds = [tf.unstack(row) for row in tf.unstack(bounds, num=len(relative))]
-    pooled = [
-        tf.reduce_max(features[:, top:bottom, left:right, :], axis=[1, 2])
-        for top, left, bottom, right in bounds
-    ]
-    regions = tf.stack(pooled, axis=1)
-    return l2_normalize(regions, axis=-1) if normalize else regions
+        return scale_regions(relative, height, width).tolist()
+    dyn = tf.shape(features)
+    bounds = region_bounds(relative, dyn[1], dyn[2])
+    return [tf.unstack(row) for row in tf.unstack(bounds, num=len(relative))]
 
 
 def weighted_region_sum(regions, weights):

@@ -17,6 +17,11 @@ from remap_tf.checks import check_choice
 POOLINGS = ("remap", "rmac", "mac", "spoc", "gem")
 # Display names, for tables and reports.
 POOLING_NAMES = {"remap": "REMAP", "rmac": "R-MAC", "mac": "MAC", "spoc": "SPoC", "gem": "GeM"}
+# Per-region pooling of the "remap" and "rmac" poolings: "max" (R-MAC's and the REMAP
+# paper's, the default) or "gem" (regional GeM, a learnable exponent per tap, initialised at
+# 3). Max stays the default until bench.quality measures regional GeM ahead (issue 18: +0.7
+# to +1.0 mAP on ResNet50 in an independent measurement, on data outside the project).
+REGION_POOLINGS = ("max", "gem")
 # Online triplet mining of `remap_tf.losses.TripletLoss`.
 MININGS = ("batch_hard", "semi_hard", "batch_all")
 # Initialisation of the whitening layer (`remap_tf.whitening.init_whitening`).
@@ -57,6 +62,10 @@ BACKBONES: dict[str, BackboneSpec] = {
     "mobilenet_v2": BackboneSpec(
         "MobileNetV2", ("block_13_expand_BN", "Conv_1_bn"), "tf", relu_taps=True
     ),
+    # EfficientNet (v1) B0 rescales and normalises 0-255 input inside the model. Taps: the
+    # last stride-16 stage and the final activation, as for efficientnet_v2_b0; not yet
+    # chosen by measurement (bench.quality --backbone efficientnetb0 is the way to do it).
+    "efficientnetb0": BackboneSpec("EfficientNetB0", ("block5c_add", "top_activation"), "none"),
     # EfficientNetV2 rescales 0-255 input itself (include_preprocessing=True).
     "efficientnet_v2_b0": BackboneSpec(
         "EfficientNetV2B0",

@@ -8,12 +8,21 @@ Both return an affine map as a Dense kernel ``(input_dim, dim)`` and bias ``(dim
 `pca_whitening_from_stream` and `learned_whitening_from_stream` on a stream of batches in
 memory bounded by the dimension ``D`` and a sample size, not by the number of images (see
 their docstrings); `init_whitening` streams a model's descriptors into them.
+
+`select_whitening` (``init_whitening(..., select=True)``) is whitening that cannot lose: it
+holds out part of the classes, fits candidate whitenings (output dimensions, shrinkages, and
+no whitening at all) on the rest, and keeps the candidate with the best held-out mAP, "no
+whitening" winning ties, so small training sets no longer make descriptors worse (issue 18
+measured learned whitening from 460 images lowering ResNet50's mAP by 1.3-8).
 """
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 
+from remap_tf import evaluation
 from remap_tf.errors import InvalidInputError
 from remap_tf.model import batch_predictor, whitening_layer
 from remap_tf.pairs import ImageSample, matching_pairs
@@ -21,6 +30,12 @@ from remap_tf.streams import labelled_batches
 
 # Default cap on the descriptors kept for matching pairs (learned whitening).
 DEFAULT_MAX_IMAGES = 4096
+# Candidates of `select_whitening`: shrinkages (fractions of the mean eigenvalue) and output
+# dimensions as fractions of the layer's (1.0: all of it).
+DEFAULT_SHRINKAGES = (0.1, 0.5, 1.0)
+DEFAULT_DIM_FRACTIONS = (1.0, 0.5, 0.25)
+# The name of the "no whitening" candidate (the identity, truncated to the layer's size).
+IDENTITY = "identity"
 
 
 def _check_descriptors(descriptors) -> np.ndarray:
@@ -345,6 +360,147 @@ def learned_whitening_from_stream(
     return _as_dense(projection, mean, dim)
 
 
+@dataclasses.dataclass
+class WhiteningSelection:
+    """The whitening `select_whitening` kept, and why.
+
+    Attributes:
+        kernel: ``(input_dim, units)`` float32, zero-padded past ``choice["dim"]``.
+        bias: ``(units,)`` float32.
+        choice: ``{"method", "dim", "shrinkage", "heldout_map"}`` of the kept candidate
+            (``method`` is ``"identity"`` when no whitening won).
+        candidates: the same dict for every candidate, in the order they were tried.
+        heldout: ``{"classes", "images"}`` held out.
+    """
+
+    kernel: np.ndarray
+    bias: np.ndarray
+    choice: dict
+    candidates: list
+    heldout: dict
+
+    def record(self) -> dict:
+        """A JSON-ready summary for the model config and the training log."""
+        return {"choice": self.choice, "candidates": self.candidates, "heldout": self.heldout}
+
+
+def select_whitening(
+    descriptors,
+    labels,
+    units: int | None = None,
+    method: str = "learned",
+    *,
+    holdout: float = 0.3,
+    shrinkages=DEFAULT_SHRINKAGES,
+    dims=None,
+    seed: int = 0,
+    max_pairs: int = 20000,
+):
+    """Whitening chosen by held-out mAP, "no whitening" included: it cannot lose on held-out.
+
+    The classes are split (seeded) into a fitting part and a held-out part of about
+    ``holdout`` of the classes with at least two images. Every candidate (the identity, then
+    ``method`` for every output dimension in ``dims`` and shrinkage in ``shrinkages``) is
+    fitted on the fitting part and scored on the held-out part: each held-out image queries
+    the other held-out images (itself junk, its class the positives), descriptors
+    ``L2(x @ kernel + bias)``. The best mAP wins, earlier candidates winning ties, so the
+    identity is kept unless a whitening does strictly better. A chosen whitening is then
+    refitted on all the images with its dimension and shrinkage.
+
+    Args:
+        descriptors: ``(num_images, input_dim)`` pre-whitening descriptors.
+        labels: ``(num_images,)`` class labels.
+        units: the whitening layer's output size (None: ``input_dim``); a candidate of fewer
+            dimensions is zero-padded to it (zero columns change no dot product).
+        method: ``"learned"`` or ``"pca"``.
+        holdout: fraction of the classes held out, in (0, 1).
+        shrinkages: candidate regularisations (see `learned_whitening`).
+        dims: candidate output dimensions (default: 1, 1/2 and 1/4 of ``units``).
+        seed: seeds the class split and the pairs.
+        max_pairs: cap on the matching pairs of learned whitening.
+
+    Returns:
+        a `WhiteningSelection`.
+    """
+    x = _check_descriptors(descriptors)
+    labels = np.asarray(labels).reshape(-1)
+    if labels.size != x.shape[0]:
+        raise InvalidInputError(f"{x.shape[0]} descriptors but {labels.size} labels.")
+    if method not in ("learned", "pca"):
+        raise InvalidInputError(
+            f"Unknown whitening method {method!r}; expected 'learned' or 'pca'."
+        )
+    units = _check_dim(units, x.shape[1])
+    fit, held = _split_classes(labels, holdout, seed)
+    dims = (
+        sorted({_check_dim(d, units) for d in dims}, reverse=True)
+        if dims
+        else [max(1, int(round(units * f))) for f in DEFAULT_DIM_FRACTIONS]
+    )
+    candidates = [(IDENTITY, units, None)] + [
+        (method, d, float(k)) for d in dict.fromkeys(dims) for k in shrinkages
+    ]
+    scored = []
+    for name, dim, shrinkage in candidates:
+        kernel, bias = _candidate(x[fit], labels[fit], units, name, dim, shrinkage, seed, max_pairs)
+        score = _heldout_map(x[held], labels[held], kernel, bias)
+        scored.append({"method": name, "dim": dim, "shrinkage": shrinkage, "heldout_map": score})
+    best = max(range(len(scored)), key=lambda i: (scored[i]["heldout_map"], -i))
+    choice = scored[best]
+    kernel, bias = _candidate(
+        x, labels, units, choice["method"], choice["dim"], choice["shrinkage"], seed, max_pairs
+    )
+    heldout = {"classes": int(len(np.unique(labels[held]))), "images": int(held.sum())}
+    return WhiteningSelection(kernel, bias, dict(choice), scored, heldout)
+
+
+def _split_classes(labels: np.ndarray, holdout: float, seed: int):
+    """Boolean masks ``(fit, held)``: about ``holdout`` of the classes with >= 2 images held
+    out, at least two classes on each side."""
+    if not 0 < holdout < 1:
+        raise InvalidInputError(f"`holdout` must be in (0, 1), received {holdout!r}.")
+    classes, counts = np.unique(labels, return_counts=True)
+    usable = classes[counts >= 2]
+    if len(usable) < 4:
+        raise InvalidInputError(
+            f"Whitening selection needs at least 4 classes with 2 or more images (2 to fit, 2 "
+            f"to hold out), received {len(usable)}."
+        )
+    count = min(max(2, int(round(holdout * len(usable)))), len(usable) - 2)
+    chosen = np.random.default_rng(seed).choice(usable, size=count, replace=False)
+    held = np.isin(labels, chosen)
+    return ~held, held
+
+
+def _candidate(x, labels, units, name, dim, shrinkage, seed, max_pairs):
+    """Kernel ``(input_dim, units)`` and bias of one candidate, zero-padded past ``dim``."""
+    kernel = np.zeros((x.shape[1], units), np.float32)
+    bias = np.zeros(units, np.float32)
+    if name == IDENTITY:
+        kernel[np.arange(units), np.arange(units)] = 1.0
+        return kernel, bias
+    if name == "pca":
+        part_kernel, part_bias = pca_whitening(x, dim=dim, shrinkage=shrinkage)
+    else:
+        pairs = matching_pairs(labels, max_pairs=max_pairs, seed=seed)
+        part_kernel, part_bias = learned_whitening(x, dim=dim, pairs=pairs, shrinkage=shrinkage)
+    kernel[:, :dim], bias[:dim] = part_kernel, part_bias
+    return kernel, bias
+
+
+def _heldout_map(x, labels, kernel, bias) -> float:
+    """mAP of the held-out images querying each other (each its own junk), in %."""
+    y = x @ kernel.astype(np.float64) + bias
+    y /= np.maximum(np.linalg.norm(y, axis=1, keepdims=True), 1e-12)
+    rankings = evaluation.rank_database(y, y)
+    positives = [
+        np.flatnonzero((labels == label) & (np.arange(len(labels)) != i))
+        for i, label in enumerate(labels)
+    ]
+    junk = [[i] for i in range(len(labels))]
+    return float(100 * evaluation.mean_average_precision(rankings, positives, junk, (1,))["mAP"])
+
+
 def set_whitening(model, kernel, bias) -> None:
     """Sets the whitening layer of a `remap_tf.model.REMAP` model."""
     whitening_layer(model).set_whitening(kernel, bias)
@@ -362,6 +518,8 @@ def init_whitening(
     max_pairs: int = 20000,
     seed: int = 0,
     per_class: int = 4,
+    select: bool = False,
+    holdout: float = 0.3,
 ):
     """Computes the model's pre-whitening descriptors on ``images`` and sets the whitening.
 
@@ -381,6 +539,12 @@ def init_whitening(
         batch_size: images per forward pass (arrays).
         shrinkage: see `learned_whitening` / `pca_whitening`.
         max_images, max_pairs, seed, per_class: see `learned_whitening_from_stream`.
+        select: choose by held-out mAP among no whitening and ``method`` at several output
+            dimensions and shrinkages (`select_whitening`; ``shrinkage`` is then one of the
+            candidates). Keeps every descriptor in memory (``num_images × D`` floats) and
+            needs labels. The choice and the held-out figures are recorded in the whitening
+            layer's config (``selection``, saved with the model).
+        holdout: fraction of the classes held out when ``select``.
 
     Returns:
         ``(kernel, bias)`` that were set.
@@ -392,8 +556,14 @@ def init_whitening(
     layer = whitening_layer(model)
     dim = int(layer.kernel.shape[1])
     predict = batch_predictor(model, "pre_whitening")
-    batches = labelled_batches(images, labels, batch_size, need_labels=method == "learned")
+    batches = labelled_batches(
+        images, labels, batch_size, need_labels=method == "learned" or select
+    )
     descriptors = ((predict(x), y) for x, y in batches)
+    if select:
+        shrinkages = tuple(dict.fromkeys((*DEFAULT_SHRINKAGES, float(shrinkage))))
+        options = {"method": method, "holdout": holdout, "seed": seed, "max_pairs": max_pairs}
+        return _select_into(layer, descriptors, shrinkages=shrinkages, **options)
     if method == "learned":
         kernel, bias = learned_whitening_from_stream(
             descriptors,
@@ -408,3 +578,18 @@ def init_whitening(
         kernel, bias = pca_whitening_from_stream(descriptors, dim=dim, shrinkage=shrinkage)
     layer.set_whitening(kernel, bias)
     return kernel, bias
+
+
+def _select_into(layer, descriptors, **options):
+    """`select_whitening` on every streamed ``(descriptors, labels)`` batch, set on ``layer``
+    with the choice recorded in its config."""
+    parts = list(descriptors)
+    chosen = select_whitening(
+        np.concatenate([x for x, _ in parts]),
+        np.concatenate([np.asarray(y).reshape(-1) for _, y in parts]),
+        units=int(layer.kernel.shape[1]),
+        **options,
+    )
+    layer.set_whitening(chosen.kernel, chosen.bias)
+    layer.selection = chosen.record()
+    return chosen.kernel, chosen.bias

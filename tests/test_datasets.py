@@ -192,6 +192,42 @@ def test_groups_json(tmp_path):
         datasets.load_dataset(path)
 
 
+def test_groups_json_honours_queries(tmp_path):
+    """Holidays' groundtruth.json lists each group's queries: only those are queries.
+
+    Group "a" = images 0, 1, 2 with query 0: one query, positives (1, 2), junk (0,).
+    Group "b" = images 3, 4 without 'queries': both are queries (the old rule).
+    Group "c" = images 5, 6 with "queries": [] has no query at all.
+    """
+    _touch(tmp_path / "jpg", "a0.jpg", "a1.jpg", "a2.jpg", "b0.jpg", "b1.jpg", "c0.jpg", "c1.jpg")
+    spec = {
+        "groups": [
+            {
+                "name": "a",
+                "images": ["jpg/a0.jpg", "jpg/a1.jpg", "jpg/a2.jpg"],
+                "queries": ["jpg/a0.jpg"],
+            },
+            {"name": "b", "images": ["jpg/b0.jpg", "jpg/b1.jpg"]},
+            {"name": "c", "images": ["jpg/c0.jpg", "jpg/c1.jpg"], "queries": []},
+        ],
+    }
+    path = tmp_path / "groundtruth.json"
+    path.write_text(json.dumps(spec))
+    ds = datasets.load_dataset(path)
+    assert len(ds.database) == 7
+    assert [q.name for q in ds.queries] == ["a:a0.jpg", "b:b0.jpg", "b:b1.jpg"]
+    assert ds.queries[0].groundtruth["default"] == ((1, 2), (0,))
+    assert ds.queries[2].groundtruth["default"] == ((3,), (4,))
+    spec["groups"][0]["queries"] = ["jpg/b0.jpg"]
+    path.write_text(json.dumps(spec))
+    with pytest.raises(ValueError, match=r"groups\[0\] \(a\): query 'jpg/b0.jpg' is not one of"):
+        datasets.load_dataset(path)
+    spec["groups"][0]["queries"] = "jpg/a0.jpg"
+    path.write_text(json.dumps(spec))
+    with pytest.raises(ValueError, match="'queries' must be a list"):
+        datasets.load_dataset(path)
+
+
 def test_query_image_is_cropped_to_its_box(tmp_path):
     pixels = np.zeros((40, 60, 3), np.uint8)
     pixels[10:20, 5:25] = 255

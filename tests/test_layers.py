@@ -46,6 +46,72 @@ def test_region_max_pool_equals_numpy_static_and_dynamic(shape):
     np.testing.assert_allclose(np.asarray(dynamic_fn(features)), expected, rtol=1e-5, atol=1e-6)
 
 
+def numpy_region_gem_pool(features, regions, p):
+    """Reference: (mean over each region's cells of x^p)^(1/p), then L2 per region."""
+    pooled = np.stack(
+        [
+            (features[:, t:b, x0:x1, :] ** p).mean(axis=(1, 2)) ** (1 / p)
+            for t, x0, b, x1 in regions
+        ],
+        axis=1,
+    )
+    return pooled / np.linalg.norm(pooled, axis=-1, keepdims=True)
+
+
+def test_region_gem_pool_limiting_cases_on_a_hand_readable_map():
+    """The 4x4 map 0..15 of the max test, L=2 (whole map + four 2x2 quadrants).
+
+    p=1 is regional average pooling: whole map mean 7.5; quadrants [0,1,4,5] -> 2.5,
+    [2,3,6,7] -> 4.5, [8,9,12,13] -> 10.5, [10,11,14,15] -> 12.5 (zero clipped to 1e-6,
+    which moves the first mean by 2.5e-7). p=20 lies between the mean and the max
+    (15, 5, 7, 13, 15), nearer the max: e.g. the quadrant 8, 9, 12, 13 gives about 12.2.
+    """
+    features = np.arange(16, dtype=np.float32).reshape(1, 4, 4, 1)
+    rel = relative_regions(2, (4, 4))
+    mean = np.array([7.5, 2.5, 4.5, 10.5, 12.5])
+    average = ops.region_gem_pool(features, rel, 1.0, normalize=False)
+    np.testing.assert_allclose(np.asarray(average)[0, :, 0], mean, 1e-5)
+    high = np.asarray(ops.region_gem_pool(features, rel, 20.0, normalize=False))[0, :, 0]
+    maxima = np.asarray(ops.region_max_pool(features, rel, normalize=False))[0, :, 0]
+    np.testing.assert_array_equal(maxima, [15, 5, 7, 13, 15])
+    assert np.all(high > mean) and np.all(high <= maxima + 1e-4)
+    assert np.all(maxima - high < high - mean)
+
+
+@pytest.mark.parametrize("shape", [(2, 24, 32, 8), (3, 7, 5, 4), (1, 1, 1, 3)])
+def test_region_gem_pool_equals_numpy_with_unit_regions(shape):
+    """Static and dynamic shapes match NumPy; every region vector has unit L2 norm."""
+    rng = np.random.default_rng(3)
+    features = rng.uniform(0.01, 2.0, size=shape).astype(np.float32)
+    rel = relative_regions(4, (24, 32))
+    expected = numpy_region_gem_pool(features, scale_regions(rel, shape[1], shape[2]), 3.0)
+    static = np.asarray(ops.region_gem_pool(tf.constant(features), rel, 3.0))
+    np.testing.assert_allclose(static, expected, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(np.linalg.norm(static, axis=-1), 1.0, rtol=1e-5)
+    dynamic_fn = tf.function(
+        lambda x: ops.region_gem_pool(x, rel, 3.0),
+        input_signature=[tf.TensorSpec([None, None, None, shape[-1]], tf.float32)],
+    )
+    np.testing.assert_allclose(np.asarray(dynamic_fn(features)), expected, rtol=1e-4, atol=1e-6)
+
+
+def test_region_gem_layer_p_gets_a_gradient_and_stays_at_least_one():
+    """The exponent is a trained float32 weight: a loss on the regions moves it, and the
+    constraint puts a value below 1 back at 1."""
+    layer = layers.RegionGeMPooling(levels=2, grid_shape=(4, 4))
+    rng = np.random.default_rng(4)
+    features = tf.constant(rng.uniform(0.1, 1.0, size=(2, 4, 4, 3)).astype(np.float32))
+    with tf.GradientTape() as tape:
+        regions = layer(features)
+        loss = tf.reduce_sum(regions[:, :, 0])
+    (gradient,) = tape.gradient(loss, [layer.gem_p])
+    assert layer.gem_p.dtype == "float32" and float(layer.gem_p.numpy()) == 3.0
+    assert gradient is not None and np.isfinite(gradient) and abs(float(gradient)) > 0
+    assert layer.gem_p.constraint(tf.constant(0.5)).numpy() == 1.0
+    with pytest.raises(ValueError, match="'x'"):
+        layers.RegionGeMPooling(p="x")
+
+
 def test_gem_limiting_cases():
     """GeM with p=1 is average pooling; with a large p it approaches max pooling."""
     rng = np.random.default_rng(1)
@@ -90,6 +156,14 @@ LAYER_CASES = [
         {"num_regions": 5, "normalize": True},
         (2, 5, 3),
         (2, 3),
+        (0.0, 1.0),
+        1,
+    ),
+    (
+        layers.RegionGeMPooling,
+        {"levels": 2, "grid_shape": (4, 4), "normalize": True, "p": 3.0, "trainable_p": True},
+        (2, 4, 4, 3),
+        (2, 5, 3),
         (0.0, 1.0),
         1,
     ),

@@ -172,6 +172,41 @@ def test_mixed_float16_policy_keeps_float32_norms_and_output(tmp_path):
     )
 
 
+def test_regional_gem_model_trains_p_reloads_safely_and_runs_mixed(tmp_path):
+    """REMAP(region_pooling="gem"): one float32 exponent per tap, initialised at gem_p,
+    reached by the gradient; region_model still finds the regions (the KL initialisation
+    reads them) and they are unit vectors; .keras reload with safe_mode=True gives equal
+    descriptors; under mixed_float16 the head and p stay float32."""
+    model = tiny(region_pooling="gem", gem_p=3.0)
+    ps = [v for v in model.trainable_variables if v.path.endswith("/p")]
+    assert [v.path for v in ps] == ["regions_0/p", "regions_1/p"]
+    assert all(float(v.numpy()) == 3.0 and v.dtype == "float32" for v in ps)
+    x = images(2, 96, 96)
+    with tf.GradientTape() as tape:
+        loss = tf.reduce_sum(model(x, training=True)[:, :8])
+    assert all(float(tf.abs(g)) > 0 for g in tape.gradient(loss, ps))
+    regions = remap_tf.region_model(model)(x)
+    np.testing.assert_allclose(np.linalg.norm(np.asarray(regions[0]), axis=-1), 1.0, rtol=1e-5)
+    path = tmp_path / "regional_gem.keras"
+    model.save(path)
+    reloaded = keras.saving.load_model(path, safe_mode=True)
+    np.testing.assert_allclose(np.asarray(reloaded(x)), np.asarray(model(x)), atol=1e-6)
+    assert isinstance(reloaded.get_layer("regions_1"), remap_tf.RegionGeMPooling)
+    assert not isinstance(remap_tf.REMAP(**TINY).get_layer("regions_0"), remap_tf.RegionGeMPooling)
+    keras.config.set_dtype_policy("mixed_float16")
+    try:
+        mixed = tiny(region_pooling="gem")
+        out = mixed(x)
+        assert mixed.get_layer("regions_0").compute_dtype == "float32"
+        assert mixed.get_layer("regions_0").gem_p.dtype == "float32"
+        assert keras.backend.standardize_dtype(out.dtype) == "float32"
+        np.testing.assert_allclose(np.linalg.norm(np.asarray(out), axis=1), 1.0, rtol=1e-4)
+    finally:
+        keras.config.set_dtype_policy("float32")
+    with pytest.raises(ValueError, match="region_pooling.*'mean'"):
+        remap_tf.REMAP(**TINY, region_pooling="mean")
+
+
 def test_set_region_weights_round_trip_and_validation():
     model = remap_tf.REMAP(**TINY)
     values = np.random.default_rng(0).uniform(0, 2, size=(2, 40)).astype("float32")

@@ -29,7 +29,7 @@ from remap_tf.checks import check_choice, check_int, check_number, closest
 from remap_tf.contract import MIN_IMAGE_SIZE
 from remap_tf.errors import BadPathError, FileFormatError, InvalidInputError
 from remap_tf.io import atomic_write_text
-from remap_tf.specs import BACKBONES, MININGS, POOLINGS, WHITENING_METHODS
+from remap_tf.specs import BACKBONES, MININGS, POOLINGS, REGION_POOLINGS, WHITENING_METHODS
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
 WHITENING_INIT = (*WHITENING_METHODS, "none")
@@ -45,6 +45,8 @@ class ModelConfig:
     backbone: str = "mobilenet_v2"
     weights: str | None = None  # None (random), "imagenet" or a local weights file
     pooling: str = "remap"
+    # Per-region pooling of remap/rmac: "max" (the paper's) or "gem" (regional GeM, learned p)
+    region_pooling: str = "max"
     taps: list[str] | None = None  # default: the backbone's last two stages
     levels: int = 4
     grid_shape: list[int] = dataclasses.field(default_factory=lambda: [24, 32])
@@ -111,6 +113,11 @@ class InitConfig:
     # Regularisation of learned whitening, a fraction of the mean eigenvalue: 0.5 measured
     # best on the multiview benchmark's 460 training images (0.1 overfits so few pairs).
     whitening_shrinkage: float = 0.5
+    # Whitening that cannot lose (remap_tf.whitening.select_whitening): hold out
+    # `whitening_holdout` of the classes and keep the best of no whitening and `whitening` at
+    # several dimensions and shrinkages by held-out mAP. Off until bench.quality measures it.
+    whitening_select: bool = False
+    whitening_holdout: float = 0.3
     # Set BatchNorm moving statistics from the init sample before initialising, before each
     # evaluation and after fitting (remap_tf.recalibrate_batch_norm). Not with multi_worker.
     recalibrate_batch_norm: bool = False
@@ -177,6 +184,7 @@ class TrainConfig:
         """Checks every field once; ValueError naming the field and the value received."""
         m, d, o, lo, i = self.model, self.data, self.optimizer, self.loss, self.init
         check_choice("model.pooling", m.pooling, POOLINGS)
+        check_choice("model.region_pooling", m.region_pooling, REGION_POOLINGS)
         check_int("model.levels", m.levels, minimum=1)
         if len(m.grid_shape) != 2 or any(int(v) != v or v < 1 for v in m.grid_shape):
             raise InvalidInputError(
@@ -223,6 +231,7 @@ class TrainConfig:
         check_int("init.num_images", i.num_images, minimum=0)
         check_int("init.max_pairs", i.max_pairs, minimum=1)
         check_number("init.whitening_shrinkage", i.whitening_shrinkage, minimum=0.0, maximum=10.0)
+        check_number("init.whitening_holdout", i.whitening_holdout, minimum=0.05, maximum=0.95)
         check_number("data.min_crop_area", d.min_crop_area, minimum=0.01, maximum=1.0)
         check_int("epochs", self.epochs, minimum=1)
         check_int("steps_per_epoch", self.steps_per_epoch, minimum=1)

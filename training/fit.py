@@ -41,7 +41,7 @@ from remap_tf.contract import MODEL_FILE
 from remap_tf.errors import InvalidInputError
 from remap_tf.io import atomic_save
 from remap_tf.losses import TripletLoss
-from remap_tf.model import REMAP
+from remap_tf.model import REMAP, whitening_layer
 from remap_tf.region_weights import init_region_weights
 from remap_tf.training import callbacks as cb
 from remap_tf.training import keras_compat, pipeline, strategies
@@ -97,6 +97,7 @@ def build_model(config: TrainConfig):
     model = REMAP(
         m.backbone,
         pooling=m.pooling,
+        region_pooling=m.region_pooling,
         taps=m.taps,
         levels=m.levels,
         grid_shape=tuple(m.grid_shape),
@@ -236,7 +237,9 @@ def initialise(model, images, labels, config: TrainConfig, *, seed: int | None =
         seed: seed of the region weights' pair sampling (None: ``config.seed``).
 
     Returns:
-        ``{"region_weights": (taps, regions) or None, "whitening": method or None}``.
+        ``{"region_weights": (taps, regions) or None, "whitening": method or None}``, plus
+        ``"whitening_selection"`` (the choice and the held-out figures) with
+        ``init.whitening_select``.
     """
     done = {"region_weights": None, "whitening": None}
     if config.init.region_weights and config.model.pooling == "remap":
@@ -256,8 +259,12 @@ def initialise(model, images, labels, config: TrainConfig, *, seed: int | None =
             method=config.init.whitening,
             batch_size=config.data.validation_batch_size,
             shrinkage=config.init.whitening_shrinkage,
+            select=config.init.whitening_select,
+            holdout=config.init.whitening_holdout,
         )
         done["whitening"] = config.init.whitening
+        if config.init.whitening_select:
+            done["whitening_selection"] = whitening_layer(model).selection
     return done
 
 
@@ -496,6 +503,8 @@ def _fit(config, cluster: _Cluster, manifest, val, out: Path, write_dir: Path, b
     sample = prepare_model(
         model, manifest, config, resuming=resuming, recalibrate=recalibrate, bad_files=bad_files
     )
+    if whitening_layer(model).selection and not resuming:
+        log(f"whitening selection: {whitening_layer(model).selection['choice']}")
     with cluster.strategy.scope():
         compile_model(model, config)
     train_ds, miner = make_training_dataset(

@@ -9,12 +9,16 @@ from remap_cli.args import (
     MODEL_HELP,
     add_command,
     add_overwrite,
+    int_between,
     non_negative_int,
+    number_list,
     positive_float,
     positive_int,
     printable,
 )
+from remap_tf.contract import DEFAULT_IMAGE_SIZE, MAX_IMAGE_SIZE, MIN_IMAGE_SIZE
 from remap_tf.evaluation import DEFAULT_KAPPAS
+from remap_tf.export.options import ExportOptions
 from remap_tf.outputs import publish_report
 
 # The marker (`remap_tf.outputs`) of --embeddings: the embeddings of remap evaluate.
@@ -38,7 +42,25 @@ def add_parser(subparsers) -> None:
         "--format", default="auto", choices=FORMATS, help="dataset format (default: detected)"
     )
     parser.add_argument("--images", default=None, help="image folder (revisited, oxford)")
-    parser.add_argument("--model", required=True, help=MODEL_HELP)
+    parser.add_argument(
+        "--model",
+        required=True,
+        help=MODEL_HELP + "; with --scales or --image-size, a .keras file or training folder",
+    )
+    parser.add_argument(
+        "--scales",
+        type=number_list,
+        nargs="+",
+        default=None,
+        help="multi-scale factors of --image-size, e.g. '1 0.707 1.414' (descriptors summed "
+        "and re-normalised, the rule of remap export --scales); --model is then a Keras model",
+    )
+    parser.add_argument(
+        "--image-size",
+        type=int_between(MIN_IMAGE_SIZE, MAX_IMAGE_SIZE),
+        default=None,
+        help=f"long side at scale 1, px (Keras model only; default {DEFAULT_IMAGE_SIZE})",
+    )
     parser.add_argument("--json", default=None, help="write the figures as JSON here (.json)")
     parser.add_argument(
         "--kappas",
@@ -77,7 +99,12 @@ def _check(args) -> None:
     paths.input_path("--dataset", args.dataset)
     if args.images is not None:
         paths.input_dir("--images", args.images)
-    paths.exported_model("--model", args.model)
+    if _keras_input(args):
+        paths.keras_model("--model", args.model)
+        with paths.naming("--scales" if args.scales else "--image-size"):
+            _export_options(args)
+    else:
+        paths.exported_model("--model", args.model)
     if args.json:
         paths.output_file("--json", args.json, "evaluation JSON", args.overwrite)
     if args.report:
@@ -87,12 +114,54 @@ def _check(args) -> None:
         common.embeddings_output("--embeddings", args.embeddings, COMMAND, args.overwrite)
 
 
+def _keras_input(args) -> bool:
+    """--scales or --image-size: the model is a Keras model, embedded at those scales."""
+    return args.scales is not None or args.image_size is not None
+
+
+def _export_options(args) -> ExportOptions:
+    scales = tuple(s for group in args.scales or [(1.0,)] for s in group)
+    return ExportOptions(image_size=args.image_size or DEFAULT_IMAGE_SIZE, scales=scales)
+
+
+def _scaled_embedder(args, folder: str):
+    """The Keras model exported into ``folder`` with the scales asked for, and its embedder.
+
+    An export fixes its scales (``remap export --scales``), so the one multi-scale rule, the
+    exported graph's, is reused by exporting to a scratch folder rather than restated here.
+    """
+    from remap_tf.export.saved_model import export_model, load_keras_model
+
+    options = _export_options(args)
+    model, config = load_keras_model(args.model)
+    with paths.naming("--scales"):  # a model with a fixed input size takes one scale only
+        version = export_model(
+            model,
+            folder,
+            image_size=options.image_size,
+            scales=options.scales,
+            config=config,
+            verify=False,
+        )
+    return common.embedder_for(str(version))
+
+
 def run(args) -> int:
     _check(args)
     from remap_tf.datasets import load_dataset
 
     with paths.naming("--dataset"):  # reads the ground truth; no TensorFlow yet
         dataset = load_dataset(args.dataset, format=args.format, images=args.images)
+    if not _keras_input(args):
+        return _evaluate(args, dataset, common.embedder_for(args.model))
+    import os
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="remap-evaluate-") as folder:
+        return _evaluate(args, dataset, _scaled_embedder(args, os.path.join(folder, "model")))
+
+
+def _evaluate(args, dataset, embedder) -> int:
     from remap_tf.io import atomic_write_json
     from remap_tf.serving.evaluate import (
         evaluate_retrieval,
@@ -108,7 +177,7 @@ def run(args) -> int:
             claim_output(args.embeddings, COMMAND, args.overwrite)
     kappas = tuple(args.kappas)
     result = evaluate_retrieval(
-        common.embedder_for(args.model),
+        embedder,
         dataset,
         kappas=kappas,
         query_expansion=args.qe,

@@ -28,7 +28,7 @@ from remap_cli.args import (
 from remap_tf.contract import MIN_IMAGE_SIZE
 from remap_tf.errors import InvalidInputError, RemapError
 from remap_tf.outputs import claim, record
-from remap_tf.specs import BACKBONES, MININGS, POOLINGS
+from remap_tf.specs import BACKBONES, MININGS, POOLINGS, REGION_POOLINGS
 from remap_tf.training.config import (
     OPTIMIZERS,
     STRATEGIES,
@@ -47,6 +47,7 @@ _FLAG_FIELDS = {
     "backbone": "model.backbone",
     "weights": "model.weights",
     "pooling": "model.pooling",
+    "region_pooling": "model.region_pooling",
     "dim": "model.dim",
     "epochs": "epochs",
     "steps_per_epoch": "steps_per_epoch",
@@ -68,6 +69,7 @@ _SWITCH_HELP = {
     "mixed_precision": "mixed_float16 policy (GPUs)",
     "jit_compile": "compile the training step with XLA",
     "freeze_backbone": "train only the region weights and the whitening",
+    "select_whitening": "choose the whitening (or none) by held-out mAP",
 }
 _SWITCHES = {
     "cross_replica": "loss.cross_replica",
@@ -75,6 +77,7 @@ _SWITCHES = {
     "mixed_precision": "mixed_precision",
     "jit_compile": "jit_compile",
     "freeze_backbone": "model.freeze_backbone",
+    "select_whitening": "init.whitening_select",
 }
 
 
@@ -107,6 +110,11 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--backbone", help=f"one of {', '.join(BACKBONES)}")
     parser.add_argument("--weights", help="backbone weights: imagenet or a local weights file")
     parser.add_argument("--pooling", help=f"one of {', '.join(POOLINGS)} (default remap)")
+    parser.add_argument(
+        "--region-pooling",
+        help=f"per-region pooling of remap/rmac: one of {', '.join(REGION_POOLINGS)} (default "
+        "max, the paper's; gem learns an exponent per tap)",
+    )
     parser.add_argument("--dim", type=positive_int, help="descriptor size after whitening")
     parser.add_argument("--epochs", type=positive_int, help="epochs to train")
     parser.add_argument("--steps-per-epoch", type=positive_int, help="training steps per epoch")
