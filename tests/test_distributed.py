@@ -302,6 +302,7 @@ def test_remap_train_multi_worker_end_to_end(tmp_path):
     assert all("on 2 replica(s)" in output for output in outputs)
     assert (out / "model.keras").is_file() and (out / "config.yaml").is_file()
     assert sorted(p.name for p in out.iterdir()) == [
+        ".remap-output.json",  # remap_tf.outputs.MARKER: the folder is this run's
         "checkpoints",
         "config.yaml",
         "logs",
