@@ -67,7 +67,7 @@ MARKER = ".remap-output.json"
 TOOL = "remap-tf"
 # `remap search --report` and `remap evaluate --report` write the same kind of page; either
 # may replace the other's (as `remap_cli.paths.output_file` lets the .html be replaced).
-REPORT_COMMAND = "report"
+REPORT_COMMAND = "search or evaluate"
 REPORT_FILES = "report files"
 _OVERWRITE_HINT = (
     "give a new or empty folder, or add --overwrite to write beside them (they are kept)"

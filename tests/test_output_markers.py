@@ -34,6 +34,7 @@ from remap_tf import __version__
 from remap_tf.errors import InvalidInputError, OutputExistsError
 from remap_tf.outputs import (
     MARKER,
+    REPORT_COMMAND,
     check_claim,
     claim,
     listed,
@@ -313,7 +314,7 @@ CASES = {
         "r2_files",
         "--report",
         SIDE_FOLDER,
-        marker_command="report",
+        marker_command=REPORT_COMMAND,
     ),
     "evaluate": Case(
         ("evaluate", "--dataset", "groups.json", "--model", FAKE_MODEL, "--quiet")
@@ -321,7 +322,7 @@ CASES = {
         "r2_files",
         "--report",
         SIDE_FOLDER,
-        marker_command="report",
+        marker_command=REPORT_COMMAND,
     ),
     # issue 21.2: any folder with a manifest.json was taken for an index and wiped
     "index build": Case(
