@@ -322,14 +322,4 @@ def embed_images(
         handler = RemapModelHandler(run["model"], batch_size, threads)
         with beam.Pipeline(options=pipeline_options(beam_args, workers)) as pipeline:
             build_pipeline(pipeline, out, pending, handler)
-    manifest = embeddings.finalize(out, run)
-    return {
-        "out": out,
-        "count": manifest["count"],
-        "dim": manifest["dim"],
-        "dead": embeddings.dead_letters(out),
-        "shards": run["num_shards"],
-        "embedded_shards": pending,
-        "skipped_shards": done,
-        "manifest": manifest,
-    }
+    return embeddings.finish_run(out, run, pending, done)

@@ -233,6 +233,23 @@ def finalize(out, run: dict) -> dict:
     return manifest
 
 
+def finish_run(out, run: dict, embedded: list, skipped: list) -> dict:
+    """`finalize` after a run, and what the run did: the summary both embedders return
+    (``out``, ``count``, ``dim``, ``dead``, ``shards``, ``embedded_shards``, ``skipped_shards``
+    and ``manifest``)."""
+    manifest = finalize(out, run)
+    return {
+        "out": out,
+        "count": manifest["count"],
+        "dim": manifest["dim"],
+        "dead": dead_letters(out),
+        "shards": run["num_shards"],
+        "embedded_shards": embedded,
+        "skipped_shards": skipped,
+        "manifest": manifest,
+    }
+
+
 def _entry(data: bytes) -> dict:
     return {"sha256": sha256_bytes(data), "bytes": len(data)}
 

@@ -142,17 +142,7 @@ def embed_collection(
             _embed_shard(embedder, out, shard, plan, batch_size, bar, start)
         if bar is not None:
             bar.update(min(size, start + run["shard_size"]))
-    manifest = embeddings.finalize(out, run)
-    return {
-        "out": out,
-        "count": manifest["count"],
-        "dim": manifest["dim"],
-        "dead": embeddings.dead_letters(out),
-        "shards": run["num_shards"],
-        "embedded_shards": pending,
-        "skipped_shards": done,
-        "manifest": manifest,
-    }
+    return embeddings.finish_run(out, run, pending, done)
 
 
 def _embed_shard(embedder, out: str, shard: int, plan: list, batch_size: int, bar, offset: int):
