@@ -31,6 +31,11 @@ from remap_tf.errors import BadPathError, FileFormatError, InvalidInputError
 from remap_tf.io import atomic_write_text
 from remap_tf.specs import BACKBONES, MININGS, POOLINGS, REGION_POOLINGS, WHITENING_METHODS
 
+# A training crop keeps this to 100% of the largest rectangle of its aspect: down to a
+# quarter of the frame, so training sees the partial views retrieval queries often are.
+# Stated here, in the light config module, so that `remap --help` needs no TensorFlow.
+MIN_CROP_AREA = 0.25
+
 OPTIMIZERS = ("sgd", "adam", "adamw")
 WHITENING_INIT = (*WHITENING_METHODS, "none")
 STRATEGIES = ("default", "one_device", "mirrored", "multi_worker", "tpu")
@@ -70,7 +75,7 @@ class DataConfig:
     classes_per_batch: int = 8  # P, per replica
     images_per_class: int = 2  # K, per replica
     augment: bool = True
-    min_crop_area: float = 0.25  # training crops keep 25-100% of the frame (partial views)
+    min_crop_area: float = MIN_CROP_AREA  # crops keep 25-100% of the frame (partial views)
     validation_batch_size: int = 16
     validation_max_images: int = 2000
 

@@ -24,13 +24,11 @@ from __future__ import annotations
 import tensorflow as tf
 
 from remap_tf.ops import resized_shape
+from remap_tf.training.config import MIN_CROP_AREA
 
 GEOMETRIES = ("aspect", "crop", "pad")
 # Width / height of a training batch in "aspect" geometry: one of these per batch.
 BATCH_ASPECTS = (4 / 3, 1.0, 3 / 4)
-# A training crop keeps this to 100% of the largest rectangle of its aspect: down to a
-# quarter of the frame, so training sees the partial views retrieval queries often are.
-MIN_CROP_AREA = 0.25
 
 
 def to_square(image, size: int, square: str, crop_seed=None):
