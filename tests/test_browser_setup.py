@@ -18,7 +18,13 @@ STAMP = ".venv/.installed"  # make must not rebuild the venv here (-o: take it a
 
 
 def _env(**extra) -> dict:
-    return dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", **extra)
+    """This process's environment, less what a calling `make test` passes down to its children
+    (under MAKELEVEL a nested make says 'make[1]: ***', not 'make: ***')."""
+    env = {k: v for k, v in os.environ.items() if k not in _MAKE_VARIABLES}
+    return dict(env, TF_CPP_MIN_LOG_LEVEL="3", **extra)
+
+
+_MAKE_VARIABLES = ("MAKELEVEL", "MAKEFLAGS", "MFLAGS", "MAKEOVERRIDES")
 
 
 def test_a_missing_browser_that_cannot_be_installed_is_one_line():
