@@ -22,6 +22,8 @@ Errors:
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import errno
 import os
 import sys
@@ -155,7 +157,20 @@ def _interrupted(prog: str, debug: bool) -> int:
     if debug:
         traceback.print_exc()
     print(f"{prog}: interrupted", file=sys.stderr)
+    _forget_unhandled_interrupt()
     return 130
+
+
+def _forget_unhandled_interrupt() -> None:
+    """Keeps the exit status 130 after an interrupt that landed in C-run Python code.
+
+    A KeyboardInterrupt raised while a C extension runs Python source through ``PyRun_*``
+    (pybind11's ``exec``, met while TensorFlow or ScaNN import) marks it "unhandled" in
+    CPython even once it is caught; at exit the interpreter then kills itself with SIGINT
+    (status -2) instead of returning 130. One empty ``PyRun_SimpleString`` resets the mark.
+    """
+    with contextlib.suppress(Exception):
+        ctypes.pythonapi.PyRun_SimpleString(b"")
 
 
 def _internal_error(prog: str, error: Exception, debug: bool) -> int:
