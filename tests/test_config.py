@@ -155,3 +155,39 @@ def test_strategies_by_name_and_tf_config_checks():
         check_tf_config("{cluster")
     with pytest.raises(ValueError, match="not in the cluster"):
         check_tf_config(json.dumps({**good, "task": {"type": "worker", "index": 2}}))
+
+
+# Issue 18's options (all off by default): regional GeM pooling and whitening selection.
+
+
+def test_region_pooling_flag_default_and_bad_value(data_dir):
+    assert resolve_config(_parse(["--data", str(data_dir)])).model.region_pooling == "max"
+    config = resolve_config(_parse(["--data", str(data_dir), "--region-pooling", "gem"]))
+    assert config.model.region_pooling == "gem"
+    with pytest.raises(ValueError, match=r"model\.region_pooling.*'mean'"):
+        load_config(overrides={"data.train": str(data_dir), "model.region_pooling": "mean"})
+
+
+def test_build_model_follows_the_config(data_dir):
+    import remap_tf
+    from remap_tf.training.fit import build_model
+
+    overrides = {
+        "data.train": str(data_dir),
+        "model.backbone": "mobilenet",
+        "model.backbone_kwargs": {"alpha": 0.25},
+        "model.region_pooling": "gem",
+    }
+    model = build_model(load_config(overrides=overrides))
+    assert isinstance(model.get_layer("regions_0"), remap_tf.RegionGeMPooling)
+    model = build_model(load_config(overrides={**overrides, "model.region_pooling": "max"}))
+    assert not isinstance(model.get_layer("regions_0"), remap_tf.RegionGeMPooling)
+
+
+def test_select_whitening_flag_and_holdout_check(data_dir):
+    """`--select-whitening` turns on init.whitening_select (off by default)."""
+    assert resolve_config(_parse(["--data", str(data_dir)])).init.whitening_select is False
+    config = resolve_config(_parse(["--data", str(data_dir), "--select-whitening"]))
+    assert config.init.whitening_select is True and config.init.whitening_holdout == 0.3
+    with pytest.raises(ValueError, match=r"init\.whitening_holdout"):
+        load_config(overrides={"data.train": str(data_dir), "init.whitening_holdout": 1.0})
