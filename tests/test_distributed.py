@@ -98,9 +98,13 @@ def _worker_main(argv=None):
         tf.config.set_logical_device_configuration(
             cpu, [tf.config.LogicalDeviceConfiguration()] * REPLICAS
         )
+        import keras
+
         from remap_tf.training.fit import build_model
         from remap_tf.training.strategies import make_strategy
 
+        # A fixed start: the comparison below is then the same on every run of this machine.
+        keras.utils.set_random_seed(0)
         model = build_model(_config(out))
         model.save_weights(out / "init.weights.h5")
         _run(make_strategy("one_device", ["/cpu:0"]), out, out / "init.weights.h5", out / "one")
@@ -205,13 +209,31 @@ def test_mirrored_fit_matches_one_device(local_runs):
     mirrored_loss, mirrored_weights = _load(local_runs, "mirrored")
     assert len(one_loss) == EPOCHS and np.all(np.isfinite(one_loss))
     np.testing.assert_allclose(mirrored_loss, one_loss, rtol=2e-3, atol=1e-5)
-    for a, b in zip(mirrored_weights, one_weights, strict=True):
-        np.testing.assert_allclose(a, b, rtol=2e-3, atol=2e-5)
+    _assert_same_training(mirrored_weights, one_weights, _initial_weights(local_runs))
+
+
+def _assert_same_training(weights, expected, initial):
+    """Each tensor moved as in the single-device run, up to float32 summation order.
+
+    The error is measured against how far training moved that tensor: one device sums a
+    batch of 8 where two replicas sum 4 and 4, and the CPU's kernels (oneDNN picks them per
+    CPU) round each sum differently, and six SGD steps at learning rate 0.5 grow them. On a
+    dev machine the error is about 1e-6 of the update; on the CI machine single elements of
+    the whitening differed by 5e-5 (an absolute tolerance of 2e-5 failed there). A real fault
+    (gradients averaged instead of summed, anchors mined in the local batch only) is of the
+    order of the update itself, 100 times the 1e-2 allowed here.
+    """
+    moved = 0
+    for index, (a, b, start) in enumerate(zip(weights, expected, initial, strict=True)):
+        update = np.linalg.norm(b - start)
+        if update == 0:  # frozen (the backbone): untouched in both runs
+            np.testing.assert_array_equal(a, start, err_msg=f"weight {index}")
+            continue
+        moved += 1
+        error = np.linalg.norm(a - b) / update
+        assert error < 1e-2, f"weight {index} {a.shape}: off by {error:.2e} of its update"
     # Training moved the weights (the comparison is not between two untouched models).
-    assert any(
-        not np.allclose(a, b)
-        for a, b in zip(one_weights, _initial_weights(local_runs), strict=True)
-    )
+    assert moved > 0
 
 
 def _initial_weights(out):
@@ -238,8 +260,7 @@ def test_multi_worker_fit_two_processes(local_runs):
     for a, b in zip(weights0, weights1, strict=True):
         np.testing.assert_array_equal(a, b)
     np.testing.assert_allclose(loss0, one_loss, rtol=2e-3, atol=1e-5)
-    for a, b in zip(weights0, one_weights, strict=True):
-        np.testing.assert_allclose(a, b, rtol=2e-3, atol=2e-5)
+    _assert_same_training(weights0, one_weights, _initial_weights(local_runs))
 
 
 def test_multi_worker_fails_without_the_keras_patch(tmp_path):
