@@ -53,6 +53,7 @@ from PIL import Image
 
 from bench.report import machine_line, write_section
 from remap_tf import REMAP, evaluation, init_region_weights, init_whitening
+from remap_tf.io import atomic_write_text
 from remap_tf.model import multiscale_descriptors
 from remap_tf.ops import resize_images
 from remap_tf.training.config import TrainConfig
@@ -312,7 +313,9 @@ def run_row(row: Row, datas: list[Data], pixels: list[dict], train_csv: Path, ar
         row.scores["final loss"] = fine_tune(model, train_csv, args)
     sizes = None if row.scales == (1.0,) else [round(args.long_side * s) for s in row.scales]
     for data, part in zip(datas, pixels, strict=True):
-        descriptors = {k: embed(model, part[k], sizes) for k in ("database", "whole", "crops")}
+        descriptors = {k: embed(model, part[k], sizes) for k in ("database", "crops")}
+        # A whole query is a database image: the same pixels give the same descriptor.
+        descriptors["whole"] = descriptors["database"][data.query_rows]
         row.scores[data.name] = score(data, descriptors)
     _mean_scores(row, datas)
     row.seconds = time.monotonic() - started
@@ -456,6 +459,57 @@ def per_split_table(table: list[Row], datas: list[Data]) -> list[str]:
     return lines
 
 
+_SETTINGS = (
+    "data",
+    "backbone",
+    "weights",
+    "long_side",
+    "train_long_side",
+    "steps",
+    "learning_rate",
+    "margin",
+    "classes_per_batch",
+    "images_per_class",
+)
+
+
+def _settings(args) -> dict:
+    settings = {name: getattr(args, name) for name in _SETTINGS}
+    settings["data"] = [Path(folder).name for folder in args.data]
+    settings["weights"] = args.weights and Path(args.weights).name
+    return settings
+
+
+def load_results(args) -> dict[str, Row]:
+    """The rows a ``--results`` file holds, by label (none without the flag or file)."""
+    if args.results is None or not args.results.exists():
+        return {}
+    saved = json.loads(args.results.read_text())
+    if saved["settings"] != _settings(args):
+        raise SystemExit(
+            f"--results {args.results}: written with other settings ({saved['settings']}); "
+            "name another file"
+        )
+    rows = {}
+    for fields in saved["rows"]:
+        fields["taps"] = fields["taps"] and tuple(fields["taps"])
+        fields["scales"] = tuple(fields["scales"])
+        for name, scores in fields["scores"].items():  # JSON turned (mAP, mP@10) into lists
+            if isinstance(scores, list):
+                fields["scores"][name] = tuple(scores)
+            elif isinstance(scores, dict):
+                scores.update({k: tuple(v) for k, v in scores.items() if isinstance(v, list)})
+        rows[fields["label"]] = Row(**fields)
+    return rows
+
+
+def save_results(args, done: dict[str, Row]) -> None:
+    if args.results is None:
+        return
+    body = {"settings": _settings(args), "rows": [dataclasses.asdict(r) for r in done.values()]}
+    atomic_write_text(args.results, json.dumps(body, indent=1))
+
+
 def _custom(args) -> bool:
     """Anything but the original benchmark (MobileNet on one data folder)."""
     return args.backbone != "mobilenet" or len(args.data) > 1
@@ -514,6 +568,13 @@ def main(argv=None) -> int:
     parser.add_argument("--images-per-class", type=int, default=3)
     parser.add_argument("--only", nargs="*", default=None, help="labels of the rows to run")
     parser.add_argument("--write", action="store_true", help="write docs/benchmarks.md")
+    parser.add_argument(
+        "--results",
+        type=Path,
+        default=None,
+        help="JSON file of finished rows: written after each row; a rerun with the same "
+        "settings skips the rows it holds (resume, or --write a report without rerunning)",
+    )
     args = parser.parse_args(argv)
     backbone_arguments(args.backbone, args.weights)  # --weights checked before any work
     started, load_before = time.monotonic(), os.getloadavg()[0]
@@ -525,10 +586,18 @@ def main(argv=None) -> int:
         if (not args.only or r.label in args.only)
         and (r.taps is None or args.backbone == "mobilenet")
     ]
+    done = load_results(args)
     with tempfile.TemporaryDirectory() as folder:
         train_csv = write_train_csv(datas, Path(folder))
-        table = [run_row(row, datas, pixels, train_csv, args) for row in table]
-    md = markdown(table, datas, args, time.monotonic() - started, (load_before, os.getloadavg()[0]))
+        for index, row in enumerate(table):
+            if row.label in done:
+                table[index] = done[row.label]
+                continue
+            table[index] = run_row(row, datas, pixels, train_csv, args)
+            done[row.label] = table[index]
+            save_results(args, done)
+    seconds = sum(row.seconds for row in table) if args.results else time.monotonic() - started
+    md = markdown(table, datas, args, seconds, (load_before, os.getloadavg()[0]))
     print(md)
     if args.write:
         name = "quality"
