@@ -91,7 +91,36 @@ class Row:
     seconds: float = 0.0
 
 
-def rows(fine_tune: bool) -> list[Row]:
+# Tap variants per backbone (the default taps are `remap_tf.specs`' and every other row's).
+TAP_ROWS = {
+    "mobilenet": [
+        Row("MAC, ReLU6 taps (clipped)", "mac", taps=("conv_pw_12_relu", "conv_pw_13_relu")),
+        Row("R-MAC, ReLU6 taps (clipped)", "rmac", taps=("conv_pw_12_relu", "conv_pw_13_relu")),
+        Row("R-MAC, taps conv_pw_11 + conv_pw_13", "rmac", taps=("conv_pw_11_bn", "conv_pw_13_bn")),
+    ],
+    "resnet50": [
+        Row("GeM (p=3), last tap only (conv5_block3_out)", "gem", taps=("conv5_block3_out",)),
+        Row("REMAP, KL weights, last tap only", "remap", "kl", taps=("conv5_block3_out",)),
+    ],
+    "efficientnetb0": [
+        Row("GeM (p=3), last tap only (top_activation)", "gem", taps=("top_activation",)),
+        Row("REMAP, KL weights, last tap only", "remap", "kl", taps=("top_activation",)),
+        Row(
+            "GeM (p=3), taps block6d_add + top_activation",
+            "gem",
+            taps=("block6d_add", "top_activation"),
+        ),
+        Row(
+            "REMAP, KL weights, taps block6d_add + top_activation",
+            "remap",
+            "kl",
+            taps=("block6d_add", "top_activation"),
+        ),
+    ],
+}
+
+
+def rows(fine_tune: bool, backbone: str = "mobilenet") -> list[Row]:
     table = [
         Row("SPoC", "spoc"),
         Row("MAC", "mac"),
@@ -99,9 +128,7 @@ def rows(fine_tune: bool) -> list[Row]:
         Row("R-MAC", "rmac"),
         Row("REMAP, KL weights", "remap", "kl"),
         Row("REMAP, KL weights + learned whitening", "remap", "kl+lw"),
-        Row("MAC, ReLU6 taps (clipped)", "mac", taps=("conv_pw_12_relu", "conv_pw_13_relu")),
-        Row("R-MAC, ReLU6 taps (clipped)", "rmac", taps=("conv_pw_12_relu", "conv_pw_13_relu")),
-        Row("R-MAC, taps conv_pw_11 + conv_pw_13", "rmac", taps=("conv_pw_11_bn", "conv_pw_13_bn")),
+        *TAP_ROWS[backbone],
     ]
     table += [  # issue 18's levers
         Row("Regional GeM (R-MAC grid, GeM per region)", "rmac", region_pooling="gem"),
@@ -664,10 +691,7 @@ def main(argv=None) -> int:
     datas = [load_data(Path(folder)) for folder in args.data]
     pixels = [prepared(data, args.long_side) for data in datas]
     table = [
-        r
-        for r in rows(args.steps > 0)
-        if (not args.only or r.label in args.only)
-        and (r.taps is None or args.backbone == "mobilenet")
+        r for r in rows(args.steps > 0, args.backbone) if (not args.only or r.label in args.only)
     ]
     done = load_results(args)
     with tempfile.TemporaryDirectory() as folder:
