@@ -5,8 +5,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from remap_tf.errors import InvalidInputError
 from remap_tf.serving.index import ExactIndex, ScannConfig, ScannIndex, load_index
-from remap_tf.serving.index.tuning import exact_neighbours, leaves_candidates, tune_search
+from remap_tf.serving.index.tuning import (
+    exact_neighbours,
+    leaves_candidates,
+    tune_builds,
+    tune_search,
+)
 from tests.test_index import clustered_unit_vectors
 
 
@@ -116,3 +122,104 @@ def test_tune_search_on_a_plain_function_picks_the_cheapest_sufficient_setting()
     assert result["leaves"] == 5 and result["reached"]
     assert result["measured_recall"] == 1.0
     assert leaves_candidates(1000)[0] == 1 and leaves_candidates(1000)[-1] == 1000
+
+
+def _clusters(count, dim, num_clusters, spread, seed):
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(num_clusters, dim))
+    x = centres[rng.integers(0, num_clusters, count)] + spread * rng.normal(size=(count, dim))
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+def _tuned_tree(database, **config):
+    index = ScannIndex(database.shape[1], mode="tree_ah", num_threads=1, **config)
+    index.add([str(i) for i in range(len(database))], database)
+    index.build()
+    return index
+
+
+CANDIDATE_FIELDS = {
+    "mode", "num_leaves", "dimensions_per_block", "anisotropic_quantization_threshold",
+    "num_leaves_to_search", "reorder", "reached", "recall", "recall_lower_bound", "qps",
+    "build_seconds", "tune_seconds", "evaluated",
+}  # fmt: skip
+
+
+def test_the_tuner_picks_the_leaf_count_the_data_calls_for_and_records_every_candidate(
+    tmp_path,
+):
+    """20k x 32 vectors, 8 leaves searched per query (pinned, so that the leaf count is what
+    decides), leaf counts 141 (~sqrt(n)), 70, 282 and 564 tried:
+
+    - 10 broad clusters (2,000 vectors each, spread 0.6): a query's neighbours spread over its
+      whole cluster, which 70 leaves cut in ~7 pieces and 141 in ~14, so 8 leaves reach 0.95
+      only with 70 (141: ~0.89, measured over seeds 0-2);
+    - 1,000 tight clusters (20 vectors each, spread 0.05): every leaf count reaches the target
+      and 70 leaves scan twice the codes of 141 per query (8 x 285 against 8 x 141): ~20%
+      slower, so the default 141 (or a larger count) stays.
+    """
+    broad = _tuned_tree(
+        _clusters(20_000, 32, 10, 0.6, seed=0), num_leaves_to_search=8, tune_budget=20
+    ).config
+    tight = _tuned_tree(
+        _clusters(20_000, 32, 1000, 0.05, seed=0), num_leaves_to_search=8, tune_budget=20
+    ).config
+    for config in (broad, tight):
+        candidates = config["tuning"]["candidates"]
+        assert len(candidates) == 4 + 3  # leaf counts, then the AH settings at the best one
+        assert [c["num_leaves"] for c in candidates[:4]] == [141, 70, 282, 564]
+        assert all(set(c) == CANDIDATE_FIELDS for c in candidates), candidates
+        assert {(c["dimensions_per_block"], c["anisotropic_quantization_threshold"])
+                for c in candidates[4:]} == {(2, "off"), (4, 0.2), (4, "off")}  # fmt: skip
+        assert config["tuning"]["reached"] and config["num_leaves_to_search"] == 8
+        chosen = [c for c in candidates if c["qps"] == config["tuning"]["qps"]]
+        assert chosen and chosen[0]["num_leaves"] == config["num_leaves"]
+        assert config["tuning"]["summary"].startswith("ScaNN tuned to recall@10 >= 0.95")
+    assert broad["num_leaves"] == 70
+    assert [c["reached"] for c in broad["tuning"]["candidates"][:4]] == [False, True, False, False]
+    assert tight["num_leaves"] > 70
+    # The candidates are part of the saved config: visible after a load.
+    index = _tuned_tree(_clusters(2_000, 16, 10, 0.6, seed=1), tune_budget=0.001)
+    loaded = load_index(index.save(tmp_path / "index"))
+    assert loaded.config["tuning"] == index.config["tuning"]
+
+
+def test_candidates_over_the_build_budget_are_skipped_and_recorded():
+    """A budget of a thousandth of the first build leaves room for nothing else: the default
+    partitioning is kept, and the 3 other leaf counts and 3 AH settings are recorded as
+    skipped, each with its estimated build time."""
+    index = _tuned_tree(_clusters(8_000, 16, 40, 0.4, seed=2), tune_budget=0.001)
+    config = index.config
+    candidates = config["tuning"]["candidates"]
+    assert config["num_leaves"] == 89 and "skipped" not in candidates[0]
+    skipped = candidates[1:]
+    assert len(skipped) == 6
+    assert all(c["skipped"].startswith("estimated build") for c in skipped), skipped
+    assert all("of the budget (0.001 x the first build)" in c["skipped"] for c in skipped)
+    assert [c["num_leaves"] for c in skipped[:3]] == [44, 178, 356]
+    assert "6 skipped" in config["tuning"]["summary"]
+    # Given num_leaves, the partitioning is the user's: only the search knobs are tuned.
+    fixed = _tuned_tree(_clusters(8_000, 16, 40, 0.4, seed=2), num_leaves=50).config
+    assert fixed["num_leaves"] == 50 and "candidates" not in fixed["tuning"]
+
+
+@pytest.mark.parametrize(
+    "option, value",
+    [("tune_budget", 0), ("tune_budget", -1.0), ("tune_budget", float("nan")),
+     ("tune_budget", "fast"), ("target_recall", 0.0), ("target_recall", 1.5),
+     ("target_recall", -0.1)],
+)  # fmt: skip
+def test_bad_tuning_options_are_refused_in_one_line(option, value):
+    with pytest.raises(InvalidInputError) as caught:
+        ScannConfig(**{option: value})
+    message = str(caught.value)
+    assert f"ScannConfig.{option}" in message and "\n" not in message
+    with pytest.raises(InvalidInputError) as caught:
+        ScannIndex(16, **{option: value})
+    assert option in str(caught.value)
+    if option == "tune_budget":
+        with pytest.raises(InvalidInputError, match="^tune_budget must be a number > 0"):
+            tune_builds(None, [], None, 0.9, budget=value)
+    else:
+        with pytest.raises(InvalidInputError, match="^target_recall must be in"):
+            tune_search(None, np.zeros((4, 2), np.float32), value)

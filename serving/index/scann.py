@@ -20,8 +20,10 @@ back) and loads the searcher through ``scann_pybind.ScannNumpy`` directly rather
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import os
+import time
 from pathlib import Path
 
 import numpy as np
@@ -30,8 +32,25 @@ from remap_tf.contract import MANIFEST_FILE
 from remap_tf.errors import InvalidInputError
 from remap_tf.serving.index.registry import register
 from remap_tf.serving.index.rows import RowIndex
-from remap_tf.serving.index.tuning import REORDER_CANDIDATES, leaves_candidates, tune_search
+from remap_tf.serving.index.tuning import (
+    DIMENSIONS_PER_BLOCK,
+    LEAF_FACTORS,
+    OFF,
+    REORDER_CANDIDATES,
+    THRESHOLDS,
+    HeldOut,
+    check_budget,
+    leaves_candidates,
+    tune_builds,
+    tune_search,
+)
 from remap_tf.serving.manifest import IndexFormatError
+
+logger = logging.getLogger(__name__)
+
+# A shard smaller than this keeps the mode of its own size: too few rows to train a tree and
+# AH codebooks on.
+MIN_TREE_ROWS = 2_000
 
 
 @dataclasses.dataclass
@@ -47,8 +66,11 @@ class ScannConfig:
         num_leaves_to_search: leaves searched per query (default ~ num_leaves / 10, >= 1).
         training_sample_size: vectors sampled to train the tree and AH codebooks
             (default min(n, 100000), ScaNN's own default).
-        dimensions_per_block: AH dimensions per 16-centre block (2, ScaNN's advice).
-        anisotropic_quantization_threshold: AH noise-shaping threshold (0.2 for unit vectors).
+        dimensions_per_block: AH dimensions per 16-centre block (default 2, ScaNN's advice,
+            or what the partitioning tuning measured fastest).
+        anisotropic_quantization_threshold: AH noise-shaping threshold, or "off" for none
+            (ScaNN's NaN: plain reconstruction loss); default 0.2 for unit vectors, or what
+            the partitioning tuning measured fastest.
         reorder: candidates re-scored exactly after AH (default 250 for "ah", 100 behind a
             tree; at least k at search).
         num_threads: search and training threads (0 = all CPUs).
@@ -57,9 +79,23 @@ class ScannConfig:
             the collection's own vectors as queries and choose ``num_leaves_to_search`` and
             ``reorder`` as the fastest setting whose recall@10 against brute force reaches
             this (`remap_tf.serving.index.tuning`); a knob given explicitly is kept fixed. None:
-            no tuning, the fixed size-chosen defaults above.
+            no tuning, the fixed size-chosen defaults above. With a tree whose ``num_leaves``
+            is not given, the tuning also chooses the partitioning: it builds the tree with
+            ~sqrt(n) leaves x `tuning.LEAF_FACTORS` and, at the best leaf count, the AH
+            settings of `tuning.DIMENSIONS_PER_BLOCK` x `tuning.THRESHOLDS` (those not
+            given), within ``tune_budget``, and keeps the fastest that reaches the target
+            (`tuning.tune_builds`).
         tuning_queries: held-out queries the tuning measures recall on.
-        tuning: set by the build: what the tuning chose and measured (recall, queries/s).
+        tune_budget: the partitioning tuning's builds beyond the first may take this many
+            times the first build's seconds (default 1: a tuned build costs at most about
+            twice an untuned one); candidates that would not fit are recorded as skipped.
+        collection_size: set when this index is one shard of a collection this large
+            (`ShardedIndex.build`, `remap_tf.serving.beam_index`): "auto" chooses the mode
+            against it, so a shard gets the tree the whole collection would have had (its
+            leaves still ~ sqrt of its own size); with tuning, a shard too small for a tree
+            of its own also measures brute force and keeps the faster.
+        tuning: set by the build: what the tuning chose and measured (recall, queries/s;
+            with the partitioning tuned, every candidate tried, and a one-line summary).
     """
 
     mode: str = "auto"
@@ -68,13 +104,15 @@ class ScannConfig:
     num_leaves: int | None = None
     num_leaves_to_search: int | None = None
     training_sample_size: int | None = None
-    dimensions_per_block: int = 2
-    anisotropic_quantization_threshold: float = 0.2
+    dimensions_per_block: int | None = None
+    anisotropic_quantization_threshold: float | str | None = None
     reorder: int | None = None
     num_threads: int = 0
     batch_size: int = 256
     target_recall: float | None = 0.95
     tuning_queries: int = 1000
+    tune_budget: float = 1.0
+    collection_size: int | None = None
     tuning: dict | None = None
 
     MODES = ("auto", "brute_force", "ah", "tree_ah")
@@ -84,15 +122,13 @@ class ScannConfig:
             raise InvalidInputError(
                 f"ScannConfig.mode must be one of {self.MODES}, got {self.mode!r}"
             )
-        for name in ("num_leaves", "num_leaves_to_search", "training_sample_size", "reorder"):
+        positive = ("num_leaves", "num_leaves_to_search", "training_sample_size", "reorder")
+        for name in (*positive, "dimensions_per_block", "collection_size"):
             value = getattr(self, name)
             if value is not None and int(value) <= 0:
                 raise InvalidInputError(f"ScannConfig.{name} must be positive, got {value}")
-        if self.dimensions_per_block <= 0:
-            raise InvalidInputError(
-                "ScannConfig.dimensions_per_block must be positive, "
-                f"got {self.dimensions_per_block}"
-            )
+        self._check_threshold()
+        check_budget(self.tune_budget, "ScannConfig.tune_budget")
         if self.num_threads < 0:
             raise InvalidInputError(f"ScannConfig.num_threads must be >= 0, got {self.num_threads}")
         if self.target_recall is not None and not 0.0 < self.target_recall <= 1.0:
@@ -104,17 +140,35 @@ class ScannConfig:
                 f"ScannConfig.tuning_queries must be >= 2, got {self.tuning_queries}"
             )
 
+    def _check_threshold(self) -> None:
+        value = self.anisotropic_quantization_threshold
+        if isinstance(value, float) and math.isnan(value):
+            self.anisotropic_quantization_threshold = value = OFF  # ScaNN's own "none"
+        if value is None or value == OFF:
+            return
+        if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
+            raise InvalidInputError(
+                "ScannConfig.anisotropic_quantization_threshold must be a number > 0 or "
+                f"{OFF!r}, got {value!r}"
+            )
+
+    def auto_mode(self, count: int) -> str:
+        """The mode "auto" gives ``count`` vectors."""
+        if count < self.brute_force_below:
+            return "brute_force"
+        return "ah" if count < self.tree_above else "tree_ah"
+
     def resolved(self, count: int) -> ScannConfig:
-        """A copy with mode and every size-dependent knob fixed for ``count`` vectors."""
+        """A copy with mode and every size-dependent knob fixed for ``count`` vectors (the
+        mode for ``collection_size`` when that is larger and ``count`` can hold a tree)."""
         mode = self.mode
         if mode == "auto":
-            if count < self.brute_force_below:
-                mode = "brute_force"
-            elif count < self.tree_above:
-                mode = "ah"
-            else:
-                mode = "tree_ah"
+            size = max(count, self.collection_size or 0) if count >= MIN_TREE_ROWS else count
+            mode = self.auto_mode(size)
         out = dataclasses.replace(self, mode=mode)
+        out.dimensions_per_block = self.dimensions_per_block or 2
+        threshold = self.anisotropic_quantization_threshold
+        out.anisotropic_quantization_threshold = 0.2 if threshold is None else threshold
         if mode in ("ah", "tree_ah"):
             # Re-ordering 250 AH candidates keeps recall@10 >= 0.95 without a tree (50k x 256
             # clustered vectors: 100 gave 0.93); behind a tree 100 lost nothing measurable and
@@ -140,6 +194,93 @@ class ScannConfig:
         if unknown:
             raise InvalidInputError(f"unknown ScaNN config keys: {sorted(unknown)}")
         return cls(**{k: v for k, v in values.items() if k in names})
+
+
+def _candidate_config(config: ScannConfig, candidate: dict, leaves_to_search) -> ScannConfig:
+    """``config`` with a candidate's mode, leaves and AH settings (search knobs defaulted)."""
+    out = dataclasses.replace(config, **candidate)
+    if out.mode == "brute_force":
+        out.num_leaves = out.num_leaves_to_search = out.reorder = None
+    else:
+        out.num_leaves_to_search = min(
+            out.num_leaves, leaves_to_search or max(1, out.num_leaves // 10)
+        )
+    return out
+
+
+def partition_stages(requested: ScannConfig, config: ScannConfig, count: int) -> list:
+    """The candidates `tuning.tune_builds` tries for a tree of ``count`` vectors, in two stages.
+
+    First the leaf counts: the size-chosen one (``config``, the default), then
+    `tuning.LEAF_FACTORS` times it; brute force too when the mode is "auto" and ``count``
+    alone would not have had a tree (a shard of a larger collection). Then, at the best leaf
+    count, the AH settings the user did not fix (`tuning.DIMENSIONS_PER_BLOCK` x
+    `tuning.THRESHOLDS`).
+    """
+    default = {
+        "mode": "tree_ah",
+        "num_leaves": config.num_leaves,
+        "dimensions_per_block": config.dimensions_per_block,
+        "anisotropic_quantization_threshold": config.anisotropic_quantization_threshold,
+    }
+
+    def leaves(best):
+        out = [default]
+        if requested.mode == "auto" and requested.auto_mode(count) != "tree_ah":
+            out.append({"mode": "brute_force"})
+        counts = {config.num_leaves}
+        for factor in LEAF_FACTORS:
+            number = min(max(1, round(config.num_leaves * factor)), max(1, count // 4))
+            if number not in counts:
+                counts.add(number)
+                out.append(default | {"num_leaves": number})
+        return out
+
+    def hashing(best):
+        if best["mode"] != "tree_ah":
+            return []
+        blocks = [requested.dimensions_per_block] if requested.dimensions_per_block else None
+        threshold = requested.anisotropic_quantization_threshold
+        return [
+            best | {"dimensions_per_block": d, "anisotropic_quantization_threshold": t}
+            for d in blocks or DIMENSIONS_PER_BLOCK
+            for t in ([threshold] if threshold is not None else THRESHOLDS)
+            if (d, t) != (best["dimensions_per_block"], best["anisotropic_quantization_threshold"])
+        ]
+
+    return [leaves, hashing]
+
+
+def tuning_summary(config: dict) -> str | None:
+    """One line on what the tuning of a ScaNN config (``ScannIndex.config``) chose and tried;
+    None when it was not tuned."""
+    tuning = config.get("tuning")
+    if not tuning:
+        return None
+    if config["mode"] == "brute_force":
+        shape = "brute force"
+    elif config["mode"] == "ah":
+        shape = f"AH {config['dimensions_per_block']} dims/block, reorder {config['reorder']}"
+    else:
+        shape = (
+            f"tree of {config['num_leaves']} leaves searching {config['num_leaves_to_search']}, "
+            f"AH {config['dimensions_per_block']} dims/block threshold "
+            f"{config['anisotropic_quantization_threshold']}, reorder {config['reorder']}"
+        )
+    line = (
+        f"ScaNN tuned to recall@10 >= {tuning['target_recall']:g}: {shape}; recall "
+        f"{tuning['measured_recall']:.3f}, {tuning['qps']:,.0f} queries/s"
+    )
+    if not tuning["reached"]:
+        line += " (target not reached: the most accurate setting)"
+    candidates = tuning.get("candidates")
+    if candidates:
+        skipped = sum("skipped" in c for c in candidates)
+        line += (
+            f"; {len(candidates) - skipped} candidate(s) built, {skipped} skipped over the "
+            f"build budget ({tuning['budget']:g} x the first build)"
+        )
+    return line
 
 
 @register("scann")
@@ -201,18 +342,26 @@ class ScannIndex(RowIndex):
         # other (as its own Python wrapper assumes); the id list mirrors that.
         self._searcher.searcher.delete(self._delete_swapping_last(ids))
 
-    def build(self) -> None:
+    def build(self, collection_size: int | None = None) -> None:
         """Trains and builds the ScaNN searcher from every vector added so far, then (with a
-        ``target_recall``) tunes its search-time knobs on vectors held out of the training."""
-        from scann.scann_ops.py import scann_ops_pybind
+        ``target_recall``) tunes it on vectors held out of the training: its search-time
+        knobs, and with a tree whose leaves are not given, the partitioning too
+        (``ScannConfig.target_recall``).
 
+        Args:
+            collection_size: the size of the collection this index is a shard of
+                (``ScannConfig.collection_size``); None: as configured.
+        """
         if not len(self):
             raise InvalidInputError("cannot build a ScaNN index with no vectors; add some first")
         data = np.concatenate(self._pending) if self._pending else None
         if data is None or data.shape[0] != len(self):
             raise RuntimeError("the ScaNN index is already built")
         n = data.shape[0]
-        config = self._requested.resolved(n)
+        requested = self._requested
+        if collection_size is not None:
+            requested = dataclasses.replace(requested, collection_size=int(collection_size))
+        config = requested.resolved(n)
         held = 0
         if config.mode != "brute_force" and config.target_recall is not None:
             held = min(config.tuning_queries, n // 4)
@@ -222,7 +371,22 @@ class ScannIndex(RowIndex):
             held = 0
         if config.training_sample_size:
             config.training_sample_size = min(config.training_sample_size, n - held)
-        builder = scann_ops_pybind.builder(data[: n - held], 10, "dot_product")
+        if held and config.mode == "tree_ah" and requested.num_leaves is None:
+            searcher, config = self._tune_partitioning(data, n - held, requested, config)
+        else:
+            searcher = self._build_searcher(data, n - held, config)
+        self._searcher = searcher
+        self._pool_threads = self._threads()
+        self._resolved = config
+        self._pending = []
+        if held and config.tuning is None:
+            self._tune(data, np.arange(n - held, n))
+
+    def _build_searcher(self, data: np.ndarray, trained: int, config: ScannConfig):
+        """A ScaNN searcher of ``config`` trained on ``data[:trained]``, the rest upserted."""
+        from scann.scann_ops.py import scann_ops_pybind
+
+        builder = scann_ops_pybind.builder(data[:trained], 10, "dot_product")
         builder.set_n_training_threads(self._threads())
         if config.mode == "tree_ah":
             builder = builder.tree(
@@ -233,21 +397,20 @@ class ScannIndex(RowIndex):
         if config.mode == "brute_force":
             builder = builder.score_brute_force()
         else:
+            threshold = config.anisotropic_quantization_threshold
             builder = builder.score_ah(
                 config.dimensions_per_block,
-                anisotropic_quantization_threshold=config.anisotropic_quantization_threshold,
+                anisotropic_quantization_threshold=float("nan") if threshold == OFF else threshold,
                 training_sample_size=config.training_sample_size,
             ).reorder(config.reorder)
-        self._searcher = builder.build()
-        self._searcher.set_num_threads(self._threads())
-        self._pool_threads = self._threads()
-        self._resolved = config
-        self._pending = []
-        if held:
-            rows = self._searcher.searcher.upsert([None] * held, data[n - held :], 1)
-            if list(rows) != list(range(n - held, n)):
+        searcher = builder.build()
+        searcher.set_num_threads(self._threads())
+        count = data.shape[0]
+        if trained < count:
+            rows = searcher.searcher.upsert([None] * (count - trained), data[trained:], 1)
+            if list(rows) != list(range(trained, count)):
                 raise RuntimeError(f"ScaNN upsert returned rows {list(rows)[:5]}...")
-            self._tune(data, np.arange(n - held, n))
+        return searcher
 
     def _move_to_end(self, data: np.ndarray, count: int) -> np.ndarray:
         """Moves ``count`` random rows (and their ids) to the end; returns the reordered data.
@@ -263,30 +426,84 @@ class ScannIndex(RowIndex):
         self._reorder_rows(order)
         return np.ascontiguousarray(data[order])
 
-    def _tune(self, data: np.ndarray, query_rows: np.ndarray) -> None:
-        """Chooses leaves_to_search and reorder for the target recall (see ``ScannConfig``)."""
-        config, requested = self._resolved, self._requested
-        leaves = [None]
+    def _search_rows(self, searcher, config: ScannConfig):
+        """``search(queries, k, leaves, reorder) -> rows`` on ``searcher``, for the tuning."""
+        threads = self._threads()
+
+        def search(queries, k, leaves, reorder):
+            pre = max(reorder, k) if reorder else None
+            if threads > 1:
+                rows, _ = searcher.search_batched_parallel(
+                    queries, k, pre, leaves, batch_size=config.batch_size
+                )
+            else:
+                rows, _ = searcher.search_batched(queries, k, pre, leaves)
+            return rows
+
+        return search
+
+    def _knobs(self, config: ScannConfig) -> tuple[list, list]:
+        """The leaves-to-search and reorder values the tuning tries (the given ones fixed)."""
+        requested = self._requested
+        leaves, reorders = [None], [None]
         if config.mode == "tree_ah":
             fixed = requested.num_leaves_to_search
             leaves = (
                 [config.num_leaves_to_search] if fixed else leaves_candidates(config.num_leaves)
             )
-        reorders = [config.reorder] if requested.reorder else REORDER_CANDIDATES
-        threads = self._threads()
+        if config.mode != "brute_force":
+            reorders = [config.reorder] if requested.reorder else list(REORDER_CANDIDATES)
+        return leaves, reorders
 
-        def search(queries, k, leaves, reorder):
-            if threads > 1:
-                rows, _ = self._searcher.search_batched_parallel(
-                    queries, k, max(reorder, k), leaves, batch_size=config.batch_size
-                )
-            else:
-                rows, _ = self._searcher.search_batched(queries, k, max(reorder, k), leaves)
-            return rows
+    def _tune_partitioning(self, data, trained: int, requested: ScannConfig, config):
+        """Builds the candidate partitionings of `partition_stages` within the budget; returns
+        the fastest searcher reaching the target and its config (``tuning`` records all)."""
+        started = time.perf_counter()
+        held = HeldOut(data, 10, query_rows=np.arange(trained, data.shape[0]))
 
+        def build(candidate):
+            chosen = _candidate_config(config, candidate, requested.num_leaves_to_search)
+            searcher = self._build_searcher(data, trained, chosen)
+            return (searcher, self._search_rows(searcher, chosen), *self._knobs(chosen))
+
+        def estimate(candidate):  # tree builds grew ~ sqrt(leaves) (20k-60k x 32-64)
+            if candidate["mode"] == "brute_force":
+                return 0.0
+            return math.sqrt(candidate["num_leaves"] / config.num_leaves)
+
+        result = tune_builds(
+            build, partition_stages(requested, config, data.shape[0]), held,
+            config.target_recall, budget=config.tune_budget, estimate=estimate,
+        )  # fmt: skip
+        chosen = result["chosen"]
+        out = _candidate_config(config, result["candidate"], requested.num_leaves_to_search)
+        out.num_leaves_to_search = chosen["num_leaves_to_search"]
+        out.reorder = chosen["reorder"]
+        out.tuning = {
+            "target_recall": config.target_recall,
+            "reached": chosen["reached"],
+            "measured_recall": chosen["recall"],
+            "recall_lower_bound": chosen["recall_lower_bound"],
+            "qps": chosen["qps"],
+            "queries": int(len(held.own)),
+            "evaluated": sum(c.get("evaluated", 0) for c in result["candidates"]),
+            "seconds": round(time.perf_counter() - started, 2),
+            "budget": config.tune_budget,
+            "budget_seconds": result["budget_seconds"],
+            "spent_seconds": result["spent_seconds"],
+            "candidates": result["candidates"],
+        }
+        out.tuning["summary"] = tuning_summary(out.to_dict())
+        logger.info(out.tuning["summary"])
+        return result["searcher"], out
+
+    def _tune(self, data: np.ndarray, query_rows: np.ndarray) -> None:
+        """Chooses leaves_to_search and reorder for the target recall (see ``ScannConfig``)."""
+        config = self._resolved
+        leaves, reorders = self._knobs(config)
         result = tune_search(
-            search, data, config.target_recall, k=10, query_rows=query_rows,
-            leaves=leaves, reorders=reorders,
+            self._search_rows(self._searcher, config), data, config.target_recall, k=10,
+            query_rows=query_rows, leaves=leaves, reorders=reorders,
         )  # fmt: skip
         if config.mode == "tree_ah":
             config.num_leaves_to_search = int(result["leaves"])

@@ -73,6 +73,40 @@ def per_query_recall(found: np.ndarray, truth: np.ndarray) -> np.ndarray:
     )
 
 
+def check_target(target_recall, name: str = "target_recall") -> None:
+    """InvalidInputError unless ``target_recall`` is a number in (0, 1]."""
+    if (
+        isinstance(target_recall, bool)
+        or not isinstance(target_recall, int | float)
+        or not 0.0 < target_recall <= 1.0
+    ):
+        raise InvalidInputError(f"{name} must be in (0, 1], got {target_recall!r}")
+
+
+class HeldOut:
+    """Held-out queries (database rows) and their exact top-k without themselves.
+
+    Args:
+        database: ``(num_vectors, dim)`` float32, the rows the searchers hold, in their order.
+        k: neighbours per query that recall counts (at most ``num_vectors - 1``).
+        num_queries: rows drawn at random when ``query_rows`` is None.
+        query_rows: the rows to use as queries.
+        seed: which rows are drawn.
+    """
+
+    def __init__(self, database, k=10, num_queries=1000, query_rows=None, seed=0):
+        n = database.shape[0]
+        if n < 2:
+            raise InvalidInputError("tuning needs at least 2 vectors")
+        self.k = min(k, n - 1)
+        if query_rows is None:
+            query_rows = np.random.default_rng(seed).choice(n, min(n, num_queries), replace=False)
+        self.own = np.sort(np.asarray(query_rows, dtype=np.int64))
+        self.queries = np.ascontiguousarray(database[self.own])
+        found = exact_neighbours(database, self.queries, self.k + 1)
+        self.truth = _drop_self(found, self.own, self.k)
+
+
 class _Evaluator:
     """Searches the held-out queries with one setting; caches recall and best time."""
 
@@ -115,6 +149,7 @@ def tune_search(
     leaves: Sequence[int | None] = (None,),
     reorders: Sequence[int | None] = REORDER_CANDIDATES,
     seed: int = 0,
+    held: HeldOut | None = None,
 ) -> dict:
     """The fastest (leaves, reorder) setting whose recall@k reaches ``target_recall``.
 
@@ -130,6 +165,8 @@ def tune_search(
         leaves: leaves-to-search values to try, ascending (``(None,)`` without a tree).
         reorders: re-ordering depths to try (``(None,)`` when fixed or absent).
         seed: which vectors are held out.
+        held: the held-out queries and their exact neighbours, when the caller tunes several
+            searchers of the same rows (`tune_builds`); replaces the four arguments above.
 
     Returns:
         ``{"leaves", "reorder", "target_recall", "reached", "measured_recall",
@@ -137,19 +174,11 @@ def tune_search(
         setting (``reached`` False: none reached the target, the most accurate one is
         returned), its recall on the held-out queries and the queries/s measured.
     """
-    if not 0.0 < target_recall <= 1.0:
-        raise InvalidInputError(f"target_recall must be in (0, 1], got {target_recall}")
+    check_target(target_recall)
     started = time.perf_counter()
-    n = database.shape[0]
-    if n < 2:
-        raise InvalidInputError("tuning needs at least 2 vectors")
-    k = min(k, n - 1)
-    if query_rows is None:
-        query_rows = np.random.default_rng(seed).choice(n, min(n, num_queries), replace=False)
-    own = np.sort(np.asarray(query_rows, dtype=np.int64))
-    queries = np.ascontiguousarray(database[own])
-    truth = _drop_self(exact_neighbours(database, queries, k + 1), own, k)
-    evaluate = _Evaluator(search, queries, own, truth, k)
+    held = held or HeldOut(database, k, num_queries, query_rows, seed)
+    own = held.own
+    evaluate = _Evaluator(search, held.queries, own, held.truth, held.k)
     leaves = list(leaves)
     reorders = sorted(reorders, key=lambda r: -(r or 0))
     frontier, i = [], 0
@@ -176,3 +205,150 @@ def tune_search(
         "evaluated": len(evaluate.results),
         "seconds": round(time.perf_counter() - started, 2),
     }
+
+
+# Leaf counts tried beside the size-chosen one (~sqrt(n)), as factors of it, cheapest first.
+LEAF_FACTORS = (0.5, 2.0, 4.0)
+# Asymmetric-hashing settings tried at the best leaf count: dimensions per 16-centre block
+# (fewer: finer codes, slower scoring) and the anisotropic threshold ("off": plain
+# reconstruction loss, ScaNN's NaN).
+DIMENSIONS_PER_BLOCK = (2, 4)
+OFF = "off"
+THRESHOLDS = (0.2, OFF)
+# A candidate replaces the first (default) one only when this much faster: timings on a busy
+# machine move by a few per cent, and the default is the better-known configuration.
+CLEAR_GAIN = 1.05
+
+
+class _Builds:
+    """Builds and tunes candidates within ``budget`` x the first build's seconds."""
+
+    def __init__(self, build, held, target_recall, budget, estimate):
+        self.build, self.held, self.target, self.budget = build, held, target_recall, budget
+        self.estimate = estimate
+        self.records: list[dict] = []
+        self.first_seconds: float | None = None
+        self.spent = 0.0
+        self.best: tuple[object, dict] | None = None  # (searcher, its record)
+
+    def left(self) -> float:
+        return self.budget * self.first_seconds - self.spent
+
+    def __call__(self, candidate: dict) -> None:
+        if self.first_seconds is not None:
+            guess = self.estimate(candidate) * self.first_seconds
+            if guess > self.left():
+                reason = (
+                    f"estimated build {guess:.2f} s > {max(self.left(), 0.0):.2f} s left of "
+                    f"the budget ({self.budget:g} x the first build)"
+                )
+                self.records.append(candidate | {"skipped": reason})
+                return
+        start = time.perf_counter()
+        searcher, search, leaves, reorders = self.build(candidate)
+        seconds = time.perf_counter() - start
+        if self.first_seconds is None:
+            self.first_seconds = seconds
+        else:
+            self.spent += seconds
+        result = tune_search(
+            search, None, self.target, held=self.held, leaves=leaves, reorders=reorders
+        )
+        record = candidate | {
+            "num_leaves_to_search": result["leaves"],
+            "reorder": result["reorder"],
+            "reached": result["reached"],
+            "recall": result["measured_recall"],
+            "recall_lower_bound": result["recall_lower_bound"],
+            "qps": result["qps"],
+            "build_seconds": round(seconds, 3),
+            "tune_seconds": result["seconds"],
+            "evaluated": result["evaluated"],
+        }
+        self.records.append(record)
+        if self.best is None or _better(record, self.best[1], self.records[0]):
+            self.best = (searcher, record)
+
+
+def _better(new: dict, old: dict, first: dict) -> bool:
+    """Whether ``new`` beats ``old``: reaching the target, then speed (against the first
+    candidate only by `CLEAR_GAIN`); among misses, recall."""
+    if new["reached"] != old["reached"]:
+        return new["reached"]
+    if not new["reached"]:
+        return new["recall"] > old["recall"]
+    gain = CLEAR_GAIN if old is first else 1.0
+    return new["qps"] > old["qps"] * gain
+
+
+def tune_builds(
+    build: Callable[[dict], tuple],
+    stages: Sequence[Callable[[dict | None], list[dict]]],
+    held: HeldOut,
+    target_recall: float,
+    budget: float = 1.0,
+    estimate: Callable[[dict], float] = lambda candidate: 1.0,
+) -> dict:
+    """The fastest of several builds (e.g. partitionings) whose recall reaches the target.
+
+    Each candidate is built, then its search-time knobs are tuned by `tune_search` on the same
+    held-out queries. The first candidate (the default) is always built; the others only while
+    their estimated build time fits in what is left of ``budget`` x the first build's time
+    (the rest are recorded as skipped, with the reason). Stages run in order, each given the
+    best candidate so far, so a later stage can refine the winner of an earlier one.
+
+    Args:
+        build: ``build(candidate) -> (searcher, search, leaves, reorders)``: builds one
+            candidate; ``search``, ``leaves`` and ``reorders`` as `tune_search` takes them.
+        stages: ``stage(best candidate or None) -> [candidate dicts]``; the first stage's first
+            candidate is the default.
+        held: the held-out queries (`HeldOut`) every candidate is measured on.
+        target_recall: recall@k to reach, as in `tune_search`.
+        budget: the other builds may take this many times the first build's seconds.
+        estimate: a candidate's build time as a multiple of the first build's.
+
+    Returns:
+        ``{"searcher", "chosen", "candidate", "candidates", "budget_seconds",
+        "spent_seconds"}``: the best candidate's searcher, record and fields; every
+        candidate's record (the candidate's fields, then ``num_leaves_to_search``,
+        ``reorder``, ``reached``, ``recall``, ``recall_lower_bound``, ``qps``,
+        ``build_seconds``, ``tune_seconds``, ``evaluated``; or ``skipped``).
+    """
+    check_target(target_recall)
+    check_budget(budget)
+    builds = _Builds(build, held, target_recall, budget, estimate)
+    for stage in stages:
+        for candidate in stage(None if builds.best is None else _fields(builds.best[1])):
+            builds(candidate)
+    return {
+        "searcher": builds.best[0],
+        "chosen": builds.best[1],
+        "candidate": _fields(builds.best[1]),
+        "candidates": builds.records,
+        "budget_seconds": round(budget * builds.first_seconds, 3),
+        "spent_seconds": round(builds.spent, 3),
+    }
+
+
+_RESULT_FIELDS = frozenset(
+    ("num_leaves_to_search", "reorder", "reached", "recall", "recall_lower_bound", "qps")
+    + ("build_seconds", "tune_seconds", "evaluated", "skipped")
+)
+
+
+def _fields(record: dict) -> dict:
+    """The candidate fields of a record."""
+    return {key: value for key, value in record.items() if key not in _RESULT_FIELDS}
+
+
+def check_budget(budget, name: str = "tune_budget") -> None:
+    """InvalidInputError unless ``budget`` (a factor of the first build's time) is > 0."""
+    if (
+        isinstance(budget, bool)
+        or not isinstance(budget, int | float)
+        or not math.isfinite(budget)
+        or budget <= 0
+    ):
+        raise InvalidInputError(
+            f"{name} must be a number > 0 (a factor of the first build's time), got {budget!r}"
+        )
