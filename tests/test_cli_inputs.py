@@ -157,6 +157,8 @@ VALUE_CASES = [
         ("index build", "--num-leaves", ["0"]),
         ("index build", "--threads", ["-1"]),
         ("index build", "--reorder", ["0"]),
+        ("index build", "--tune-budget", ["0", "-1", "x", "nan"]),
+        ("index build", "--target-recall", ["1.5", "-0.1"]),
         ("search", "--k", ["0", "-3", "ten"]),
         ("evaluate", "--qe", ["-1", "x"]),
         ("evaluate", "--kappas", ["0"]),

@@ -223,3 +223,31 @@ def test_bad_tuning_options_are_refused_in_one_line(option, value):
     else:
         with pytest.raises(InvalidInputError, match="^target_recall must be in"):
             tune_search(None, np.zeros((4, 2), np.float32), value)
+
+
+def test_index_build_prints_the_tuning_summary_and_refuses_bad_tuning_options(
+    tmp_path, monkeypatch, capsys
+):
+    """``remap index build --tune-budget``: the one-line summary of the tuning is printed; a
+    budget <= 0 or a recall outside (0, 1] is refused in one line naming the option (exit 2,
+    no traceback), before anything is written."""
+    from remap_cli import main as cli
+    from remap_tf.serving.embeddings import write_embeddings
+
+    data = _clusters(3_000, 16, 20, 0.5, seed=3)
+    write_embeddings(tmp_path / "emb", [f"{i}.jpg" for i in range(3_000)], data, model="m")
+    monkeypatch.chdir(tmp_path)
+    build = ["index", "build", "--from-embeddings", "emb", "--scann-mode", "tree_ah"]
+    for flag, value in [("--tune-budget", "0"), ("--tune-budget", "-2"),
+                        ("--target-recall", "1.5"), ("--target-recall", "-0.1")]:  # fmt: skip
+        code = cli.main([*build, "--out", "bad", flag, value])
+        err = capsys.readouterr().err
+        assert code == 2 and len(err.strip().splitlines()) == 1, err
+        assert err.startswith("remap index build: error:") and flag in err, err
+        assert "Traceback" not in err and not (tmp_path / "bad").exists()
+    assert cli.main([*build, "--out", "idx", "--tune-budget", "0.5", "--threads", "1"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("indexed 3000 images (16-d) into idx: scann (tree_ah)")
+    assert lines[1].startswith("ScaNN tuned to recall@10 >= 0.95: tree of ")
+    assert "candidate(s) built" in lines[1] and "(0.5 x the first build)" in lines[1]
+    assert load_index("idx").config["tune_budget"] == 0.5

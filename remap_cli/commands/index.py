@@ -15,6 +15,7 @@ from remap_cli.args import (
     add_command,
     byte_size,
     non_negative_int,
+    positive_float,
     positive_int,
     printable,
     quiet_beam_logs,
@@ -29,6 +30,7 @@ _SCANN_FLAGS = (
     ("reorder", "reorder"),
     ("threads", "num_threads"),
     ("target_recall", "target_recall"),
+    ("tune_budget", "tune_budget"),
 )
 
 
@@ -152,7 +154,15 @@ def _add_build(actions) -> None:
         type=recall_target,
         default=None,
         help="ScaNN: tune leaves-to-search and reorder to this recall@10 on held-out vectors "
-        "(default 0.95; 0: no tuning, the fixed defaults)",
+        "(default 0.95; 0: no tuning, the fixed defaults); with a tree whose --num-leaves is "
+        "not given, also the leaf count and AH settings",
+    )
+    build.add_argument(
+        "--tune-budget",
+        type=positive_float,
+        default=None,
+        help="ScaNN: the tuning's extra builds (leaf counts, AH settings) may take this many "
+        "times the first build's time (default 1)",
     )
     build.add_argument(
         "--shard-size", type=positive_int, default=512, help="images per resumable shard"
@@ -293,6 +303,12 @@ def run_build(args) -> int:
         f"indexed {summary['count']} images ({summary['dim']}-d) into {printable(args.out)}: "
         f"{args.kind}{mode}{layout}"
     )
+    if args.kind == "scann" and not shards:
+        from remap_tf.serving.index.scann import tuning_summary
+
+        line = tuning_summary(config)
+        if line:
+            print(line)
     _print_skipped(summary.get("skipped", []))
     return 0
 
