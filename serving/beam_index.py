@@ -160,6 +160,8 @@ def build_sharded_index(
     dim, count = dims.pop(), sum(m["count"] for m in manifests)
     num_shards = _num_shards(num_shards, memory_budget, count, dim)
     config = dict(scann_config or {}) if kind == "scann" else {}
+    if kind == "scann":  # each shard gets the mode the whole collection's size calls for
+        config["collection_size"] = count
     if kind == "scann" and runs_locally(beam_args) and "num_threads" not in config:
         config["num_threads"] = max(1, (os.cpu_count() or 1) // min(workers, num_shards))
     out = Path(out)

@@ -2,15 +2,26 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 
 import numpy as np
 import pytest
 
+from remap_tf.contract import MANIFEST_FILE
 from remap_tf.errors import InvalidInputError
-from remap_tf.serving.index import ExactIndex, Index, IndexFormatError, load_index, make_index
+from remap_tf.serving.index import (
+    ExactIndex,
+    Index,
+    IndexFormatError,
+    ScannConfig,
+    load_index,
+    make_index,
+)
+from remap_tf.serving.index.files import write_manifest
 from remap_tf.serving.index.sharded import ShardedIndex, merge_top_k, shard_of
+from remap_tf.serving.manifest import file_entries
 from tests.test_index import clustered_unit_vectors
 
 DIM = 32
@@ -323,3 +334,73 @@ def test_more_shards_than_vectors_is_refused_before_any_work(tmp_path, monkeypat
     code = cli.main(["index", "build", "--from-embeddings", "emb", "--out", "idx", "--shards", "4"])
     assert code == 0, capsys.readouterr().err
     assert load_index("idx").num_shards == 4
+
+
+def test_small_shards_get_the_tree_of_the_whole_and_match_one_index(tmp_path):
+    """48k vectors, a tree from 40k on (``tree_above``, a small stand-in for 100k): one index
+    is a tree; so are its 4 shards of ~12k, which alone would be brute force (under 20k) and
+    score every vector. Tuned, each shard measures brute force too and keeps the tree only as
+    the faster at the target; the shards' merged top-10 of fresh queries reach the target
+    against exact search, as the single index's do, and match the single index's top-10."""
+    data, queries = _same_clusters((48_000, 300), DIM, 200, seed=5, spread=0.7)
+    ids = _ids(len(data))
+    config = {"tree_above": 40_000, "num_threads": 1}
+    single = make_index("scann", DIM, **config)
+    sharded = ShardedIndex(DIM, 4, make_shard=lambda: make_index("scann", DIM, **config))
+    exact = ExactIndex(DIM)
+    for index in (single, sharded, exact):
+        index.add(ids, data)
+    sharded.build()
+    truth = exact.search(queries, k=10)[0]
+    single_found = single.search(queries, k=10)[0]
+    found = sharded.search(queries, k=10)[0]
+    assert single.config["mode"] == "tree_ah" and _recall(single_found, truth) >= 0.95
+    for n in range(4):
+        shard = sharded.shard(n).config
+        assert shard["collection_size"] == 48_000 and len(sharded.shard(n)) < 20_000
+        assert shard["mode"] == "tree_ah", shard["tuning"]["candidates"]
+        tried = {c["mode"]: c for c in shard["tuning"]["candidates"]}
+        assert tried["brute_force"]["recall"] == 1.0
+        assert tried["brute_force"]["qps"] < shard["tuning"]["qps"]
+    # Each misses at most 1 - 0.95 of the true top-10, so the two agree on at least 0.9 of it
+    # (measured: sharded 0.98, single 0.975, agreement 0.96).
+    assert _recall(found, truth) >= max(0.95, _recall(single_found, truth) - 0.05)
+    assert _recall(found, single_found) >= 2 * 0.95 - 1
+    loaded = load_index(sharded.save(tmp_path / "index"))
+    assert loaded.shard(0).config["mode"] == "tree_ah"
+    np.testing.assert_array_equal(loaded.search(queries, k=10)[0], found)
+
+
+def test_untuned_shards_take_the_mode_of_the_collection_and_old_configs_still_load(tmp_path):
+    """Without tuning a shard gets the mode the whole collection's size calls for (its leaves
+    from its own size); a shard too small to train a tree keeps its own. A config saved
+    before these fields existed (no collection_size or tune_budget) loads and searches."""
+    config = ScannConfig(tree_above=40_000)
+    assert config.resolved(12_000).mode == "brute_force"
+    resolved = dataclasses.replace(config, collection_size=48_000).resolved(12_000)
+    assert (resolved.mode, resolved.num_leaves) == ("tree_ah", 110)  # sqrt(12,000)
+    assert dataclasses.replace(config, collection_size=10**6).resolved(1_000).mode == "brute_force"
+    data = clustered_unit_vectors(12_000, DIM, 40, seed=6)
+    ids = _ids(len(data))
+    untuned = {"brute_force_below": 2_000, "tree_above": 8_000, "target_recall": None}
+    sharded = ShardedIndex(DIM, 4, make_shard=lambda: make_index("scann", DIM, **untuned))
+    sharded.add(ids, data)
+    sharded.search(data[:5], k=3)  # builds every shard, told the collection's size
+    for n in range(4):
+        shard = sharded.shard(n).config
+        assert (shard["mode"], shard["collection_size"], shard["tuning"]) == (
+            "tree_ah", 12_000, None
+        )  # fmt: skip
+    # An index saved before collection_size and tune_budget existed.
+    folder = sharded.shard(0).save(tmp_path / "old")
+    old = json.loads((folder / "config.json").read_text())
+    for name in ("collection_size", "tune_budget"):
+        del old[name]
+    (folder / "config.json").write_text(json.dumps(old))
+    (folder / MANIFEST_FILE).unlink()
+    write_manifest(folder, "scann", DIM, len(sharded.shard(0)), file_entries(folder))
+    loaded = load_index(folder)
+    assert loaded.config["collection_size"] is None and loaded.config["mode"] == "tree_ah"
+    np.testing.assert_array_equal(
+        loaded.search(data[:20], k=5)[0], sharded.shard(0).search(data[:20], k=5)[0]
+    )

@@ -221,6 +221,7 @@ class ShardedIndex(Index):
             ``(ids, scores)``, each ``(num_queries, min(k, len))``, as ``Index.search``.
         """
         q = self._check_queries(queries, k)
+        self.build()
         shards = [self._shards[n] for n in sorted(self._shards) if len(self._shards[n])]
         k = min(int(k), len(self))
         if not shards or k == 0:
@@ -244,14 +245,21 @@ class ShardedIndex(Index):
         return merge_top_k(results, k)
 
     def build(self, threads: int = 1) -> None:
-        """Builds every loaded shard that is not built yet (``threads`` at a time)."""
-        todo = [s for s in self._shards.values() if hasattr(s, "build") and not s.built]
+        """Builds every loaded shard that is not built yet (``threads`` at a time).
+
+        Each shard is told the size of the whole collection (``build(collection_size=...)``),
+        so that it gets the mode the collection's size calls for rather than its own (a
+        ScaNN shard keeps the tree one index of the whole would have had;
+        ``ScannConfig.collection_size``). Searches and saves build what is not built first.
+        """
+        todo = [s for s in self._shards.values() if hasattr(s, "build") and len(s) and not s.built]
+        total = sum(self._counts.values()) + len(self)
         if threads > 1 and len(todo) > 1:
             with ThreadPoolExecutor(threads) as pool:
-                list(pool.map(lambda s: s.build(), todo))
+                list(pool.map(lambda s: s.build(collection_size=total), todo))
         else:
             for shard in todo:
-                shard.build()
+                shard.build(collection_size=total)
 
     # -- persistence ------------------------------------------------------------------
 
@@ -280,6 +288,7 @@ class ShardedIndex(Index):
         return directory
 
     def _save_in_place(self, directory: Path) -> None:
+        self.build()
         token = uuid.uuid4().hex[:8]
         for number in sorted(self._dirty & set(self._shards)):
             name = f"shard-{number:05d}-{token}"
