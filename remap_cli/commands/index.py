@@ -134,6 +134,19 @@ def _add_build(actions) -> None:
         help="write into an --out (or descriptor) folder that holds other files: they are "
         "kept, and a file of a name remap writes is never replaced (move it away)",
     )
+    _add_index_flags(build)
+    build.add_argument(
+        "--shard-size", type=positive_int, default=512, help="images per resumable shard"
+    )
+    build.add_argument("--batch-size", type=positive_int, default=32, help="images per call")
+    build.add_argument("--quiet", action="store_true", help="no progress bar")
+    build.add_argument(
+        "beam_args", nargs="*", metavar="-- BEAM_OPTION", help="Beam pipeline options, after --"
+    )
+
+
+def _add_index_flags(build) -> None:
+    """The index kind and the ScaNN options of ``index build``."""
     build.add_argument(
         "--kind", choices=("scann", "exact"), default="scann", help="index kind (default scann)"
     )
@@ -163,14 +176,6 @@ def _add_build(actions) -> None:
         default=None,
         help="ScaNN: the tuning's extra builds (leaf counts, AH settings) may take this many "
         "times the first build's time (default 1)",
-    )
-    build.add_argument(
-        "--shard-size", type=positive_int, default=512, help="images per resumable shard"
-    )
-    build.add_argument("--batch-size", type=positive_int, default=32, help="images per call")
-    build.add_argument("--quiet", action="store_true", help="no progress bar")
-    build.add_argument(
-        "beam_args", nargs="*", metavar="-- BEAM_OPTION", help="Beam pipeline options, after --"
     )
 
 
