@@ -159,10 +159,10 @@ def test_the_tuner_picks_the_leaf_count_the_data_calls_for_and_records_every_can
       slower, so the default 141 (or a larger count) stays.
     """
     broad = _tuned_tree(
-        _clusters(20_000, 32, 10, 0.6, seed=0), num_leaves_to_search=8, tune_budget=20
+        _clusters(20_000, 32, 10, 0.6, seed=0), num_leaves_to_search=8, tune_budget=100
     ).config
     tight = _tuned_tree(
-        _clusters(20_000, 32, 1000, 0.05, seed=0), num_leaves_to_search=8, tune_budget=20
+        _clusters(20_000, 32, 1000, 0.05, seed=0), num_leaves_to_search=8, tune_budget=100
     ).config
     for config in (broad, tight):
         candidates = config["tuning"]["candidates"]
