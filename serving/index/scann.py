@@ -5,7 +5,10 @@ Quantization", ICML 2020), configured from the collection size and tuned to a re
 guidance: brute force under ~20k vectors, asymmetric hashing (AH, 2 dimensions per block) with
 exact re-ordering under ~100k, and a k-means tree (leaves ~ sqrt(n)) + AH + re-ordering above.
 Every knob can be overridden through ``ScannConfig``; the search-time knobs are tuned to a
-recall target after the build (`remap_tf.serving.index.tuning`).
+recall target after the build, and with a tree whose leaf count is not given the partitioning
+too (leaf count and AH settings, within a build-time budget; `remap_tf.serving.index.tuning`).
+A shard of a larger collection takes the mode of the collection's size
+(``ScannConfig.collection_size``).
 
 Saved files beside the common ones (`remap_tf.serving.index.rows`)::
 

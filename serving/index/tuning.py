@@ -22,6 +22,11 @@ from the same distribution (tests/test_tuning.py checks that on queries it never
 Pure NumPy on a ``search(queries, k, leaves, reorder) -> (num_queries, k) rows`` callable, so
 any searcher can be tuned; `remap_tf.serving.index.scann.ScannIndex` calls it after every
 non-brute-force build.
+
+`tune_builds` goes one level up: it builds several candidate searchers (ScaNN: leaf counts
+around sqrt(n), then AH settings), tunes each with `tune_search` on the same held-out queries
+(`HeldOut`), skips those whose estimated build time no longer fits a budget of a multiple of
+the first build's time, records every candidate and keeps the fastest that reaches the target.
 """
 
 from __future__ import annotations
