@@ -38,8 +38,10 @@ from __future__ import annotations
 import argparse
 import csv
 import dataclasses
+import hashlib
 import json
 import os
+import re
 import tempfile
 import time
 from pathlib import Path
@@ -72,6 +74,7 @@ BACKBONES = {
 }
 CROP_AREA = 0.25
 MULTI_SCALES = (1.0, 2**-0.5, 2**0.5)  # cirtorch's multi-scale evaluation
+MULTI_SCALE = ", multi-scale"
 
 
 @dataclasses.dataclass
@@ -154,6 +157,14 @@ def rows(fine_tune: bool, backbone: str = "mobilenet") -> list[Row]:
         table += [
             dataclasses.replace(recipe, label=f"{recipe.label}, offline mining", mining="offline"),
             dataclasses.replace(recipe, label=f"{recipe.label}, head LR x10", head_lr=10.0),
+        ]
+        table += [  # the same fine-tuned models (kept with --results), multi-scale
+            dataclasses.replace(row, label=row.label + MULTI_SCALE, scales=MULTI_SCALES)
+            for row in table
+            if row.fine_tune
+            and row.head_lr == 1.0
+            and row.mining == "batch_hard"
+            and row.pooling != "rmac"
         ]
     return table
 
@@ -376,6 +387,33 @@ def fine_tune(model, train_csv: Path, args, row: Row) -> float:
 def run_row(row: Row, datas: list[Data], pixels: list[dict], train_csv: Path, args) -> Row:
     started = time.monotonic()
     keras.utils.set_random_seed(0)
+    saved = _model_file(args, row)
+    if saved is not None and saved.exists():  # the same fine-tuned model, at other scales
+        model = keras.models.load_model(saved, compile=False)
+    else:
+        model = _prepared_model(row, datas, pixels, train_csv, args)
+        if saved is not None:
+            saved.parent.mkdir(parents=True, exist_ok=True)
+            model.save(saved)
+    sizes = None if row.scales == (1.0,) else [round(args.long_side * s) for s in row.scales]
+    for data, part in zip(datas, pixels, strict=True):
+        descriptors = {k: embed(model, part[k], sizes) for k in ("database", "crops")}
+        # A whole query is a database image: the same pixels give the same descriptor.
+        descriptors["whole"] = descriptors["database"][data.query_rows]
+        row.scores[data.name] = score(data, descriptors)
+    _mean_scores(row, datas)
+    row.seconds = time.monotonic() - started
+    print(
+        f"{row.label:<45} whole {row.scores['whole'][0]:6.2f}  crops {row.scores['crops'][0]:6.2f}"
+        f"  ({row.seconds:.0f} s)",
+        flush=True,
+    )
+    keras.backend.clear_session()
+    return row
+
+
+def _prepared_model(row: Row, datas: list[Data], pixels: list[dict], train_csv: Path, args):
+    """The row's model: built, initialised as the row says, fine-tuned if it says so."""
     backbone = backbone_arguments(args.backbone, args.weights)
     model = REMAP(**backbone, pooling=row.pooling, taps=row.taps, region_pooling=row.region_pooling)
     for layer in model.get_layer("backbone").layers:  # BatchNorm in inference mode
@@ -395,21 +433,18 @@ def run_row(row: Row, datas: list[Data], pixels: list[dict], train_csv: Path, ar
             )
     if row.fine_tune:
         row.scores["final loss"] = fine_tune(model, train_csv, args, row)
-    sizes = None if row.scales == (1.0,) else [round(args.long_side * s) for s in row.scales]
-    for data, part in zip(datas, pixels, strict=True):
-        descriptors = {k: embed(model, part[k], sizes) for k in ("database", "crops")}
-        # A whole query is a database image: the same pixels give the same descriptor.
-        descriptors["whole"] = descriptors["database"][data.query_rows]
-        row.scores[data.name] = score(data, descriptors)
-    _mean_scores(row, datas)
-    row.seconds = time.monotonic() - started
-    print(
-        f"{row.label:<45} whole {row.scores['whole'][0]:6.2f}  crops {row.scores['crops'][0]:6.2f}"
-        f"  ({row.seconds:.0f} s)",
-        flush=True,
-    )
-    keras.backend.clear_session()
-    return row
+    return model
+
+
+def _model_file(args, row: Row) -> Path | None:
+    """Where a fine-tuned row's model is kept beside ``--results`` (its multi-scale row
+    evaluates the same model instead of fine-tuning again); None without ``--results``."""
+    if args.results is None or not row.fine_tune:
+        return None
+    base = row.label.removesuffix(MULTI_SCALE)
+    slug = re.sub(r"[^a-z0-9]+", "-", base.lower()).strip("-")
+    settings = hashlib.sha1(json.dumps(_settings(args), sort_keys=True).encode()).hexdigest()
+    return args.results.parent / f"{args.results.stem}.models-{settings[:8]}" / f"{slug}.keras"
 
 
 def _mean_scores(row: Row, datas: list[Data]) -> None:
