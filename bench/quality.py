@@ -384,14 +384,16 @@ def fine_tune(model, train_csv: Path, args, row: Row) -> float:
     return float(history.history["loss"][-1])
 
 
-def run_row(row: Row, datas: list[Data], pixels: list[dict], train_csv: Path, args) -> Row:
+def run_row(
+    row: Row, datas: list[Data], pixels: list[dict], training, train_csv: Path, args
+) -> Row:
     started = time.monotonic()
     keras.utils.set_random_seed(0)
     saved = _model_file(args, row)
     if saved is not None and saved.exists():  # the same fine-tuned model, at other scales
         model = keras.models.load_model(saved, compile=False)
     else:
-        model = _prepared_model(row, datas, pixels, train_csv, args)
+        model = _prepared_model(row, training, train_csv, args)
         if saved is not None:
             saved.parent.mkdir(parents=True, exist_ok=True)
             model.save(saved)
@@ -412,14 +414,14 @@ def run_row(row: Row, datas: list[Data], pixels: list[dict], train_csv: Path, ar
     return row
 
 
-def _prepared_model(row: Row, datas: list[Data], pixels: list[dict], train_csv: Path, args):
+def _prepared_model(row: Row, training, train_csv: Path, args):
     """The row's model: built, initialised as the row says, fine-tuned if it says so."""
     backbone = backbone_arguments(args.backbone, args.weights)
     model = REMAP(**backbone, pooling=row.pooling, taps=row.taps, region_pooling=row.region_pooling)
     for layer in model.get_layer("backbone").layers:  # BatchNorm in inference mode
         if isinstance(layer, keras.layers.BatchNormalization):
             layer.trainable = False
-    images, labels = training_pixels(datas, pixels)
+    images, labels = training
     if row.init.startswith("kl"):
         init_region_weights(model, images, labels, batch_size=8, max_pairs=4000)
     if row.init in ("kl+lw", "kl+select"):
@@ -725,6 +727,9 @@ def main(argv=None) -> int:
     started, load_before = time.monotonic(), os.getloadavg()[0]
     datas = [load_data(Path(folder)) for folder in args.data]
     pixels = [prepared(data, args.long_side) for data in datas]
+    training = training_pixels(datas, pixels)  # once: 3 GB at 512 px over the three folders
+    for part in pixels:
+        del part["train"]
     table = [
         r for r in rows(args.steps > 0, args.backbone) if (not args.only or r.label in args.only)
     ]
@@ -735,7 +740,7 @@ def main(argv=None) -> int:
             if row.label in done:
                 table[index] = done[row.label]
                 continue
-            table[index] = run_row(row, datas, pixels, train_csv, args)
+            table[index] = run_row(row, datas, pixels, training, train_csv, args)
             done[row.label] = table[index]
             save_results(args, done)
     seconds = sum(row.seconds for row in table) if args.results else time.monotonic() - started

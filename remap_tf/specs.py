@@ -52,6 +52,9 @@ class BackboneSpec:
 BACKBONES: dict[str, BackboneSpec] = {
     "vgg16": BackboneSpec("VGG16", ("block4_conv3", "block5_conv3"), "caffe"),
     "vgg19": BackboneSpec("VGG19", ("block4_conv4", "block5_conv4"), "caffe"),
+    # ResNet50: the last stride-16 and stride-32 stage outputs. Measured against the last tap
+    # alone (bench.quality --backbone resnet50, multiview + holidays + ukbench val, GeM,
+    # mAP whole / crops, mean of the three): 94.77 / 88.73 with both, 94.39 / 88.55 alone.
     "resnet50": BackboneSpec("ResNet50", ("conv4_block6_out", "conv5_block3_out"), "caffe"),
     "resnet101": BackboneSpec("ResNet101", ("conv4_block23_out", "conv5_block3_out"), "caffe"),
     "resnet152": BackboneSpec("ResNet152", ("conv4_block36_out", "conv5_block3_out"), "caffe"),
