@@ -58,6 +58,7 @@ class PendingRows:
             part = self._read(number)
             for start in range(0, len(local), size):
                 yield part[local[start : start + size]]
+            del part  # not held while the next part is read
 
     def all(self) -> np.ndarray:
         """Every row as one array (a copy unless there is a single in-memory part)."""

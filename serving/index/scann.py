@@ -22,6 +22,8 @@ back) and loads the searcher through ``scann_pybind.ScannNumpy`` directly rather
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import dataclasses
 import logging
 import math
@@ -201,6 +203,33 @@ class ScannConfig:
         if unknown:
             raise InvalidInputError(f"unknown ScaNN config keys: {sorted(unknown)}")
         return cls(**{k: v for k, v in values.items() if k in names})
+
+
+def build_memory_bound(count: int, dim: int, sample: int) -> int:
+    """Bytes a ScaNN build of ``count`` ``dim``-d rows trained on ``sample`` of them may add
+    to its process at the peak, beyond the rows the caller holds (measured with
+    ``python -m bench.build_memory``, docs/scale.md; tests/test_build_memory.py holds a build
+    to it): the larger of ScaNN's float32 copy of the rows plus its codes (1.17x the raw
+    rows measured, stated 1.25x) and ScaNN's training on the sample (~5x its raw rows:
+    its copy, the tree's and the codebooks' training copies, the residuals), plus what the
+    index keeps per id (~160 bytes: the id map; stated 200) and a fixed 64 MiB (the
+    tuning's search buffers, what the freed candidates leave in the C heap, a batch of rows;
+    20-50 MiB measured).
+
+    Raw float32 rows are ``4 * dim`` bytes each: at 1M x 512 this is 1.25 + 0.1 (ids) =
+    ~1.35x, against 4.5x when the build joined the rows into one matrix and ScaNN took it
+    whole (docs/scale.md).
+    """
+    raw = 4 * int(dim)
+    return int(max(1.25 * count * raw, 5.25 * sample * raw) + 200 * count + (64 << 20))
+
+
+def _trim_heap() -> None:
+    """Hands the memory freed in the C heap back to the system (glibc's ``malloc_trim``;
+    nothing elsewhere): ScaNN frees a searcher's many per-leaf arrays into the heap, where
+    glibc would keep them, so the next candidate of the tuning would add to them."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 def _candidate_config(config: ScannConfig, candidate: dict, leaves_to_search) -> ScannConfig:
@@ -440,6 +469,7 @@ class ScannIndex(RowIndex):
         rest (``plan[1]``, then ``plan[2]``) upserted in batches into reserved room."""
         from scann.scann_ops.py import scann_ops_pybind
 
+        _trim_heap()  # what a freed searcher (a tuning candidate) left in the heap
         builder = scann_ops_pybind.builder(source.take(plan[0]), 10, "dot_product")
         builder.set_n_training_threads(self._threads())
         if config.mode == "tree_ah":

@@ -61,7 +61,7 @@ def exact_neighbours(database: np.ndarray, queries: np.ndarray, k: int, chunk: i
     return out
 
 
-def streamed_neighbours(batches, queries: np.ndarray, k: int, chunk: int = 256):
+def streamed_neighbours(batches, queries: np.ndarray, k: int, chunk: int = 64):
     """`exact_neighbours` over a database given as row blocks in order (``batches``: arrays
     ``(rows, dim)``), keeping only the running top-k: memory is one block and ``chunk``
     queries' scores of it, never the database.
