@@ -9,7 +9,9 @@ leaves was twice too slow on clustered 1M x 512 vectors and barely enough on noi
 1. it holds out a sample of the database's own vectors as queries (leave-one-out: each query's
    own row is removed from both the truth and the answer, so the trivial self-match never
    counts);
-2. it computes their exact top-k by brute force (NumPy matmul over the whole database);
+2. it computes their exact top-k by brute force (NumPy matmul over the database; a build that
+   streams its rows gives them in blocks, `HeldOut.streamed`, and only the running top-k is
+   kept);
 3. it walks the frontier of (leaves, reorder) settings: for each re-ordering depth, from the
    deepest down, the fewest leaves whose recall@k reaches the target. Recall grows with both
    knobs, so the walk needs at most ``len(leaves) + len(reorders)`` searches;
