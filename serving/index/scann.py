@@ -323,8 +323,9 @@ def tuning_summary(config: dict) -> str | None:
 class ScannIndex(RowIndex):
     """ScaNN index configured from the collection size, with updates and safe persistence.
 
-    Vectors added before the first search are buffered and the searcher is built from all
-    of them at once (``build()`` forces it); vectors added or deleted later go through
+    Vectors added before the first search are kept as given (arrays not copied, `LazyRows`
+    not read) and streamed into the searcher at once (``build()`` forces it; its docstring
+    says in how much memory); vectors added or deleted later go through
     ScaNN's ``upsert`` and ``delete`` (ScaNN >= 1.3) against the trained codebooks, so a
     collection that grows far beyond its first build should be rebuilt.
 
@@ -397,10 +398,12 @@ class ScannIndex(RowIndex):
         joined into one matrix; the tuning's exact neighbours are streamed too, and its
         candidate partitionings are built one at a time. Measured (``python -m
         bench.build_memory``, docs/scale.md), the build's peak memory beyond the rows the
-        caller holds is ScaNN's float32 copy of the rows plus its codes, ~1.15x the raw
+        caller holds is ScaNN's float32 copy of the rows plus its codes, ~1.17x the raw
         float32 rows (``num * dim * 4`` bytes), or ScaNN's training on the sample, ~5x the
-        sample's raw rows, whichever is larger (`build_memory_bound`); beside it the ids
-        (~150 bytes each).
+        sample's raw rows, whichever is larger; beside it the ids (~160 bytes each) and
+        20-50 MiB. Stated: `build_memory_bound`. 500,000 x 256 (100,000 sample): 1.33x the
+        raw rows, ids included (4.9x at 200,000 x 256 before it streamed). Saving it
+        afterwards adds ~0.76x for a moment (ScaNN's ``serialize``).
 
         Args:
             collection_size: the size of the collection this index is a shard of
@@ -420,7 +423,6 @@ class ScannIndex(RowIndex):
         if config.mode != "brute_force" and config.target_recall is not None:
             held = min(config.tuning_queries, n // 4)
         plan = self._plan(n, held if held >= 2 else 0, config)
-        self._reorder_rows(np.concatenate(plan))  # ScaNN's rows: sample, rest, held out
         if config.training_sample_size:
             config.training_sample_size = len(plan[0])
         queries = None
@@ -432,6 +434,7 @@ class ScannIndex(RowIndex):
             searcher, config = self._tune_partitioning(source, plan, queries, requested, config)
         else:
             searcher = self._build_searcher(source, plan, config)
+        self._reorder_rows(np.concatenate(plan))  # ScaNN's rows: sample, rest, held out
         self._searcher = searcher
         self._pool_threads = self._threads()
         self._resolved = config
