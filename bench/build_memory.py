@@ -107,6 +107,8 @@ def measure(num: int, dim: int, source: str, config: dict) -> dict:
         "growth_mib": round(growth / 2**20, 1),
         "bytes_per_vector": round(growth / num),
         "ratio_to_float32": round(growth / raw, 3),
+        "recall": (chosen.get("tuning") or {}).get("measured_recall"),
+        "qps": (chosen.get("tuning") or {}).get("qps"),
     }
 
 
