@@ -172,4 +172,13 @@ def write_scale_doc(embedding, rows, path: Path = SCALE_MD) -> None:
     if embedding:
         lines += _embedding_section(embedding)
     lines += _index_section(rows)
+    lines += _kept_section(path)
     atomic_write_text(path, "\n".join(lines).rstrip() + "\n")
+
+
+def _kept_section(path: Path) -> list[str]:
+    """The "Build memory" section, which bench/build_memory.py's runs wrote (not this
+    bench's): kept as it is."""
+    text = path.read_text(encoding="utf-8") if path.exists() else ""
+    start = text.find("\n## Build memory")
+    return [] if start < 0 else ["", text[start + 1 :].rstrip()]

@@ -20,6 +20,7 @@ bytes, from `estimated_build_bytes`.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -34,7 +35,7 @@ import numpy as np
 from remap_tf.errors import InvalidInputError
 from remap_tf.serving import embeddings
 from remap_tf.serving.beam_embed import pipeline_options, runs_locally
-from remap_tf.serving.index import make_index
+from remap_tf.serving.index import LazyRows, make_index
 from remap_tf.serving.index.files import staged_index_dir
 from remap_tf.serving.index.sharded import shard_of, write_top_level
 
@@ -113,11 +114,13 @@ def _build(shard: int, staging: str, kind: str, dim: int, config: dict, routed) 
     parts = sorted(routing.glob(f"part-s{shard:05d}-*.npy"))
     ids, rows = [], []
     for part in parts:
-        ids.extend(json.loads(part.with_name(part.name[: -len(".npy")] + ".ids.json").read_text()))
-        rows.append(np.load(part, allow_pickle=False))
+        names = json.loads(part.with_name(part.name[: -len(".npy")] + ".ids.json").read_text())
+        ids.extend(names)
+        # Read when the build asks: a ScaNN build streams them (`ScannIndex.build`).
+        read = functools.partial(np.load, part, allow_pickle=False)
+        rows.append(LazyRows(len(names), read, part))
     index = make_index(kind, dim, **config)
-    if ids:
-        index.add(ids, np.concatenate(rows))
+    index.add_lazily(ids, rows)
     name = f"shard-{shard:05d}-{uuid.uuid4().hex[:8]}"
     index.save(Path(staging) / name)
     return name

@@ -36,6 +36,7 @@ temporary name, then a rename).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import json
@@ -493,16 +494,26 @@ def _checked(out, name: str, manifest: dict) -> bytes:
     return data
 
 
+def read_shard_ids(out, shard: int, manifest: dict) -> list:
+    """The ids of one shard's rows, checksum checked."""
+    return json.loads(_checked(out, shard_names(shard)[1], manifest).decode("utf-8"))
+
+
+def read_shard_rows(out, shard: int, manifest: dict, count: int) -> np.ndarray:
+    """``(count, dim)`` float32 descriptors of one shard, checksum and shape checked."""
+    npy = shard_names(shard)[0]
+    if not count:
+        return np.zeros((0, manifest["dim"] or 0), np.float32)
+    rows = np.load(io.BytesIO(_checked(out, npy, manifest)), allow_pickle=False)
+    if rows.shape != (count, manifest["dim"]) or rows.dtype != np.float32:
+        raise FileFormatError(f"{out}: {npy} has shape {rows.shape} {rows.dtype}")
+    return rows
+
+
 def read_shard(out, shard: int, manifest: dict) -> tuple[list, np.ndarray]:
     """``(ids, descriptors (n, dim) float32)`` of one shard, checksums checked."""
-    npy, ids_name, _ = shard_names(shard)
-    ids = json.loads(_checked(out, ids_name, manifest).decode("utf-8"))
-    if not ids:
-        return [], np.zeros((0, manifest["dim"] or 0), np.float32)
-    rows = np.load(io.BytesIO(_checked(out, npy, manifest)), allow_pickle=False)
-    if rows.shape != (len(ids), manifest["dim"]) or rows.dtype != np.float32:
-        raise FileFormatError(f"{out}: {npy} has shape {rows.shape} {rows.dtype}")
-    return ids, rows
+    ids = read_shard_ids(out, shard, manifest)
+    return ids, read_shard_rows(out, shard, manifest, len(ids))
 
 
 def iter_shards(out, manifest: dict | None = None) -> Iterator[tuple[int, list, np.ndarray]]:
@@ -515,8 +526,53 @@ def iter_shards(out, manifest: dict | None = None) -> Iterator[tuple[int, list, 
             yield shard, ids, rows
 
 
+def shard_readers(folders, manifests=None) -> tuple[list[str], list[tuple], dict]:
+    """Every id of one or more descriptor folders, and a reader of each shard's rows: what a
+    build that streams the shards needs (``remap index build --from-embeddings``), the rows
+    read one shard at a time and only when the build asks.
+
+    Args:
+        folders: one folder or a list.
+        manifests: their manifests, when the caller read them already (else read here).
+
+    Returns:
+        ``(ids, readers, info)``: the ids in row order; ``[(name, count, read)]`` per
+        non-empty shard, ``read() -> (count, dim)`` float32 rows, checksums checked at each
+        read; ``info = {"dim", "count", "dead", "model", "source"}`` (model and source of
+        the first folder).
+
+    Raises:
+        InvalidInputError: folders of different descriptor sizes, an id in two of them, or
+            no descriptors at all.
+    """
+    folders = [folders] if isinstance(folders, str | os.PathLike) else list(folders)
+    manifests = manifests or [read_manifest(out) for out in folders]
+    ids, readers, info = [], [], None
+    for out, manifest in zip(folders, manifests, strict=True):
+        if info is None:
+            info = {k: manifest[k] for k in ("dim", "model", "source")} | {"count": 0, "dead": 0}
+        elif manifest["dim"] not in (None, info["dim"]):
+            raise InvalidInputError(
+                f"{out} holds {manifest['dim']}-d descriptors, not {info['dim']}"
+            )
+        for shard in range(manifest["num_shards"]):
+            shard_ids = read_shard_ids(out, shard, manifest)
+            if shard_ids:
+                ids.extend(shard_ids)
+                read = functools.partial(read_shard_rows, out, shard, manifest, len(shard_ids))
+                readers.append((join(out, shard_names(shard)[0]), len(shard_ids), read))
+        info["count"] += manifest["count"]
+        info["dead"] += manifest["dead"]
+    if len(set(ids)) != len(ids):
+        raise InvalidInputError("the same id appears in more than one embeddings folder")
+    if not ids:
+        raise InvalidInputError(f"no descriptors in {', '.join(map(str, folders))}")
+    return ids, readers, info
+
+
 def load_embeddings(folders, manifests=None) -> tuple[list[str], np.ndarray, dict]:
-    """Every id and descriptor of one or more descriptor folders, checked.
+    """Every id and descriptor of one or more descriptor folders, checked, in one array
+    (`shard_readers` streams them instead).
 
     Args:
         folders: one folder or a list.
@@ -529,26 +585,13 @@ def load_embeddings(folders, manifests=None) -> tuple[list[str], np.ndarray, dic
     Raises:
         InvalidInputError: folders of different descriptor sizes, or an id in two of them.
     """
-    folders = [folders] if isinstance(folders, str | os.PathLike) else list(folders)
-    manifests = manifests or [read_manifest(out) for out in folders]
-    ids, parts, info = [], [], None
-    for out, manifest in zip(folders, manifests, strict=True):
-        if info is None:
-            info = {k: manifest[k] for k in ("dim", "model", "source")} | {"count": 0, "dead": 0}
-        elif manifest["dim"] not in (None, info["dim"]):
-            raise InvalidInputError(
-                f"{out} holds {manifest['dim']}-d descriptors, not {info['dim']}"
-            )
-        for _, shard_ids, rows in iter_shards(out, manifest):
-            ids.extend(shard_ids)
-            parts.append(rows)
-        info["count"] += manifest["count"]
-        info["dead"] += manifest["dead"]
-    if len(set(ids)) != len(ids):
-        raise InvalidInputError("the same id appears in more than one embeddings folder")
-    if not ids:
-        raise InvalidInputError(f"no descriptors in {', '.join(map(str, folders))}")
-    return ids, np.concatenate(parts), info
+    ids, readers, info = shard_readers(folders, manifests)
+    rows = np.empty((len(ids), info["dim"]), np.float32)
+    start = 0
+    for _, count, read in readers:
+        rows[start : start + count] = read()
+        start += count
+    return ids, rows, info
 
 
 # --- the retired format -----------------------------------------------------------------------

@@ -23,6 +23,7 @@ from remap_tf.serving.collection import glob_base, is_glob, list_images
 from remap_tf.serving.index import DurableIndex, Index, load_index, make_index, pending_changes
 from remap_tf.serving.index.changelog import check_rebuild, save_rebuilt
 from remap_tf.serving.index.files import INDEX_COMMAND, claim_index_output
+from remap_tf.serving.index.rows import LazyRows
 from remap_tf.serving.local_embed import embed_collection, embed_skipping
 
 # Metadata keys an index built here records.
@@ -214,9 +215,10 @@ def build_index_from_embeddings(
             scann_config=scann_config, workers=workers, beam_args=beam_args, metadata=metadata,
             manifests=manifests,
         )  # fmt: skip
-    ids, rows, info = embeddings.load_embeddings(folders, manifests)
+    # Streamed: a ScaNN build reads the shards one at a time (`ScannIndex.build`).
+    ids, readers, info = embeddings.shard_readers(folders, manifests)
     index = make_index(kind, info["dim"], **(scann_config or {}))
-    index.add(ids, rows)
+    index.add_lazily(ids, [LazyRows(count, read, name) for name, count, read in readers])
     index.metadata = metadata
     # Keeps the changes a `remap serve` logged beside it.
     folded = save_rebuilt(index, out, same_model=_same_recorded_model)

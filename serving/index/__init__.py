@@ -7,7 +7,9 @@ One module per concept (docs/architecture.md, "Where to add things: an index"):
 - `registry`: the kind name -> class table (``@register("exact")``) and ``make_index``;
 - `files`: the on-disk side shared by every kind: format constants, manifest verification,
   staged writes, and the checks of ids and descriptor rows;
-- `rows`: ``RowIndex``, a single index whose base class keeps the ids, row by row;
+- `rows`: ``RowIndex``, a single index whose base class keeps the ids, row by row, and
+  ``LazyRows``, rows read only when a build needs them (`pending`: a ScaNN build's passes
+  over them);
 - `exact` (``ExactIndex``, the yardstick), `scann` (``ScannIndex``, ``ScannConfig``),
   `sharded` (``ShardedIndex``: id-hash shards of either);
 - `tuning`: recall-targeted tuning of ScaNN's search-time knobs;
@@ -35,7 +37,7 @@ from remap_tf.serving.index.changelog import (
 from remap_tf.serving.index.exact import ExactIndex, top_k
 from remap_tf.serving.index.files import FORMAT, FORMAT_VERSION, saved_kind, verify_index
 from remap_tf.serving.index.registry import kinds, make_index, register
-from remap_tf.serving.index.rows import RowIndex
+from remap_tf.serving.index.rows import LazyRows, RowIndex
 from remap_tf.serving.index.scann import ScannConfig, ScannIndex
 from remap_tf.serving.index.sharded import ShardedIndex, merge_top_k, shard_of
 from remap_tf.serving.index.tuning import tune_search
@@ -49,6 +51,7 @@ __all__ = [
     "Index",
     "IndexFormatError",
     "LogInUseError",
+    "LazyRows",
     "RowIndex",
     "ScannConfig",
     "ScannIndex",

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import abc
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -39,6 +39,32 @@ from remap_tf.serving.index.files import (
     write_manifest,
 )
 from remap_tf.serving.manifest import IndexFormatError, file_entries, read_json
+
+
+class LazyRows:
+    """``count`` descriptor rows read only when needed (e.g. one descriptor shard on disk).
+
+    A kind that streams its build (ScaNN) reads them a part at a time, as often as it needs,
+    instead of holding every row; any other kind reads them all at once.
+
+    Args:
+        count: the number of rows ``load`` returns.
+        load: ``load() -> (count, dim)`` rows, read afresh at each call.
+        name: what the rows are, for error messages (e.g. the shard's file).
+    """
+
+    def __init__(self, count: int, load: Callable[[], np.ndarray], name: str):
+        self.count, self.name, self._load = int(count), str(name), load
+
+    def __len__(self) -> int:
+        return self.count
+
+    def rows(self, dim: int) -> np.ndarray:
+        """The rows, checked (`check_matrix`): ``(count, dim)`` contiguous float32."""
+        x = check_matrix(self._load(), dim, self.name)
+        if x.shape[0] != self.count:
+            raise InvalidInputError(f"{self.name} holds {x.shape[0]} rows, not {self.count}")
+        return x
 
 
 class RowIndex(Index):
@@ -75,8 +101,13 @@ class RowIndex(Index):
 
     def _reorder_rows(self, order: np.ndarray) -> None:
         """Row ``n`` becomes the old row ``order[n]`` (a permutation), for a kind that
-        reorders its vectors the same way."""
-        self._set_ids([self._ids[i] for i in order])
+        reorders its vectors the same way. The id map is updated in place: a second one
+        would cost ~70 bytes per id at the peak of a build."""
+        self._ids = [self._ids[i] for i in order]
+        positions = self._positions
+        for n, i in enumerate(self._ids):
+            positions[i] = n
+        self._id_array = None
 
     def _results(self, rows: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Maps integer rows (-1 = no result) to ids (None) and pads scores with -inf."""
@@ -117,12 +148,38 @@ class RowIndex(Index):
         x = check_matrix(descriptors, self._dim, "descriptors")
         if len(ids) != x.shape[0]:
             raise InvalidInputError(f"{len(ids)} ids for {x.shape[0]} descriptors")
-        present = [i for i in ids if i in self._positions]
-        if present:
-            raise InvalidInputError(f"ids already in the index (delete them first): {present[:5]}")
+        self._check_new(ids)
         if not ids:
             return
         self._add_rows(x)  # rows len(self)..len(self)+n-1, in order
+        self._append_ids(ids)
+
+    def add_lazily(self, ids: Sequence[str], parts: Sequence[LazyRows]) -> None:
+        """Adds the rows of ``parts`` (in order) under ``ids``, reading them only when the
+        kind needs them: a ScaNN index not yet built streams them through its build, a part
+        at a time; any other kind reads them all now (`_add_lazy`).
+
+        Args:
+            ids: one id per row of all the parts together.
+            parts: `LazyRows`, e.g. the shards of a descriptor folder.
+        """
+        ids = check_ids(ids)
+        parts = list(parts)
+        total = sum(len(p) for p in parts)
+        if len(ids) != total:
+            raise InvalidInputError(f"{len(ids)} ids for {total} descriptors")
+        self._check_new(ids)
+        if not ids:
+            return
+        self._add_lazy(parts)
+        self._append_ids(ids)
+
+    def _check_new(self, ids: list[str]) -> None:
+        present = [i for i in ids if i in self._positions]
+        if present:
+            raise InvalidInputError(f"ids already in the index (delete them first): {present[:5]}")
+
+    def _append_ids(self, ids: list[str]) -> None:
         start = len(self._ids)
         self._ids.extend(ids)
         self._positions.update({i: start + n for n, i in enumerate(ids)})
@@ -143,6 +200,11 @@ class RowIndex(Index):
     @abc.abstractmethod
     def _add_rows(self, descriptors: np.ndarray) -> None:
         """Appends checked float32 rows ``(n, dim)`` after the existing ones."""
+
+    def _add_lazy(self, parts: list[LazyRows]) -> None:
+        """Appends the rows of ``parts``; by default reads them all now (`_add_rows`)."""
+        rows = [p.rows(self._dim) for p in parts]
+        self._add_rows(rows[0] if len(rows) == 1 else np.concatenate(rows))
 
     @abc.abstractmethod
     def _delete_ids(self, ids: list[str]) -> None:

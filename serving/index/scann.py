@@ -22,6 +22,8 @@ back) and loads the searcher through ``scann_pybind.ScannNumpy`` directly rather
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import dataclasses
 import logging
 import math
@@ -33,8 +35,9 @@ import numpy as np
 
 from remap_tf.contract import MANIFEST_FILE
 from remap_tf.errors import InvalidInputError
+from remap_tf.serving.index.pending import PendingRows
 from remap_tf.serving.index.registry import register
-from remap_tf.serving.index.rows import RowIndex
+from remap_tf.serving.index.rows import LazyRows, RowIndex
 from remap_tf.serving.index.tuning import (
     DIMENSIONS_PER_BLOCK,
     LEAF_FACTORS,
@@ -54,6 +57,9 @@ logger = logging.getLogger(__name__)
 # A shard smaller than this keeps the mode of its own size: too few rows to train a tree and
 # AH codebooks on.
 MIN_TREE_ROWS = 2_000
+# Rows upserted into ScaNN per call after its training (and rows of a brute-force searcher
+# built before the rest is upserted): the build's working memory beyond ScaNN's own arrays.
+UPSERT_BATCH = 8_192
 
 
 @dataclasses.dataclass
@@ -199,6 +205,33 @@ class ScannConfig:
         return cls(**{k: v for k, v in values.items() if k in names})
 
 
+def build_memory_bound(count: int, dim: int, sample: int) -> int:
+    """Bytes a ScaNN build of ``count`` ``dim``-d rows trained on ``sample`` of them may add
+    to its process at the peak, beyond the rows the caller holds (measured with
+    ``python -m bench.build_memory``, docs/scale.md; tests/test_build_memory.py holds a build
+    to it): the larger of ScaNN's float32 copy of the rows plus its codes (1.17x the raw
+    rows measured, stated 1.25x) and ScaNN's training on the sample (~5x its raw rows:
+    its copy, the tree's and the codebooks' training copies, the residuals), plus what the
+    index keeps per id (~160 bytes: the id map; stated 200) and a fixed 64 MiB (the
+    tuning's search buffers, what the freed candidates leave in the C heap, a batch of rows;
+    20-50 MiB measured).
+
+    Raw float32 rows are ``4 * dim`` bytes each: at 1M x 512 this is 1.25 + 0.1 (ids) =
+    ~1.35x, against 4.5x when the build joined the rows into one matrix and ScaNN took it
+    whole (docs/scale.md).
+    """
+    raw = 4 * int(dim)
+    return int(max(1.25 * count * raw, 5.25 * sample * raw) + 200 * count + (64 << 20))
+
+
+def _trim_heap() -> None:
+    """Hands the memory freed in the C heap back to the system (glibc's ``malloc_trim``;
+    nothing elsewhere): ScaNN frees a searcher's many per-leaf arrays into the heap, where
+    glibc would keep them, so the next candidate of the tuning would add to them."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
 def _candidate_config(config: ScannConfig, candidate: dict, leaves_to_search) -> ScannConfig:
     """``config`` with a candidate's mode, leaves and AH settings (search knobs defaulted)."""
     out = dataclasses.replace(config, **candidate)
@@ -290,8 +323,9 @@ def tuning_summary(config: dict) -> str | None:
 class ScannIndex(RowIndex):
     """ScaNN index configured from the collection size, with updates and safe persistence.
 
-    Vectors added before the first search are buffered and the searcher is built from all
-    of them at once (``build()`` forces it); vectors added or deleted later go through
+    Vectors added before the first search are kept as given (arrays not copied, `LazyRows`
+    not read) and streamed into the searcher at once (``build()`` forces it; its docstring
+    says in how much memory); vectors added or deleted later go through
     ScaNN's ``upsert`` and ``delete`` (ScaNN >= 1.3) against the trained codebooks, so a
     collection that grows far beyond its first build should be rebuilt.
 
@@ -310,7 +344,7 @@ class ScannIndex(RowIndex):
         self._resolved: ScannConfig | None = None
         self._searcher = None
         self._pool_threads = 0
-        self._pending: list[np.ndarray] = []
+        self._pending: list[np.ndarray | LazyRows] = []  # the rows added before the build
 
     @property
     def config(self) -> dict:
@@ -335,9 +369,15 @@ class ScannIndex(RowIndex):
         if list(rows) != expected:  # ScaNN appends; anything else breaks the id mapping
             raise RuntimeError(f"ScaNN upsert returned rows {list(rows)[:5]}...")
 
+    def _add_lazy(self, parts) -> None:
+        if self._searcher is None:  # read when the build streams them
+            self._pending.extend(parts)
+        else:
+            super()._add_lazy(parts)
+
     def _delete_ids(self, ids) -> None:
         if self._searcher is None:
-            pending = np.concatenate(self._pending) if self._pending else None
+            pending = PendingRows(self._pending, self._dim).all() if self._pending else None
             keep = self._delete_keeping_order(ids)
             self._pending = [pending[keep]] if pending is not None else []
             return
@@ -351,16 +391,30 @@ class ScannIndex(RowIndex):
         knobs, and with a tree whose leaves are not given, the partitioning too
         (``ScannConfig.target_recall``).
 
+        The build streams: ScaNN is trained on a random sample of the rows
+        (``training_sample_size``), the rest is upserted `UPSERT_BATCH` rows at a time into
+        room reserved for all of them, and the rows given to ``add`` (or the `LazyRows` of
+        ``add_lazily``, read part by part, e.g. the shards of ``remap embed``) are never
+        joined into one matrix; the tuning's exact neighbours are streamed too, and its
+        candidate partitionings are built one at a time. Measured (``python -m
+        bench.build_memory``, docs/scale.md), the build's peak memory beyond the rows the
+        caller holds is ScaNN's float32 copy of the rows plus its codes, ~1.17x the raw
+        float32 rows (``num * dim * 4`` bytes), or ScaNN's training on the sample, ~5x the
+        sample's raw rows, whichever is larger; beside it the ids (~160 bytes each) and
+        20-50 MiB. Stated: `build_memory_bound`. 500,000 x 256 (100,000 sample): 1.33x the
+        raw rows, ids included (4.9x at 200,000 x 256 before it streamed). Saving it
+        afterwards adds ~0.76x for a moment (ScaNN's ``serialize``).
+
         Args:
             collection_size: the size of the collection this index is a shard of
                 (``ScannConfig.collection_size``); None: as configured.
         """
         if not len(self):
             raise InvalidInputError("cannot build a ScaNN index with no vectors; add some first")
-        data = np.concatenate(self._pending) if self._pending else None
-        if data is None or data.shape[0] != len(self):
+        source = PendingRows(self._pending, self._dim)
+        if self._searcher is not None or len(source) != len(self):
             raise RuntimeError("the ScaNN index is already built")
-        n = data.shape[0]
+        n = len(source)
         requested = self._requested
         if collection_size is not None:
             requested = dataclasses.replace(requested, collection_size=int(collection_size))
@@ -368,28 +422,58 @@ class ScannIndex(RowIndex):
         held = 0
         if config.mode != "brute_force" and config.target_recall is not None:
             held = min(config.tuning_queries, n // 4)
-        if held >= 2:  # the held-out rows go last, trained on by nothing, upserted after
-            data = self._move_to_end(data, held)
-        else:
-            held = 0
+        plan = self._plan(n, held if held >= 2 else 0, config)
         if config.training_sample_size:
-            config.training_sample_size = min(config.training_sample_size, n - held)
-        if held and config.mode == "tree_ah" and requested.num_leaves is None:
-            searcher, config = self._tune_partitioning(data, n - held, requested, config)
+            config.training_sample_size = len(plan[0])
+        queries = None
+        if len(plan[2]):  # trained on by nothing, upserted last: the tuning's queries
+            queries = HeldOut.streamed(
+                self._stream(source, plan), n, source.take(plan[2]), np.arange(n - held, n)
+            )
+        if queries is not None and config.mode == "tree_ah" and requested.num_leaves is None:
+            searcher, config = self._tune_partitioning(source, plan, queries, requested, config)
         else:
-            searcher = self._build_searcher(data, n - held, config)
+            searcher = self._build_searcher(source, plan, config)
+        self._reorder_rows(np.concatenate(plan))  # ScaNN's rows: sample, rest, held out
         self._searcher = searcher
         self._pool_threads = self._threads()
         self._resolved = config
         self._pending = []
-        if held and config.tuning is None:
-            self._tune(data, np.arange(n - held, n))
+        if queries is not None and config.tuning is None:
+            self._tune(queries)
 
-    def _build_searcher(self, data: np.ndarray, trained: int, config: ScannConfig):
-        """A ScaNN searcher of ``config`` trained on ``data[:trained]``, the rest upserted."""
+    @staticmethod
+    def _plan(n: int, held: int, config: ScannConfig) -> tuple:
+        """``(sample, rest, held)``: ascending rows of ``0..n-1`` that ScaNN is trained on,
+        that are upserted after, and that are held out as the tuning's queries (upserted
+        last, so that the tree and codebooks were fitted without them, as they were without
+        any future query)."""
+        rng = np.random.default_rng(0)
+        held_rows = np.sort(rng.choice(n, held, replace=False)) if held else np.empty(0, int)
+        others = np.ones(n, dtype=bool)
+        others[held_rows] = False
+        others = np.flatnonzero(others)
+        size = config.training_sample_size or min(len(others), UPSERT_BATCH)
+        if size < len(others):
+            sample = np.sort(rng.choice(others, size, replace=False))
+            rest = np.setdiff1d(others, sample, assume_unique=True)
+        else:
+            sample, rest = others, np.empty(0, int)
+        return sample, rest, held_rows
+
+    @staticmethod
+    def _stream(source: PendingRows, plan: tuple):
+        """ScaNN's rows in its order (``plan``), `UPSERT_BATCH` at a time."""
+        for rows in plan:
+            yield from source.batches(rows, UPSERT_BATCH)
+
+    def _build_searcher(self, source: PendingRows, plan: tuple, config: ScannConfig):
+        """A ScaNN searcher of ``config`` trained on the rows ``plan[0]`` of ``source``, the
+        rest (``plan[1]``, then ``plan[2]``) upserted in batches into reserved room."""
         from scann.scann_ops.py import scann_ops_pybind
 
-        builder = scann_ops_pybind.builder(data[:trained], 10, "dot_product")
+        _trim_heap()  # what a freed searcher (a tuning candidate) left in the heap
+        builder = scann_ops_pybind.builder(source.take(plan[0]), 10, "dot_product")
         builder.set_n_training_threads(self._threads())
         if config.mode == "tree_ah":
             builder = builder.tree(
@@ -407,27 +491,20 @@ class ScannIndex(RowIndex):
                 training_sample_size=config.training_sample_size,
             ).reorder(config.reorder)
         searcher = builder.build()
+        del builder  # it holds the sample
         searcher.set_num_threads(self._threads())
-        count = data.shape[0]
-        if trained < count:
-            rows = searcher.searcher.upsert([None] * (count - trained), data[trained:], 1)
-            if list(rows) != list(range(trained, count)):
+        count = sum(len(rows) for rows in plan)
+        if count > len(plan[0]):
+            # Room for every row at once: growing ScaNN's arrays by upserts alone doubles them
+            # (1.7x the rows at the peak, measured, against 1.15x reserved).
+            searcher.reserve(count)
+        start = len(plan[0])
+        for batch in self._stream(source, plan[1:]):
+            rows = searcher.searcher.upsert([None] * len(batch), batch, 1)
+            if list(rows) != list(range(start, start + len(batch))):
                 raise RuntimeError(f"ScaNN upsert returned rows {list(rows)[:5]}...")
+            start += len(batch)
         return searcher
-
-    def _move_to_end(self, data: np.ndarray, count: int) -> np.ndarray:
-        """Moves ``count`` random rows (and their ids) to the end; returns the reordered data.
-
-        They become the tuning queries: built into the index after training, so the tree
-        and codebooks were fitted without them, as they were without any future query.
-        """
-        n = data.shape[0]
-        held = np.random.default_rng(0).choice(n, count, replace=False)
-        rest = np.ones(n, dtype=bool)
-        rest[held] = False
-        order = np.concatenate([np.flatnonzero(rest), np.sort(held)])
-        self._reorder_rows(order)
-        return np.ascontiguousarray(data[order])
 
     def _search_rows(self, searcher, config: ScannConfig):
         """``search(queries, k, leaves, reorder) -> rows`` on ``searcher``, for the tuning."""
@@ -458,15 +535,15 @@ class ScannIndex(RowIndex):
             reorders = [config.reorder] if requested.reorder else list(REORDER_CANDIDATES)
         return leaves, reorders
 
-    def _tune_partitioning(self, data, trained: int, requested: ScannConfig, config):
-        """Builds the candidate partitionings of `partition_stages` within the budget; returns
-        the fastest searcher reaching the target and its config (``tuning`` records all)."""
+    def _tune_partitioning(self, source, plan, held, requested: ScannConfig, config):
+        """Builds the candidate partitionings of `partition_stages` within the budget, one
+        at a time; returns the fastest searcher reaching the target and its config
+        (``tuning`` records all)."""
         started = time.perf_counter()
-        held = HeldOut(data, 10, query_rows=np.arange(trained, data.shape[0]))
 
         def build(candidate):
             chosen = _candidate_config(config, candidate, requested.num_leaves_to_search)
-            searcher = self._build_searcher(data, trained, chosen)
+            searcher = self._build_searcher(source, plan, chosen)
             return (searcher, self._search_rows(searcher, chosen), *self._knobs(chosen))
 
         def estimate(candidate):  # tree builds grew ~ sqrt(leaves) (20k-60k x 32-64)
@@ -474,9 +551,10 @@ class ScannIndex(RowIndex):
                 return 0.0
             return math.sqrt(candidate["num_leaves"] / config.num_leaves)
 
+        count = sum(len(rows) for rows in plan)
         result = tune_builds(
-            build, partition_stages(requested, config, data.shape[0]), held,
-            config.target_recall, budget=config.tune_budget, estimate=estimate,
+            build, partition_stages(requested, config, count), held, config.target_recall,
+            budget=config.tune_budget, estimate=estimate, one_at_a_time=True,
         )  # fmt: skip
         chosen = result["chosen"]
         out = _candidate_config(config, result["candidate"], requested.num_leaves_to_search)
@@ -494,19 +572,20 @@ class ScannIndex(RowIndex):
             "budget": config.tune_budget,
             "budget_seconds": result["budget_seconds"],
             "spent_seconds": result["spent_seconds"],
+            "rebuild_seconds": result["rebuild_seconds"],
             "candidates": result["candidates"],
         }
         out.tuning["summary"] = tuning_summary(out.to_dict())
         logger.info(out.tuning["summary"])
         return result["searcher"], out
 
-    def _tune(self, data: np.ndarray, query_rows: np.ndarray) -> None:
+    def _tune(self, held: HeldOut) -> None:
         """Chooses leaves_to_search and reorder for the target recall (see ``ScannConfig``)."""
         config = self._resolved
         leaves, reorders = self._knobs(config)
         result = tune_search(
-            self._search_rows(self._searcher, config), data, config.target_recall, k=10,
-            query_rows=query_rows, leaves=leaves, reorders=reorders,
+            self._search_rows(self._searcher, config), None, config.target_recall,
+            held=held, leaves=leaves, reorders=reorders,
         )  # fmt: skip
         if config.mode == "tree_ah":
             config.num_leaves_to_search = int(result["leaves"])

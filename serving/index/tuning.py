@@ -9,7 +9,9 @@ leaves was twice too slow on clustered 1M x 512 vectors and barely enough on noi
 1. it holds out a sample of the database's own vectors as queries (leave-one-out: each query's
    own row is removed from both the truth and the answer, so the trivial self-match never
    counts);
-2. it computes their exact top-k by brute force (NumPy matmul over the whole database);
+2. it computes their exact top-k by brute force (NumPy matmul over the database; a build that
+   streams its rows gives them in blocks, `HeldOut.streamed`, and only the running top-k is
+   kept);
 3. it walks the frontier of (leaves, reorder) settings: for each re-ordering depth, from the
    deepest down, the fewest leaves whose recall@k reaches the target. Recall grows with both
    knobs, so the walk needs at most ``len(leaves) + len(reorders)`` searches;
@@ -61,6 +63,32 @@ def exact_neighbours(database: np.ndarray, queries: np.ndarray, k: int, chunk: i
     return out
 
 
+def streamed_neighbours(batches, queries: np.ndarray, k: int, chunk: int = 64):
+    """`exact_neighbours` over a database given as row blocks in order (``batches``: arrays
+    ``(rows, dim)``), keeping only the running top-k: memory is one block and ``chunk``
+    queries' scores of it, never the database.
+
+    Returns:
+        ``(num_queries, min(k, database rows))`` rows, best first.
+    """
+    best_rows = np.empty((queries.shape[0], 0), np.int64)
+    best_scores = np.empty((queries.shape[0], 0), np.float32)
+    start = 0
+    for block in batches:
+        rows, scores = [], []
+        for first in range(0, queries.shape[0], chunk):
+            found, values = top_k(queries[first : first + chunk] @ block.T, min(k, len(block)))
+            rows.append(found + start)
+            scores.append(values)
+        merged = np.concatenate([best_scores, np.concatenate(scores)], axis=1)
+        order = top_k(merged, min(k, merged.shape[1]))[0]
+        found = np.concatenate([best_rows, np.concatenate(rows)], axis=1)
+        best_rows = np.take_along_axis(found, order, axis=1)
+        best_scores = np.take_along_axis(merged, order, axis=1)
+        start += len(block)
+    return best_rows
+
+
 def _drop_self(rows: np.ndarray, own: np.ndarray, k: int) -> np.ndarray:
     """Each row without the query's own database row, cut to ``k`` (padded with -1)."""
     out = np.full((rows.shape[0], k), -1, dtype=np.int64)
@@ -110,6 +138,28 @@ class HeldOut:
         self.queries = np.ascontiguousarray(database[self.own])
         found = exact_neighbours(database, self.queries, self.k + 1)
         self.truth = _drop_self(found, self.own, self.k)
+
+    @classmethod
+    def streamed(cls, batches, count: int, queries: np.ndarray, own, k: int = 10) -> HeldOut:
+        """Held-out queries of a database read in row blocks (`streamed_neighbours`), for a
+        build that never holds the database as one matrix.
+
+        Args:
+            batches: the database's rows in order, as ``(rows, dim)`` arrays.
+            count: the database's rows in all (at least 2).
+            queries: ``(len(own), dim)`` the query rows themselves.
+            own: their rows in the database, ascending.
+            k: as for the constructor.
+        """
+        if count < 2:
+            raise InvalidInputError("tuning needs at least 2 vectors")
+        held = cls.__new__(cls)
+        held.k = min(k, count - 1)
+        held.own = np.asarray(own, dtype=np.int64)
+        held.queries = np.ascontiguousarray(queries, dtype=np.float32)
+        found = streamed_neighbours(batches, held.queries, held.k + 1)
+        held.truth = _drop_self(found, held.own, held.k)
+        return held
 
 
 class _Evaluator:
@@ -228,9 +278,9 @@ CLEAR_GAIN = 1.05
 class _Builds:
     """Builds and tunes candidates within ``budget`` x the first build's seconds."""
 
-    def __init__(self, build, held, target_recall, budget, estimate):
+    def __init__(self, build, held, target_recall, budget, estimate, one_at_a_time=False):
         self.build, self.held, self.target, self.budget = build, held, target_recall, budget
-        self.estimate = estimate
+        self.estimate, self.one_at_a_time = estimate, one_at_a_time
         self.records: list[dict] = []
         self.first_seconds: float | None = None
         self.spent = 0.0
@@ -249,6 +299,8 @@ class _Builds:
                 )
                 self.records.append(candidate | {"skipped": reason})
                 return
+        if self.one_at_a_time and self.best is not None:
+            self.best = (None, self.best[1])  # freed before the next build; rebuilt if it wins
         start = time.perf_counter()
         searcher, search, leaves, reorders = self.build(candidate)
         seconds = time.perf_counter() - start
@@ -293,6 +345,7 @@ def tune_builds(
     target_recall: float,
     budget: float = 1.0,
     estimate: Callable[[dict], float] = lambda candidate: 1.0,
+    one_at_a_time: bool = False,
 ) -> dict:
     """The fastest of several builds (e.g. partitionings) whose recall reaches the target.
 
@@ -311,27 +364,37 @@ def tune_builds(
         target_recall: recall@k to reach, as in `tune_search`.
         budget: the other builds may take this many times the first build's seconds.
         estimate: a candidate's build time as a multiple of the first build's.
+        one_at_a_time: hold one searcher at a time (memory of one build, not two): the best
+            so far is freed before the next candidate is built, and built again at the end
+            unless it was the last one built (``rebuild_seconds``, outside the budget).
 
     Returns:
         ``{"searcher", "chosen", "candidate", "candidates", "budget_seconds",
-        "spent_seconds"}``: the best candidate's searcher, record and fields; every
+        "spent_seconds", "rebuild_seconds"}``: the best candidate's searcher, record and
+        fields; every
         candidate's record (the candidate's fields, then ``num_leaves_to_search``,
         ``reorder``, ``reached``, ``recall``, ``recall_lower_bound``, ``qps``,
         ``build_seconds``, ``tune_seconds``, ``evaluated``; or ``skipped``).
     """
     check_target(target_recall)
     check_budget(budget)
-    builds = _Builds(build, held, target_recall, budget, estimate)
+    builds = _Builds(build, held, target_recall, budget, estimate, one_at_a_time)
     for stage in stages:
         for candidate in stage(None if builds.best is None else _fields(builds.best[1])):
             builds(candidate)
+    searcher, rebuild = builds.best[0], 0.0
+    if searcher is None:  # freed (one_at_a_time) while later candidates were built
+        start = time.perf_counter()
+        searcher = build(_fields(builds.best[1]))[0]
+        rebuild = time.perf_counter() - start
     return {
-        "searcher": builds.best[0],
+        "searcher": searcher,
         "chosen": builds.best[1],
         "candidate": _fields(builds.best[1]),
         "candidates": builds.records,
         "budget_seconds": round(budget * builds.first_seconds, 3),
         "spent_seconds": round(builds.spent, 3),
+        "rebuild_seconds": round(rebuild, 3),
     }
 
 
