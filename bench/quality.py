@@ -157,6 +157,9 @@ def rows(fine_tune: bool, backbone: str = "mobilenet") -> list[Row]:
         table += [
             dataclasses.replace(recipe, label=f"{recipe.label}, offline mining", mining="offline"),
             dataclasses.replace(recipe, label=f"{recipe.label}, head LR x10", head_lr=10.0),
+            dataclasses.replace(  # the initialised head kept as it is: the backbone learns
+                table[-2], label=f"{table[-2].label}, head frozen", head_lr=0.0
+            ),
         ]
         table += [  # the same fine-tuned models (kept with --results), multi-scale
             dataclasses.replace(row, label=row.label + MULTI_SCALE, scales=MULTI_SCALES)
