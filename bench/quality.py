@@ -729,14 +729,16 @@ def main(argv=None) -> int:
     backbone_arguments(args.backbone, args.weights)  # --weights checked before any work
     started, load_before = time.monotonic(), os.getloadavg()[0]
     datas = [load_data(Path(folder)) for folder in args.data]
-    pixels = [prepared(data, args.long_side) for data in datas]
-    training = training_pixels(datas, pixels)  # once: 3 GB at 512 px over the three folders
-    for part in pixels:
-        del part["train"]
     table = [
         r for r in rows(args.steps > 0, args.backbone) if (not args.only or r.label in args.only)
     ]
     done = load_results(args)
+    pixels, training = [], None
+    if any(row.label not in done for row in table):  # else only the report is written
+        pixels = [prepared(data, args.long_side) for data in datas]
+        training = training_pixels(datas, pixels)  # once: 3 GB at 512 px over three folders
+        for part in pixels:
+            del part["train"]
     with tempfile.TemporaryDirectory() as folder:
         train_csv = write_train_csv(datas, Path(folder))
         for index, row in enumerate(table):
