@@ -155,14 +155,18 @@ def rows(fine_tune: bool, backbone: str = "mobilenet") -> list[Row]:
         ]
         recipe = table[-1]  # issue 18's lever 5, on the regional-GeM REMAP recipe
         table += [
-            dataclasses.replace(recipe, label=f"{recipe.label}, offline mining", mining="offline"),
-            dataclasses.replace(recipe, label=f"{recipe.label}, head LR x10", head_lr=10.0),
+            dataclasses.replace(
+                recipe, label=f"{recipe.label}, offline mining", mining="offline", scores={}
+            ),
+            dataclasses.replace(
+                recipe, label=f"{recipe.label}, head LR x10", head_lr=10.0, scores={}
+            ),
             dataclasses.replace(  # the initialised head kept as it is: the backbone learns
-                table[-2], label=f"{table[-2].label}, head frozen", head_lr=0.0
+                table[-2], label=f"{table[-2].label}, head frozen", head_lr=0.0, scores={}
             ),
         ]
         table += [  # the same fine-tuned models (kept with --results), multi-scale
-            dataclasses.replace(row, label=row.label + MULTI_SCALE, scales=MULTI_SCALES)
+            dataclasses.replace(row, label=row.label + MULTI_SCALE, scales=MULTI_SCALES, scores={})
             for row in table
             if row.fine_tune
             and row.head_lr == 1.0
