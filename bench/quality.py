@@ -562,8 +562,14 @@ def markdown(table: list[Row], datas: list[Data], args, seconds: float, load) ->
         "",
         f"Command: `{command} --long-side {args.long_side} "
         f"--steps {args.steps} --train-long-side {args.train_long_side}` · {machine_line()} · "
-        f"load average {load[0]:.1f} at the start, {load[1]:.1f} at the end · "
-        f"{seconds / 60:.0f} min in all.",
+        + (
+            f"run row by row with `--results FILE` (resumed after interruptions; {seconds / 60:.0f}"
+            " min: the sum of the rows' seconds, each measured while the machine ran other "
+            "work too, so compare them with care)."
+            if args.results
+            else f"load average {load[0]:.1f} at the start, {load[1]:.1f} at the end · "
+            f"{seconds / 60:.0f} min in all."
+        ),
         "",
         f"{_data_text(datas)} Images at "
         f"{args.long_side} px long side, aspect kept. {_backbone_text(args)} KL weights and "
