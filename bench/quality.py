@@ -383,7 +383,10 @@ def fine_tune(model, train_csv: Path, args, row: Row) -> float:
         lo = config.loss
         model.compile(
             optimizer=HeadScaledAdam(
-                head, row.head_lr, learning_rate=make_learning_rate(config), clipnorm=1.0
+                head,
+                row.head_lr,
+                learning_rate=make_learning_rate(config),
+                clipnorm=config.optimizer.clipnorm,
             ),
             loss=TripletLoss(margin=lo.margin, mining=lo.mining),
         )
