@@ -43,6 +43,7 @@ _API = {
     "SPoCPooling": "remap_tf.layers",
     "Whitening": "remap_tf.layers",
     "TripletLoss": "remap_tf.losses",
+    "ContrastiveLoss": "remap_tf.losses",
     "build_backbone": "remap_tf.backbones",
     "recalibrate_batch_norm": "remap_tf.backbones",
     "get_region_weights": "remap_tf.model",
@@ -66,6 +67,7 @@ SERIALIZABLE_MODULES = ("remap_tf.layers", "remap_tf.losses")
 
 __all__ = [
     "BACKBONES",
+    "ContrastiveLoss",
     "GeMPooling",
     "ImagePreprocessing",
     "L2Normalization",
@@ -139,7 +141,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs; at run time the names load lazi
         SPoCPooling,
         Whitening,
     )
-    from remap_tf.losses import TripletLoss
+    from remap_tf.losses import ContrastiveLoss, TripletLoss
     from remap_tf.model import (
         REMAP,
         get_region_weights,

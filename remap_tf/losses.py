@@ -1,8 +1,10 @@
-"""Triplet loss with online mining on L2-normalised descriptors, as pure functions and a Keras loss.
+"""Metric-learning losses with online mining on L2-normalised descriptors: triplet and
+contrastive, as pure functions and Keras losses.
 
-Distances are **squared Euclidean** distances, ``d(a, b) = ||a - b||^2`` (``= 2 - 2 a.b`` for unit
-vectors, so in ``[0, 4]``), computed in float32 whatever the descriptors' dtype. The loss of an
-anchor ``a`` with a positive ``p`` (same label) and a negative ``n`` (other label) is
+**Triplet loss.** Distances are **squared Euclidean** distances, ``d(a, b) = ||a - b||^2``
+(``= 2 - 2 a.b`` for unit vectors, so in ``[0, 4]``), computed in float32 whatever the
+descriptors' dtype. The loss of an anchor ``a`` with a positive ``p`` (same label) and a
+negative ``n`` (other label) is
 
     max(0, margin + d(a, p) - d(a, n))
 
@@ -19,23 +21,52 @@ margin 0.1). Three ways to choose the triplets inside a batch:
 - ``"batch_all"``: every valid (anchor, positive, negative) triplet; an anchor's loss is the mean
   over its triplets.
 
+**Contrastive loss** (Radenović, Tolias & Chum, "Fine-tuning CNN image retrieval with no human
+annotation", TPAMI 2018; cirtorch's ``contrastive_loss``). On the **Euclidean** (not squared)
+distance ``e(a, b) = ||a - b||``, a positive pair costs ``0.5 e^2`` and a negative pair
+``0.5 max(0, margin - e)^2`` (cirtorch's default margin 0.7). Two minings:
+
+- ``"batch_all"`` (the default): an anchor's loss is the mean of ``0.5 e^2`` over its positives
+  plus the mean of ``0.5 (margin - e)^2`` over its *active* negatives (``e < margin``; 0 when
+  none is). cirtorch's tuples pair a query with its positive and a few mined hard negatives, so
+  every pair it scores is a positive or a negative that may still be active; averaging over all
+  in-batch negatives would dilute those few under the many already beyond the margin.
+- ``"batch_hard"``: its farthest positive and its closest negative.
+
+"semi_hard" is a triplet notion and is refused for the contrastive loss.
+
 In every mode the batch loss is the mean over the anchors that have at least one positive and
 one negative in the batch, and 0 when no anchor has both.
 """
 
 from __future__ import annotations
 
+import functools
+
 import keras
 import tensorflow as tf
 
-from remap_tf.checks import check_choice
 from remap_tf.contract import KERAS_PACKAGE
 from remap_tf.errors import InvalidInputError
-from remap_tf.specs import MININGS
+from remap_tf.specs import LOSSES, MININGS, check_loss_mining
 
+__all__ = [
+    "CONTRASTIVE_MININGS",
+    "ContrastiveLoss",
+    "MININGS",
+    "TripletLoss",
+    "contrastive_loss",
+    "hardest_negative_indices",
+    "hardest_positive_indices",
+    "pairwise_distances",
+    "semi_hard_negative_indices",
+    "triplet_loss",
+]
 
-def _check_mining(mining) -> str:
-    return check_choice("triplet mining", mining, MININGS)
+CONTRASTIVE_MININGS = LOSSES["contrastive"].minings
+# Below this squared distance the Euclidean distance is taken as sqrt(_MIN_SQUARED): the
+# gradient of sqrt is infinite at 0 (duplicate descriptors), that of the clipped one is 0.
+_MIN_SQUARED = 1e-12
 
 
 def _check_margin(margin) -> float:
@@ -224,7 +255,9 @@ def _per_anchor_values(losses, valid):
     return losses * tf.math.divide_no_nan(size, count)
 
 
-def triplet_loss(labels, descriptors, margin=0.1, mining="batch_hard"):
+def triplet_loss(
+    labels, descriptors, margin=LOSSES["triplet"].margin, mining=LOSSES["triplet"].mining
+):
     """Triplet loss of a batch with online mining (squared Euclidean distances, float32).
 
     Args:
@@ -241,16 +274,90 @@ def triplet_loss(labels, descriptors, margin=0.1, mining="batch_hard"):
         >>> triplet_loss([0, 0, 1, 1], [[1.0, 0.0], [1.0, 0.0], [0.0, 1.0], [0.0, 1.0]])
         <tf.Tensor: shape=(), dtype=float32, numpy=0.0>
     """
-    margin = _check_margin(margin)
-    mining = _check_mining(mining)
-    distances, positive, negative = _local_problem(labels, descriptors)
-    losses, valid = _anchor_losses(distances, positive, negative, margin, mining)
+    anchor_losses = _triplet_losses(margin, mining)
+    losses, valid = anchor_losses(*_local_problem(labels, descriptors))
     return _mean_over_valid(losses, valid)
 
 
-def _cross_replica_losses(labels, descriptors, margin: float, mining: str, context):
+def _triplet_losses(margin, mining):
+    """The checked triplet per-anchor loss ``(distances, positive, negative) -> (losses,
+    valid)``."""
+    return functools.partial(
+        _anchor_losses, margin=_check_margin(margin), mining=check_loss_mining("triplet", mining)
+    )
+
+
+def _contrastive_anchor_losses(distances, positive, negative, margin: float, mining: str):
+    """Contrastive per-anchor losses ``(num_anchors,)`` and validity (has both), from squared
+    distances ``(num_anchors, num_candidates)`` and the masks."""
+    has_positive = tf.reduce_any(positive, axis=1)
+    valid = tf.logical_and(has_positive, tf.reduce_any(negative, axis=1))
+    zeros = tf.zeros_like(distances)
+    euclidean = tf.sqrt(tf.maximum(distances, _MIN_SQUARED))
+    if mining == "batch_hard":
+        far_positive = tf.reduce_max(tf.where(positive, distances, zeros), axis=1)
+        inf = tf.fill(tf.shape(distances), float("inf"))
+        near_negative = tf.reduce_min(tf.where(negative, euclidean, inf), axis=1)
+        near_negative = tf.where(valid, near_negative, margin)  # no inf into the arithmetic
+        losses = 0.5 * far_positive + 0.5 * tf.square(tf.nn.relu(margin - near_negative))
+    else:  # batch_all: all positives, the active negatives
+        positive_mask = tf.cast(positive, tf.float32)
+        positive_term = tf.math.divide_no_nan(
+            tf.reduce_sum(0.5 * distances * positive_mask, axis=1),
+            tf.reduce_sum(positive_mask, axis=1),
+        )
+        hinge = tf.nn.relu(margin - euclidean)
+        active = tf.cast(tf.logical_and(negative, hinge > 0.0), tf.float32)
+        negative_term = tf.math.divide_no_nan(
+            tf.reduce_sum(0.5 * tf.square(hinge) * active, axis=1), tf.reduce_sum(active, axis=1)
+        )
+        losses = positive_term + negative_term
+    return tf.where(valid, losses, tf.zeros_like(losses)), valid
+
+
+def _contrastive_losses(margin, mining):
+    """The checked contrastive per-anchor loss, as `_triplet_losses`."""
+    return functools.partial(
+        _contrastive_anchor_losses,
+        margin=_check_margin(margin),
+        mining=check_loss_mining("contrastive", mining),
+    )
+
+
+def contrastive_loss(
+    labels, descriptors, margin=LOSSES["contrastive"].margin, mining=LOSSES["contrastive"].mining
+):
+    """Contrastive loss of a batch with online mining (Euclidean distances, float32).
+
+    Radenović, Tolias & Chum, "Fine-tuning CNN image retrieval with no human annotation"
+    (TPAMI 2018): a positive pair costs ``0.5 e^2``, a negative pair
+    ``0.5 max(0, margin - e)^2``, ``e`` the Euclidean distance.
+
+    Args:
+        labels: ``(batch,)`` or ``(batch, 1)`` integer class labels (floats are rounded).
+        descriptors: ``(batch, dim)`` L2-normalised descriptors, any float dtype.
+        margin: ``m >= 0`` on the Euclidean distance (cirtorch's default 0.7).
+        mining: ``"batch_all"`` (the default, closest to cirtorch: every positive and every
+            active negative, the module docstring says why) or ``"batch_hard"`` (farthest
+            positive, closest negative).
+
+    Returns:
+        float32 scalar: the mean over anchors that have a positive and a negative in the batch of
+        their loss; 0 when no anchor has both.
+
+    Example:
+        >>> contrastive_loss([0, 0, 1, 1], [[1.0, 0.0], [1.0, 0.0], [0.0, 1.0], [0.0, 1.0]])
+        <tf.Tensor: shape=(), dtype=float32, numpy=0.0>
+    """
+    anchor_losses = _contrastive_losses(margin, mining)
+    losses, valid = anchor_losses(*_local_problem(labels, descriptors))
+    return _mean_over_valid(losses, valid)
+
+
+def _cross_replica_losses(labels, descriptors, anchor_losses, context):
     """Losses and validity ``(local_batch,)`` of this replica's anchors, mined against the batch
-    gathered from every replica.
+    gathered from every replica; ``anchor_losses(distances, positive, negative)`` is the
+    loss's per-anchor function.
 
     ``ReplicaContext.all_gather`` is differentiable: its gradient sums the upstream gradients of
     all replicas and hands each replica its own slice, so after the strategy sums the replicas'
@@ -267,11 +374,40 @@ def _cross_replica_losses(labels, descriptors, margin: float, mining: str, conte
     positions = offset + tf.range(size[0])
     distances = pairwise_distances(local, all_descriptors)
     positive, negative = _masks(labels, all_labels, positions)
-    return _anchor_losses(distances, positive, negative, margin, mining)
+    return anchor_losses(distances, positive, negative)
+
+
+class _MinedLoss(keras.losses.Loss):
+    """A Keras loss over a checked per-anchor loss function (a ``functools.partial`` holding
+    ``margin`` and ``mining``): the ``call`` and ``get_config`` every loss here shares (one
+    value per anchor, local or cross-replica mining)."""
+
+    def __init__(self, anchor_losses, cross_replica, name, **kwargs):
+        super().__init__(name=name, **kwargs)
+        self._anchor_losses = anchor_losses
+        self.margin = anchor_losses.keywords["margin"]
+        self.mining = anchor_losses.keywords["mining"]
+        self.cross_replica = bool(cross_replica)
+
+    def call(self, y_true, y_pred):
+        context = tf.distribute.get_replica_context() if tf.distribute.has_strategy() else None
+        if self.cross_replica and context is not None and context.num_replicas_in_sync > 1:
+            losses, valid = _cross_replica_losses(y_true, y_pred, self._anchor_losses, context)
+        else:
+            losses, valid = self._anchor_losses(*_local_problem(y_true, y_pred))
+        return _per_anchor_values(losses, valid)
+
+    def get_config(self):
+        return {
+            **super().get_config(),
+            "margin": self.margin,
+            "mining": self.mining,
+            "cross_replica": self.cross_replica,
+        }
 
 
 @keras.saving.register_keras_serializable(package=KERAS_PACKAGE)
-class TripletLoss(keras.losses.Loss):
+class TripletLoss(_MinedLoss):
     """Triplet loss with online mining, for ``model.compile(loss=TripletLoss())``.
 
     A thin wrapper over `triplet_loss`: ``y_true`` are the class labels ``(batch,)`` or
@@ -298,30 +434,45 @@ class TripletLoss(keras.losses.Loss):
 
     def __init__(
         self,
-        margin: float = 0.1,
-        mining: str = "batch_hard",
+        margin: float = LOSSES["triplet"].margin,
+        mining: str = LOSSES["triplet"].mining,
         cross_replica: bool = False,
         name: str = "triplet_loss",
         **kwargs,
     ):
-        super().__init__(name=name, **kwargs)
-        self.margin = _check_margin(margin)
-        self.mining = _check_mining(mining)
-        self.cross_replica = bool(cross_replica)
+        anchor_losses = _triplet_losses(margin, mining)
+        super().__init__(anchor_losses, cross_replica, name, **kwargs)
 
-    def call(self, y_true, y_pred):
-        context = tf.distribute.get_replica_context() if tf.distribute.has_strategy() else None
-        if self.cross_replica and context is not None and context.num_replicas_in_sync > 1:
-            losses, valid = _cross_replica_losses(y_true, y_pred, self.margin, self.mining, context)
-        else:
-            distances, positive, negative = _local_problem(y_true, y_pred)
-            losses, valid = _anchor_losses(distances, positive, negative, self.margin, self.mining)
-        return _per_anchor_values(losses, valid)
 
-    def get_config(self):
-        return {
-            **super().get_config(),
-            "margin": self.margin,
-            "mining": self.mining,
-            "cross_replica": self.cross_replica,
-        }
+@keras.saving.register_keras_serializable(package=KERAS_PACKAGE)
+class ContrastiveLoss(_MinedLoss):
+    """Contrastive loss with online mining, for ``model.compile(loss=ContrastiveLoss())``.
+
+    A thin wrapper over `contrastive_loss` (Radenović et al., TPAMI 2018; cirtorch's
+    ``ContrastiveLoss``), with `TripletLoss`'s contract: ``y_true`` the class labels,
+    ``y_pred`` the L2-normalised descriptors ``(batch, dim)``, one value per anchor so that
+    Keras' reduction, the replica count and ``sample_weight`` apply, and the same
+    ``cross_replica`` option.
+
+    Args:
+        margin: margin on the Euclidean distance (cirtorch's default 0.7).
+        mining: ``"batch_all"`` (default, closest to cirtorch's tuples of a positive and hard
+            negatives: the active negatives are averaged, see the module docstring) or
+            ``"batch_hard"``.
+        cross_replica: mine over the batch gathered from every replica (see `TripletLoss`).
+        name: loss name.
+
+    Example:
+        >>> model.compile(optimizer="adam", loss=ContrastiveLoss(margin=0.7))
+    """
+
+    def __init__(
+        self,
+        margin: float = LOSSES["contrastive"].margin,
+        mining: str = LOSSES["contrastive"].mining,
+        cross_replica: bool = False,
+        name: str = "contrastive_loss",
+        **kwargs,
+    ):
+        anchor_losses = _contrastive_losses(margin, mining)
+        super().__init__(anchor_losses, cross_replica, name, **kwargs)

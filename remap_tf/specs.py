@@ -1,4 +1,4 @@
-"""What can be built, as data: backbones, poolings, triplet minings, whitening methods.
+"""What can be built, as data: backbones, poolings, losses and their minings, whitening methods.
 
 Configs and the ``remap`` command validate names against these tables without importing
 TensorFlow; `remap_tf.backbones` and `remap_tf.model` build from them. Standard library only.
@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 
 from remap_tf.checks import check_choice
+from remap_tf.errors import InvalidInputError
 
 # Poolings of `remap_tf.model.REMAP`, all on one code path.
 POOLINGS = ("remap", "rmac", "mac", "spoc", "gem")
@@ -94,6 +95,49 @@ BUNDLED_WEIGHTS = {
     "mobilenet": ({"alpha": 0.75}, "mobilenet_v1_0.75_224_imagenet_notop.weights.h5"),
 }
 BUNDLED_DEFAULT = "REMAP('mobilenet', weights='imagenet', backbone_kwargs={'alpha': 0.75})"
+
+
+@dataclasses.dataclass(frozen=True)
+class LossSpec:
+    """A metric-learning loss of `remap_tf.losses`, as data.
+
+    Attributes:
+        margin: the default margin.
+        minings: the online minings it accepts (a subset of `MININGS`).
+        mining: the default mining.
+    """
+
+    margin: float
+    minings: tuple[str, ...]
+    mining: str
+
+
+# Loss kinds of `remap_tf.losses` (`TripletLoss`, `ContrastiveLoss`), by config name. The
+# triplet's margin is REMAP's (squared distances); the contrastive one's is cirtorch's default
+# (Euclidean distances; their ResNet101 recipe uses 0.85). "semi_hard" is a triplet notion
+# (a negative beyond the positive), so contrastive has no such mining.
+LOSSES: dict[str, LossSpec] = {
+    "triplet": LossSpec(0.1, MININGS, "batch_hard"),
+    "contrastive": LossSpec(0.7, ("batch_all", "batch_hard"), "batch_all"),
+}
+
+
+def get_loss_spec(kind: str) -> LossSpec:
+    """The `LossSpec` of loss ``kind``; InvalidInputError listing the known kinds otherwise."""
+    return LOSSES[check_choice("loss", kind, LOSSES)]
+
+
+def check_loss_mining(kind: str, mining, name: str = "mining") -> str:
+    """``mining`` if loss ``kind`` accepts it; one-line InvalidInputError otherwise.
+
+    ``name`` is how the caller's user knows the value (``loss.mining``, ``--mining``).
+    """
+    spec = get_loss_spec(kind)
+    if mining in MININGS and mining not in spec.minings:
+        raise InvalidInputError(
+            f"{name} {mining!r} is not defined for the {kind} loss; use one of {spec.minings}."
+        )
+    return check_choice(f"{kind} {name}", mining, spec.minings)
 
 
 def bundled_weights_file(backbone: str, constructor_kwargs: dict) -> str | None:
