@@ -48,7 +48,7 @@ import tensorflow as tf
 
 from remap_tf.contract import KERAS_PACKAGE
 from remap_tf.errors import InvalidInputError
-from remap_tf.specs import LOSSES, MININGS, check_loss_mining
+from remap_tf.specs import LOSSES, MININGS, check_loss_mining, get_loss_spec
 
 __all__ = [
     "CONTRASTIVE_MININGS",
@@ -58,6 +58,7 @@ __all__ = [
     "contrastive_loss",
     "hardest_negative_indices",
     "hardest_positive_indices",
+    "make_loss",
     "pairwise_distances",
     "semi_hard_negative_indices",
     "triplet_loss",
@@ -476,3 +477,29 @@ class ContrastiveLoss(_MinedLoss):
     ):
         anchor_losses = _contrastive_losses(margin, mining)
         super().__init__(anchor_losses, cross_replica, name, **kwargs)
+
+
+# Loss kind (`remap_tf.specs.LOSSES`) -> its Keras loss.
+_LOSS_CLASSES = {"triplet": TripletLoss, "contrastive": ContrastiveLoss}
+
+
+def make_loss(kind: str = "triplet", margin=None, mining=None, cross_replica: bool = False):
+    """The Keras loss of ``kind`` (``"triplet"`` or ``"contrastive"``, `remap_tf.specs.LOSSES`).
+
+    Args:
+        kind: the loss kind; InvalidInputError naming it otherwise.
+        margin: its margin; None: the kind's default (0.1 triplet, 0.7 contrastive).
+        mining: its mining; None: the kind's default (batch_hard triplet, batch_all
+            contrastive).
+        cross_replica: as `TripletLoss`.
+
+    Example:
+        >>> make_loss("contrastive").margin
+        0.7
+    """
+    spec = get_loss_spec(kind)
+    return _LOSS_CLASSES[kind](
+        margin=spec.margin if margin is None else margin,
+        mining=spec.mining if mining is None else mining,
+        cross_replica=cross_replica,
+    )

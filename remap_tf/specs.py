@@ -122,9 +122,10 @@ LOSSES: dict[str, LossSpec] = {
 }
 
 
-def get_loss_spec(kind: str) -> LossSpec:
-    """The `LossSpec` of loss ``kind``; InvalidInputError listing the known kinds otherwise."""
-    return LOSSES[check_choice("loss", kind, LOSSES)]
+def get_loss_spec(kind: str, name: str = "loss") -> LossSpec:
+    """The `LossSpec` of loss ``kind``; InvalidInputError naming ``name`` (how the caller's
+    user knows the value) and listing the known kinds otherwise."""
+    return LOSSES[check_choice(name, kind, LOSSES)]
 
 
 def check_loss_mining(kind: str, mining, name: str = "mining") -> str:
@@ -137,7 +138,7 @@ def check_loss_mining(kind: str, mining, name: str = "mining") -> str:
         raise InvalidInputError(
             f"{name} {mining!r} is not defined for the {kind} loss; use one of {spec.minings}."
         )
-    return check_choice(f"{kind} {name}", mining, spec.minings)
+    return check_choice(name, mining, spec.minings)
 
 
 def bundled_weights_file(backbone: str, constructor_kwargs: dict) -> str | None:

@@ -138,7 +138,9 @@ PATH_CASES = [
 VALUE_CASES = [
     (command, flag, value)
     for command, flag, values in [
-        ("train", "--epochs", ["0", "-1", "two"]),
+        ("train", "--epochs", ["-1", "two"]),  # 0 is allowed: initialise only
+        ("train", "--loss", ["arcface"]),
+        ("train", "--mining", ["hardest"]),
         ("train", "--steps-per-epoch", ["0", "x"]),
         ("train", "--batch-size", ["0", "-4", "3"]),
         ("train", "--image-size", ["10", "big"]),
@@ -272,7 +274,13 @@ def test_bad_values_get_one_line_and_exit_2(workspace, monkeypatch, capsys, comm
     before = _snapshot(workspace)
     code = cli.main(_argv(command, flag, value))
     err = capsys.readouterr().err
-    names = {"--name": "Model name", "--pooling": "pooling"}.get(flag, flag)
+    config_names = {
+        "--name": "Model name",
+        "--pooling": "pooling",
+        "--loss": "loss.kind",
+        "--mining": "loss.mining",
+    }
+    names = config_names.get(flag, flag)
     _check_one_line(command, code, err, None, names)
     assert _snapshot(workspace) == before, "the command changed the workspace"
 

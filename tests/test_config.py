@@ -59,6 +59,13 @@ def test_yaml_then_overrides_then_validation(tmp_path, data_dir):
         ({"model.backbone": "resnet5"}, "model.backbone"),
         ({"optimizer.name": "lamb"}, "optimizer.name"),
         ({"loss.mining": "hardest"}, "loss.mining"),
+        ({"loss.kind": "arcface"}, "loss.kind"),
+        (
+            {"loss.kind": "contrastive", "loss.mining": "semi_hard"},
+            "loss.mining 'semi_hard' is not defined for the contrastive loss",
+        ),
+        ({"loss.margin": -0.5}, "loss.margin"),
+        ({"epochs": -1}, "epochs"),
         ({"strategy": "horovod"}, "strategy"),
         ({"data.image_size": 32}, "data.image_size"),
         ({"data.images_per_class": 1}, "data.images_per_class"),
@@ -72,6 +79,48 @@ def test_yaml_then_overrides_then_validation(tmp_path, data_dir):
 def test_bad_values_name_the_field_and_value(data_dir, overrides, message):
     with pytest.raises(ValueError, match="(?s)" + message.replace(".", r"\.")):
         load_config(overrides={"data.train": str(data_dir), **overrides})
+
+
+def test_loss_margin_and_mining_default_to_the_kinds_and_are_saved(tmp_path, data_dir):
+    """A null margin / mining is the kind's default (triplet 0.1 batch_hard, contrastive 0.7
+    batch_all), resolved once by validate, so config.yaml records the values used."""
+    triplet = load_config(overrides={"data.train": str(data_dir)})
+    assert (triplet.loss.kind, triplet.loss.margin, triplet.loss.mining) == (
+        "triplet",
+        0.1,
+        "batch_hard",
+    )
+    contrastive = load_config(overrides={"data.train": str(data_dir), "loss.kind": "contrastive"})
+    assert (contrastive.loss.margin, contrastive.loss.mining) == (0.7, "batch_all")
+    saved = yaml.safe_load(contrastive.save(tmp_path / "config.yaml").read_text())
+    assert saved["loss"]["kind"] == "contrastive" and saved["loss"]["margin"] == 0.7
+    explicit = load_config(
+        overrides={
+            "data.train": str(data_dir),
+            "loss.kind": "contrastive",
+            "loss.margin": 0.85,
+            "loss.mining": "batch_hard",
+        }
+    )
+    assert (explicit.loss.margin, explicit.loss.mining) == (0.85, "batch_hard")
+    args = _parse(["--data", str(data_dir), "--loss", "contrastive", "--epochs", "0"])
+    config = resolve_config(args)
+    assert (config.loss.kind, config.loss.margin, config.epochs) == ("contrastive", 0.7, 0)
+    with pytest.raises(ValueError, match="loss.mining 'semi_hard' is not defined for the contr"):
+        resolve_config(
+            _parse(["--data", str(data_dir), "--loss", "contrastive", "--mining", "semi_hard"])
+        )
+
+
+def test_epochs_zero_means_initialise_only_and_ignores_warmup(data_dir):
+    config = load_config(
+        overrides={"data.train": str(data_dir), "epochs": 0, "optimizer.warmup_steps": 10}
+    )
+    assert config.epochs == 0 and config.total_steps() == 0
+    with pytest.raises(ValueError, match="warmup_steps"):  # still checked when training
+        load_config(
+            overrides={"data.train": str(data_dir), "epochs": 1, "optimizer.warmup_steps": 100}
+        )
 
 
 def test_unknown_fields_are_rejected(tmp_path, data_dir):

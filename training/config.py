@@ -29,7 +29,14 @@ from remap_tf.checks import check_choice, check_int, check_number, closest
 from remap_tf.contract import MIN_IMAGE_SIZE
 from remap_tf.errors import BadPathError, FileFormatError, InvalidInputError
 from remap_tf.io import atomic_write_text
-from remap_tf.specs import BACKBONES, MININGS, POOLINGS, REGION_POOLINGS, WHITENING_METHODS
+from remap_tf.specs import (
+    BACKBONES,
+    POOLINGS,
+    REGION_POOLINGS,
+    WHITENING_METHODS,
+    check_loss_mining,
+    get_loss_spec,
+)
 
 # A training crop keeps this to 100% of the largest rectangle of its aspect: down to a
 # quarter of the frame, so training sees the partial views retrieval queries often are.
@@ -96,15 +103,41 @@ class OptimizerConfig:
 
 @dataclasses.dataclass
 class LossConfig:
-    """Triplet loss (`remap_tf.losses.TripletLoss`) and mining."""
+    """The loss (`remap_tf.losses.TripletLoss` or `ContrastiveLoss`) and its mining.
 
-    margin: float = 0.1
-    mining: str = "batch_hard"
+    ``margin`` and ``mining`` left null take the kind's defaults (`remap_tf.specs.LOSSES`:
+    triplet 0.1 on squared distances and batch_hard; contrastive 0.7 on Euclidean distances
+    and batch_all); `resolve` fills them in, and `TrainConfig.validate` calls it, so the
+    saved config.yaml records the values the run used.
+    """
+
+    kind: str = "triplet"  # "triplet" or "contrastive" (cirtorch's)
+    margin: float | None = None  # None: the kind's default
+    mining: str | None = None  # None: the kind's default
     cross_replica: bool = False  # mine over the global batch (all replicas)
     offline_mining: bool = False  # the paper's per-epoch hard-negative mining
     offline_pool_size: int = 512  # images embedded per epoch as negative candidates
     offline_num_anchors: int = 256  # tuples mined per epoch
     offline_num_negatives: int = 5  # hard negatives per tuple
+
+    def resolve(self) -> LossConfig:
+        """Fills a null ``margin`` or ``mining`` with the kind's default; returns self."""
+        spec = get_loss_spec(self.kind, "loss.kind")
+        if self.margin is None:
+            self.margin = spec.margin
+        if self.mining is None:
+            self.mining = spec.mining
+        return self
+
+    def validate(self) -> LossConfig:
+        """`resolve`, then checks every field; one-line errors naming the field."""
+        self.resolve()
+        check_number("loss.margin", self.margin, minimum=0, open_minimum=True)
+        check_loss_mining(self.kind, self.mining, "loss.mining")
+        check_int("loss.offline_pool_size", self.offline_pool_size, minimum=2)
+        check_int("loss.offline_num_anchors", self.offline_num_anchors, minimum=1)
+        check_int("loss.offline_num_negatives", self.offline_num_negatives, minimum=1)
+        return self
 
 
 @dataclasses.dataclass
@@ -137,7 +170,7 @@ class TrainConfig:
     optimizer: OptimizerConfig = dataclasses.field(default_factory=OptimizerConfig)
     loss: LossConfig = dataclasses.field(default_factory=LossConfig)
     init: InitConfig = dataclasses.field(default_factory=InitConfig)
-    epochs: int = 10
+    epochs: int = 10  # 0: initialise (region weights, whitening) and save, no fine-tuning
     steps_per_epoch: int = 100
     strategy: str = "default"
     devices: list[str] | None = None  # for one_device / mirrored
@@ -227,20 +260,16 @@ class TrainConfig:
         )
         if o.clipnorm is not None:
             check_number("optimizer.clipnorm", o.clipnorm, minimum=0, open_minimum=True)
-        check_number("loss.margin", lo.margin, minimum=0, open_minimum=True)
-        check_choice("loss.mining", lo.mining, MININGS)
-        check_int("loss.offline_pool_size", lo.offline_pool_size, minimum=2)
-        check_int("loss.offline_num_anchors", lo.offline_num_anchors, minimum=1)
-        check_int("loss.offline_num_negatives", lo.offline_num_negatives, minimum=1)
+        lo.validate()
         check_choice("init.whitening", i.whitening, WHITENING_INIT)
         check_int("init.num_images", i.num_images, minimum=0)
         check_int("init.max_pairs", i.max_pairs, minimum=1)
         check_number("init.whitening_shrinkage", i.whitening_shrinkage, minimum=0.0, maximum=10.0)
         check_number("init.whitening_holdout", i.whitening_holdout, minimum=0.05, maximum=0.95)
         check_number("data.min_crop_area", d.min_crop_area, minimum=0.01, maximum=1.0)
-        check_int("epochs", self.epochs, minimum=1)
+        check_int("epochs", self.epochs, minimum=0)  # 0: initialise only, no fine-tuning
         check_int("steps_per_epoch", self.steps_per_epoch, minimum=1)
-        if o.warmup_steps >= self.total_steps() and o.warmup_steps > 0:
+        if o.warmup_steps >= self.total_steps() and o.warmup_steps > 0 and self.epochs:
             raise InvalidInputError(
                 f"optimizer.warmup_steps ({o.warmup_steps}) must be below epochs × "
                 f"steps_per_epoch ({self.total_steps()})."

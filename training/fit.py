@@ -2,8 +2,10 @@
 
 `train(config)` runs the whole job: strategy, data, model (inside ``strategy.scope()``),
 KL-divergence region weights and learned whitening on a sample of the training set, compile
-with the triplet loss, callbacks, ``model.fit``, and the final ``model.keras``. `fit_model`
-is the lower-level piece for a model that already exists (the demo uses it).
+with the triplet or contrastive loss, callbacks, ``model.fit``, and the final ``model.keras``.
+With ``epochs: 0`` it stops after the initialisation: no fit step, the same ``model.keras``
+and ``config.yaml`` (no checkpoint or log, which come per epoch). `fit_model` is the
+lower-level piece for a model that already exists (the demo uses it).
 
 Output folder (``config.out_dir``)::
 
@@ -40,7 +42,7 @@ from remap_tf.backbones import batch_norm_layers, recalibrate_batch_norm
 from remap_tf.contract import MODEL_FILE
 from remap_tf.errors import InvalidInputError
 from remap_tf.io import atomic_save
-from remap_tf.losses import TripletLoss
+from remap_tf.losses import make_loss
 from remap_tf.model import REMAP, whitening_layer
 from remap_tf.region_weights import init_region_weights
 from remap_tf.training import callbacks as cb
@@ -133,8 +135,8 @@ def make_learning_rate(config: TrainConfig):
             warmup_target=o.learning_rate,
             warmup_steps=warmup,
         )
-    return keras.optimizers.schedules.CosineDecay(
-        initial_learning_rate=o.learning_rate, decay_steps=total, alpha=alpha
+    return keras.optimizers.schedules.CosineDecay(  # total is 0 with epochs 0 (no step)
+        initial_learning_rate=o.learning_rate, decay_steps=max(total, 1), alpha=alpha
     )
 
 
@@ -152,17 +154,18 @@ def make_optimizer(config: TrainConfig):
 
 
 def compile_model(model, config: TrainConfig) -> None:
-    """Compiles ``model`` with `remap_tf.losses.TripletLoss` and `make_optimizer`.
+    """Compiles ``model`` with the loss of ``config.loss`` (`remap_tf.losses.make_loss`:
+    triplet or contrastive) and `make_optimizer`.
 
     Call inside the strategy's scope (the optimizer's variables are created there). Also
     applies `training.keras_compat` (Keras fixes for multi-replica ``fit``).
     """
     keras_compat.apply()
 
-    lo = config.loss
+    lo = config.loss.resolve()
     model.compile(
         optimizer=make_optimizer(config),
-        loss=TripletLoss(margin=lo.margin, mining=lo.mining, cross_replica=lo.cross_replica),
+        loss=make_loss(lo.kind, lo.margin, lo.mining, cross_replica=lo.cross_replica),
         jit_compile=config.jit_compile,
     )
 
@@ -493,9 +496,12 @@ def _fit(config, cluster: _Cluster, manifest, val, out: Path, write_dir: Path, b
     with cluster.strategy.scope():
         model = build_model(config)
     backup_dir = cluster.backup_dir(out)
-    resuming = cb.backup_epoch(backup_dir) is not None
+    # epochs 0 initialises anew: a backup's trained weights would only load inside fit.
+    resuming = config.epochs > 0 and cb.backup_epoch(backup_dir) is not None
     recalibrate = config.init.recalibrate_batch_norm and not cluster.multi_worker
     log(f"model: {model.name}, {model.count_params():,} weights")
+    lo = config.loss.resolve()
+    log(f"loss: {lo.kind}, margin {lo.margin:g}, {lo.mining} mining")
     if not resuming and config.init.num_images > 0:
         log(f"initialising region weights and whitening from {config.init.num_images} images")
     elif resuming:
@@ -506,7 +512,37 @@ def _fit(config, cluster: _Cluster, manifest, val, out: Path, write_dir: Path, b
     if whitening_layer(model).selection and not resuming:
         log(f"whitening selection: {whitening_layer(model).selection['choice']}")
     with cluster.strategy.scope():
-        compile_model(model, config)
+        compile_model(model, config)  # also with epochs 0: model.keras is always compiled
+    before_evaluate = None
+    if recalibrate and sample is not None:
+
+        def before_evaluate():
+            recalibrate_batch_norm(model, sample[0], batch_size=config.data.validation_batch_size)
+
+    if config.epochs == 0:
+        log("epochs 0: initialised only, no fine-tuning")
+        history = _initialised_history(model, config, val, before_evaluate)
+    else:
+        history = _fit_steps(
+            model,
+            manifest,
+            config,
+            cluster,
+            val=val,
+            write_dir=write_dir,
+            bad_files=bad_files,
+            before_evaluate=before_evaluate,
+        )
+    if cluster.chief:
+        save_model(model, out / MODEL_FILE)
+        config.save(out / CONFIG_FILE)
+    return model, history
+
+
+def _fit_steps(model, manifest, config, cluster, *, val, write_dir, bad_files, before_evaluate):
+    """The fitting part of `_fit`: data, callbacks, ``model.fit``, then a last BatchNorm
+    recalibration (``before_evaluate``). -> History"""
+    backup_dir = cluster.backup_dir(Path(config.out_dir))
     train_ds, miner = make_training_dataset(
         model,
         manifest,
@@ -518,12 +554,6 @@ def _fit(config, cluster: _Cluster, manifest, val, out: Path, write_dir: Path, b
     callbacks = make_callbacks(
         config, write_dir=write_dir, backup_dir=backup_dir, bad_files=bad_files, miner=miner
     )
-    before_evaluate = None
-    if recalibrate and sample is not None:
-
-        def before_evaluate():
-            recalibrate_batch_norm(model, sample[0], batch_size=config.data.validation_batch_size)
-
     history = fit_model(
         model,
         train_ds,
@@ -535,10 +565,25 @@ def _fit(config, cluster: _Cluster, manifest, val, out: Path, write_dir: Path, b
     )
     if before_evaluate is not None:
         before_evaluate()
-    if cluster.chief:
-        save_model(model, out / MODEL_FILE)
-        config.save(out / CONFIG_FILE)
-    return model, history
+    return history
+
+
+def _initialised_history(model, config: TrainConfig, val, before_evaluate):
+    """The History of a run with no epoch: empty, its ``retrieval`` holding the initialised
+    model's validation mAP as ``initial_map`` (None without validation data)."""
+    history = keras.callbacks.History()
+    history.set_model(model)
+    history.epoch, history.time_limit, history.retrieval = [], None, None
+    if val is not None:
+        history.retrieval = cb.RetrievalEvaluation(
+            val,
+            batch_size=config.data.validation_batch_size,
+            verbose=config.verbose,
+            before_evaluate=before_evaluate,
+        )
+        history.retrieval.set_model(model)
+        history.retrieval.on_train_begin()
+    return history
 
 
 def save_model(model, path) -> Path:

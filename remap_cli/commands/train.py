@@ -1,4 +1,5 @@
-"""``remap train``: fine-tune REMAP with a triplet loss (`remap_tf.training.fit.train`).
+"""``remap train``: fine-tune REMAP with a triplet or contrastive loss
+(`remap_tf.training.fit.train`); ``--epochs 0`` initialises only (KL region weights, whitening).
 
 The parser only declares flags; the handler resolves a `remap_tf.training.config.TrainConfig`
 (defaults < ``--config`` YAML < flags < ``--set``), validates it, and calls
@@ -28,7 +29,7 @@ from remap_cli.args import (
 from remap_tf.contract import MIN_IMAGE_SIZE
 from remap_tf.errors import InvalidInputError, RemapError
 from remap_tf.outputs import claim, record
-from remap_tf.specs import BACKBONES, MININGS, POOLINGS, REGION_POOLINGS
+from remap_tf.specs import BACKBONES, LOSSES, POOLINGS, REGION_POOLINGS
 from remap_tf.training.config import (
     OPTIMIZERS,
     STRATEGIES,
@@ -57,6 +58,7 @@ _FLAG_FIELDS = {
     "optimizer": "optimizer.name",
     "learning_rate": "optimizer.learning_rate",
     "warmup_steps": "optimizer.warmup_steps",
+    "loss": "loss.kind",
     "margin": "loss.margin",
     "mining": "loss.mining",
     "seed": "seed",
@@ -86,7 +88,8 @@ def add_parser(subparsers) -> None:
     parser = add_command(
         subparsers,
         "train",
-        "fine-tune a REMAP model with triplet loss (model.fit, any tf.distribute strategy)",
+        "fine-tune a REMAP model with a triplet or contrastive loss (model.fit, any "
+        "tf.distribute strategy)",
         "Fine-tunes a REMAP model on labelled images and writes OUT/model.keras and "
         "OUT/config.yaml. Batch sizes are per replica: the global batch is --batch-size "
         "times the number of replicas. Re-running the same command after a kill resumes "
@@ -116,7 +119,12 @@ def add_parser(subparsers) -> None:
         "max, the paper's; gem learns an exponent per tap)",
     )
     parser.add_argument("--dim", type=positive_int, help="descriptor size after whitening")
-    parser.add_argument("--epochs", type=positive_int, help="epochs to train")
+    parser.add_argument(
+        "--epochs",
+        type=non_negative_int,
+        help="epochs to train; 0: initialise only (KL region weights and whitening), no "
+        "fine-tuning, and save the model as a trained one",
+    )
     parser.add_argument("--steps-per-epoch", type=positive_int, help="training steps per epoch")
     parser.add_argument(
         "--batch-size",
@@ -139,8 +147,25 @@ def add_parser(subparsers) -> None:
     parser.add_argument(
         "--warmup-steps", type=non_negative_int, help="linear warm-up steps before cosine decay"
     )
-    parser.add_argument("--margin", type=float_above(0.0, inclusive=True), help="triplet margin")
-    parser.add_argument("--mining", help=f"one of {', '.join(MININGS)}")
+    parser.add_argument(
+        "--loss",
+        help=f"one of {', '.join(LOSSES)} (default triplet; contrastive is cirtorch's)",
+    )
+    parser.add_argument(
+        "--margin",
+        type=float_above(0.0, inclusive=True),
+        help="loss margin (default: "
+        + ", ".join(f"{kind} {spec.margin:g}" for kind, spec in LOSSES.items())
+        + ")",
+    )
+    parser.add_argument(
+        "--mining",
+        help="online mining: "
+        + "; ".join(
+            f"{kind}: {', '.join(spec.minings)} (default {spec.mining})"
+            for kind, spec in LOSSES.items()
+        ),
+    )
     parser.add_argument("--seed", type=non_negative_int, help="random seed")
     parser.add_argument(
         "--time-limit", type=positive_float, help="stop cleanly after this many seconds"
@@ -250,6 +275,8 @@ def run(args: argparse.Namespace) -> int:
     )
     if result.initial_val_map is not None and result.val_map is not None:
         print(f"Validation mAP: {result.initial_val_map:.4f} -> {result.val_map:.4f}")
+    elif result.initial_val_map is not None and config.epochs == 0:
+        print(f"Validation mAP of the initialised model: {result.initial_val_map:.4f}")
     if result.bad_files:
         print(f"{len(result.bad_files)} bad image file(s) skipped (listed above).")
     print(f"Model: {result.model_path}\nConfig: {result.config_path}")
