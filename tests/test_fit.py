@@ -4,6 +4,7 @@ test_train_photos.py and test_resume.py)."""
 from __future__ import annotations
 
 import math
+import warnings
 
 import keras
 import numpy as np
@@ -183,3 +184,67 @@ def test_initialise_follows_config_init_and_takes_an_explicit_pair_seed(monkeypa
         "whitening": None,
     }
     assert calls == []
+
+
+def test_compile_model_compiles_the_configured_loss_kind():
+    """loss.kind picks the Keras loss; a null margin / mining is the kind's default."""
+    from remap_tf.losses import ContrastiveLoss, TripletLoss
+    from remap_tf.training.fit import compile_model
+
+    model = _tiny_model()
+    compile_model(model, _config(loss={"kind": "contrastive"}))
+    assert type(model.loss) is ContrastiveLoss
+    assert (model.loss.margin, model.loss.mining) == (0.7, "batch_all")
+    compile_model(model, _config(loss={"kind": "triplet", "margin": 0.2, "mining": "batch_all"}))
+    assert type(model.loss) is TripletLoss
+    assert (model.loss.margin, model.loss.mining) == (0.2, "batch_all")
+
+
+def test_epochs_zero_initialises_and_saves_without_fitting(tmp_path):
+    """epochs 0: KL region weights and learned whitening are initialised, no fit step runs,
+    and model.keras (compiled, safe_mode loadable) and config.yaml are written as after
+    training; the whitening differs from an uninitialised model's."""
+    import yaml
+
+    from remap_cli.demo.photoset import make_photo_views
+    from remap_tf.losses import ContrastiveLoss
+    from remap_tf.model import whitening_layer
+    from remap_tf.training.fit import build_model, train
+
+    views = make_photo_views(
+        tmp_path / "photos", seed=2, views_per_photo=3, image_size=(64, 64), val_fraction=0.3
+    )
+    config = TrainConfig.from_dict(
+        {
+            "model": {"backbone": "mobilenet", "backbone_kwargs": {"alpha": 0.25}, "levels": 2},
+            "data": {"train": str(views.train_csv), "validation": str(views.val_csv),
+                     "image_size": 64, "classes_per_batch": 2, "images_per_class": 2},
+            "optimizer": {"warmup_steps": 5},  # no step to warm up: not an error
+            "loss": {"kind": "contrastive"},
+            "init": {"num_images": 16},
+            "epochs": 0, "seed": 0, "tensorboard": False, "verbose": 0,
+            "out_dir": str(tmp_path / "run"),
+        }
+    )  # fmt: skip
+    result = train(config)
+    assert (result.epochs_run, result.initial_epoch, result.history) == (0, 0, {})
+    assert result.initial_val_map is not None and result.val_map is None
+    out = tmp_path / "run"
+    assert sorted(p.name for p in out.iterdir()) == ["config.yaml", "model.keras"]
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    assert saved["epochs"] == 0 and saved["loss"]["kind"] == "contrastive"
+    assert saved["loss"]["margin"] == 0.7
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # e.g. an optimizer saved unbuilt does not load quietly
+        loaded = keras.saving.load_model(result.model_path, safe_mode=True)
+    assert isinstance(loaded.loss, ContrastiveLoss) and loaded.loss.margin == 0.7
+    keras.utils.set_random_seed(config.seed)  # train() built the same initial model
+    uninitialised = build_model(config)
+    kernel = whitening_layer(loaded).get_weights()[0]
+    assert not np.allclose(kernel, whitening_layer(uninitialised).get_weights()[0])
+    np.testing.assert_allclose(kernel, whitening_layer(result.model).get_weights()[0])
+    images = np.random.default_rng(0).uniform(0, 255, (2, 64, 64, 3)).astype("float32")
+    np.testing.assert_allclose(
+        loaded(images, training=False), result.model(images, training=False), atol=1e-5
+    )

@@ -521,6 +521,8 @@ def _fit(config, cluster: _Cluster, manifest, val, out: Path, write_dir: Path, b
 
     if config.epochs == 0:
         log("epochs 0: initialised only, no fine-tuning")
+        with cluster.strategy.scope():  # as fit would, so model.keras loads without a warning
+            model.optimizer.build(model.trainable_variables)
         history = _initialised_history(model, config, val, before_evaluate)
     else:
         history = _fit_steps(
