@@ -18,7 +18,8 @@ conv_pw_13, BatchNorm output through a plain ReLU); tap variants are rows of the
 
 Rows: off-the-shelf SPoC, MAC, GeM, R-MAC, REMAP (KL weights), REMAP (KL weights + learned
 whitening); the tap variants; then R-MAC, GeM and REMAP (KL + learned whitening) fine-tuned
-with ``model.fit`` and a triplet loss for the same number of steps. Issue 18's levers are
+with ``model.fit`` and a triplet loss for the same number of steps (GeM and REMAP also with
+cirtorch's contrastive loss, margin ``--contrastive-margin``). Issue 18's levers are
 rows of their own: regional GeM (GeM inside each region, a learned exponent per tap),
 whitening chosen by held-out mAP (`remap_tf.whitening.select_whitening`) and multi-scale
 descriptors (scales 1, 1/sqrt(2), sqrt(2), summed and re-normalised). Writes the "quality"
@@ -56,9 +57,10 @@ from PIL import Image
 from bench.report import machine_line, write_section
 from remap_tf import REMAP, evaluation, init_region_weights, init_whitening
 from remap_tf.io import atomic_write_text
-from remap_tf.losses import TripletLoss
+from remap_tf.losses import make_loss
 from remap_tf.model import multiscale_descriptors
 from remap_tf.ops import resize_images
+from remap_tf.specs import LOSSES
 from remap_tf.training.config import TrainConfig
 from remap_tf.training.data import load_manifest
 from remap_tf.training.fit import fit_model, make_learning_rate
@@ -88,8 +90,10 @@ class Row:
     taps: tuple[str, ...] | None = None
     region_pooling: str = "max"
     scales: tuple[float, ...] = (1.0,)
-    mining: str = "batch_hard"  # fine-tuning: "batch_hard" or "offline" (the paper's)
+    # fine-tuning: an online mining of the row's loss, or "offline" (the paper's, on batch_hard)
+    mining: str = "batch_hard"
     head_lr: float = 1.0  # fine-tuning: learning rate of the head / that of the backbone
+    loss: str = "triplet"  # fine-tuning: "triplet" or "contrastive" (`remap_tf.specs.LOSSES`)
     scores: dict = dataclasses.field(default_factory=dict)
     seconds: float = 0.0
 
@@ -165,12 +169,23 @@ def rows(fine_tune: bool, backbone: str = "mobilenet") -> list[Row]:
                 table[-2], label=f"{table[-2].label}, head frozen", head_lr=0.0, scores={}
             ),
         ]
+        contrastive = {"loss": "contrastive", "mining": LOSSES["contrastive"].mining}
+        table += [  # issue 18's lever 5: cirtorch's contrastive loss beside the triplet
+            Row("GeM, fine-tuned, contrastive", "gem", fine_tune=True, **contrastive),
+            Row(
+                "REMAP, KL + learned whitening, fine-tuned, contrastive",
+                "remap",
+                "kl+lw",
+                fine_tune=True,
+                **contrastive,
+            ),
+        ]
         table += [  # the same fine-tuned models (kept with --results), multi-scale
             dataclasses.replace(row, label=row.label + MULTI_SCALE, scales=MULTI_SCALES, scores={})
             for row in table
             if row.fine_tune
             and row.head_lr == 1.0
-            and row.mining == "batch_hard"
+            and row.mining != "offline"
             and row.pooling != "rmac"
         ]
     return table
@@ -345,7 +360,11 @@ def fine_tune(model, train_csv: Path, args, row: Row) -> float:
             "verbose": 0,
             "seed": 0,
             "optimizer": {"learning_rate": args.learning_rate, "warmup_steps": 0},
-            "loss": {"margin": args.margin, "mining": "batch_hard"},
+            "loss": {
+                "kind": row.loss,
+                "margin": args.margin if row.loss == "triplet" else args.contrastive_margin,
+                "mining": "batch_hard" if row.mining == "offline" else row.mining,
+            },
             "data": {
                 "train": str(train_csv),
                 "image_size": args.train_long_side,
@@ -388,7 +407,7 @@ def fine_tune(model, train_csv: Path, args, row: Row) -> float:
                 learning_rate=make_learning_rate(config),
                 clipnorm=config.optimizer.clipnorm,
             ),
-            loss=TripletLoss(margin=lo.margin, mining=lo.mining),
+            loss=make_loss(lo.kind, lo.margin, lo.mining),
         )
     history = fit_model(model, dataset, config, callbacks=callbacks, compile=compile)
     return float(history.history["loss"][-1])
@@ -503,6 +522,11 @@ NEVER_LOWER = [
         "REMAP, regional GeM, KL weights",
         "REMAP, regional GeM, KL + selected whitening, fine-tuned",
     ),
+    ("GeM (p=3)", "GeM, fine-tuned, contrastive"),
+    (
+        "REMAP, KL weights + learned whitening",
+        "REMAP, KL + learned whitening, fine-tuned, contrastive",
+    ),
 ]
 
 
@@ -579,8 +603,15 @@ def markdown(table: list[Row], datas: list[Data], args, seconds: float, load) ->
         "learned whitening (shrinkage 0.5) from the training "
         f"scenes; fine-tuning: {args.steps} steps of {args.classes_per_batch} x "
         f"{args.images_per_class} images at {args.train_long_side} px long side (aspect-kept "
-        f"random crops of 25-100%), Adam {args.learning_rate:g}, triplet margin {args.margin:g}, "
-        "batch-hard mining, BatchNorm frozen.",
+        f"random crops of 25-100%), Adam {args.learning_rate:g}, triplet margin "
+        f"{_margin(args, 'triplet'):g}, batch-hard mining, BatchNorm frozen."
+        + (
+            f" Rows marked contrastive: cirtorch's contrastive loss, margin "
+            f"{_margin(args, 'contrastive'):g} (Euclidean distances), "
+            f"{LOSSES['contrastive'].mining.replace('_', '-')} mining."
+            if any(row.loss == "contrastive" for row in table)
+            else ""
+        ),
         "",
         *(["Figures: the mean over the val splits; each split below.", ""] if several else []),
         "| model | mAP whole | mP@10 whole | mAP crops | mP@10 crops | seconds |",
@@ -637,10 +668,22 @@ _SETTINGS = (
 
 
 def _settings(args) -> dict:
+    """What identifies a run's results. The margins are the resolved ones, and the
+    contrastive margin is there only when given, so results written before the contrastive
+    rows existed (``"margin": 0.1``, no contrastive key) still resume."""
     settings = {name: getattr(args, name) for name in _SETTINGS}
     settings["data"] = [Path(folder).name for folder in args.data]
     settings["weights"] = args.weights and Path(args.weights).name
+    settings["margin"] = _margin(args, "triplet")
+    if args.contrastive_margin is not None:
+        settings["contrastive_margin"] = args.contrastive_margin
     return settings
+
+
+def _margin(args, kind: str) -> float:
+    """The margin of ``kind``'s rows: its flag, else the config default of the kind."""
+    given = args.margin if kind == "triplet" else args.contrastive_margin
+    return LOSSES[kind].margin if given is None else given
 
 
 def load_results(args) -> dict[str, Row]:
@@ -726,7 +769,18 @@ def main(argv=None) -> int:
     parser.add_argument("--train-long-side", type=int, default=384)
     parser.add_argument("--steps", type=int, default=200, help="fine-tuning steps (0: none)")
     parser.add_argument("--learning-rate", type=float, default=5e-5)
-    parser.add_argument("--margin", type=float, default=0.1)
+    parser.add_argument(
+        "--margin",
+        type=float,
+        default=None,
+        help=f"triplet rows' margin (default {LOSSES['triplet'].margin:g})",
+    )
+    parser.add_argument(
+        "--contrastive-margin",
+        type=float,
+        default=None,
+        help=f"contrastive rows' margin (default {LOSSES['contrastive'].margin:g}, cirtorch's)",
+    )
     parser.add_argument("--classes-per-batch", type=int, default=6)
     parser.add_argument("--images-per-class", type=int, default=3)
     parser.add_argument("--only", nargs="*", default=None, help="labels of the rows to run")
