@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from remap_tf.losses import TripletLoss
+from remap_tf.losses import ContrastiveLoss, TripletLoss
 from remap_tf.training.data import load_manifest
 from remap_tf.training.images import BadFileLog
 from remap_tf.training.mining import (
@@ -144,7 +144,9 @@ def test_mined_tuples_and_their_batches(tmp_path):
     assert again.element_spec[0].shape.as_list() == [4, None, None, 3]
 
 
-def test_callback_re_mines_every_epoch_inside_fit(tmp_path, caplog):
+@pytest.mark.parametrize("loss_class", [TripletLoss, ContrastiveLoss])
+def test_callback_re_mines_every_epoch_inside_fit(tmp_path, caplog, loss_class):
+    """The tuples are labelled batches: either loss trains on them unchanged."""
     manifest = _colour_manifest(tmp_path)
     miner = OfflineHardNegativeMining(
         manifest, image_size=16, tuples_per_batch=2, num_negatives=2, num_anchors=6, pool_size=10
@@ -152,7 +154,7 @@ def test_callback_re_mines_every_epoch_inside_fit(tmp_path, caplog):
     with pytest.raises(Exception, match="No tuples mined yet"):
         next(iter(miner.dataset()))
     model = _colour_model()
-    model.compile(optimizer=keras.optimizers.SGD(0.1), loss=TripletLoss())
+    model.compile(optimizer=keras.optimizers.SGD(0.1), loss=loss_class())
     with caplog.at_level(logging.INFO, logger="remap.training"):
         history = model.fit(
             miner.dataset(),
@@ -163,6 +165,7 @@ def test_callback_re_mines_every_epoch_inside_fit(tmp_path, caplog):
             verbose=0,
         )
     assert len(history.history["loss"]) == 2
+    assert np.all(np.isfinite(history.history["loss"]))
     assert "Epoch 1: mined" in caplog.text and "Epoch 2: mined" in caplog.text
     assert miner.tuples is not None and miner.tuples.shape[1] == 4
 

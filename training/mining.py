@@ -8,8 +8,9 @@ one per class by default, as cirtorch does, so one near-duplicate class does not
 The positive is a random other image of the anchor's class.
 
 The tuples are laid out in batches with their class labels, so `remap_tf.losses.TripletLoss`
-trains on them unchanged: with ``mining="batch_hard"`` each anchor's hardest in-batch negative is
-at least as hard as its mined ones.
+(or `ContrastiveLoss`, cirtorch's loss on such tuples) trains on them unchanged: with
+``mining="batch_hard"`` each anchor's hardest in-batch negative is at least as hard as its mined
+ones.
 
 Use it as a Keras callback whose `OfflineHardNegativeMining.dataset` feeds ``model.fit``:
 
