@@ -119,12 +119,6 @@ def add_parser(subparsers) -> None:
         "max, the paper's; gem learns an exponent per tap)",
     )
     parser.add_argument("--dim", type=positive_int, help="descriptor size after whitening")
-    parser.add_argument(
-        "--epochs",
-        type=non_negative_int,
-        help="epochs to train; 0: initialise only (KL region weights and whitening), no "
-        "fine-tuning, and save the model as a trained one",
-    )
     parser.add_argument("--steps-per-epoch", type=positive_int, help="training steps per epoch")
     parser.add_argument(
         "--batch-size",
@@ -147,25 +141,7 @@ def add_parser(subparsers) -> None:
     parser.add_argument(
         "--warmup-steps", type=non_negative_int, help="linear warm-up steps before cosine decay"
     )
-    parser.add_argument(
-        "--loss",
-        help=f"one of {', '.join(LOSSES)} (default triplet; contrastive is cirtorch's)",
-    )
-    parser.add_argument(
-        "--margin",
-        type=float_above(0.0, inclusive=True),
-        help="loss margin (default: "
-        + ", ".join(f"{kind} {spec.margin:g}" for kind, spec in LOSSES.items())
-        + ")",
-    )
-    parser.add_argument(
-        "--mining",
-        help="online mining: "
-        + "; ".join(
-            f"{kind}: {', '.join(spec.minings)} (default {spec.mining})"
-            for kind, spec in LOSSES.items()
-        ),
-    )
+    _add_objective_flags(parser)
     parser.add_argument("--seed", type=non_negative_int, help="random seed")
     parser.add_argument(
         "--time-limit", type=positive_float, help="stop cleanly after this many seconds"
@@ -184,6 +160,36 @@ def add_parser(subparsers) -> None:
         default=[],
         metavar="FIELD=VALUE",
         help="any other config field, e.g. --set optimizer.clipnorm=5 (value parsed as YAML)",
+    )
+
+
+def _add_objective_flags(parser) -> None:
+    """``--epochs`` (0: initialise only), ``--loss``, ``--margin`` and ``--mining`` (their
+    defaults read from `LOSSES`)."""
+    parser.add_argument(
+        "--epochs",
+        type=non_negative_int,
+        help="epochs to train; 0: initialise only (KL region weights and whitening), no "
+        "fine-tuning, and save the model as a trained one",
+    )
+    parser.add_argument(
+        "--loss",
+        help=f"one of {', '.join(LOSSES)} (default triplet; contrastive is cirtorch's)",
+    )
+    parser.add_argument(
+        "--margin",
+        type=float_above(0.0, inclusive=True),
+        help="loss margin (default: "
+        + ", ".join(f"{kind} {spec.margin:g}" for kind, spec in LOSSES.items())
+        + ")",
+    )
+    parser.add_argument(
+        "--mining",
+        help="online mining: "
+        + "; ".join(
+            f"{kind}: {', '.join(spec.minings)} (default {spec.mining})"
+            for kind, spec in LOSSES.items()
+        ),
     )
 
 
