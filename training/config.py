@@ -108,7 +108,8 @@ class LossConfig:
     ``margin`` and ``mining`` left null take the kind's defaults (`remap_tf.specs.LOSSES`:
     triplet 0.1 on squared distances and batch_hard; contrastive 0.7 on Euclidean distances
     and batch_all); `resolve` fills them in, and `TrainConfig.validate` calls it, so the
-    saved config.yaml records the values the run used.
+    saved config.yaml records the values the run used. Set ``kind`` before validating: a
+    validated config keeps its filled-in margin and mining when ``replace`` changes the kind.
     """
 
     kind: str = "triplet"  # "triplet" or "contrastive" (cirtorch's)
