@@ -54,7 +54,7 @@ VARIANCE_KEPT = 0.95
 TOPS = (8, 32, 128)  # the spectrum check: variance share of the top directions
 QUANTILES = (10, 50, 90)
 FIT_FORMAT = "remap-bench-shaped-fit-1"
-CHUNK = 65_536  # rows generated at once
+CHUNK = 16_384  # rows generated at once (a few float32 arrays of CHUNK x dim)
 
 
 # --- the real descriptors ---------------------------------------------------------------------
@@ -158,11 +158,13 @@ def fit_descriptors(descriptors, groups, variance=VARIANCE_KEPT) -> dict:
     """The shape of ``descriptors (num_rows, dim)`` whose rows fall in ``groups (num_rows,)``
     (views of one scene or object): mean, PCA, and in the top-k PCA space (k keeps
     ``variance`` of the total) the group structure (`group_structure`), plus the isotropic
-    variance of the other directions.
+    variance of the other directions, split like the rest into a part shared by a group and
+    a part of each row.
 
     Returns a dict of arrays (`save_fit` writes it): ``mean (dim,)``, ``eigenvalues (r,)``,
     ``basis (dim, k)``, ``between (k,)``, ``within (k,)``, ``sizes (num_groups,)``,
-    ``scales (num_groups,)``, ``residual`` (variance per remaining direction), ``count``.
+    ``scales (num_groups,)``, ``residual`` (variance per remaining direction),
+    ``residual_within`` (its within-group part), ``count``.
     """
     x = unit_rows(descriptors)
     if len(x) < 20 or len(groups) != len(x):
@@ -172,14 +174,20 @@ def fit_descriptors(descriptors, groups, variance=VARIANCE_KEPT) -> dict:
     mean, eigenvalues, vectors = pca(x)
     total = eigenvalues.sum()
     k = min(int(np.searchsorted(np.cumsum(eigenvalues) / total, variance)) + 1, len(eigenvalues))
-    residual = (total - eigenvalues[:k].sum()) / max(x.shape[1] - k, 1)
-    z = (x - mean) @ vectors[:, :k]
+    others = max(x.shape[1] - k, 1)
+    residual = (total - eigenvalues[:k].sum()) / others
+    groups = np.asarray(groups)
+    structure = group_structure((x - mean) @ vectors[:, :k], groups)
+    # The residual's within-group share: all within-group variance less the top-k directions'.
+    within_all = group_structure(x - mean, groups)["within"].sum()
+    residual_within = min(max(within_all - structure["within"].sum(), 0.0) / others, residual)
     return {
         "mean": mean.astype(np.float32),
         "eigenvalues": eigenvalues,
         "basis": vectors[:, :k].astype(np.float32),
-        **group_structure(z, np.asarray(groups)),
+        **structure,
         "residual": np.float64(residual),
+        "residual_within": np.float64(residual_within),
         "count": np.int64(len(x)),
     }
 
@@ -217,29 +225,38 @@ def generate(n: int, fit: dict, seed: int, chunk: int = CHUNK) -> np.ndarray:
 
     Groups are drawn as the real ones come (a real group's size and tightness, at random)
     until there are n rows: a new centre from the between-group Gaussian in the top-k PCA
-    space, its rows from the within-group one (scaled by the group's tightness), back-
-    projected, plus isotropic noise of the residual variance in every direction (the
-    within-group variances are lowered by it so each top-k direction keeps its fitted
-    variance), plus the mean, L2-normalised. The number of groups grows with n, as in a real
-    collection. Memory: the output and one chunk.
+    space plus an isotropic offset of the residual's between-group part in every direction;
+    its rows from the within-group Gaussian plus isotropic noise of the residual's
+    within-group part (both scaled by the group's tightness); the top-k variances are
+    lowered by what the isotropic parts add there, so each keeps its fitted value. Then the
+    mean is added and rows are L2-normalised. The number of groups grows with n, as in a
+    real collection. Memory: the output and a few chunks.
     """
     basis = np.asarray(fit["basis"], np.float32)
     mean = np.asarray(fit["mean"], np.float32)
+    residual_within = float(fit["residual_within"])
+    shared = np.float32(np.sqrt(float(fit["residual"]) - residual_within))
     out = np.empty((n, len(mean)), np.float32)
     for number, start in enumerate(range(0, n, chunk)):
         rng = np.random.default_rng([seed, number])
         count = min(chunk, n - start)
+        z, drawn, row_group = _group_rows(count, fit, rng)
+        offsets = rng.standard_normal((len(drawn), len(mean)), dtype=np.float32)
+        offsets *= shared
         x = rng.standard_normal((count, len(mean)), dtype=np.float32)
-        x *= np.float32(np.sqrt(float(fit["residual"])))
-        x += _group_rows(count, fit, rng) @ basis.T
+        x *= np.sqrt(fit["scales"][drawn] * residual_within).astype(np.float32)[row_group, None]
+        x += offsets[row_group]
+        x += z @ basis.T
         x += mean
         x /= np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
         out[start : start + count] = x
     return out
 
 
-def _group_rows(count: int, fit: dict, rng) -> np.ndarray:
-    """``(count, k)`` float32 rows in the PCA space, in whole groups (the last one cut)."""
+def _group_rows(count: int, fit: dict, rng) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(z (count, k) float32 rows in the PCA space, drawn (num_groups,) the real groups
+    each new group copies, row_group (count,) each row's new group)``; whole groups, the
+    last one cut."""
     sizes, scales = fit["sizes"], fit["scales"]
     drawn = np.empty(0, np.int64)
     while sizes[drawn].sum() < count:
@@ -248,15 +265,16 @@ def _group_rows(count: int, fit: dict, rng) -> np.ndarray:
     ends = np.cumsum(sizes[drawn])
     drawn = drawn[: int(np.searchsorted(ends, count)) + 1]
     row_group = np.repeat(np.arange(len(drawn)), sizes[drawn])[:count]
+    residual_within = float(fit["residual_within"])
+    residual_between = float(fit["residual"]) - residual_within
     k = len(fit["between"])
     centres = rng.standard_normal((len(drawn), k), dtype=np.float32)
-    centres *= np.sqrt(fit["between"]).astype(np.float32)
-    spreads = np.outer(scales[drawn], fit["within"]) - float(fit["residual"])
-    spreads = np.sqrt(np.maximum(spreads, 0.0)).astype(np.float32)
+    centres *= np.sqrt(np.maximum(fit["between"] - residual_between, 0.0)).astype(np.float32)
+    spreads = np.outer(scales[drawn], np.maximum(fit["within"] - residual_within, 0.0))
     z = rng.standard_normal((count, k), dtype=np.float32)
-    z *= spreads[row_group]
+    z *= np.sqrt(spreads).astype(np.float32)[row_group]
     z += centres[row_group]
-    return z
+    return z, drawn, row_group
 
 
 # --- the check --------------------------------------------------------------------------------
@@ -335,7 +353,8 @@ def fit_text(fit: dict) -> str:
         f"{sizes.mean():.1f}); within-group variance {fit['within'].sum() / kept_total:.1%} of "
         "the kept variance; group tightness (mean squared distance to the centre over the "
         f"pooled one) q10/q50/q90 {'/'.join(f'{v:.2f}' for v in scales)}; residual variance "
-        f"{float(fit['residual']):.2e} per remaining direction."
+        f"{float(fit['residual']):.2e} per remaining direction "
+        f"({float(fit['residual_within']) / float(fit['residual']):.0%} of it within groups)."
     )
 
 
