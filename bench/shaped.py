@@ -14,12 +14,13 @@ shape of real ones and draws any number of vectors from the fit:
    groups (the views of one scene or object that ``groundtruth.json`` lists; a distractor is
    a group of one) as a Gaussian of group centres, a pooled diagonal within-group Gaussian,
    and each group's size and tightness; plus the isotropic variance of the other
-   directions. Saved as an .npz with the source described in it. (A diagonal Gaussian
-   mixture chosen by BIC was tried first: BIC picks one component on 1,932 rows in ~460
-   dims, and then no near neighbours are generated; docs/benchmarks.md has the figures.)
+   directions (split, like the rest, into a group-shared and a per-row part). Saved as an
+   .npz with the source described in it. (A diagonal Gaussian mixture chosen by BIC was
+   tried first: BIC picks one component on 1,932 rows in ~460 dims, and then no near
+   neighbours are generated; docs/benchmarks.md has the figures.)
 2. `generate`: n rows from the fit (new groups drawn like the real ones until there are n
    rows, back-projected, plus the residual noise, L2-normalised), float32, in chunks:
-   n x dim x 4 bytes plus one chunk.
+   n x dim x 4 bytes plus a few chunks of `CHUNK` rows.
 3. ``check``: real against generated at equal size (and bench.ann's clustered data at noise
    0.5 and 1.0 for contrast): the variance of the top 8/32/128 PCA directions and the 1-NN
    and 10-NN cosine-distance quantiles; a markdown table, written to docs/benchmarks.md
@@ -84,7 +85,7 @@ def list_photos(root: Path, sets=DATA_SETS) -> tuple[list[str], list[str], list[
     return paths, ids, groups
 
 
-def embed_photos(paths: list[str], ids: list[str], cache: Path) -> tuple[list, np.ndarray]:
+def embed_photos(paths: list[str], ids: list[str], cache: Path, source: str) -> tuple:
     """``(ids, (num_images, dim) descriptors)`` of ``paths`` by the bundled default model, exported
     at the default image size into ``cache/model`` and embedded in process into
     ``cache/descriptors`` (both reused: a rerun resumes the embedding)."""
@@ -103,9 +104,7 @@ def embed_photos(paths: list[str], ids: list[str], cache: Path) -> tuple[list, n
         export_model(model, models, image_size=DEFAULT_IMAGE_SIZE)
     embedder = LocalEmbedder(models)
     out = cache / "descriptors"
-    summary = embed_collection(
-        embedder, paths, ids, out, source=str(DATA_ROOT), model=BUNDLED_DEFAULT
-    )
+    summary = embed_collection(embedder, paths, ids, out, source=source, model=BUNDLED_DEFAULT)
     if summary["dead"]:
         print(f"{len(summary['dead'])} photos could not be embedded: {summary['dead'][:3]}")
     embedded, rows, _ = embeddings.load_embeddings(str(out))
@@ -374,7 +373,7 @@ def run_fit(out, data_root=DATA_ROOT, sets=DATA_SETS, variance=VARIANCE_KEPT) ->
     out = Path(out).expanduser()
     started = time.perf_counter()
     paths, ids, groups = list_photos(data_root, sets)
-    embedded, descriptors = embed_photos(paths, ids, cache_folder(out))
+    embedded, descriptors = embed_photos(paths, ids, cache_folder(out), str(data_root))
     print(f"{len(descriptors)} descriptors in {time.perf_counter() - started:.0f} s", flush=True)
     group_of = dict(zip(ids, groups, strict=True))
     fit = fit_descriptors(descriptors, [group_of[i] for i in embedded], variance)
