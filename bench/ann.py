@@ -6,7 +6,9 @@ that were the default before tuning), exact NumPy (``serving.index``'s matmul + 
 faiss ``IndexFlatIP``, faiss HNSW, faiss IVF-PQ (plain and with exact re-ranking) and
 hnswlib, on clustered L2-normalised vectors (dot product) of two distributions (cluster noise
 0.5 and a noisier 1.0 per dimension), with 1 and 2 search threads. Also: build time and the
-serialized index size per million vectors.
+serialized index size per million vectors. ``--distribution shaped --fit FILE`` runs the same
+methods on vectors shaped like real REMAP descriptors instead (`bench.shaped`: their
+dimension, spectrum and scene groups), into a section of its own ("ann-shaped").
 
 faiss-cpu and hnswlib are benchmark-only (``pip install -e ".[bench]"``, which ``make bench``
 runs); a missing or skipped one is reported as such in the table, and the goal is then "not
