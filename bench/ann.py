@@ -6,7 +6,9 @@ that were the default before tuning), exact NumPy (``serving.index``'s matmul + 
 faiss ``IndexFlatIP``, faiss HNSW, faiss IVF-PQ (plain and with exact re-ranking) and
 hnswlib, on clustered L2-normalised vectors (dot product) of two distributions (cluster noise
 0.5 and a noisier 1.0 per dimension), with 1 and 2 search threads. Also: build time and the
-serialized index size per million vectors.
+serialized index size per million vectors. ``--distribution shaped --fit FILE`` runs the same
+methods on vectors shaped like real REMAP descriptors instead (`bench.shaped`: their
+dimension, spectrum and scene groups), into a section of its own ("ann-shaped").
 
 faiss-cpu and hnswlib are benchmark-only (``pip install -e ".[bench]"``, which ``make bench``
 runs); a missing or skipped one is reported as such in the table, and the goal is then "not
@@ -15,6 +17,7 @@ measured" rather than met.
 Usage:
     python -m bench.ann                       # 100k and 1M, writes docs/benchmarks.md "ann"
     python -m bench.ann --sizes 20000 --no-write
+    python -m bench.ann --distribution shaped --fit FIT.npz --sizes 100000   # "ann-shaped"
 
 The goal measured: ScaNN at its tuned setting (the default) has a higher QPS than every other
 method's best operating point with recall@10 >= 0.95, at each size, distribution and thread
@@ -35,6 +38,8 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import argparse
+import dataclasses
+import functools
 import shutil
 import sys
 import tempfile
@@ -134,8 +139,8 @@ def bench_scann(database, queries, truth, threads_list, scratch):
     on the same index (the fixed ones as search-time overrides)."""
     from remap_tf.serving.index import ScannIndex
 
-    n = len(database)
-    index = ScannIndex(DIM)
+    n, dim = database.shape
+    index = ScannIndex(dim)
     start = time.perf_counter()
     index.add([str(i) for i in range(n)], database)
     index.build()
@@ -198,7 +203,7 @@ def bench_faiss(database, queries, truth, threads_list, nq_flat, hnsw_note=None)
     # Flat inner product: exact.
     faiss.omp_set_num_threads(max(threads_list))
     start = time.perf_counter()
-    flat = faiss.IndexFlatIP(DIM)
+    flat = faiss.IndexFlatIP(database.shape[1])
     flat.add(database)
     build_s = time.perf_counter() - start
     for threads in threads_list:
@@ -228,7 +233,7 @@ def bench_faiss(database, queries, truth, threads_list, nq_flat, hnsw_note=None)
 def _faiss_hnsw(faiss, database, queries, truth, threads_list):
     faiss.omp_set_num_threads(max(threads_list))
     start = time.perf_counter()
-    hnsw = faiss.IndexHNSWFlat(DIM, 16, faiss.METRIC_INNER_PRODUCT)
+    hnsw = faiss.IndexHNSWFlat(database.shape[1], 16, faiss.METRIC_INNER_PRODUCT)
     hnsw.hnsw.efConstruction = 80
     hnsw.add(database)
     build_s = time.perf_counter() - start
@@ -256,12 +261,12 @@ def _faiss_ivfpq(faiss, database, queries, truth, threads_list):
     One build serves both: an IndexRefineFlat around the IVF-PQ index keeps the raw vectors
     to re-score 10x candidates; "plain" searches the inner IVF-PQ index alone.
     """
-    n = len(database)
+    n, dim = database.shape
     faiss.omp_set_num_threads(max(threads_list))
     nlist = int(n**0.5)
     start = time.perf_counter()
-    quantizer = faiss.IndexFlatIP(DIM)
-    ivfpq = faiss.IndexIVFPQ(quantizer, DIM, nlist, 64, 8, faiss.METRIC_INNER_PRODUCT)
+    quantizer = faiss.IndexFlatIP(dim)
+    ivfpq = faiss.IndexIVFPQ(quantizer, dim, nlist, 64, 8, faiss.METRIC_INNER_PRODUCT)
     sample = database[np.random.default_rng(0).choice(n, min(n, 40 * nlist), replace=False)]
     ivfpq.train(sample)
     refine = faiss.IndexRefineFlat(ivfpq)
@@ -308,8 +313,8 @@ def bench_hnswlib(database, queries, truth, threads_list, scratch, hnsw_note=Non
     if hnsw_note:
         yield dict(method="hnswlib", missing=hnsw_note)
         return
-    n = len(database)
-    index = hnswlib.Index(space="ip", dim=DIM)
+    n, dim = database.shape
+    index = hnswlib.Index(space="ip", dim=dim)
     start = time.perf_counter()
     index.init_index(max_elements=n, ef_construction=80, M=16)
     index.set_num_threads(max(threads_list))
@@ -393,9 +398,9 @@ def verdict(n, rows, threads, label="") -> str:
     return text + " -> goal **met**."
 
 
-def summarise(n, rows, threads_list, label="") -> tuple[str, list[str]]:
+def summarise(n, rows, threads_list, label="", dim=DIM) -> tuple[str, list[str]]:
     lines = [
-        f"### {n:,} vectors x {DIM} dims{label}",
+        f"### {n:,} vectors x {dim} dims{label}",
         "",
         "| method | configuration | threads | recall@10 | queries/s | build s | "
         "index MB per 1M vectors |",
@@ -414,47 +419,100 @@ def summarise(n, rows, threads_list, label="") -> tuple[str, list[str]]:
     return "\n".join(lines), [verdict(n, rows, t, label) for t in threads_list]
 
 
-def run(sizes, threads_list, num_queries, nq_flat, write: bool, hnsw_max: int, spreads=(0.5,)):
-    """Measures every (distribution, size) in turn; the section is rewritten after each, so a
-    run stopped early keeps what it measured (and says how far it got)."""
+@dataclasses.dataclass
+class Distribution:
+    """The data of one run: cases of ``(label, make)``, ``make(n, num_queries) -> (database
+    (n, dim), queries (num_queries, dim))``, the report's words for it and its section of
+    docs/benchmarks.md (the clustered and the shaped results sit side by side)."""
+
+    cases: list
+    data_text: str
+    section: str = "ann"
+    title: str = "Approximate nearest-neighbour search: ScaNN against exact, faiss and hnswlib"
+
+
+def clustered_distribution(spreads=(0.5,)) -> Distribution:
+    """bench.ann's clustered unit vectors, one case per cluster noise."""
+
+    def make(n, num_queries, spread):
+        clusters = max(100, n // 100)
+        database = clustered_unit_vectors(n, DIM, clusters, 1, spread, centres_seed=0)
+        queries = clustered_unit_vectors(num_queries, DIM, clusters, 2, spread, centres_seed=0)
+        return database, queries
+
+    noise = " and ".join(str(s) for s in spreads)
+    return Distribution(
+        cases=[(f", noise {s}", functools.partial(make, spread=s)) for s in spreads],
+        data_text=f"clustered unit vectors ({DIM}-d; n/100 Gaussian clusters, noise {noise} "
+        "per dimension, then L2-normalised), {queries} fresh queries from the same clusters",
+    )
+
+
+def shaped_distribution(fit_path) -> Distribution:
+    """Vectors shaped like real REMAP descriptors (`bench.shaped`); the queries are rows held
+    out of the generated collection (every (n + q) / q-th), so that, as with real queries,
+    most have views of their own scene in the database."""
+    from bench.shaped import generate, load_fit
+
+    fit = load_fit(fit_path)
+
+    def make(n, num_queries):
+        rows = generate(n + num_queries, fit, seed=1)
+        held = np.zeros(len(rows), bool)
+        held[np.linspace(0, len(rows) - 1, num_queries).astype(np.int64)] = True
+        return rows[~held], rows[held]
+
+    return Distribution(
+        cases=[(", shaped like REMAP descriptors", make)],
+        data_text=f"unit vectors shaped like real REMAP descriptors ({fit['basis'].shape[0]}-d, "
+        f"`bench.shaped`, fit `{Path(fit_path).name}`: {fit['source']}; see 'Data shaped like "
+        "real descriptors' below for the fit and its check), {queries} queries held out of the "
+        "generated collection",
+        section="ann-shaped",
+        title="Approximate nearest-neighbour search on data shaped like REMAP descriptors",
+    )
+
+
+def run(sizes, threads_list, num_queries, nq_flat, write: bool, hnsw_max: int, data=None):
+    """Measures every (case, size) of ``data`` (default: clustered, noise 0.5) in turn; the
+    section is rewritten after each, so a run stopped early keeps what it measured (and says
+    how far it got)."""
+    data = data or clustered_distribution()
     started = time.perf_counter()
     load_before = os.getloadavg()
     sections, all_verdicts, built_hnsw = [], [], []
-    planned = [(spread, n) for spread in spreads for n in sizes]
+    planned = [(case, n) for case in data.cases for n in sizes]
     md = ""
-    for done, (spread, n) in enumerate(planned, 1):
-        label = f", noise {spread}"
-        rows = _bench_size(n, threads_list, num_queries, nq_flat, hnsw_max, spread, built_hnsw)
+    for done, ((label, make), n) in enumerate(planned, 1):
+        rows, dim = _bench_size(n, threads_list, num_queries, nq_flat, hnsw_max, make, built_hnsw)
         for row in rows:
             is_graph = row["method"] in ("faiss HNSW", "hnswlib") and "missing" not in row
             built = is_graph and f"{row['method']} at {n:,}{label}: {row['build_s']:.0f} s"
             if built and built not in built_hnsw:
                 built_hnsw.append(built)
-        table, verdicts = summarise(n, rows, threads_list, label)
+        table, verdicts = summarise(n, rows, threads_list, label, dim)
         sections.append(table)
         all_verdicts.extend(verdicts)
         loads = (load_before, os.getloadavg())
         md = _markdown(
-            time.perf_counter() - started, num_queries, nq_flat, spreads, all_verdicts, sections,
+            time.perf_counter() - started, num_queries, nq_flat, data, all_verdicts, sections,
             loads,
         )  # fmt: skip
         if done < len(planned):
-            rest = ", ".join(f"{m:,} at noise {s}" for s, m in planned[done:])
+            rest = ", ".join(f"{m:,}{case[0]}" for case, m in planned[done:])
             md += f"\n\n**Partial run: not measured yet: {rest}.**"
         if write:
             from bench.report import write_section
 
-            write_section("ann", md)
+            write_section(data.section, md)
     print(md)
     return md
 
 
-def _bench_size(n, threads_list, num_queries, nq_flat, hnsw_max, spread, built_hnsw) -> list:
-    """Every method's rows on ``n`` clustered vectors."""
+def _bench_size(n, threads_list, num_queries, nq_flat, hnsw_max, make, built_hnsw):
+    """``(every method's rows on n vectors of make(n, num_queries), their dim)``."""
     t0 = time.perf_counter()
-    clusters = max(100, n // 100)
-    database = clustered_unit_vectors(n, DIM, clusters, 1, spread, centres_seed=0)
-    queries = clustered_unit_vectors(num_queries, DIM, clusters, 2, spread, centres_seed=0)
+    database, queries = make(n, num_queries)
     truth = exact_search(database, queries, K, max(threads_list))
     print(f"[{n}] data + ground truth in {time.perf_counter() - t0:.1f}s", flush=True)
     hnsw_note = None
@@ -488,17 +546,16 @@ def _bench_size(n, threads_list, num_queries, nq_flat, hnsw_max, spread, built_h
                     )
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-    return rows
+    return rows, database.shape[1]
 
 
-def _markdown(total, num_queries, nq_flat, spreads, all_verdicts, sections, loads) -> str:
+def _markdown(total, num_queries, nq_flat, data, all_verdicts, sections, loads) -> str:
     from bench.report import machine_line
 
     command = "python -m bench.ann " + " ".join(sys.argv[1:])
-    noise = " and ".join(str(s) for s in spreads)
     return "\n".join(
         [
-            "## Approximate nearest-neighbour search: ScaNN against exact, faiss and hnswlib",
+            f"## {data.title}",
             "",
             f"Command: `{command.strip()}` · machine: {machine_line()} · "
             f"date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} · "
@@ -513,8 +570,7 @@ def _markdown(total, num_queries, nq_flat, spreads, all_verdicts, sections, load
             + ". Each figure is the fastest of at least two timed passes over all queries "
             "(>= 1 s in total), methods measured in turn.",
             "",
-            f"Data: clustered unit vectors ({DIM}-d; n/100 Gaussian clusters, noise {noise} per "
-            f"dimension, then L2-normalised), {num_queries} fresh queries from the same clusters "
+            f"Data: {data.data_text.replace('{queries}', str(num_queries))} "
             f"({nq_flat} for the two exhaustive methods), dot product, k = {K}; recall@10 "
             "against exact NumPy search. Builds use all threads; ScaNN's build time includes "
             "its recall tuning. 'index MB per 1M vectors' is the serialized index size scaled "
@@ -556,8 +612,32 @@ def main(argv=None) -> int:
         default=[0.5, 1.0],
         help="cluster noise per dimension, one run per value (0.5 clustered, 1.0 noisier)",
     )
+    parser.add_argument(
+        "--distribution",
+        choices=("clustered", "shaped"),
+        default="clustered",
+        help="clustered (--spreads; docs/benchmarks.md section 'ann') or shaped like real "
+        "REMAP descriptors (--fit; section 'ann-shaped')",
+    )
+    parser.add_argument(
+        "--fit", default=None, help="the bench.shaped fit (.npz) of --distribution shaped"
+    )
     parser.add_argument("--no-write", action="store_true", help="print only")
     args = parser.parse_args(argv)
+    from remap_tf.errors import InvalidInputError, RemapError
+
+    try:
+        if args.distribution == "shaped":
+            from bench.shaped import DEFAULT_FIT
+
+            data = shaped_distribution(args.fit or DEFAULT_FIT)
+        elif args.fit is not None:
+            raise InvalidInputError("--fit FILE goes with --distribution shaped only.")
+        else:
+            data = clustered_distribution(args.spreads)
+    except RemapError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     run(
         args.sizes,
         args.threads,
@@ -565,7 +645,7 @@ def main(argv=None) -> int:
         args.flat_queries,
         write=not args.no_write,
         hnsw_max=args.hnsw_max,
-        spreads=args.spreads,
+        data=data,
     )
     return 0
 

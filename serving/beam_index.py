@@ -39,10 +39,15 @@ from remap_tf.serving.index import LazyRows, make_index
 from remap_tf.serving.index.files import staged_index_dir
 from remap_tf.serving.index.sharded import shard_of, write_top_level
 
-# Peak resident memory of a ScaNN tree-AH build (with its recall tuning), per byte of the
-# float32 vectors it indexes, above the ~0.9 GiB of Python + TensorFlow + ScaNN: 100k x 512
-# peaked at 1.77 GiB, (1.77 - 0.9) GiB / 205 MB = 4.5 (bench/scale.py, docs/benchmarks.md).
-BUILD_BYTES_PER_VECTOR_BYTE = 4.5
+# Peak resident memory of building and saving one ScaNN shard (tree-AH, recall tuning
+# included), per byte of the float32 vectors it indexes, above the process with ScaNN
+# loaded. docs/scale.md "Build memory" (bench.build_memory, bounded-memory build): the worst
+# measured build is 2.7x (200k x 256, default 100k training sample, whose ~5x training
+# copies dominate), and saving adds 0.76x for a moment (ScaNN's serialize); 2.7 + 0.76 ->
+# 3.5. Larger shards sit lower (500k x 256 builds at 1.33x, ~2.1x with the save); a shard
+# much smaller than the training sample can go higher during training (~5x the sample).
+# The 4.5 used before was measured on the build that preceded the bounded-memory one.
+BUILD_BYTES_PER_VECTOR_BYTE = 3.5
 
 
 # Every shard is a Beam task, an index folder and a searcher held open by a service; past a
