@@ -94,6 +94,7 @@ class Row:
     mining: str = "batch_hard"
     head_lr: float = 1.0  # fine-tuning: learning rate of the head / that of the backbone
     loss: str = "triplet"  # fine-tuning: "triplet" or "contrastive" (`remap_tf.specs.LOSSES`)
+    lr_scale: float = 1.0  # fine-tuning: the learning rate is --learning-rate x this
     scores: dict = dataclasses.field(default_factory=dict)
     seconds: float = 0.0
 
@@ -179,6 +180,10 @@ def rows(fine_tune: bool, backbone: str = "mobilenet") -> list[Row]:
                 fine_tune=True,
                 **contrastive,
             ),
+        ]
+        table += [  # cirtorch trained at far lower rates than the triplet rows' 5e-5
+            dataclasses.replace(row, label=f"{row.label}, LR /10", lr_scale=0.1, scores={})
+            for row in table[-2:]
         ]
         table += [  # the same fine-tuned models (kept with --results), multi-scale
             dataclasses.replace(row, label=row.label + MULTI_SCALE, scales=MULTI_SCALES, scores={})
@@ -359,7 +364,7 @@ def fine_tune(model, train_csv: Path, args, row: Row) -> float:
             "steps_per_epoch": min(25, args.steps),
             "verbose": 0,
             "seed": 0,
-            "optimizer": {"learning_rate": args.learning_rate, "warmup_steps": 0},
+            "optimizer": {"learning_rate": args.learning_rate * row.lr_scale, "warmup_steps": 0},
             "loss": {
                 "kind": row.loss,
                 "margin": args.margin if row.loss == "triplet" else args.contrastive_margin,
