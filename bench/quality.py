@@ -185,6 +185,11 @@ def rows(fine_tune: bool, backbone: str = "mobilenet") -> list[Row]:
             dataclasses.replace(row, label=f"{row.label}, LR /10", lr_scale=0.1, scores={})
             for row in table[-2:]
         ]
+        table.append(  # is REMAP's contrastive loss on crops the head's doing or the backbone's?
+            dataclasses.replace(
+                table[-3], label=f"{table[-3].label}, head frozen", head_lr=0.0, scores={}
+            )
+        )
         table += [  # the same fine-tuned models (kept with --results), multi-scale
             dataclasses.replace(row, label=row.label + MULTI_SCALE, scales=MULTI_SCALES, scores={})
             for row in table
