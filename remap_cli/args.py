@@ -12,6 +12,7 @@ import logging
 import math
 import os
 import signal
+import sys
 import threading
 
 from remap_tf.io import defer_interrupt
@@ -69,31 +70,43 @@ class Interrupts:
     ends the process at once (exit 130). The record matters because a KeyboardInterrupt that
     lands inside an import or a C extension can come out as another exception, or be
     swallowed by a library's ``except Exception``: the command still ends as interrupted.
+    When it lands in a weakref callback or a ``__del__``, Python cannot raise it and would
+    print "Exception ignored in ..." with a traceback: that one is silenced (``sys.
+    unraisablehook``), and the command ends as interrupted all the same.
     Outside the main thread (where handlers cannot be set) it does nothing.
     """
 
     def __init__(self):
         self.requested = False
         self._previous = {}
+        self._interrupt = None
+        self._previous_hook = None
 
     def _handle(self, signum, frame):
         if self.requested:
             os._exit(130)
         self.requested = True
-        interrupt = KeyboardInterrupt(f"signal {signum}")
-        if not defer_interrupt(interrupt):  # else raised once the commit step is done
-            raise interrupt
+        self._interrupt = KeyboardInterrupt(f"signal {signum}")
+        if not defer_interrupt(self._interrupt):  # else raised once the commit step is done
+            raise self._interrupt
+
+    def _unraisable(self, unraisable):
+        if self._interrupt is None or unraisable.exc_value is not self._interrupt:
+            self._previous_hook(unraisable)
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
             for signum in (signal.SIGINT, signal.SIGTERM):
                 self._previous[signum] = signal.signal(signum, self._handle)
+            self._previous_hook, sys.unraisablehook = sys.unraisablehook, self._unraisable
         return self
 
     def __exit__(self, *exc):
         for signum, previous in self._previous.items():
             signal.signal(signum, previous)
         self._previous.clear()
+        if self._previous_hook is not None:
+            sys.unraisablehook, self._previous_hook = self._previous_hook, None
         return False
 
 
