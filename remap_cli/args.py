@@ -70,9 +70,10 @@ class Interrupts:
     ends the process at once (exit 130). The record matters because a KeyboardInterrupt that
     lands inside an import or a C extension can come out as another exception, or be
     swallowed by a library's ``except Exception``: the command still ends as interrupted.
-    When it lands in a weakref callback or a ``__del__``, Python cannot raise it and would
-    print "Exception ignored in ..." with a traceback: that one is silenced (``sys.
-    unraisablehook``), and the command ends as interrupted all the same.
+    When it lands in a weakref callback or a ``__del__``, Python cannot raise it: it would
+    print "Exception ignored in ..." with a traceback and carry on. That one is silenced
+    (``sys.unraisablehook``) and the signal delivered again, so that the interrupt is raised
+    in ordinary code and the command stops (seen in CI: ``remap train`` ran to the end).
     Outside the main thread (where handlers cannot be set) it does nothing.
     """
 
@@ -80,12 +81,14 @@ class Interrupts:
         self.requested = False
         self._previous = {}
         self._interrupt = None
+        self._signum = None
         self._previous_hook = None
 
     def _handle(self, signum, frame):
         if self.requested:
             os._exit(130)
         self.requested = True
+        self._signum = signum
         self._interrupt = KeyboardInterrupt(f"signal {signum}")
         if not defer_interrupt(self._interrupt):  # else raised once the commit step is done
             raise self._interrupt
@@ -93,6 +96,14 @@ class Interrupts:
     def _unraisable(self, unraisable):
         if self._interrupt is None or unraisable.exc_value is not self._interrupt:
             self._previous_hook(unraisable)
+            return
+        # Swallowed: deliver it once more, a moment later from another thread, so that the
+        # handler runs in the main thread's ordinary code and not inside this hook (where it
+        # would be lost again; should it land in such a place again, this repeats).
+        self.requested, self._interrupt = False, None
+        again = threading.Timer(0.05, os.kill, args=(os.getpid(), self._signum))
+        again.daemon = True
+        again.start()
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():

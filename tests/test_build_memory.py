@@ -124,7 +124,11 @@ def test_lazy_rows_build_the_same_index_reading_one_part_at_a_time():
     whole.build()
     assert len(alive) >= 24 and max(alive) == 0, alive  # two passes at least, one part held
     queries = x[::997]
-    assert (lazy.search(queries, 10)[0] == whole.search(queries, 10)[0]).mean() >= 0.95
+    # The same search settings for both: the tuning keeps the fastest setting it measures,
+    # which can differ between two builds on a loaded machine (seen in CI).
+    knobs = {"reorder": 100}
+    same = lazy.search(queries, 10, **knobs)[0] == whole.search(queries, 10, **knobs)[0]
+    assert same.mean() >= 0.95
     assert lazy.search(queries, 1)[0][:, 0].tolist() == ids[::997]
 
 
