@@ -82,6 +82,7 @@ class Interrupts:
         self._previous = {}
         self._interrupt = None
         self._signum = None
+        self._again = None
         self._previous_hook = None
 
     def _handle(self, signum, frame):
@@ -101,9 +102,9 @@ class Interrupts:
         # handler runs in the main thread's ordinary code and not inside this hook (where it
         # would be lost again; should it land in such a place again, this repeats).
         self.requested, self._interrupt = False, None
-        again = threading.Timer(0.05, os.kill, args=(os.getpid(), self._signum))
-        again.daemon = True
-        again.start()
+        self._again = threading.Timer(0.05, os.kill, args=(os.getpid(), self._signum))
+        self._again.daemon = True
+        self._again.start()
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
@@ -113,6 +114,9 @@ class Interrupts:
         return self
 
     def __exit__(self, *exc):
+        if self._again is not None and self._again.is_alive():
+            self._again.cancel()  # the command ended before the interrupt came back: it was
+            self.requested = True  # asked for all the same (the work had completed)
         for signum, previous in self._previous.items():
             signal.signal(signum, previous)
         self._previous.clear()

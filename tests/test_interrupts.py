@@ -243,3 +243,32 @@ def test_interrupt_landing_in_a_weakref_callback_prints_no_traceback():
     assert "requested True" in done.stdout
     assert "KeyboardInterrupt" not in done.stderr
     assert "ZeroDivisionError" in done.stderr
+
+
+_UNRAISABLE_AT_THE_END = """
+import signal, time, weakref
+from remap_cli.args import Interrupts
+
+class Thing:
+    pass
+
+with Interrupts() as interrupts:
+    thing = Thing()
+    ref = weakref.ref(thing, lambda r: interrupts._handle(signal.SIGTERM, None))
+    del thing  # swallowed just before the command ends
+time.sleep(0.3)  # the interrupt is not delivered again once the command has ended
+print("requested", interrupts.requested)
+"""
+
+
+def test_interrupt_swallowed_as_the_command_ends_is_still_recorded():
+    done = subprocess.run(
+        [sys.executable, "-c", _UNRAISABLE_AT_THE_END],
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "requested True" in done.stdout
+    assert "Traceback" not in done.stderr
