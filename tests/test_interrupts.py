@@ -206,6 +206,12 @@ def test_train_interrupted(tmp_path, moment, signum):
         assert model.is_file()
 
 
+def _run_script(text: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-c", text], env=ENV, capture_output=True, text=True, timeout=60
+    )
+
+
 _UNRAISABLE = """
 import signal, time, weakref
 from remap_cli.args import Interrupts
@@ -235,9 +241,7 @@ def test_interrupt_landing_in_a_weakref_callback_prints_no_traceback():
     ``remap train``, which then ran to the end): the KeyboardInterrupt cannot propagate there
     and Python would print it with a traceback. It is silenced and raised again in ordinary
     code; other unraisable errors are still printed."""
-    done = subprocess.run(
-        [sys.executable, "-c", _UNRAISABLE], env=ENV, capture_output=True, text=True, timeout=60
-    )
+    done = _run_script(_UNRAISABLE)
     assert done.returncode == 0, done.stderr
     assert "stopped in ordinary code" in done.stdout and "ran on" not in done.stdout
     assert "requested True" in done.stdout
@@ -262,13 +266,7 @@ print("requested", interrupts.requested)
 
 
 def test_interrupt_swallowed_as_the_command_ends_is_still_recorded():
-    done = subprocess.run(
-        [sys.executable, "-c", _UNRAISABLE_AT_THE_END],
-        env=ENV,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    done = _run_script(_UNRAISABLE_AT_THE_END)
     assert done.returncode == 0, done.stderr
     assert "requested True" in done.stdout
     assert "Traceback" not in done.stderr
