@@ -134,13 +134,14 @@ def bench_exact(database, queries, truth, threads_list, nq_flat):
         )
 
 
-def bench_scann(database, queries, truth, threads_list, scratch):
+def bench_scann(database, queries, truth, threads_list, scratch, tune_budget=None):
     """ScaNN's default (tuned to recall 0.95 at build time) and the old fixed defaults, searched
-    on the same index (the fixed ones as search-time overrides)."""
+    on the same index (the fixed ones as search-time overrides); ``tune_budget`` overrides the
+    default partitioning-tuning budget (`ScannConfig.tune_budget`)."""
     from remap_tf.serving.index import ScannIndex
 
     n, dim = database.shape
-    index = ScannIndex(dim)
+    index = ScannIndex(dim, **({} if tune_budget is None else {"tune_budget": tune_budget}))
     start = time.perf_counter()
     index.add([str(i) for i in range(n)], database)
     index.build()
@@ -188,6 +189,7 @@ def bench_scann(database, queries, truth, threads_list, scratch):
                 build_s=build_s,
                 bytes=size,
                 default=name == "tuned",
+                candidates=tuning.get("candidates") if name == "tuned" else None,
             )
     del index
 
@@ -416,7 +418,38 @@ def summarise(n, rows, threads_list, label="", dim=DIM) -> tuple[str, list[str]]
             f"| {name} | {row['config']} | {row['threads']} | {row['recall']:.3f} | "
             f"{row['qps']:,.0f} | {row['build_s']:.1f} | {per_million:,.0f} |"
         )
+    lines += candidates_table(rows)
     return "\n".join(lines), [verdict(n, rows, t, label) for t in threads_list]
+
+
+def candidates_table(rows) -> list[str]:
+    """The partitionings the tuned ScaNN build tried (its ``tuning["candidates"]``), each with
+    the search knobs tuned on it and what they measured, or why it was skipped."""
+    candidates = next((r["candidates"] for r in rows if r.get("candidates")), None)
+    if not candidates:
+        return []
+    lines = [
+        "",
+        "ScaNN's partitioning candidates (the tuning's own held-out measurements, 1 query "
+        "batch on all threads; the chosen one is the fastest that reached the target):",
+        "",
+        "| leaves | dims/block | threshold | search | reorder | held-out recall | queries/s | "
+        "build s |",
+        "|---:|---:|---|---:|---:|---:|---:|---|",
+    ]
+    for c in candidates:
+        shape = (
+            f"| {c.get('num_leaves', '-')} | {c.get('dimensions_per_block', '-')} | "
+            f"{c.get('anisotropic_quantization_threshold', '-')} |"
+        )
+        if "skipped" in c:
+            lines.append(f"{shape} | | | | **skipped: {c['skipped']}** |")
+            continue
+        lines.append(
+            f"{shape} {c['num_leaves_to_search']} | {c['reorder']} | {c['recall']:.3f}"
+            f"{'' if c['reached'] else ' (missed)'} | {c['qps']:,.0f} | {c['build_seconds']:.1f} |"
+        )
+    return lines
 
 
 @dataclasses.dataclass
@@ -473,7 +506,10 @@ def shaped_distribution(fit_path) -> Distribution:
     )
 
 
-def run(sizes, threads_list, num_queries, nq_flat, write: bool, hnsw_max: int, data=None):
+def run(
+    sizes, threads_list, num_queries, nq_flat, write: bool, hnsw_max: int, data=None,
+    tune_budget=None,
+):  # fmt: skip
     """Measures every (case, size) of ``data`` (default: clustered, noise 0.5) in turn; the
     section is rewritten after each, so a run stopped early keeps what it measured (and says
     how far it got)."""
@@ -484,7 +520,9 @@ def run(sizes, threads_list, num_queries, nq_flat, write: bool, hnsw_max: int, d
     planned = [(case, n) for case in data.cases for n in sizes]
     md = ""
     for done, ((label, make), n) in enumerate(planned, 1):
-        rows, dim = _bench_size(n, threads_list, num_queries, nq_flat, hnsw_max, make, built_hnsw)
+        rows, dim = _bench_size(
+            n, threads_list, num_queries, nq_flat, hnsw_max, make, built_hnsw, tune_budget
+        )
         for row in rows:
             is_graph = row["method"] in ("faiss HNSW", "hnswlib") and "missing" not in row
             built = is_graph and f"{row['method']} at {n:,}{label}: {row['build_s']:.0f} s"
@@ -496,7 +534,7 @@ def run(sizes, threads_list, num_queries, nq_flat, write: bool, hnsw_max: int, d
         loads = (load_before, os.getloadavg())
         md = _markdown(
             time.perf_counter() - started, num_queries, nq_flat, data, all_verdicts, sections,
-            loads,
+            loads, tune_budget,
         )  # fmt: skip
         if done < len(planned):
             rest = ", ".join(f"{m:,}{case[0]}" for case, m in planned[done:])
@@ -509,7 +547,9 @@ def run(sizes, threads_list, num_queries, nq_flat, write: bool, hnsw_max: int, d
     return md
 
 
-def _bench_size(n, threads_list, num_queries, nq_flat, hnsw_max, make, built_hnsw):
+def _bench_size(
+    n, threads_list, num_queries, nq_flat, hnsw_max, make, built_hnsw, tune_budget=None
+):  # fmt: skip
     """``(every method's rows on n vectors of make(n, num_queries), their dim)``."""
     t0 = time.perf_counter()
     database, queries = make(n, num_queries)
@@ -528,7 +568,7 @@ def _bench_size(n, threads_list, num_queries, nq_flat, hnsw_max, make, built_hns
     scratch = tempfile.mkdtemp(prefix="remap-ann-")
     try:
         for generator in (
-            bench_scann(database, queries, truth, threads_list, scratch),
+            bench_scann(database, queries, truth, threads_list, scratch, tune_budget),
             bench_exact(database, queries, truth, threads_list, nq_flat),
             bench_faiss(database, queries, truth, threads_list, nq_flat, hnsw_note),
             bench_hnswlib(database, queries, truth, threads_list, scratch, hnsw_note),
@@ -549,7 +589,9 @@ def _bench_size(n, threads_list, num_queries, nq_flat, hnsw_max, make, built_hns
     return rows, database.shape[1]
 
 
-def _markdown(total, num_queries, nq_flat, data, all_verdicts, sections, loads) -> str:
+def _markdown(
+    total, num_queries, nq_flat, data, all_verdicts, sections, loads, tune_budget=None
+) -> str:  # fmt: skip
     from bench.report import machine_line
 
     command = "python -m bench.ann " + " ".join(sys.argv[1:])
@@ -576,12 +618,16 @@ def _markdown(total, num_queries, nq_flat, data, all_verdicts, sections, loads) 
             "its recall tuning. 'index MB per 1M vectors' is the serialized index size scaled "
             "to a million vectors (for exact search, the float32 matrix itself).",
             "",
-            "ScaNN's default is now tuned at build time (`remap_tf.serving.index.tuning`): "
+            "ScaNN's default is tuned at build time (`remap_tf.serving.index.tuning`): "
             "1,000 of the collection's own vectors are held out of training, inserted after it, "
-            "and searched as queries; the fastest (leaves, reorder) whose recall@10 against brute "
-            "force reaches 0.95 (lower 2-SE bound) is kept. 'old fixed default' is the same "
-            "index searched with the settings that were the default before (a tenth of the "
-            "leaves, reorder 100).",
+            "and searched as queries; the partitioning (leaf count ~sqrt(n) x 1, 0.5, 2, 4, then "
+            "AH dimensions per block and anisotropic threshold) is built candidate by candidate "
+            "within a build-time budget "
+            f"({tune_budget if tune_budget is not None else 'default 1'} x the first build), "
+            "and the fastest (partitioning, leaves searched, reorder) whose recall@10 against "
+            "brute force reaches 0.95 (lower 2-SE bound) is kept; every candidate is listed "
+            "under its table. 'old fixed default' is the same index searched with the settings "
+            "that were the default before (a tenth of the leaves, reorder 100).",
             "",
             "**Goal: ScaNN at its tuned setting beats every other method's queries/s at "
             f'recall@10 >= {TARGET_RECALL}** ("not measured" when a competitor did not run).',
@@ -622,6 +668,12 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--fit", default=None, help="the bench.shaped fit (.npz) of --distribution shaped"
     )
+    parser.add_argument(
+        "--tune-budget",
+        type=float,
+        default=None,
+        help="ScaNN's partitioning-tuning build budget, x the first build (default: ScannConfig's)",
+    )
     parser.add_argument("--no-write", action="store_true", help="print only")
     args = parser.parse_args(argv)
     from remap_tf.errors import InvalidInputError, RemapError
@@ -635,6 +687,10 @@ def main(argv=None) -> int:
             raise InvalidInputError("--fit FILE goes with --distribution shaped only.")
         else:
             data = clustered_distribution(args.spreads)
+        if args.tune_budget is not None:
+            from remap_tf.serving.index.tuning import check_budget
+
+            check_budget(args.tune_budget, "--tune-budget")
     except RemapError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -646,6 +702,7 @@ def main(argv=None) -> int:
         write=not args.no_write,
         hnsw_max=args.hnsw_max,
         data=data,
+        tune_budget=args.tune_budget,
     )
     return 0
 
