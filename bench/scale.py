@@ -64,11 +64,11 @@ def clustered_chunks(num, dim, seed, spread=0.5, chunk=100_000, centres_seed=0):
         yield start, x
 
 
-def child_generate(num: int, folder: str) -> dict:
+def child_generate(num: int, folder: str, dim: int = DIM) -> dict:
     from remap_tf.serving import embeddings
 
     shards = 0
-    for start, rows in clustered_chunks(num, DIM, seed=1):
+    for start, rows in clustered_chunks(num, dim, seed=1):
         embeddings.write_shard(
             folder, shards, [f"v{start + i:09d}" for i in range(len(rows))], rows
         )
@@ -79,12 +79,19 @@ def child_generate(num: int, folder: str) -> dict:
 
 
 def child_build(folder: str, out: str, shards: int, workers: int) -> dict:
+    import psutil
+    from scann.scann_ops.py import scann_ops_pybind  # noqa: F401  (in the baseline)
+
     from remap_tf.serving.search import build_index_from_embeddings
 
+    # This process before it builds (Python, TensorFlow, ScaNN loaded): what the build adds
+    # over it is the build's memory (Beam's worker processes, when sharded, add their own
+    # runtimes to the peak).
+    baseline = psutil.Process().memory_info().rss
     summary = build_index_from_embeddings(
         folder, out, shards=shards if shards > 1 else None, workers=workers
     )
-    return {"count": summary["count"]}
+    return {"count": summary["count"], "dim": summary["dim"], "baseline_gib": baseline / 2**30}
 
 
 def exact_truth(folder: str, queries: np.ndarray) -> np.ndarray:
@@ -113,7 +120,7 @@ def child_search(index_dir: str, folder: str, num: int, num_queries: int) -> dic
     started = time.perf_counter()
     index = load_index(index_dir)
     load_s = time.perf_counter() - started
-    queries = _queries_like(num, num_queries)
+    queries = _queries_like(num, num_queries, index.dim)
     truth = exact_truth(folder, queries)
     found, _ = index.search(queries, K, num_threads=2)
     out = {"recall": recall_at_k(_codes(found), _codes(truth)), "load_s": load_s}
@@ -142,13 +149,13 @@ def child_search(index_dir: str, folder: str, num: int, num_queries: int) -> dic
     return out
 
 
-def _queries_like(num: int, count: int) -> np.ndarray:
+def _queries_like(num: int, count: int, dim: int = DIM) -> np.ndarray:
     """Fresh rows from the database's clusters (same centres, other noise)."""
     clusters = max(100, num // 100)
-    centres = np.random.default_rng(0).standard_normal((clusters, DIM), np.float32)
+    centres = np.random.default_rng(0).standard_normal((clusters, dim), np.float32)
     rng = np.random.default_rng(12345)
     x = centres[rng.integers(0, clusters, count)]
-    x += 0.5 * rng.standard_normal((count, DIM), dtype=np.float32)
+    x += 0.5 * rng.standard_normal((count, dim), dtype=np.float32)
     return x / np.linalg.norm(x, axis=1, keepdims=True)
 
 
@@ -182,7 +189,7 @@ def child_export(out: str, image_size: int) -> dict:
 
 
 CHILDREN = {
-    "generate": lambda a: child_generate(int(a[0]), a[1]),
+    "generate": lambda a: child_generate(int(a[0]), a[1], int(a[2])),
     "build": lambda a: child_build(a[0], a[1], int(a[2]), int(a[3])),
     "search": lambda a: child_search(a[0], a[1], int(a[2]), int(a[3])),
     "embed": lambda a: child_embed(*a),
@@ -220,7 +227,11 @@ def run_child(task: str, *args) -> dict:
     sampler.join()
     seconds = time.perf_counter() - started
     if process.returncode:
-        raise RuntimeError(f"{task} {args} failed with exit status {process.returncode}")
+        killed = " (killed: out of memory?)" if process.returncode == -9 else ""
+        raise RuntimeError(
+            f"{task} {' '.join(map(str, args))} failed with exit status "
+            f"{process.returncode}{killed}"
+        )
     line = [x for x in stdout.splitlines() if x.startswith(RESULT)][-1]
     result = json.loads(line[len(RESULT) :])
     result.update(seconds=seconds, peak_gib=peak[0] / 2**30)
@@ -288,36 +299,45 @@ def bench_embedding(scratch: Path, large: int, rounds: int, image_size: int) -> 
 # --- 2. sharded indexes ----------------------------------------------------------------------
 
 
-def bench_index(scratch: Path, sizes, num_queries: int, report=None, per_vector=None):
+def bench_index(
+    scratch: Path, sizes, num_queries: int, report=None, per_vector=None, dim=DIM,
+    shard_counts=(1, 4),
+):  # fmt: skip
     """``report(rows)`` is called after each size, so a run stopped early keeps its figures.
     ``per_vector``: peak bytes per vector of a 1-shard build measured before (else the first
-    1-shard build here sets it); a build estimated not to fit in memory is not run."""
+    1-shard build here sets it); a build estimated not to fit in memory is not run, and one
+    that fails (e.g. killed out of memory) is recorded as such."""
     import psutil
 
     rows = []
     for n in sizes:
         folder = scratch / f"vectors-{n}"
-        generated = run_child("generate", n, folder)
-        for shards in (1, 4):
+        generated = run_child("generate", n, folder, dim)
+        for shards in shard_counts:
             concurrent = 1 if shards == 1 else min(2, shards)
             if per_vector is not None:
                 need = (per_vector * n / shards + BASELINE_GIB * 2**30) * concurrent
                 free = psutil.virtual_memory().available
-                if need > 0.7 * free:
-                    rows.append(
-                        dict(n=n, shards=shards, skipped=f"estimated peak {need / 2**30:.1f} GiB "
-                             f"({per_vector:,.0f} bytes/vector measured above a {BASELINE_GIB} GiB "
-                             f"baseline, per build) > 70% of the "
-                             f"{free / 2**30:.1f} GiB available")
-                    )  # fmt: skip
+                if need > 0.9 * free:
+                    why = (
+                        f"estimated peak {need / 2**30:.1f} GiB ({per_vector:,.0f} bytes/vector "
+                        f"measured above a {BASELINE_GIB} GiB baseline, per build) > 90% of the "
+                        f"{free / 2**30:.1f} GiB available"
+                    )
+                    rows.append(dict(n=n, shards=shards, dim=dim, skipped=why))
                     continue
             out = scratch / f"index-{n}-{shards}"
-            built = run_child("build", folder, out, shards, concurrent)
-            searched = run_child("search", out, folder, n, num_queries)
+            try:
+                built = run_child("build", folder, out, shards, concurrent)
+                searched = run_child("search", out, folder, n, num_queries)
+            except RuntimeError as error:
+                rows.append(dict(n=n, shards=shards, dim=dim, skipped=f"failed: {error}"))
+                shutil.rmtree(out, ignore_errors=True)
+                continue
             if shards == 1:
                 per_vector = max(built["peak_gib"] - BASELINE_GIB, 0.1) * 2**30 / n
             rows.append(
-                dict(n=n, shards=shards, generate_s=generated["seconds"], build=built,
+                dict(n=n, shards=shards, dim=dim, generate_s=generated["seconds"], build=built,
                      search=searched)
             )  # fmt: skip
             shutil.rmtree(out)
@@ -371,43 +391,77 @@ def _embedding_markdown(e: dict) -> list[str]:
     return lines
 
 
+def _raw_ratio(row: dict) -> str:
+    """The build's peak over its process's start, as a multiple of the raw float32 rows."""
+    b = row["build"]
+    if "baseline_gib" not in b:
+        return ""
+    raw = row["n"] * row.get("dim", DIM) * 4
+    return f"{(b['peak_gib'] - b['baseline_gib']) * 2**30 / raw:.2f}x"
+
+
 def _index_markdown(rows: list[dict]) -> list[str]:
     lines = [
         "### Sharded ScaNN indexes: `remap index build --from-embeddings` as 1 and 4 shards",
         "",
-        f"Clustered {DIM}-d unit vectors (n/100 clusters, noise 0.5; bench.ann's distribution) "
+        "Clustered unit vectors (n/100 clusters, noise 0.5; bench.ann's distribution) "
         "in the `remap embed` format; every ScaNN build tuned to recall@10 >= 0.95 on its own "
-        "held-out vectors. 1 shard: one process; 4 shards: route + 4 build tasks on 2 local "
-        "Beam workers (1 ScaNN thread each). Peak memory: resident memory summed "
-        "over the process and its Beam workers. Search: the saved index loaded in a fresh "
-        "process, 1,000 fresh queries from the same clusters, recall@10 against exact search.",
+        "held-out vectors (partitioning included, default budget). 1 shard: one process; "
+        "4 shards: route + 4 build tasks on 2 local Beam workers (1 ScaNN thread each). Peak "
+        "memory: resident memory summed over the process and its Beam workers, sampled every "
+        "0.2 s; 'peak / raw' is that peak less the building process's own resident memory "
+        "before it built (Python, TensorFlow and ScaNN loaded), over the raw float32 rows "
+        "(for 4 shards it includes the 2 Beam workers' own runtimes). Search: the saved index "
+        "loaded in a fresh process, 1,000 fresh queries from the same clusters, recall@10 "
+        "against exact search.",
         "",
-        "| vectors | shards | build s | build peak GiB | index GB on disk | load s | "
-        "recall@10 | q/s 1 thread | q/s 2 threads | 1-query latency p50 / p99 ms | "
-        "tuned (leaves, search, reorder) |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|",
+        "| vectors | dims | shards | build s | build peak GiB | peak / raw float32 | "
+        "index GB on disk | load s | recall@10 | q/s 1 thread | q/s 2 threads | "
+        "1-query latency p50 / p99 ms | tuned (leaves, search, reorder) |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|",
     ]
     for row in rows:
+        dim = row.get("dim", DIM)
         if "skipped" in row:
-            lines.append(f"| {row['n']:,} | {row['shards']} | **not run: {row['skipped']}** "
-                         "| | | | | | | | |")  # fmt: skip
+            lines.append(f"| {row['n']:,} | {dim} | {row['shards']} | **not run: "
+                         f"{row['skipped']}** | | | | | | | | | |")  # fmt: skip
             continue
         b, s = row["build"], row["search"]
         settings = "; ".join(f"{a}, {c}, {d}" for a, c, d in s["settings"])
         lines.append(
-            f"| {row['n']:,} | {row['shards']} | {b['seconds']:.0f} | {b['peak_gib']:.1f} | "
+            f"| {row['n']:,} | {dim} | {row['shards']} | {b['seconds']:.0f} | "
+            f"{b['peak_gib']:.1f} | {_raw_ratio(row)} | "
             f"{s['index_bytes'] / 1e9:.2f} | {s['load_s']:.1f} | {s['recall']:.3f} | "
             f"{s['qps_1']:,.0f} | {s['qps_2']:,.0f} | {s['latency_p50_ms']:.1f} / "
             f"{s['latency_p99_ms']:.1f} | {settings} |"
         )
-    lines += [
-        "",
-        "Settings None, None: a shard under 100,000 vectors gets ScaNN's AH mode without a "
-        "tree (here 25,000 per shard), which scores every code of the shard for every query, "
-        "hence 4 shards of 100k far slower than one 100k tree. Sharding pays only with shards "
-        "big enough for a tree (>= 100,000 vectors each).",
-    ]
+    lines += [""] + _shard_verdicts(rows)
     return lines
+
+
+def _shard_verdicts(rows: list[dict]) -> list[str]:
+    """N shards against one index of the same vectors: queries/s ratio per thread count."""
+    done = {(r["n"], r.get("dim", DIM), r["shards"]): r for r in rows if "search" in r}
+    out = []
+    for (n, dim, shards), row in sorted(done.items()):
+        one = done.get((n, dim, 1))
+        if shards == 1 or one is None:
+            continue
+        ratios = ", ".join(
+            f"{row['search'][f'qps_{t}'] / one['search'][f'qps_{t}']:.2f}x on {t} thread(s)"
+            for t in (1, 2)
+        )
+        goal = ""
+        if n == 100_000:
+            met = row["search"]["qps_1"] / one["search"]["qps_1"] >= 0.8
+            goal = f" (goal >= 0.8x on 1 thread: {'met' if met else 'missed'})"
+        out.append(
+            f"- {n:,} x {dim} as {shards} shards against one index: {ratios} the queries/s, "
+            f"recall {row['search']['recall']:.3f} against {one['search']['recall']:.3f}, "
+            f"1-query p50 {row['search']['latency_p50_ms']:.1f} ms against "
+            f"{one['search']['latency_p50_ms']:.1f}{goal}."
+        )
+    return out
 
 
 def markdown(embedding, rows, total_s, loads, parts=()) -> str:
@@ -452,6 +506,10 @@ def main(argv=None) -> int:
     parser.add_argument("--rounds", type=int, default=2, help="runs per embedding size")
     parser.add_argument("--image-size", type=int, default=384, help="export size, px")
     parser.add_argument("--queries", type=int, default=1000)
+    parser.add_argument("--dim", type=int, default=DIM, help="dimensions of the index runs")
+    parser.add_argument(
+        "--shards", type=int, nargs="+", default=[1, 4], help="shard counts per size"
+    )
     parser.add_argument("--skip-embedding", action="store_true")
     parser.add_argument("--scratch", default=None, help="work folder (default: a temp folder)")
     parser.add_argument("--no-write", action="store_true", help="print only")
@@ -473,11 +531,15 @@ def main(argv=None) -> int:
     results_file = Path(tempfile.gettempdir(), "remap-scale-results.json")
     previous = json.loads(results_file.read_text()) if args.merge and results_file.is_file() else {}
     embedding = previous.get("embedding")
-    measured = {(n, shards) for n in args.sizes for shards in (1, 4)}
-    earlier = [r for r in previous.get("rows", []) if (r["n"], r["shards"]) not in measured]
+    measured = {(n, args.dim, shards) for n in args.sizes for shards in args.shards}
+    earlier = [
+        r
+        for r in previous.get("rows", [])
+        if (r["n"], r.get("dim", DIM), r["shards"]) not in measured
+    ]
 
     def report(rows):
-        rows = sorted(earlier + rows, key=lambda r: (r["n"], r["shards"]))
+        rows = sorted(earlier + rows, key=lambda r: (r["n"], r.get("dim", DIM), r["shards"]))
         loads = (load_before, os.getloadavg())
         md = markdown(
             embedding, rows, time.perf_counter() - started, loads, previous.get("parts", ())
@@ -504,14 +566,18 @@ def main(argv=None) -> int:
         if not args.skip_embedding:
             embedding = bench_embedding(scratch, args.images, args.rounds, args.image_size)
             report([])
-        singles = [r for r in earlier if r["shards"] == 1 and "build" in r]
+        singles = [
+            r
+            for r in earlier
+            if r["shards"] == 1 and "build" in r and r.get("dim", DIM) == args.dim
+        ]
         per_vector = None
         if singles:
             largest = max(singles, key=lambda r: r["n"])
             per_vector = (
                 max(largest["build"]["peak_gib"] - BASELINE_GIB, 0.1) * 2**30 / largest["n"]
             )
-        bench_index(scratch, args.sizes, args.queries, report, per_vector)
+        bench_index(scratch, args.sizes, args.queries, report, per_vector, args.dim, args.shards)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     return 0
