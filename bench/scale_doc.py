@@ -88,30 +88,63 @@ def _embedding_section(embedding) -> list[str]:
     return lines
 
 
+def _build_bytes(row) -> float:
+    """A build's peak resident memory over its process's start (measured; else over
+    `BASELINE_GIB`), per vector."""
+    build = row["build"]
+    base = build.get("baseline_gib", BASELINE_GIB)
+    return max(build["peak_gib"] - base, 0.1) * 2**30 / row["n"]
+
+
 def _index_section(rows) -> list[str]:
+    from remap_tf.serving.beam_index import BUILD_BYTES_PER_VECTOR_BYTE
+
     one = _largest(rows, 1)
     if one is None:
         return ["## Index shards", "", "No single-shard build was measured.", ""]
     n, build, search = one["n"], one["build"], one["search"]
-    peak_per_vector = max(build["peak_gib"] - BASELINE_GIB, 0.1) * 2**30 / n
+    dim = one.get("dim", 512)
+    peak_per_vector = _build_bytes(one)
+    base = build.get("baseline_gib", BASELINE_GIB)
     disk_per_vector = search["index_bytes"] / n
-    build_s_per_million = build["seconds"] / (n / 1e6)
-    shard = max(1, int(SERVER_RAM_GB * 1e9 * SERVER_FILL / peak_per_vector / 1e6)) * 1_000_000
+    sharded = _largest_sharded(rows)
+    timed = sharded if sharded is not None and sharded["n"] > n else one
+    build_s_per_million = timed["build"]["seconds"] / (timed["n"] / 1e6)
+    budget = SERVER_RAM_GB * 1e9 * SERVER_FILL
+    shard = max(1, int(budget / peak_per_vector / 1e6)) * 1_000_000
+    product = int(budget / (dim * 4 * BUILD_BYTES_PER_VECTOR_BYTE))
     lines = [
         "## Index shards",
         "",
-        f"- measured, one ScaNN index of {n:,} x 512 (tuned to recall 0.95): build "
-        f"{build['seconds']:.0f} s (at a load average near 10 on 2 cores: 16-49 s in quieter "
-        f"bench.ann runs), peak memory {build['peak_gib']:.2f} GiB, ({build['peak_gib']:.2f} - "
-        f"{BASELINE_GIB} GiB of runtime) / {n:,} = **{peak_per_vector:,.0f} bytes per vector** "
-        f"while building, **{disk_per_vector:,.0f} "
-        f"bytes per vector** on disk and loaded; 1-query latency p50 / p99 "
-        f"{search['latency_p50_ms']:.1f} / {search['latency_p99_ms']:.1f} ms; "
+        f"- measured, one ScaNN index of {n:,} x {dim} (tuned to recall 0.95, partitioning "
+        f"included): build {build['seconds']:.0f} s, peak memory {build['peak_gib']:.2f} GiB, "
+        f"({build['peak_gib']:.2f} - {base:.2f} GiB of runtime before the build) / {n:,} = "
+        f"**{peak_per_vector:,.0f} bytes per vector** while building "
+        f"({peak_per_vector / (dim * 4):.2f}x the raw float32 rows, the save included), "
+        f"**{disk_per_vector:,.0f} bytes per vector** on disk and loaded; 1-query latency "
+        f"p50 / p99 {search['latency_p50_ms']:.1f} / {search['latency_p99_ms']:.1f} ms; "
         f"{search['qps_1']:,.0f} queries/s on 1 thread at recall {search['recall']:.3f}.",
+    ]
+    if timed is sharded:
+        s = sharded["search"]
+        lines.append(
+            f"- measured, the largest sharded build: {sharded['n']:,} x "
+            f"{sharded.get('dim', 512)} as {sharded['shards']} shards on 2 Beam workers: build "
+            f"{sharded['build']['seconds']:.0f} s = **{build_s_per_million:.0f} s per million "
+            f"on 2 cores**, peak {sharded['build']['peak_gib']:.1f} GiB; recall "
+            f"{s['recall']:.3f}, {s['qps_1']:,.0f} queries/s on 1 thread, 1-query p50 / p99 "
+            f"{s['latency_p50_ms']:.1f} / {s['latency_p99_ms']:.1f} ms."
+        )
+    lines += [
         f"- shard size: the most vectors whose build fits {SERVER_FILL:.0%} of a "
         f"{SERVER_RAM_GB} GB machine = {SERVER_RAM_GB}e9 x {SERVER_FILL} / {peak_per_vector:,.0f}"
-        f" = **{shard / 1e6:.0f}M vectors per shard** (rounded down to millions; `remap index "
-        f"build --shard-memory {int(SERVER_RAM_GB * SERVER_FILL)}GB` computes the same).",
+        f" = **{shard / 1e6:.0f}M vectors per shard** (rounded down to millions). `remap index "
+        f"build --shard-memory {int(SERVER_RAM_GB * SERVER_FILL)}GB` sizes shards by "
+        f"`beam_index.BUILD_BYTES_PER_VECTOR_BYTE = {BUILD_BYTES_PER_VECTOR_BYTE}` (the worst "
+        f"bounded build measured by bench/build_memory.py plus the save): {SERVER_RAM_GB}e9 x "
+        f"{SERVER_FILL} / "
+        f"({dim} x 4 x {BUILD_BYTES_PER_VECTOR_BYTE}) = {product / 1e6:.1f}M vectors, "
+        f"{'more cautious than' if product < shard else 'above'} the measured figure.",
         "",
         "| images | shards = images / shard size | index size = images x bytes/vector | "
         f"servers of {SERVER_RAM_GB} GB = size / ({SERVER_RAM_GB} x {SERVER_FILL}) | build "
@@ -126,32 +159,38 @@ def _index_section(rows) -> list[str]:
         lines.append(
             f"| {images:,.0f} | {shards} | {size_gb:,.0f} GB | {servers} | "
             f"~{build_h:.1f} h ({build_s_per_million:.0f} s per million x {shard / 1e6:.0f}M, "
-            "assuming linear) | every query fans out to all shards: ~ the slowest shard's p99 "
-            f"+ {NETWORK_MS:.0f} ms network |"
+            "assuming linear, 2 cores per worker) | every query fans out to all shards: ~ the "
+            f"slowest shard's p99 + {NETWORK_MS:.0f} ms network |"
         )
     lines += _fan_out_lines(rows, shard, search)
     return lines
 
 
+def _largest_sharded(rows):
+    done = [r for r in rows if "skipped" not in r and r["shards"] > 1]
+    return max(done, key=lambda r: (r["n"], r["shards"])) if done else None
+
+
 def _fan_out_lines(rows, shard, search) -> list[str]:
-    four = _largest(rows, 4)
+    four = _largest_sharded(rows)
     lines = [""]
     if four is not None:
         s = four["search"]
         lines.append(
-            f"Fan-out measured here: {four['n']:,} vectors as 4 shards searched in parallel "
-            f"threads of one process: 1-query p50 / p99 {s['latency_p50_ms']:.1f} / "
-            f"{s['latency_p99_ms']:.1f} ms at recall {s['recall']:.3f} (the merge of 4 x k "
-            "results is negligible next to the searches)."
+            f"Fan-out measured here: {four['n']:,} vectors as {four['shards']} shards searched "
+            f"in parallel threads of one process: 1-query p50 / p99 {s['latency_p50_ms']:.1f} / "
+            f"{s['latency_p99_ms']:.1f} ms at recall {s['recall']:.3f} (the merge of "
+            f"{four['shards']} x k results is negligible next to the searches)."
         )
+    largest = _largest(rows, 1)["n"]
     lines += [
         "",
         "Every query is searched in every shard, so the CPU a query costs grows with the "
         "shard count, and a shard of "
         f"{shard / 1e6:.0f}M vectors costs more per query than the "
-        f"{_largest(rows, 1)['n']:,}-vector index measured here: each of its sqrt(n) leaves "
+        f"{largest:,}-vector index measured here: each of its sqrt(n) leaves "
         "holds about sqrt(n) vectors, so at the same number of leaves searched a query scans "
-        f"about sqrt({shard / 1e6:.0f}M / {_largest(rows, 1)['n'] / 1e6:g}M) times more "
+        f"about sqrt({shard / 1e6:.0f}M / {largest / 1e6:g}M) times more "
         "vectors (not measured past that size here). Queries/s therefore grow with replicas of "
         "the whole sharded index, and latency follows the slowest shard of each query.",
         "",
