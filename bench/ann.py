@@ -433,13 +433,14 @@ def candidates_table(rows) -> list[str]:
         "ScaNN's partitioning candidates (the tuning's own held-out measurements, 1 query "
         "batch on all threads; the chosen one is the fastest that reached the target):",
         "",
-        "| leaves | dims/block | threshold | search | reorder | held-out recall | queries/s | "
-        "build s |",
-        "|---:|---:|---|---:|---:|---:|---:|---|",
+        "| leaves | PCA | dims/block | threshold | search | reorder | held-out recall | "
+        "queries/s | build s |",
+        "|---:|---|---:|---|---:|---:|---:|---:|---|",
     ]
     for c in candidates:
         shape = (
-            f"| {c.get('num_leaves', '-')} | {c.get('dimensions_per_block', '-')} | "
+            f"| {c.get('num_leaves', '-')} | {c.get('pca_dims', '-')} | "
+            f"{c.get('dimensions_per_block', '-')} | "
             f"{c.get('anisotropic_quantization_threshold', '-')} |"
         )
         if "skipped" in c:
@@ -620,8 +621,10 @@ def _markdown(
             "",
             "ScaNN's default is tuned at build time (`remap_tf.serving.index.tuning`): "
             "1,000 of the collection's own vectors are held out of training, inserted after it, "
-            "and searched as queries; the partitioning (leaf count ~sqrt(n) x 1, 0.5, 2, 4, then "
-            "AH dimensions per block and anisotropic threshold) is built candidate by candidate "
+            "and searched as queries; the partitioning (a spherical tree of ~sqrt(n) leaves, "
+            "without and, from 256 dims, with ScaNN's PCA projection; then leaf counts x 0.5, "
+            "2, 4; then AH dimensions per block and anisotropic threshold) is built candidate "
+            "by candidate "
             "within a build-time budget "
             f"({tune_budget if tune_budget is not None else 'default 1'} x the first build), "
             "and the fastest (partitioning, leaves searched, reorder) whose recall@10 against "

@@ -24,14 +24,15 @@ def _recall(found, truth):
 def noisy():
     """20k x 64 noisy clusters (the database) and 400 fresh queries from the same clusters.
 
-    Noise 0.9 per dimension against unit-variance centres: a query's true neighbours spread
-    over many tree leaves, so one leaf is far from enough and the tuning has work to do.
+    Noise 1.2 per dimension against unit-variance centres: a query's true neighbours spread
+    over many tree leaves, so one leaf is far from enough and the tuning has work to do (at
+    0.9, one leaf of the spherical tree already gave recall 0.92).
     """
     rng = np.random.default_rng(11)
     centres = rng.normal(size=(200, 64)).astype(np.float32)
 
     def draw(count):
-        x = centres[rng.integers(0, 200, count)] + 0.9 * rng.normal(size=(count, 64))
+        x = centres[rng.integers(0, 200, count)] + 1.2 * rng.normal(size=(count, 64))
         return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
 
     return draw(20_000), draw(400)
@@ -139,7 +140,7 @@ def _tuned_tree(database, **config):
 
 
 CANDIDATE_FIELDS = {
-    "mode", "num_leaves", "dimensions_per_block", "anisotropic_quantization_threshold",
+    "mode", "num_leaves", "pca_dims", "dimensions_per_block", "anisotropic_quantization_threshold",
     "num_leaves_to_search", "reorder", "reached", "recall", "recall_lower_bound", "qps",
     "build_seconds", "tune_seconds", "evaluated",
 }  # fmt: skip
@@ -203,6 +204,59 @@ def test_candidates_over_the_build_budget_are_skipped_and_recorded():
     assert fixed["num_leaves"] == 50 and "candidates" not in fixed["tuning"]
 
 
+def _low_rank(count, dim, rank, seed):
+    """Unit rows whose variance sits in ``rank`` of ``dim`` directions (clusters there, a little
+    noise elsewhere), as real descriptors' does (bench.shaped)."""
+    rng = np.random.default_rng(seed)
+    basis = np.linalg.qr(rng.normal(size=(dim, rank)))[0].T
+    x = _clusters(count, rank, 40, 0.5, seed) @ basis + 0.02 * rng.normal(size=(count, dim))
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+def test_wide_rows_try_a_pca_projection_and_record_it(tmp_path):
+    """Rows of `tuning.PCA_MIN_DIMS` dimensions or more: ScaNN's PCA projection ("auto") is
+    the second candidate, measured and recorded; narrower rows (the 32-d test above) and a
+    projection the user fixed have no such candidate. A projected index reaches its target on
+    fresh queries, keeps its projection through save and load, and takes additions."""
+    from remap_tf.serving.index.tuning import PCA_AUTO, PCA_MIN_DIMS
+
+    rows = _low_rank(8_400, PCA_MIN_DIMS, 24, seed=5)
+    database, queries = rows[:8_000], rows[8_000:]
+    tuned = _tuned_tree(database, tune_budget=100).config
+    candidates = tuned["tuning"]["candidates"]
+    assert [c["pca_dims"] for c in candidates[:2]] == ["off", PCA_AUTO]
+    assert all(set(c) == CANDIDATE_FIELDS for c in candidates), candidates
+    assert tuned["pca_dims"] in ("off", PCA_AUTO) and tuned["spherical"] is True
+
+    index = _tuned_tree(database, pca_dims=PCA_AUTO, tune_budget=100)
+    config = index.config
+    assert config["pca_dims"] == PCA_AUTO
+    assert {c["pca_dims"] for c in config["tuning"]["candidates"]} == {PCA_AUTO}
+    assert "PCA auto" in config["tuning"]["summary"]
+    exact = ExactIndex(PCA_MIN_DIMS)
+    exact.add([str(i) for i in range(len(database))], database)
+    truth = exact.search(queries, k=10)[0]
+    assert _recall(index.search(queries, k=10)[0], truth) >= 0.93  # target 0.95, held out
+    loaded = load_index(index.save(tmp_path / "index"))
+    assert loaded.config["pca_dims"] == PCA_AUTO
+    assert (loaded.search(queries, k=10)[0] == index.search(queries, k=10)[0]).all()
+    loaded.add(["new"], queries[:1])
+    assert loaded.search(queries[:1], k=1)[0][0][0] == "new"
+
+
+@pytest.mark.parametrize(
+    "option, value, expected",
+    [("pca_dims", 0, "pca_dims must be 'off', 'auto' or a number of dimensions > 0"),
+     ("pca_dims", "half", "pca_dims must be"), ("pca_dims", 1.5, "pca_dims must be"),
+     ("spherical", "yes", "spherical must be true or false")],
+)  # fmt: skip
+def test_bad_partitioning_options_are_refused_in_one_line(option, value, expected):
+    with pytest.raises(InvalidInputError) as caught:
+        ScannIndex(16, **{option: value})
+    assert str(caught.value).startswith(f"ScannConfig.{expected}")
+    assert "\n" not in str(caught.value)
+
+
 @pytest.mark.parametrize(
     "option, value",
     [("tune_budget", 0), ("tune_budget", -1.0), ("tune_budget", float("nan")),
@@ -239,7 +293,8 @@ def test_index_build_prints_the_tuning_summary_and_refuses_bad_tuning_options(
     monkeypatch.chdir(tmp_path)
     build = ["index", "build", "--from-embeddings", "emb", "--scann-mode", "tree_ah"]
     for flag, value in [("--tune-budget", "0"), ("--tune-budget", "-2"),
-                        ("--target-recall", "1.5"), ("--target-recall", "-0.1")]:  # fmt: skip
+                        ("--target-recall", "1.5"), ("--target-recall", "-0.1"),
+                        ("--pca-dims", "0"), ("--pca-dims", "most")]:  # fmt: skip
         code = cli.main([*build, "--out", "bad", flag, value])
         err = capsys.readouterr().err
         assert code == 2 and len(err.strip().splitlines()) == 1, err

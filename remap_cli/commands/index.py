@@ -31,7 +31,25 @@ _SCANN_FLAGS = (
     ("threads", "num_threads"),
     ("target_recall", "target_recall"),
     ("tune_budget", "tune_budget"),
+    ("pca_dims", "pca_dims"),
 )
+
+
+def _pca_dims(text: str):
+    """--pca-dims: "off", "auto" or a positive number of dimensions."""
+    import argparse
+
+    if text in ("off", "auto"):
+        return text
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value <= 0:
+        raise argparse.ArgumentTypeError(
+            f"expected off, auto or a positive number of dimensions, got {text!r}"
+        )
+    return value
 
 
 def add_parser(subparsers) -> None:
@@ -168,14 +186,21 @@ def _add_index_flags(build) -> None:
         default=None,
         help="ScaNN: tune leaves-to-search and reorder to this recall@10 on held-out vectors "
         "(default 0.95; 0: no tuning, the fixed defaults); with a tree whose --num-leaves is "
-        "not given, also the leaf count and AH settings",
+        "not given, also the PCA projection (rows of 256+ dims), leaf count and AH settings",
     )
     build.add_argument(
         "--tune-budget",
         type=positive_float,
         default=None,
-        help="ScaNN: the tuning's extra builds (leaf counts, AH settings) may take this many "
-        "times the first build's time (default 1)",
+        help="ScaNN: the tuning's extra builds (PCA projection, leaf counts, AH settings) may "
+        "take this many times the first build's time (default 1)",
+    )
+    build.add_argument(
+        "--pca-dims",
+        type=_pca_dims,
+        default=None,
+        help="ScaNN: PCA projection before the tree and AH codes (re-ordering scores the full "
+        "rows): off, auto (ScaNN chooses the dimensions) or a number (default: off, or tuned)",
     )
 
 

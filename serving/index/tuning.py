@@ -270,6 +270,12 @@ LEAF_FACTORS = (0.5, 2.0, 4.0)
 DIMENSIONS_PER_BLOCK = (2, 4)
 OFF = "off"
 THRESHOLDS = (0.2, OFF)
+# ScaNN's PCA projection with its own choice of dimensions (its significance threshold), tried
+# as a partitioning candidate for rows this wide or wider: scoring AH codes costs time in
+# proportion to the dimensions, and real descriptors hold most of their variance in a few
+# hundred of them (bench.shaped).
+PCA_AUTO = "auto"
+PCA_MIN_DIMS = 256
 # A candidate replaces the first (default) one only when this much faster: timings on a busy
 # machine move by a few per cent, and the default is the better-known configuration.
 CLEAR_GAIN = 1.05
