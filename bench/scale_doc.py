@@ -210,14 +210,21 @@ def write_scale_doc(embedding, rows, path: Path = SCALE_MD) -> None:
     ]
     if embedding:
         lines += _embedding_section(embedding)
+    else:  # not measured in this run: the document's figures from an earlier one stay
+        lines += _kept_section(path, "## Embedding on Dataflow", "## Index shards")
     lines += _index_section(rows)
-    lines += _kept_section(path)
+    lines += _kept_section(path, "## Build memory")
     atomic_write_text(path, "\n".join(lines).rstrip() + "\n")
 
 
-def _kept_section(path: Path) -> list[str]:
-    """The "Build memory" section, which bench/build_memory.py's runs wrote (not this
-    bench's): kept as it is."""
+def _kept_section(path: Path, heading: str, before: str | None = None) -> list[str]:
+    """The document's section under ``heading`` (up to ``before``, or the end), kept as it is:
+    "Build memory", which bench/build_memory.py's runs wrote, and the embedding figures of an
+    earlier run when this one did not measure them."""
     text = path.read_text(encoding="utf-8") if path.exists() else ""
-    start = text.find("\n## Build memory")
-    return [] if start < 0 else ["", text[start + 1 :].rstrip()]
+    start = text.find("\n" + heading)
+    if start < 0:
+        return []
+    end = text.find("\n" + before, start) if before else -1
+    kept = text[start + 1 : end if end >= 0 else None].rstrip()
+    return [kept, ""] if before else ["", kept]
