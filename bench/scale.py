@@ -493,13 +493,9 @@ def markdown(embedding, rows, total_s, loads, parts=()) -> str:
     return "\n".join(lines)
 
 
-def main(argv=None) -> int:
+def _parser():
     import argparse
 
-    if argv is None and len(sys.argv) > 2 and sys.argv[1] == "--child":
-        result = CHILDREN[sys.argv[2]](sys.argv[3:])
-        print(RESULT + json.dumps(result, default=str), flush=True)
-        return 0
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs="*", default=[100_000, 1_000_000, 4_000_000])
     parser.add_argument("--images", type=int, default=1600, help="photos in the large run")
@@ -524,7 +520,16 @@ def main(argv=None) -> int:
         help="keep the figures of the previous run (its results file) that this run does not "
         "measure again, so a long run can be done in parts",
     )
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv=None) -> int:
+
+    if argv is None and len(sys.argv) > 2 and sys.argv[1] == "--child":
+        result = CHILDREN[sys.argv[2]](sys.argv[3:])
+        print(RESULT + json.dumps(result, default=str), flush=True)
+        return 0
+    args = _parser().parse_args(argv)
     started, load_before = time.perf_counter(), os.getloadavg()
     scratch = Path(args.scratch or tempfile.mkdtemp(prefix="remap-scale-"))
     scratch.mkdir(parents=True, exist_ok=True)
