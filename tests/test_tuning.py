@@ -214,9 +214,10 @@ def _low_rank(count, dim, rank, seed):
 
 
 def test_wide_rows_try_a_pca_projection_and_record_it(tmp_path):
-    """Rows of `tuning.PCA_MIN_DIMS` dimensions or more: ScaNN's PCA projection ("auto") is
-    the second candidate, measured and recorded; narrower rows (the 32-d test above) and a
-    projection the user fixed have no such candidate. A projected index reaches its target on
+    """Rows of `tuning.PCA_MIN_DIMS` dimensions or more whose variance sits in a few
+    directions: ScaNN's PCA projection ("auto") is the second candidate, measured and
+    recorded; narrower rows (the 32-d test above), isotropic ones and a projection the user
+    fixed have no such candidate. A projected index reaches its target on
     fresh queries, keeps its projection through save and load, and takes additions."""
     from remap_tf.serving.index.tuning import PCA_AUTO, PCA_MIN_DIMS
 
@@ -227,6 +228,9 @@ def test_wide_rows_try_a_pca_projection_and_record_it(tmp_path):
     assert [c["pca_dims"] for c in candidates[:2]] == ["off", PCA_AUTO]
     assert all(set(c) == CANDIDATE_FIELDS for c in candidates), candidates
     assert tuned["pca_dims"] in ("off", PCA_AUTO) and tuned["spherical"] is True
+    # As wide, but isotropic: the projection would keep nearly every dimension; not tried.
+    isotropic = _tuned_tree(_clusters(6_000, PCA_MIN_DIMS, 30, 1.0, seed=6), tune_budget=0.001)
+    assert {c.get("pca_dims") for c in isotropic.config["tuning"]["candidates"]} == {"off"}
 
     index = _tuned_tree(database, pca_dims=PCA_AUTO, tune_budget=100)
     config = index.config

@@ -45,11 +45,11 @@ from remap_tf.serving.index.tuning import (
     LEAF_FACTORS,
     OFF,
     PCA_AUTO,
-    PCA_MIN_DIMS,
     REORDER_CANDIDATES,
     THRESHOLDS,
     HeldOut,
     check_budget,
+    concentrated_variance,
     leaves_candidates,
     tune_builds,
     tune_search,
@@ -61,6 +61,8 @@ logger = logging.getLogger(__name__)
 # A shard smaller than this keeps the mode of its own size: too few rows to train a tree and
 # AH codebooks on.
 MIN_TREE_ROWS = 2_000
+# Rows of the training sample whose spectrum decides whether PCA is a tuning candidate.
+SPECTRUM_ROWS = 10_000
 # Rows upserted into ScaNN per call after its training (and rows of a brute-force searcher
 # built before the rest is upserted): the build's working memory beyond ScaNN's own arrays.
 UPSERT_BATCH = 8_192
@@ -279,14 +281,19 @@ def _candidate_config(config: ScannConfig, candidate: dict, leaves_to_search) ->
     return out
 
 
-def partition_stages(requested: ScannConfig, config: ScannConfig, count: int, dim: int = 0) -> list:
-    """The candidates `tuning.tune_builds` tries for a tree of ``count`` ``dim``-d vectors, in
-    three stages.
+def partition_stages(
+    requested: ScannConfig, config: ScannConfig, count: int, sample: np.ndarray | None = None
+) -> list:
+    """The candidates `tuning.tune_builds` tries for a tree of ``count`` vectors, in three
+    stages.
 
     First the size-chosen tree (``config``, the default); brute force too when the mode is
     "auto" and ``count`` alone would not have had a tree (a shard of a larger collection);
-    and the default with ScaNN's PCA projection ("auto") when ``dim`` is at least
-    `tuning.PCA_MIN_DIMS` and the user did not set ``pca_dims``. Then, at the best of those,
+    and the default with ScaNN's PCA projection ("auto") when the user did not set
+    ``pca_dims`` and the rows of ``sample`` are `tuning.PCA_MIN_DIMS` wide or wider with
+    their variance concentrated in a few directions (`tuning.concentrated_variance`: on
+    isotropic rows the projection keeps nearly every dimension and only adds to the build).
+    Then, at the best of those,
     `tuning.LEAF_FACTORS` times the leaf count; then, at the best leaf count, the AH settings
     the user did not fix (`tuning.DIMENSIONS_PER_BLOCK` x `tuning.THRESHOLDS`).
     """
@@ -302,7 +309,7 @@ def partition_stages(requested: ScannConfig, config: ScannConfig, count: int, di
         out = [default]
         if requested.mode == "auto" and requested.auto_mode(count) != "tree_ah":
             out.append({"mode": "brute_force"})
-        if requested.pca_dims is None and dim >= PCA_MIN_DIMS:
+        if requested.pca_dims is None and sample is not None and concentrated_variance(sample):
             out.append(default | {"pca_dims": PCA_AUTO})
         return out
 
@@ -606,8 +613,9 @@ class ScannIndex(RowIndex):
 
         count = sum(len(rows) for rows in plan)
         result = tune_builds(
-            build, partition_stages(requested, config, count, self.dim), held,
-            config.target_recall,
+            build,
+            partition_stages(requested, config, count, source.take(plan[0][:SPECTRUM_ROWS])),
+            held, config.target_recall,
             budget=config.tune_budget, estimate=estimate, one_at_a_time=True,
         )  # fmt: skip
         chosen = result["chosen"]

@@ -276,6 +276,28 @@ THRESHOLDS = (0.2, OFF)
 # hundred of them (bench.shaped).
 PCA_AUTO = "auto"
 PCA_MIN_DIMS = 256
+# ... and whose variance is concentrated: this share of it in at most this share of the
+# dimensions. 1536-d data shaped like REMAP descriptors hold 80% in 128 of them (8%) and
+# searched 3.8x faster projected; on 512-d isotropic clusters the projected build was 1.2x
+# slower and searched no faster (docs/benchmarks.md, 'ann').
+PCA_VARIANCE_SHARE = 0.8
+PCA_MAX_DIMS_SHARE = 0.5
+
+
+def concentrated_variance(rows: np.ndarray) -> bool:
+    """Whether ``rows`` (a sample of the collection) are `PCA_MIN_DIMS` wide or wider and hold
+    `PCA_VARIANCE_SHARE` of their variance in at most `PCA_MAX_DIMS_SHARE` of their
+    dimensions: the data a PCA projection pays on."""
+    rows = np.asarray(rows, np.float32)
+    if rows.ndim != 2 or rows.shape[1] < PCA_MIN_DIMS or len(rows) < 2:
+        return False
+    centred = rows - rows.mean(axis=0)
+    variances = np.linalg.eigvalsh(centred.T @ centred)[::-1]
+    share = np.cumsum(variances) / max(float(variances.sum()), 1e-30)
+    needed = int(np.searchsorted(share, PCA_VARIANCE_SHARE)) + 1
+    return needed <= PCA_MAX_DIMS_SHARE * rows.shape[1]
+
+
 # A candidate replaces the first (default) one only when this much faster: timings on a busy
 # machine move by a few per cent, and the default is the better-known configuration.
 CLEAR_GAIN = 1.05
