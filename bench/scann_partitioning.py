@@ -8,6 +8,9 @@ reaches 0.95 on the held-out queries. Usage:
 
     python -m bench.scann_partitioning --distribution clustered --size 200000 --spread 1.0
     python -m bench.scann_partitioning --distribution shaped --size 100000
+    python -m bench.scann_partitioning --size 1000000 --samples 100000 250000 400000
+
+``--samples``: the spherical tree alone, trained on each number of sampled rows.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import numpy as np
 
 TARGET = 0.95
-LEAVES = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 160, 200, 256, 320, 400)
+LEAVES = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 160, 200, 256, 320, 400, 640, 1000)
 REORDERS = (25, 40, 100, 250)
 VARIANTS = {
     "generic tree (ScaNN's default)": {},
@@ -74,6 +77,9 @@ def main(argv=None) -> int:
     parser.add_argument("--spread", type=float, default=1.0, help="clustered: noise")
     parser.add_argument("--fit", default=None, help="shaped: the bench.shaped fit")
     parser.add_argument("--queries", type=int, default=500)
+    parser.add_argument(
+        "--samples", type=int, nargs="*", help="spherical tree trained on these sample sizes"
+    )
     args = parser.parse_args(argv)
     from scann.scann_ops.py import scann_ops_pybind
 
@@ -92,7 +98,13 @@ def main(argv=None) -> int:
         f">= {TARGET} |",
         "|---|---:|---:|---:|---:|---:|",
     ]
-    for name, variant in VARIANTS.items():
+    variants = VARIANTS
+    if args.samples:
+        variants = {
+            f"spherical tree, {n:,} sampled rows": {"spherical": True, "sample": n}
+            for n in args.samples
+        }
+    for name, variant in variants.items():
         start = time.perf_counter()
         builder = scann_ops_pybind.builder(database, 10, "dot_product")
         if variant.get("pca"):
@@ -101,7 +113,7 @@ def main(argv=None) -> int:
             builder.tree(
                 num_leaves=leaves,
                 num_leaves_to_search=max(1, leaves // 10),
-                training_sample_size=min(len(database), 100_000),
+                training_sample_size=variant.get("sample", min(len(database), 100_000)),
                 spherical=variant.get("spherical", False),
             )
             .score_ah(2, anisotropic_quantization_threshold=0.2)
