@@ -93,17 +93,19 @@ class ScannConfig:
             (ScaNN's NaN: plain reconstruction loss); default 0.2 for unit vectors, or what
             the partitioning tuning measured fastest.
         spherical: spherical k-means for the tree (unit-norm centres, rows assigned by dot
-            product, the way queries are routed to leaves); default True. Measured (200k x 512
-            clustered unit vectors, noise 1.0, recall@10 >= 0.95, 1 thread): 2 leaves of 447
-            searched and 39.8k queries/s, against 24 leaves and 13.9k with ScaNN's generic
-            (squared-L2) tree; the same speed on 1536-d data shaped like REMAP descriptors.
+            product, the way queries are routed to leaves); default True. Measured by
+            bench/scann_partitioning.py (200k x 512 clustered unit vectors, noise 1.0,
+            recall@10 >= 0.95, 1 thread): 1 leaf of 447 searched and 44.9k queries/s, against
+            24 leaves and 12.6k with ScaNN's generic (squared-L2) tree; on 1536-d data shaped
+            like REMAP descriptors 8-12% slower than the generic tree (docs/benchmarks.md).
             ann-benchmarks' ScaNN settings for angular data use it too.
         pca_dims: a PCA projection before the tree and AH (re-ordering still scores the full
             rows): "off", "auto" (ScaNN's choice of dimensions: those above its significance
             threshold) or a number of dimensions. None: "off", and with the partitioning
-            tuned, "auto" is a candidate for rows of `tuning.PCA_MIN_DIMS` dimensions or more.
-            Measured (100k x 1536 shaped like REMAP descriptors, recall@10 >= 0.95, 1 thread):
-            10.3k queries/s with "auto" against 2.7k without.
+            tuned, "auto" is a candidate for rows whose variance is concentrated
+            (`tuning.concentrated_variance`). Measured by bench/scann_partitioning.py (100k x
+            1536 shaped like REMAP descriptors, recall@10 >= 0.95, 1 thread): 8.8k queries/s
+            with "auto" against 2.6k without.
         reorder: candidates re-scored exactly after AH (default 250 for "ah", 100 behind a
             tree; at least k at search).
         num_threads: search and training threads (0 = all CPUs).
