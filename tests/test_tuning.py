@@ -248,6 +248,17 @@ def test_wide_rows_try_a_pca_projection_and_record_it(tmp_path):
     assert loaded.search(queries[:1], k=1)[0][0][0] == "new"
 
 
+def test_a_projection_asked_for_without_a_tree_is_off():
+    """ScaNN projects only in front of a tree (it refuses the searcher otherwise): in AH mode a
+    requested projection is recorded as off and the index builds and searches."""
+    rows = _low_rank(3_000, 300, 24, seed=7)
+    index = ScannIndex(300, mode="ah", pca_dims="auto", num_threads=1)
+    index.add([str(i) for i in range(len(rows))], rows)
+    index.build()
+    assert index.config["mode"] == "ah" and index.config["pca_dims"] == "off"
+    assert index.search(rows[:1], k=1)[0][0][0] == "0"
+
+
 @pytest.mark.parametrize(
     "option, value, expected",
     [("pca_dims", 0, "pca_dims must be 'off', 'auto' or a number of dimensions > 0"),

@@ -100,9 +100,10 @@ class ScannConfig:
             like REMAP descriptors 8-12% slower than the generic tree (docs/benchmarks.md).
             ann-benchmarks' ScaNN settings for angular data use it too.
         pca_dims: a PCA projection before the tree and AH (re-ordering still scores the full
-            rows): "off", "auto" (ScaNN's choice of dimensions: those above its significance
-            threshold) or a number of dimensions. None: "off", and with the partitioning
-            tuned, "auto" is a candidate for rows whose variance is concentrated
+            rows; with a tree only, "off" in the other modes): "off", "auto" (ScaNN's choice
+            of dimensions: those above its significance threshold) or a number of
+            dimensions. None: "off", and with the partitioning tuned, "auto" is a candidate
+            for rows whose variance is concentrated
             (`tuning.concentrated_variance`). Measured by bench/scann_partitioning.py (100k x
             1536 shaped like REMAP descriptors, recall@10 >= 0.95, 1 thread): 8.8k queries/s
             with "auto" against 2.6k without.
@@ -222,7 +223,8 @@ class ScannConfig:
         threshold = self.anisotropic_quantization_threshold
         out.anisotropic_quantization_threshold = 0.2 if threshold is None else threshold
         out.spherical = True if self.spherical is None else self.spherical
-        out.pca_dims = self.pca_dims or OFF
+        # ScaNN projects only in front of a tree: without one it refuses the searcher.
+        out.pca_dims = (self.pca_dims or OFF) if mode == "tree_ah" else OFF
         if mode in ("ah", "tree_ah"):
             # Re-ordering 250 AH candidates keeps recall@10 >= 0.95 without a tree (50k x 256
             # clustered vectors: 100 gave 0.93); behind a tree 100 lost nothing measurable and
@@ -548,7 +550,7 @@ class ScannIndex(RowIndex):
         builder = scann_ops_pybind.builder(source.take(plan[0]), 10, "dot_product")
         builder.set_n_training_threads(self._threads())
         pca = config.pca_dims or OFF
-        if config.mode != "brute_force" and pca != OFF:
+        if config.mode == "tree_ah" and pca != OFF:
             builder = builder.pca() if pca == PCA_AUTO else builder.pca(pca, None)
         if config.mode == "tree_ah":
             builder = builder.tree(
