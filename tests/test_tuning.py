@@ -270,6 +270,9 @@ def test_bad_partitioning_options_are_refused_in_one_line(option, value, expecte
         ScannIndex(16, **{option: value})
     assert str(caught.value).startswith(f"ScannConfig.{expected}")
     assert "\n" not in str(caught.value)
+    # A projection must reduce the rows' dimensions (ScaNN refused the searcher otherwise).
+    with pytest.raises(InvalidInputError, match="^ScannConfig.pca_dims must be below the rows' 16"):
+        ScannIndex(16, pca_dims=16)
 
 
 @pytest.mark.parametrize(

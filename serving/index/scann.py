@@ -415,6 +415,11 @@ class ScannIndex(RowIndex):
             config = ScannConfig.from_dict(config)
         config = config or ScannConfig()
         self._requested = dataclasses.replace(config, **overrides) if overrides else config
+        pca = self._requested.pca_dims
+        if isinstance(pca, int) and pca >= self.dim:
+            raise InvalidInputError(
+                f"ScannConfig.pca_dims must be below the rows' {self.dim} dimensions, got {pca}"
+            )
         self._resolved: ScannConfig | None = None
         self._searcher = None
         self._pool_threads = 0
