@@ -183,6 +183,21 @@ def float_above(minimum: float, inclusive: bool = False):
     return parse
 
 
+def pca_dims(text: str):
+    """An argparse type (``--pca-dims``): "off", "auto" or a positive number of dimensions."""
+    if text in ("off", "auto"):
+        return text
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value <= 0:
+        raise argparse.ArgumentTypeError(
+            f"expected off, auto or a positive number of dimensions, received {text!r}"
+        )
+    return value
+
+
 positive_int = int_at_least(1)
 non_negative_int = int_at_least(0)
 positive_float = float_above(0.0)

@@ -15,6 +15,7 @@ from remap_cli.args import (
     add_command,
     byte_size,
     non_negative_int,
+    pca_dims,
     positive_float,
     positive_int,
     printable,
@@ -33,23 +34,6 @@ _SCANN_FLAGS = (
     ("tune_budget", "tune_budget"),
     ("pca_dims", "pca_dims"),
 )
-
-
-def _pca_dims(text: str):
-    """--pca-dims: "off", "auto" or a positive number of dimensions."""
-    import argparse
-
-    if text in ("off", "auto"):
-        return text
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value <= 0:
-        raise argparse.ArgumentTypeError(
-            f"expected off, auto or a positive number of dimensions, got {text!r}"
-        )
-    return value
 
 
 def add_parser(subparsers) -> None:
@@ -197,7 +181,7 @@ def _add_index_flags(build) -> None:
     )
     build.add_argument(
         "--pca-dims",
-        type=_pca_dims,
+        type=pca_dims,
         default=None,
         help="ScaNN: PCA projection before the tree and AH codes (re-ordering scores the full "
         "rows): off, auto (ScaNN chooses the dimensions) or a number (default: off, or tuned)",
