@@ -85,9 +85,9 @@ def measure(size: int, shards: int, spread: float, num_queries: int) -> list[dic
     tuned = "; ".join(settings(split.shard(s).config) for s in range(shards))
     for text, overrides in [
         ("tuned (each shard to recall 0.95 of its own top-10)", {}),
-        ("1 leaf searched each, re-scoring 25", dict(leaves_to_search=1, reorder=25)),
-        ("1 leaf searched each, re-scoring 15", dict(leaves_to_search=1, reorder=15)),
-        ("1 leaf searched each, re-scoring 10", dict(leaves_to_search=1, reorder=10)),
+        ("lowered: 1 leaf (with a tree), re-scoring 25", dict(leaves_to_search=1, reorder=25)),
+        ("lowered: 1 leaf (with a tree), re-scoring 15", dict(leaves_to_search=1, reorder=15)),
+        ("lowered: 1 leaf (with a tree), re-scoring 10", dict(leaves_to_search=1, reorder=10)),
     ]:
 
         def search_split(q, o=overrides):
@@ -104,8 +104,8 @@ def measure(size: int, shards: int, spread: float, num_queries: int) -> list[dic
     own_truth = ids[mine][exact_search(rows[mine], queries, K, 2)]
     for text, k, overrides in [
         ("tuned", K, {}),
-        ("1 leaf, re-scoring only k", K, dict(leaves_to_search=1, reorder=K)),
-        ("1 leaf, k = 1, re-scoring 1", 1, dict(leaves_to_search=1, reorder=1)),
+        ("1 leaf (with a tree), re-scoring only k", K, dict(leaves_to_search=1, reorder=K)),
+        ("1 leaf (with a tree), k = 1, re-scoring 1", 1, dict(leaves_to_search=1, reorder=1)),
     ]:
 
         def search_shard(q, k=k, o=overrides):
