@@ -107,7 +107,7 @@ def _index_section(rows) -> list[str]:
     peak_per_vector = _build_bytes(one)
     base = build.get("baseline_gib", BASELINE_GIB)
     disk_per_vector = search["index_bytes"] / n
-    sharded = _largest_sharded(rows)
+    sharded = _largest_sharded(rows, dim)
     timed = sharded if sharded is not None and sharded["n"] > n else one
     build_s_per_million = timed["build"]["seconds"] / (timed["n"] / 1e6)
     budget = SERVER_RAM_GB * 1e9 * SERVER_FILL
@@ -166,8 +166,14 @@ def _index_section(rows) -> list[str]:
     return lines
 
 
-def _largest_sharded(rows):
-    done = [r for r in rows if "skipped" not in r and r["shards"] > 1]
+def _largest_sharded(rows, dim=None):
+    """The largest sharded build measured (of ``dim`` dimensions when given: the build rate
+    extrapolated must be one of the extrapolated descriptors' size)."""
+    done = [
+        r
+        for r in rows
+        if "skipped" not in r and r["shards"] > 1 and dim in (None, r.get("dim", 512))
+    ]
     return max(done, key=lambda r: (r["n"], r["shards"])) if done else None
 
 
@@ -177,7 +183,8 @@ def _fan_out_lines(rows, shard, search) -> list[str]:
     if four is not None:
         s = four["search"]
         lines.append(
-            f"Fan-out measured here: {four['n']:,} vectors as {four['shards']} shards searched "
+            f"Fan-out measured here: {four['n']:,} vectors ({four.get('dim', 512)}-d) as "
+            f"{four['shards']} shards searched "
             f"in parallel threads of one process: 1-query p50 / p99 {s['latency_p50_ms']:.1f} / "
             f"{s['latency_p99_ms']:.1f} ms at recall {s['recall']:.3f} (the merge of "
             f"{four['shards']} x k results is negligible next to the searches)."
