@@ -9,8 +9,8 @@ then measures on 1 search thread:
 
 - one index and the N shards at their tuned settings (recall@10 against exact search);
 - the N shards with every shard's search lowered towards its share of the top-k (1 leaf
-  searched, fewer candidates re-scored): the merged recall and queries/s, i.e. the lever
-  "tune each shard to its share of the top-k" measured directly;
+  searched where there is a tree, fewer candidates re-scored): the merged recall and
+  queries/s, i.e. the lever "tune each shard to its share of the top-k" measured directly;
 - one shard alone at the cheapest searches a top-k can have (1 leaf, re-scoring only k;
   and k = 1 with no re-scoring). N shards searched one after the other cost N times one
   shard's search, so ``shard q/s / N / one index q/s`` bounds what any per-shard setting
@@ -83,19 +83,20 @@ def measure(size: int, shards: int, spread: float, num_queries: int) -> list[dic
     row("one index, tuned", settings(one.config), _recall(search_one(queries)[0], truth),
         _qps(search_one, queries))  # fmt: skip
     tuned = "; ".join(settings(split.shard(s).config) for s in range(shards))
-    for text, overrides in [
+    for what, overrides in [
         ("tuned (each shard to recall 0.95 of its own top-10)", {}),
-        ("lowered: 1 leaf (with a tree), re-scoring 25", dict(leaves_to_search=1, reorder=25)),
-        ("lowered: 1 leaf (with a tree), re-scoring 15", dict(leaves_to_search=1, reorder=15)),
-        ("lowered: 1 leaf (with a tree), re-scoring 10", dict(leaves_to_search=1, reorder=10)),
+        *[
+            ("each lowered towards its share of the top-k", dict(leaves_to_search=1, reorder=r))
+            for r in (25, 15, 10)
+        ],
     ]:
 
         def search_split(q, o=overrides):
             return split.search(q, K, num_threads=1, **o)
 
-        config_text = tuned if not overrides else text
-        row(f"{shards} shards, {text}" if overrides else f"{shards} shards, tuned", config_text,
-            _recall(search_split(queries)[0], truth), _qps(search_split, queries))  # fmt: skip
+        config_text = f"1 leaf searched, reorder {overrides['reorder']}" if overrides else tuned
+        row(f"{shards} shards, {what}", config_text, _recall(search_split(queries)[0], truth),
+            _qps(search_split, queries))  # fmt: skip
 
     # One shard alone, against exact search within the shard.
     number = 0
@@ -104,15 +105,17 @@ def measure(size: int, shards: int, spread: float, num_queries: int) -> list[dic
     own_truth = ids[mine][exact_search(rows[mine], queries, K, 2)]
     for text, k, overrides in [
         ("tuned", K, {}),
-        ("1 leaf (with a tree), re-scoring only k", K, dict(leaves_to_search=1, reorder=K)),
-        ("1 leaf (with a tree), k = 1, re-scoring 1", 1, dict(leaves_to_search=1, reorder=1)),
+        ("cheapest top-10", K, dict(leaves_to_search=1, reorder=K)),
+        ("cheapest top-1", 1, dict(leaves_to_search=1, reorder=1)),
     ]:
 
         def search_shard(q, k=k, o=overrides):
             return shard.search(q, k, num_threads=1, **o)
 
         recall = _recall(search_shard(queries)[0], own_truth) if k == K else float("nan")
-        config_text = settings(shard.config) if not overrides else text
+        config_text = settings(shard.config)
+        if overrides:
+            config_text = f"1 leaf searched, reorder {overrides['reorder']}, k = {k}"
         row(f"one shard of {int(mine.sum()):,} rows, {text}", config_text, recall,
             _qps(search_shard, queries), bound=True)  # fmt: skip
     return out
