@@ -139,6 +139,7 @@ def bench_scann(database, queries, truth, threads_list, scratch, tune_budget=Non
     on the same index (the fixed ones as search-time overrides); ``tune_budget`` overrides the
     default partitioning-tuning budget (`ScannConfig.tune_budget`)."""
     from remap_tf.serving.index import ScannIndex
+    from remap_tf.serving.index.scann import trim_heap
 
     n, dim = database.shape
     index = ScannIndex(dim, **({} if tune_budget is None else {"tune_budget": tune_budget}))
@@ -153,6 +154,8 @@ def bench_scann(database, queries, truth, threads_list, scratch, tune_budget=Non
     described = config["mode"]
     if config["mode"] == "tree_ah":
         described += f", {config['num_leaves']} leaves"
+    if config.get("pca_dims") not in (None, "off"):
+        described += f", PCA {config['pca_dims']}"
     tuning = config.get("tuning") or {}
     tuned_note = ""
     if tuning:
@@ -192,6 +195,7 @@ def bench_scann(database, queries, truth, threads_list, scratch, tune_budget=Non
                 candidates=tuning.get("candidates") if name == "tuned" else None,
             )
     del index
+    trim_heap()  # what ScaNN freed into the C heap, before the next method builds
 
 
 def bench_faiss(database, queries, truth, threads_list, nq_flat, hnsw_note=None):
@@ -232,6 +236,16 @@ def bench_faiss(database, queries, truth, threads_list, nq_flat, hnsw_note=None)
     yield from _faiss_ivfpq(faiss, database, queries, truth, threads_list)
 
 
+def _faiss_bytes(faiss, index) -> int:
+    """The serialized size of a faiss index, written to a file: ``serialize_index`` would
+    copy it whole into memory (at 1M x 1536 beside the collection and the graph, that copy
+    got the run killed out of memory at ~24 GB resident)."""
+    with tempfile.TemporaryDirectory(prefix="remap-ann-faiss-") as folder:
+        path = os.path.join(folder, "index.faiss")
+        faiss.write_index(index, path)
+        return os.path.getsize(path)
+
+
 def _faiss_hnsw(faiss, database, queries, truth, threads_list):
     faiss.omp_set_num_threads(max(threads_list))
     start = time.perf_counter()
@@ -239,7 +253,7 @@ def _faiss_hnsw(faiss, database, queries, truth, threads_list):
     hnsw.hnsw.efConstruction = 80
     hnsw.add(database)
     build_s = time.perf_counter() - start
-    size = int(faiss.serialize_index(hnsw).nbytes)
+    size = _faiss_bytes(faiss, hnsw)
     for ef in (16, 32, 64, 128):
         hnsw.hnsw.efSearch = ef
         for threads in threads_list:
@@ -274,8 +288,8 @@ def _faiss_ivfpq(faiss, database, queries, truth, threads_list):
     refine = faiss.IndexRefineFlat(ivfpq)
     refine.add(database)
     build_s = time.perf_counter() - start
-    plain_size = int(faiss.serialize_index(ivfpq).nbytes)
-    refine_size = int(faiss.serialize_index(refine).nbytes)
+    plain_size = _faiss_bytes(faiss, ivfpq)
+    refine_size = _faiss_bytes(faiss, refine)
     settings = [("faiss IVF-PQ", 16, None)]  # PQ codes alone cap recall far below the target
     settings += [("faiss IVF-PQ + refine", nprobe, 10) for nprobe in (8, 32)]
     for method, nprobe, k_factor in settings:

@@ -273,10 +273,11 @@ def build_memory_bound(count: int, dim: int, sample: int) -> int:
     return int(max(1.25 * count * raw, 5.25 * sample * raw) + 200 * count + (64 << 20))
 
 
-def _trim_heap() -> None:
+def trim_heap() -> None:
     """Hands the memory freed in the C heap back to the system (glibc's ``malloc_trim``;
     nothing elsewhere): ScaNN frees a searcher's many per-leaf arrays into the heap, where
-    glibc would keep them, so the next candidate of the tuning would add to them."""
+    glibc would keep them, so the next candidate of the tuning would add to them. Call it
+    after dropping an index when the process goes on to other large work."""
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL("libc.so.6").malloc_trim(0)
 
@@ -551,7 +552,7 @@ class ScannIndex(RowIndex):
         rest (``plan[1]``, then ``plan[2]``) upserted in batches into reserved room."""
         from scann.scann_ops.py import scann_ops_pybind
 
-        _trim_heap()  # what a freed searcher (a tuning candidate) left in the heap
+        trim_heap()  # what a freed searcher (a tuning candidate) left in the heap
         builder = scann_ops_pybind.builder(source.take(plan[0]), 10, "dot_product")
         builder.set_n_training_threads(self._threads())
         pca = config.pca_dims or OFF
