@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -163,9 +164,17 @@ def test_embed_interrupted_then_resumed(work, tmp_path, moment, signum):
         names = [p.name for p in out.glob("shard-*.json")] if out.exists() else []
         return sorted(int(n[6:11]) for n in names if re.fullmatch(r"shard-\d{5}\.json", n))
 
-    _assert_interrupted(
-        *_interrupt_when(_remap(argv, tmp_path), lambda: len(committed()) >= wanted, signum)
-    )
+    for _ in range(3):
+        code, err = _interrupt_when(
+            _remap(argv, tmp_path), lambda: len(committed()) >= wanted, signum
+        )
+        if not (code == -signum and (out / "manifest.json").exists()):
+            break
+        # The whole run finished, handlers restored, before the signal was sent: on a loaded
+        # machine this poller saw the milestone only then (seen in a CI dry run: all 12
+        # shards and the manifest written, exit -15). Nothing was tested: run it again.
+        shutil.rmtree(out)
+    _assert_interrupted(code, err)
     done = committed()
     assert len(done) >= wanted and all(shard_complete(str(out), shard) for shard in done)
     assert not (out / "manifest.json").exists()  # the run is not finished
