@@ -41,14 +41,8 @@ def _qps(search, queries) -> float:
     return len(queries) / seconds
 
 
-def _recall(found, truth_ids) -> float:
-    pairs = zip(found.tolist(), truth_ids.tolist(), strict=True)
-    hits = sum(len(set(f[:K]) & set(t)) for f, t in pairs)
-    return hits / truth_ids.size
-
-
 def measure(size: int, shards: int, spread: float, num_queries: int) -> list[dict]:
-    from bench.ann import clustered_unit_vectors, exact_search
+    from bench.ann import clustered_unit_vectors, exact_search, recall_at_k
     from remap_tf.serving.index import make_index
     from remap_tf.serving.index.sharded import ShardedIndex, shard_of
 
@@ -80,7 +74,7 @@ def measure(size: int, shards: int, spread: float, num_queries: int) -> list[dic
     def search_one(q):
         return one.search(q, K, num_threads=1)
 
-    row("one index, tuned", settings(one.config), _recall(search_one(queries)[0], truth),
+    row("one index, tuned", settings(one.config), recall_at_k(search_one(queries)[0], truth),
         _qps(search_one, queries))  # fmt: skip
     tuned = "; ".join(settings(split.shard(s).config) for s in range(shards))
     for what, overrides in [
@@ -95,7 +89,7 @@ def measure(size: int, shards: int, spread: float, num_queries: int) -> list[dic
             return split.search(q, K, num_threads=1, **o)
 
         config_text = f"1 leaf searched, reorder {overrides['reorder']}" if overrides else tuned
-        row(f"{shards} shards, {what}", config_text, _recall(search_split(queries)[0], truth),
+        row(f"{shards} shards, {what}", config_text, recall_at_k(search_split(queries)[0], truth),
             _qps(search_split, queries))  # fmt: skip
 
     # One shard alone, against exact search within the shard.
@@ -112,7 +106,7 @@ def measure(size: int, shards: int, spread: float, num_queries: int) -> list[dic
         def search_shard(q, k=k, o=overrides):
             return shard.search(q, k, num_threads=1, **o)
 
-        recall = _recall(search_shard(queries)[0], own_truth) if k == K else float("nan")
+        recall = recall_at_k(search_shard(queries)[0], own_truth) if k == K else float("nan")
         config_text = settings(shard.config)
         if overrides:
             config_text = f"1 leaf searched, reorder {overrides['reorder']}, k = {k}"
