@@ -8,6 +8,7 @@ import pytest
 from remap_tf.errors import InvalidInputError
 from remap_tf.serving.index import ExactIndex, ScannConfig, ScannIndex, load_index
 from remap_tf.serving.index.tuning import (
+    CLEAR_GAIN,
     exact_neighbours,
     leaves_candidates,
     tune_builds,
@@ -155,9 +156,11 @@ def test_the_tuner_picks_the_leaf_count_the_data_calls_for_and_records_every_can
     - 10 broad clusters (2,000 vectors each, spread 0.6): a query's neighbours spread over its
       whole cluster, which 70 leaves cut in ~7 pieces and 141 in ~14, so 8 leaves reach 0.95
       only with 70 (141: ~0.89, measured over seeds 0-2);
-    - 1,000 tight clusters (20 vectors each, spread 0.05): every leaf count reaches the target
-      and 70 leaves scan twice the codes of 141 per query (8 x 285 against 8 x 141): ~20%
-      slower, so the default 141 (or a larger count) stays.
+    - 1,000 tight clusters (20 vectors each, spread 0.05): every leaf count reaches the target,
+      so speed decides: a count replaces the default 141 only when `CLEAR_GAIN` faster, then
+      the fastest wins. (70 leaves scan twice the codes of 141 per query and are usually ~20%
+      slower, but a 4 ms search on a busy machine can say otherwise, so the test checks the
+      rule against the recorded figures, not which count the timings favoured.)
     """
     broad = _tuned_tree(
         _clusters(20_000, 32, 10, 0.6, seed=0), num_leaves_to_search=8, tune_budget=100
@@ -178,7 +181,13 @@ def test_the_tuner_picks_the_leaf_count_the_data_calls_for_and_records_every_can
         assert config["tuning"]["summary"].startswith("ScaNN tuned to recall@10 >= 0.95")
     assert broad["num_leaves"] == 70
     assert [c["reached"] for c in broad["tuning"]["candidates"][:4]] == [False, True, False, False]
-    assert tight["num_leaves"] > 70
+    leaf_stage = tight["tuning"]["candidates"][:4]
+    assert all(c["reached"] for c in leaf_stage), leaf_stage
+    best = leaf_stage[0]
+    for c in leaf_stage[1:]:
+        if c["qps"] > best["qps"] * (CLEAR_GAIN if best is leaf_stage[0] else 1.0):
+            best = c
+    assert tight["num_leaves"] == best["num_leaves"], leaf_stage
     # The candidates are part of the saved config: visible after a load.
     index = _tuned_tree(_clusters(2_000, 16, 10, 0.6, seed=1), tune_budget=0.001)
     loaded = load_index(index.save(tmp_path / "index"))
