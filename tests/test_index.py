@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import pickle
 import shutil
+import sys
+import threading
 
 import numpy as np
 import pytest
@@ -338,3 +340,38 @@ def test_a_registered_kind_is_made_and_loaded_without_editing_any_other_class(
     (tmp_path / "plain" / "manifest.json").write_text(json.dumps(manifest | {"kind": "nope"}))
     with pytest.raises(IndexFormatError, match="unknown index kind 'nope'"):
         load_index(tmp_path / "plain")
+
+
+def test_lookups_racing_changes_never_leave_an_id_unfindable():
+    """The id -> row map is built on the first lookup after the ids were replaced (a fresh
+    build, a save and a load never need it). The service asks ``in`` without the index's
+    write lock, so a lookup building the map while a change lands must not install a map
+    that misses the change: after each delete (which replaces the ids) and add, the new id
+    is found and the deleted one is not, with two threads looking up all along."""
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads often, inside the map's construction too
+    try:
+        index = ExactIndex(4)
+        index.add(_ids(20_000), np.ones((20_000, 4), np.float32))
+        stop = threading.Event()
+
+        def look():
+            while not stop.is_set():
+                _ = "img/000000.jpg" in index
+
+        lookers = [threading.Thread(target=look) for _ in range(2)]
+        for thread in lookers:
+            thread.start()
+        try:
+            for n in range(60):
+                gone, new = f"img/{n:06d}.jpg", f"new/{n}"
+                index.delete([gone])
+                index.add([new], np.ones((1, 4), np.float32))
+                assert new in index and gone not in index, n
+        finally:
+            stop.set()
+            for thread in lookers:
+                thread.join()
+    finally:
+        sys.setswitchinterval(interval)
+    assert len(index) == 20_000 and len(set(index.ids)) == 20_000
