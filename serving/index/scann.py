@@ -261,16 +261,19 @@ def build_memory_bound(count: int, dim: int, sample: int) -> int:
     to it): the larger of ScaNN's float32 copy of the rows plus its codes (1.17x the raw
     rows measured, stated 1.25x) and ScaNN's training on the sample (~5x its raw rows:
     its copy, the tree's and the codebooks' training copies, the residuals), plus what the
-    index keeps per id (~160 bytes: the id map; stated 200) and a fixed 64 MiB (the
-    tuning's search buffers, what the freed candidates leave in the C heap, a batch of rows;
-    20-50 MiB measured).
+    index keeps per id (its list of the caller's ids, 8 bytes, and an id string it read
+    itself, ~64 bytes for a short id from ``remap embed`` shards; the id -> row map is only
+    built by a lookup after the build; stated 100) and a fixed 64 MiB (the tuning's search
+    buffers, what the freed candidates leave in the C heap, a batch of rows; 20-50 MiB
+    measured).
 
-    Raw float32 rows are ``4 * dim`` bytes each: at 1M x 512 this is 1.25 + 0.1 (ids) =
-    ~1.35x, against 4.5x when the build joined the rows into one matrix and ScaNN took it
-    whole (docs/scale.md).
+    Raw float32 rows are ``4 * dim`` bytes each: at 1M x 512 this states 1.25 + 0.05 (ids)
+    + 0.03 = ~1.33x, where 1.28x (rows in memory) and 1.33x (from shards) were measured,
+    against 4.5x when the build joined the rows into one matrix and ScaNN took it whole
+    (docs/scale.md).
     """
     raw = 4 * int(dim)
-    return int(max(1.25 * count * raw, 5.25 * sample * raw) + 200 * count + (64 << 20))
+    return int(max(1.25 * count * raw, 5.25 * sample * raw) + 100 * count + (64 << 20))
 
 
 def trim_heap() -> None:
@@ -480,10 +483,12 @@ class ScannIndex(RowIndex):
         bench.build_memory``, docs/scale.md), the build's peak memory beyond the rows the
         caller holds is ScaNN's float32 copy of the rows plus its codes, ~1.17x the raw
         float32 rows (``num * dim * 4`` bytes), or ScaNN's training on the sample, ~5x the
-        sample's raw rows, whichever is larger; beside it the ids (~160 bytes each) and
-        20-50 MiB. Stated: `build_memory_bound`. 500,000 x 256 (100,000 sample): 1.33x the
-        raw rows, ids included (4.9x at 200,000 x 256 before it streamed). Saving it
-        afterwards adds ~0.76x for a moment (ScaNN's ``serialize``).
+        sample's raw rows, whichever is larger; beside it the ids (8 bytes each, ~80 when
+        read from shards: the id -> row map waits for the first lookup) and 20-50 MiB.
+        Stated: `build_memory_bound`. 1M x 512 (250,000 sample): 1.28x the raw rows from
+        rows in memory, 1.33x from ``remap embed`` shards, ids included (4.9x at 200,000 x
+        256 before it streamed). Saving it afterwards adds ~0.7x for a moment (ScaNN's
+        ``serialize``).
 
         Args:
             collection_size: the size of the collection this index is a shard of
