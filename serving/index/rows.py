@@ -95,7 +95,11 @@ class RowIndex(Index):
 
     @property
     def _positions(self) -> dict[str, int]:
-        """The row of each id, built now if it is not (see ``__init__``)."""
+        """The row of each id, built now if it is not (see ``__init__``). A built map is
+        returned without the lock: only installing one needs it, not every lookup."""
+        positions = self._position_map
+        if positions is not None:
+            return positions
         with self._ids_lock:
             if self._position_map is None:
                 self._position_map = {i: n for n, i in enumerate(self._ids)}
